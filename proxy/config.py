@@ -1,0 +1,212 @@
+"""Configuration: upstream URLs, routes (listener -> upstream, db, keyspace), TOML files.
+
+Everything is validated at start; errors name the field they come from."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from proxy.keyspace import Keyspace
+from proxy.resp import DEFAULT_MAX_BULK, DEFAULT_MAX_QUERY
+
+DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def masked(self) -> str:
+        """The URL with credentials hidden, for logs."""
+        auth = ""
+        if self.username or self.password:
+            auth = (self.username or "") + ":***@"
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+
+def parse_url(url: str, field_name: str = "upstream") -> Upstream:
+    try:
+        u = urlsplit(url)
+        port = u.port or 6379
+    except ValueError as e:
+        raise ConfigError(f"{field_name}: invalid URL ({e})") from None
+    if u.scheme != "redis":
+        raise ConfigError(f"{field_name}: scheme must be redis:// (got {u.scheme or 'none'}://)"
+                          + ("; TLS (rediss://) is not supported yet" if u.scheme == "rediss" else ""))
+    if not u.hostname:
+        raise ConfigError(f"{field_name}: missing host in {_mask(url)}")
+    path = u.path.strip("/")
+    try:
+        db = int(path) if path else 0
+    except ValueError:
+        raise ConfigError(f"{field_name}: db must be a number, got {path!r}") from None
+    if db < 0:
+        raise ConfigError(f"{field_name}: db must be >= 0")
+    user = unquote(u.username) if u.username else None
+    password = unquote(u.password) if u.password else None
+    return Upstream(u.hostname, port, db, user or None, password)
+
+
+def _mask(url: str) -> str:
+    u = urlsplit(url)
+    if u.password:
+        return url.replace(u.password, "***")
+    return url
+
+
+def parse_listen(text: str, field_name: str = "listen") -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
+        raise ConfigError(f"{field_name}: expected HOST:PORT, got {text!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def make_keyspace(namespace: str | None, strip: str | None, separator: str, route: str,
+                  field_name: str) -> Keyspace:
+    if namespace is not None and strip is not None:
+        raise ConfigError(f"{field_name}: give either namespace or strip_namespace, not both")
+    ns = namespace if namespace is not None else strip
+    if not ns:
+        return Keyspace("none", b"", separator.encode(), route)
+    for bad, why in (("*", "'*' breaks SORT BY/GET patterns, where Redis substitutes the first '*'"),
+                     ("\r", "control characters"), ("\n", "control characters")):
+        if bad in ns:
+            raise ConfigError(f"{field_name}: namespace {ns!r} must not contain {why}")
+    if "*" in separator:
+        raise ConfigError(f"{field_name}: separator must not contain '*'")
+    return Keyspace("add" if namespace is not None else "strip", ns.encode(), separator.encode(), route)
+
+
+@dataclass(frozen=True)
+class DbTarget:
+    db: int            # backend db index
+    keyspace: Keyspace
+
+
+@dataclass
+class Route:
+    name: str
+    listen: tuple[str, int]
+    upstream: Upstream
+    default: DbTarget                     # what client db 0 means
+    databases: dict[int, DbTarget] = field(default_factory=dict)  # explicit client db map
+
+    def target(self, client_db: int) -> DbTarget | None:
+        if client_db in self.databases:
+            return self.databases[client_db]
+        return self.default if client_db == 0 else None
+
+    def reverse(self, backend_db: int) -> list[tuple[int, DbTarget]]:
+        """Client dbs whose target is `backend_db` (for keyspace notifications)."""
+        out = [(0, self.default)] if 0 not in self.databases and self.default.db == backend_db else []
+        out += [(c, t) for c, t in sorted(self.databases.items()) if t.db == backend_db]
+        return out
+
+    def describe(self) -> str:
+        ks = self.default.keyspace
+        mode = {"add": f"namespace '{ks.namespace.decode()}' added",
+                "strip": f"namespace '{ks.namespace.decode()}' stripped", "none": "no namespace"}[ks.mode]
+        extra = f", client dbs {sorted(set(self.databases) | {0})} mapped" if self.databases else ""
+        return f"{self.listen[0]}:{self.listen[1]} -> {self.upstream.masked()} ({mode}{extra})"
+
+
+@dataclass
+class Limits:
+    max_bulk: int = DEFAULT_MAX_BULK
+    max_query: int = DEFAULT_MAX_QUERY
+    connect_timeout: float = 5.0
+    drain_timeout: float = 10.0
+
+
+@dataclass
+class Config:
+    routes: list[Route]
+    metrics_listen: tuple[str, int] | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+def build_route(entry: dict, default_upstream: str, default_sep: str, index: int) -> Route:
+    where = f"listener[{index}]"
+    known = {"name", "listen", "upstream", "namespace", "strip_namespace", "separator", "databases"}
+    for k in entry:
+        if k not in known:
+            raise ConfigError(f"{where}.{k}: unknown field (known: {', '.join(sorted(known))})")
+    if "listen" not in entry:
+        raise ConfigError(f"{where}.listen: required")
+    listen = parse_listen(entry["listen"], f"{where}.listen")
+    name = str(entry.get("name") or f"{listen[0]}:{listen[1]}")
+    upstream = parse_url(str(entry.get("upstream") or default_upstream), f"{where}.upstream")
+    sep = str(entry.get("separator", default_sep))
+    ns, strip = entry.get("namespace"), entry.get("strip_namespace")
+    ks = make_keyspace(ns, strip, sep, name, where)
+    databases: dict[int, DbTarget] = {}
+    for cdb, spec in (entry.get("databases") or {}).items():
+        f = f"{where}.databases.{cdb}"
+        try:
+            c = int(cdb)
+        except ValueError:
+            raise ConfigError(f"{f}: client db must be a number") from None
+        if isinstance(spec, int):
+            spec = {"db": spec}
+        if not isinstance(spec, dict) or not isinstance(spec.get("db"), int) or spec["db"] < 0:
+            raise ConfigError(f"{f}: expected {{ db = N, namespace = \"...\" }} with N >= 0")
+        for k in spec:
+            if k not in ("db", "namespace", "strip_namespace", "separator"):
+                raise ConfigError(f"{f}.{k}: unknown field")
+        if "namespace" in spec or "strip_namespace" in spec:
+            dks = make_keyspace(spec.get("namespace"), spec.get("strip_namespace"),
+                                str(spec.get("separator", sep)), name, f)
+        else:
+            dks = ks  # the listener's fence holds in every db unless a db says otherwise
+        databases[c] = DbTarget(spec["db"], dks)
+    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases)
+
+
+def load_toml(path: str, upstream_override: str | None = None) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return from_dict(data, upstream_override)
+
+
+def from_dict(data: dict, upstream_override: str | None = None) -> Config:
+    known = {"upstream", "separator", "listener", "metrics", "limits"}
+    for k in data:
+        if k not in known:
+            raise ConfigError(f"{k}: unknown top-level field (known: {', '.join(sorted(known))})")
+    default_upstream = upstream_override or os.environ.get("REDIS_URL") or data.get("upstream") or DEFAULT_UPSTREAM
+    sep = str(data.get("separator", ":"))
+    listeners = data.get("listener") or []
+    if not isinstance(listeners, list) or not listeners:
+        raise ConfigError("listener: at least one [[listener]] table is required")
+    routes = [build_route(e, default_upstream, sep, i) for i, e in enumerate(listeners)]
+    seen = {}
+    for r in routes:
+        if r.listen in seen:
+            raise ConfigError(f"listener {r.name}: address {r.listen[0]}:{r.listen[1]} used twice")
+        seen[r.listen] = r
+    metrics = None
+    if "metrics" in data:
+        if "listen" in data["metrics"]:
+            metrics = parse_listen(data["metrics"]["listen"], "metrics.listen")
+    limits = Limits()
+    for k, v in (data.get("limits") or {}).items():
+        if not hasattr(limits, k):
+            raise ConfigError(f"limits.{k}: unknown field")
+        setattr(limits, k, type(getattr(limits, k))(v))
+    return Config(routes, metrics, limits)

@@ -1,0 +1,84 @@
+"""Commands answered with several internal requests, because the server's own
+version would reach outside the namespace (add mode only).
+
+Each emulation is a generator: it yields argument lists to send upstream,
+receives each decoded reply, and returns the bytes of the client's reply.
+FLUSHDB and DBSIZE walk the namespace with SCAN MATCH <prefix>*; RANDOMKEY
+takes a random key from the first non-empty SCAN batch at a random cursor.
+"""
+
+from __future__ import annotations
+
+import hiredis
+
+from proxy.keyspace import Keyspace, Refused
+from proxy.resp import OK, bulk, error, integer
+
+SCAN_COUNT = b"1000"
+
+
+def _arity(name: bytes) -> Refused:
+    return Refused(f"ERR wrong number of arguments for '{name.decode()}' command")
+
+
+def start(name: bytes, args: list[bytes], ks: Keyspace, proto: int, rnd: float):
+    if name == b"flushdb":
+        if len(args) > 2:
+            raise Refused("ERR syntax error")
+        mode = args[1].upper() if len(args) == 2 else b"SYNC"
+        if mode not in (b"SYNC", b"ASYNC"):
+            raise Refused("ERR syntax error")
+        return flushdb(ks, b"UNLINK" if mode == b"ASYNC" else b"DEL")
+    if len(args) != 1:
+        raise _arity(name)
+    if name == b"dbsize":
+        return dbsize(ks)
+    return randomkey(ks, proto, rnd)
+
+
+def _scan(ks: Keyspace, cursor: bytes) -> list[bytes]:
+    return [b"SCAN", cursor, b"MATCH", ks.match_all(), b"COUNT", SCAN_COUNT]
+
+
+def flushdb(ks: Keyspace, delete: bytes):
+    cursor = b"0"
+    while True:
+        reply = yield _scan(ks, cursor)
+        if isinstance(reply, hiredis.ReplyError):
+            return error(str(reply))
+        cursor, keys = reply
+        if keys:
+            r = yield [delete, *keys]
+            if isinstance(r, hiredis.ReplyError):
+                return error(str(r))
+        if cursor == b"0":
+            return OK
+
+
+def dbsize(ks: Keyspace):
+    cursor, count = b"0", 0
+    while True:
+        reply = yield _scan(ks, cursor)
+        if isinstance(reply, hiredis.ReplyError):
+            return error(str(reply))
+        cursor, keys = reply
+        count += len(keys)
+        if cursor == b"0":
+            return integer(count)
+
+
+def randomkey(ks: Keyspace, proto: int, rnd: float):
+    nil = b"_\r\n" if proto == 3 else b"$-1\r\n"
+    # Start at 0, then walk: the first non-empty batch gives the key. A random
+    # element of that batch keeps repeated calls from always naming the same key.
+    cursor = b"0"
+    while True:
+        reply = yield _scan(ks, cursor)
+        if isinstance(reply, hiredis.ReplyError):
+            return error(str(reply))
+        cursor, keys = reply
+        if keys:
+            key = keys[int(rnd * len(keys)) % len(keys)]
+            return bulk(ks.key_out(key))
+        if cursor == b"0":
+            return nil

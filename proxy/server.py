@@ -1,0 +1,195 @@
+"""The asyncio shell: accept clients, open one upstream connection each, move bytes.
+
+All protocol decisions are in Session; this module only connects transports to
+it, applies backpressure both ways, and stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+from proxy.commands import default_table
+from proxy.config import Config, Route
+from proxy.session import Session
+
+log = logging.getLogger("keyspace-proxy")
+
+
+def _nodelay(transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, proxy: "Proxy", route: Route):
+        self.proxy = proxy
+        self.route = route
+        self.transport = None
+        self.upstream: UpstreamConnection | None = None
+        self.session = Session(route, proxy.table, proxy.config.limits)
+        self.closed = False
+
+    # -- client side
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        _nodelay(transport)
+        self.proxy.clients.add(self)
+        self.peer = transport.get_extra_info("peername")
+        asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        up = self.route.upstream
+        loop = asyncio.get_running_loop()
+        try:
+            _, self.upstream = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), up.host, up.port),
+                self.proxy.config.limits.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            reason = f"cannot connect to {up.host}:{up.port}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}"
+            log.warning("route %s: %s", self.route.name, reason)
+            self.session.upstream_lost(reason)
+            self.flush()
+            return
+        if self.closed:
+            self.upstream.transport.close()
+            return
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.session.client_data(data)
+        self.flush()
+
+    def flush(self) -> None:
+        s = self.session
+        if self.upstream is not None and self.upstream.transport is not None:
+            out = s.take_upstream()
+            if out:
+                self.upstream.transport.write(out)
+        elif s.upstream_error is not None:
+            s.take_upstream()
+        out = s.take_client()
+        if out and not self.closed:
+            self.transport.write(out)
+        if s.should_close and not self.closed:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.proxy.clients.discard(self)
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        self.proxy.idle_changed()
+
+    # Backpressure: a client that does not read stops us reading its upstream.
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, client: ClientConnection):
+        self.client = client
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        _nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.client.session.upstream_data(data)
+        self.client.flush()
+        if self.client.session.idle:
+            self.client.proxy.idle_changed()
+
+    def connection_lost(self, exc) -> None:
+        c = self.client
+        if not c.closed:
+            why = f"connection lost: {exc}" if exc else "connection closed by the server"
+            c.session.upstream_lost(why)
+            c.flush()
+
+    # An upstream that does not read stops us reading its client.
+    def pause_writing(self) -> None:
+        if not self.client.closed:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.client.closed:
+            self.client.transport.resume_reading()
+
+
+class Proxy:
+    def __init__(self, config: Config):
+        self.config = config
+        self.table = default_table()
+        self.clients: set[ClientConnection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self._stopping = False
+        self._idle = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for route in self.config.routes:
+            server = await loop.create_server(lambda r=route: ClientConnection(self, r),
+                                              route.listen[0], route.listen[1], reuse_address=True)
+            self.servers.append(server)
+            log.info("listening on %s", route.describe())
+
+    def idle_changed(self) -> None:
+        if self._idle is not None and all(c.session.idle for c in self.clients):
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Stop accepting; let connections finish owed replies for a bounded time; close."""
+        self._stopping = True
+        for s in self.servers:
+            s.close()
+        self._idle = asyncio.Event()
+        self.idle_changed()
+        if self.clients:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.config.limits.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("drain timeout: closing %d connections with replies owed", len(self.clients))
+        for c in list(self.clients):
+            c.close()
+        for s in self.servers:
+            await s.wait_closed()
+
+
+async def serve(config: Config, ready=None) -> None:
+    proxy = Proxy(config)
+    await proxy.start()
+    if ready is not None:
+        ready(proxy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new connections, draining %d", len(proxy.clients))
+    await proxy.stop()
+    log.info("stopped")
+
+
+def run(config: Config) -> None:
+    try:
+        import uvloop
+        uvloop.run(serve(config))
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        asyncio.run(serve(config))

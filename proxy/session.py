@@ -1,0 +1,501 @@
+"""One client connection as a sans-IO state machine.
+
+Bytes from the client go in with `client_data`, bytes from its upstream
+connection with `upstream_data`; what to send comes out of `take_upstream` and
+`take_client`. No sockets here: the asyncio shell (server.py) only moves bytes.
+
+Ordering: every request that expects a reply leaves one entry in `pending`, in
+order. Replies the proxy makes itself (refusals, protocol errors) are entries
+too, so they reach the client in the position of their request. Push frames
+(RESP3 `>`, RESP2 pub/sub messages) belong to no request and pop nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import hiredis
+
+from proxy import emulate
+from proxy.commands import CommandTable, default_table
+from proxy.config import Limits, Route
+from proxy.keyspace import Refused
+from proxy.pubsub import CONFIRMS, MESSAGES, ChannelMap, rewrite_frame
+from proxy.replies import exec_array
+from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end,
+                        is_error, split, string_value)
+from proxy.rewrite import Ctx, refuse, rewrite
+
+# Kinds of pending entries (a plain None is the common "pass the reply through").
+XFORM, LOCAL, INTERNAL, SUB = 1, 2, 3, 4
+
+SUBSCRIBE_CMDS = {
+    b"subscribe": ("channel", True), b"unsubscribe": ("channel", False),
+    b"psubscribe": ("pattern", True), b"punsubscribe": ("pattern", False),
+    b"ssubscribe": ("shard", True), b"sunsubscribe": ("shard", False),
+}
+EXECABORT = error("EXECABORT Transaction discarded because of previous errors.")
+
+
+class Session:
+    def __init__(self, route: Route, table: CommandTable | None = None, limits: Limits | None = None):
+        self.route = route
+        self.table = table or default_table()
+        self.limits = limits or Limits()
+        self.reader = RequestReader(self.limits.max_bulk, self.limits.max_query)
+        self.pending: deque = deque()
+        self._up: list[bytes] = []
+        self._client: list[bytes] = []
+        self._buf = b""
+        self.proto = 2
+        self._set_target(route.default)
+        self.multi: list | None = None      # transforms of commands queued in MULTI
+        self.multi_failed = False
+        self._multi_saved = None
+        self.subs = {"channel": set(), "pattern": set(), "shard": set()}
+        self.sub_waiting = 0                  # SUBSCRIBE-family requests awaiting confirmations
+        self.reply_off = False
+        self.skip_next = False
+        self.monitor = False
+        self.emu = None                       # running emulation (a generator)
+        self.held: deque = deque()            # requests waiting for the emulation to finish
+        self.close_when_done = False          # close the client once pending replies are out
+        self.upstream_error: str | None = None
+        self.commands = 0                     # counters, read lazily by metrics
+        self.handshake()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _set_target(self, target) -> None:
+        self.target = target
+        self.ctx = Ctx(self.route, target, self.table)
+        if getattr(self, "cmap", None) is None:
+            self.cmap = ChannelMap(self.route, target)
+        else:
+            self.cmap.target = target
+
+    def take_upstream(self) -> bytes:
+        if not self._up:
+            return b""
+        out = b"".join(self._up)
+        self._up.clear()
+        return out
+
+    def take_client(self) -> bytes:
+        if not self._client:
+            return b""
+        out = b"".join(self._client)
+        self._client.clear()
+        return out
+
+    @property
+    def should_close(self) -> bool:
+        return self.close_when_done and not self.pending
+
+    @property
+    def idle(self) -> bool:
+        """No reply owed, not in a transaction, not blocked: a safe point to close."""
+        return not self.pending and self.multi is None and self.emu is None
+
+    def _expect(self, entry) -> bool:
+        """Record that the request just sent gets a reply, unless CLIENT REPLY says none."""
+        if self.reply_off:
+            return False
+        if self.skip_next:
+            self.skip_next = False
+            return False
+        self.pending.append(entry)
+        return True
+
+    def _local(self, reply: bytes) -> None:
+        """A reply made by the proxy, delivered in its request's position."""
+        if self.reply_off:
+            return
+        if self.skip_next:
+            self.skip_next = False
+            return
+        if self.pending:
+            self.pending.append((LOCAL, reply))
+        else:
+            self._client.append(reply)
+
+    def _refuse(self, message: str) -> None:
+        if self.multi is not None:
+            self.multi_failed = True  # as Redis does for a command rejected while queueing
+        self._local(error(message))
+
+    def _send(self, args: list[bytes], entry=None) -> None:
+        self._up.append(encode_command(args))
+        self._expect(entry)
+
+    def _drain_locals(self) -> None:
+        pending = self.pending
+        while pending:
+            head = pending[0]
+            if head is None or head[0] != LOCAL:
+                return
+            pending.popleft()
+            self._client.append(head[1])
+
+    # ------------------------------------------------------------ upstream handshake
+
+    def handshake(self) -> None:
+        """AUTH with the URL's credentials and SELECT the route's db, before any client request."""
+        up = self.route.upstream
+        if up.password:
+            args = [b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()]
+            self._up.append(encode_command(args))
+            self.pending.append((INTERNAL, self._check_handshake))
+        if self.target.db != 0:
+            self._up.append(encode_command([b"SELECT", str(self.target.db).encode()]))
+            self.pending.append((INTERNAL, self._check_handshake))
+
+    def _check_handshake(self, raw: bytes) -> None:
+        if is_error(raw):
+            msg = raw[1:-2].decode("utf-8", "replace")
+            self.upstream_lost(f"upstream refused the proxy's handshake: {msg}")
+
+    # ------------------------------------------------------------ client -> upstream
+
+    def client_data(self, data: bytes) -> None:
+        if self.close_when_done:
+            return
+        self.reader.feed(data)
+        while True:
+            try:
+                args = self.reader.get()
+            except ProtocolError as e:
+                self.reply_off = self.skip_next = False
+                self._local(error(f"ERR Protocol error: {e}"))
+                self.close_when_done = True
+                return
+            if args is None:
+                return
+            if self.emu is not None or self.held:
+                self.held.append(args)
+            else:
+                self.handle(args)
+            if self.close_when_done:
+                return
+
+    def handle(self, args: list[bytes]) -> None:
+        self.commands += 1
+        if self.upstream_error is not None:
+            self._local(error(f"ERR upstream unavailable ({self.upstream_error})"))
+            return
+        name = args[0].lower()
+        special = _SPECIAL.get(name)
+        if special is not None:
+            special(self, args)
+            return
+        try:
+            transform = rewrite(args, self.ctx)
+        except Refused as e:
+            self._refuse(str(e))
+            return
+        self._queue_or_send(args, transform)
+
+    def _queue_or_send(self, args, transform) -> None:
+        if self.multi is not None:
+            self.multi.append(transform)
+            self._send(args)                      # +QUEUED passes through
+        else:
+            self._send(args, None if transform is None else (XFORM, transform))
+
+    # ---- connection-state commands
+
+    def _cmd_select(self, args) -> None:
+        if len(args) != 2:
+            return self._send(args)  # the server's arity error
+        try:
+            target = self.ctx.client_db(args[1])
+        except Refused as e:
+            return self._refuse(str(e))
+        self._set_target(target)
+        self._queue_or_send([args[0], str(target.db).encode()], None)
+
+    def _cmd_hello(self, args) -> None:
+        version = None
+        if len(args) > 1:
+            try:
+                version = int(args[1])
+            except ValueError:
+                pass
+
+        def done(raw: bytes) -> bytes:
+            if version in (2, 3) and not is_error(raw):
+                self.proto = version
+            return raw
+        self._send(args, (XFORM, done))
+
+    def _cmd_reset(self, args) -> None:
+        self._send(args)
+        self.multi, self.multi_failed, self.monitor = None, False, False
+        self.reply_off = self.skip_next = False
+        self.proto = 2
+        for s in self.subs.values():
+            s.clear()
+        self.cmap.patterns.clear()
+        self._set_target(self.route.default)
+        # RESET selects db 0 on the server; the route's db may be another one.
+        self._up.append(encode_command([b"SELECT", str(self.target.db).encode()]))
+        self.pending.append((INTERNAL, lambda raw: None))
+
+    def _cmd_multi(self, args) -> None:
+        if self.multi is not None:
+            return self._send(args)  # nested MULTI: the server's error
+        self._send(args)
+        self.multi, self.multi_failed, self._multi_saved = [], False, self.target
+
+    def _cmd_exec(self, args) -> None:
+        transforms, failed = self.multi, self.multi_failed
+        self.multi, self.multi_failed = None, False
+        if transforms is None:
+            return self._send(args)
+        if failed:
+            self._set_target(self._multi_saved)
+            self._up.append(encode_command([b"DISCARD"]))
+            return self._expect((XFORM, lambda raw: EXECABORT))
+        if any(t is not None for t in transforms):
+            return self._send(args, (XFORM, lambda raw, ts=transforms: exec_array(raw, ts)))
+        self._send(args)
+
+    def _cmd_discard(self, args) -> None:
+        if self.multi is not None:
+            self._set_target(self._multi_saved)
+        self.multi, self.multi_failed = None, False
+        self._send(args)
+
+    def _cmd_quit(self, args) -> None:
+        self._local(OK)
+        self.close_when_done = True
+
+    def _cmd_client(self, args) -> None:
+        if len(args) == 3 and args[1].lower() == b"reply":
+            mode = args[2].lower()
+            if mode in (b"on", b"off", b"skip"):
+                self._up.append(encode_command(args))
+                if mode == b"on":
+                    self.reply_off = self.skip_next = False
+                    self.pending.append(None)  # ON always answers +OK
+                elif mode == b"off":
+                    self.reply_off = True
+                else:
+                    self.skip_next = True
+                return
+        try:
+            transform = rewrite(args, self.ctx)
+        except Refused as e:
+            return self._refuse(str(e))
+        self._queue_or_send(args, transform)
+
+    def _cmd_subscribe(self, args) -> None:
+        which, adding = SUBSCRIBE_CMDS[args[0].lower()]
+        try:
+            mapper = self.cmap.pattern_in if which == "pattern" else self.cmap.channel_in
+            for i in range(1, len(args)):
+                args[i] = mapper(args[i])
+        except Refused as e:
+            return self._refuse(str(e))
+        if self.multi is not None:
+            return self._send(args)  # the server refuses or queues it; no confirmations counted
+        self._up.append(encode_command(args))
+        n = len(args) - 1
+        if n == 0 and adding:
+            return self._expect(None)  # arity error from the server
+        if self._expect((SUB, [n if n else -1, which])):
+            self.sub_waiting += 1
+
+    def _cmd_monitor(self, args) -> None:
+        if self.target.keyspace.mode != "none":
+            return self._refuse(str(refuse("monitor", self.ctx, "it shows every client's commands and keys")))
+
+        def started(raw: bytes) -> bytes:
+            if not is_error(raw):
+                self.monitor = True
+            return raw
+        self._send(args, (XFORM, started))
+
+    def _cmd_emulated(self, args) -> None:
+        name = args[0].lower()
+        ks = self.target.keyspace
+        if ks.mode != "add":
+            # strip and none modes see exactly the backend db: the real command is right.
+            try:
+                transform = rewrite(args, self.ctx)
+            except Refused as e:
+                return self._refuse(str(e))
+            return self._queue_or_send(args, transform)
+        if self.multi is not None:
+            return self._refuse(str(refuse(name.decode(), self.ctx,
+                                           "it is emulated with SCAN and cannot run inside MULTI")))
+        try:
+            gen = emulate.start(name, args, ks, self.proto, random.random())
+        except Refused as e:
+            return self._refuse(str(e))
+        self._run_emulation(gen)
+
+    # ---- emulations: several internal round trips answer one client request
+
+    def _run_emulation(self, gen) -> None:
+        if self.reply_off or self.skip_next:
+            show = False
+            if self.skip_next:
+                self._up.append(encode_command([b"PING"]))  # absorbs the SKIP
+                self.skip_next = False
+            else:
+                self._up.append(encode_command([b"CLIENT", b"REPLY", b"ON"]))
+                self.pending.append((INTERNAL, lambda raw: None))
+        else:
+            show = True
+        self.emu = (gen, show)
+        self._emu_step(None)
+
+    def _emu_step(self, raw) -> None:
+        gen, show = self.emu
+        try:
+            cmd = gen.send(None if raw is None else _decode(raw))
+        except StopIteration as stop:
+            self.emu = None
+            if show:
+                self._client.append(stop.value)
+            elif self.reply_off:
+                self._up.append(encode_command([b"CLIENT", b"REPLY", b"OFF"]))
+            self._drain_locals()
+            while self.held and self.emu is None and not self.close_when_done:
+                self.handle(self.held.popleft())
+            return
+        self._up.append(encode_command(cmd))
+        self.pending.append((INTERNAL, self._emu_step))
+
+    # ------------------------------------------------------------ upstream -> client
+
+    def upstream_data(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos, n = 0, len(buf)
+        pending, out = self.pending, self._client
+        try:
+            while pos < n:
+                end = frame_end(buf, pos)
+                if end < 0:
+                    break
+                first = buf[pos]
+                if pending and pending[0] is None and first != 0x3E and not self.sub_waiting \
+                        and not self.monitor and not (self.proto == 2 and first == 0x2A and self._subscribed()):
+                    # the common case: a reply that needs nothing, passed on as it came
+                    pending.popleft()
+                    out.append(buf[pos:end])
+                    pos = end
+                    if pending and pending[0] is not None:
+                        self._drain_locals()
+                    continue
+                raw = buf[pos:end]
+                pos = end
+                self._reply(raw, first)
+        except ProtocolError as e:
+            self._buf = b""
+            self.upstream_lost(f"upstream sent bytes that are not RESP: {e}")
+            return
+        self._buf = buf[pos:]
+
+    def _subscribed(self) -> bool:
+        s = self.subs
+        return bool(s["channel"] or s["pattern"] or s["shard"])
+
+    def _reply(self, raw: bytes, first: int) -> None:
+        if first == 0x3E:  # '>' RESP3 push: pub/sub, invalidations; never a reply to a request
+            return self._pubsub(raw)
+        if self.monitor and first == 0x2B:
+            self._client.append(raw)
+            return
+        if self.proto == 2 and first == 0x2A and (self.sub_waiting or self._subscribed()):
+            _, items = split(raw)
+            if items:
+                kind = (string_value(items[0]) or b"").lower()
+                if kind in MESSAGES or kind in CONFIRMS:
+                    return self._pubsub(raw)
+        if not self.pending:
+            return  # a reply nobody asked for (the server never does this): never misdeliver it
+        entry = self.pending.popleft()
+        if entry is None:
+            self._client.append(raw)
+        elif entry[0] == XFORM:
+            self._client.append(entry[1](raw))
+        elif entry[0] == INTERNAL:
+            entry[1](raw)
+        elif entry[0] == SUB:  # an error instead of confirmations
+            self.sub_waiting -= 1
+            self._client.append(raw)
+        self._drain_locals()
+
+    def _pubsub(self, raw: bytes) -> None:
+        out, kind = rewrite_frame(raw, self.cmap, self.subs)
+        if out is not None:
+            self._client.append(out)
+        if kind is None:
+            return
+        head = self.pending[0] if self.pending else None
+        if head is None or head[0] != SUB:
+            return
+        state = head[1]
+        if state[0] == -1:
+            if not self.subs[state[1]]:
+                state[0] = 0
+        else:
+            state[0] -= 1
+        if state[0] == 0:
+            self.pending.popleft()
+            self.sub_waiting -= 1
+            self._drain_locals()
+
+    # ------------------------------------------------------------ faults
+
+    def upstream_lost(self, reason: str) -> None:
+        """The upstream connection is gone: answer everything owed with an error, then close.
+
+        The client's library reconnects, and its new connection gets a new upstream."""
+        if self.upstream_error is not None:
+            return
+        self.upstream_error = reason
+        err = error(f"ERR upstream unavailable ({reason})")
+        emu_answered = False
+        while self.pending:
+            entry = self.pending.popleft()
+            if entry is not None and entry[0] == LOCAL:
+                self._client.append(entry[1])
+            elif entry is not None and entry[0] == INTERNAL:
+                if entry[1] == self._emu_step and not emu_answered and self.emu and self.emu[1]:
+                    self._client.append(err)
+                    emu_answered = True
+            else:
+                self._client.append(err)
+        self.emu = None
+        while self.held:
+            self.held.popleft()
+            self._client.append(err)
+        self._up.clear()
+        self.close_when_done = True
+
+
+def _decode(raw: bytes):
+    r = hiredis.Reader()
+    r.feed(raw)
+    return r.gets()
+
+
+_SPECIAL = {
+    b"select": Session._cmd_select,
+    b"hello": Session._cmd_hello,
+    b"reset": Session._cmd_reset,
+    b"multi": Session._cmd_multi,
+    b"exec": Session._cmd_exec,
+    b"discard": Session._cmd_discard,
+    b"quit": Session._cmd_quit,
+    b"client": Session._cmd_client,
+    b"monitor": Session._cmd_monitor,
+    b"flushdb": Session._cmd_emulated,
+    b"dbsize": Session._cmd_emulated,
+    b"randomkey": Session._cmd_emulated,
+    **{k: Session._cmd_subscribe for k in SUBSCRIBE_CMDS},
+}
