@@ -150,6 +150,27 @@ class Proxy:
             self.servers.append(server)
             log.info("listening on %s", route.describe())
 
+    async def check_commands(self) -> None:
+        """Log commands the upstream has that the generated table does not know.
+
+        On namespaced routes they are refused (fail closed); the log says why."""
+        seen = set()
+        for route in self.config.routes:
+            up = route.upstream
+            if (up.host, up.port) in seen:
+                continue
+            seen.add((up.host, up.port))
+            try:
+                names = await asyncio.wait_for(_command_list(up), self.config.limits.connect_timeout)
+            except Exception as e:  # the check is advisory: an unreachable upstream is reported per request
+                log.warning("upstream %s: could not list its commands (%s)", up.masked(), e)
+                continue
+            unknown = sorted(n for n in names if n not in self.table)
+            if unknown:
+                log.warning("upstream %s has %d commands the proxy's table does not know; they are refused on "
+                            "namespaced routes and passed through elsewhere: %s",
+                            up.masked(), len(unknown), " ".join(unknown[:50]))
+
     def idle_changed(self) -> None:
         if self._idle is not None and all(c.session.idle for c in self.clients):
             self._idle.set()
@@ -172,9 +193,38 @@ class Proxy:
             await s.wait_closed()
 
 
+async def _command_list(up) -> list[str]:
+    import hiredis
+
+    from proxy.resp import encode_command
+    reader, writer = await asyncio.open_connection(up.host, up.port)
+    try:
+        cmds = []
+        if up.password:
+            cmds.append([b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()])
+        cmds.append([b"COMMAND", b"LIST"])
+        writer.write(b"".join(encode_command(c) for c in cmds))
+        parser = hiredis.Reader()
+        replies = []
+        while len(replies) < len(cmds):
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed")
+            parser.feed(data)
+            while (r := parser.gets()) is not False:
+                replies.append(r)
+        last = replies[-1]
+        if isinstance(last, hiredis.ReplyError):
+            raise RuntimeError(str(last))
+        return [n.decode().lower() for n in last]
+    finally:
+        writer.close()
+
+
 async def serve(config: Config, ready=None) -> None:
     proxy = Proxy(config)
     await proxy.start()
+    asyncio.ensure_future(proxy.check_commands())
     if ready is not None:
         ready(proxy)
     stop = asyncio.Event()
