@@ -1,0 +1,98 @@
+"""Configuration: URLs, TOML routes, db maps, validation errors that name the field, CLI exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from proxy.cli import build_parser, config_from_args
+from proxy.config import ConfigError, from_dict, parse_url
+
+
+def test_parse_url_with_credentials_and_db():
+    u = parse_url("redis://user:p%40ss@10.0.0.5:6390/3")
+    assert (u.host, u.port, u.db, u.username, u.password) == ("10.0.0.5", 6390, 3, "user", "p@ss")
+    assert "p@ss" not in u.masked() and "***" in u.masked()
+
+
+def test_parse_url_password_only_and_defaults():
+    u = parse_url("redis://:secret@localhost")
+    assert (u.port, u.db, u.username, u.password) == (6379, 0, None, "secret")
+
+
+@pytest.mark.parametrize("url, field", [
+    ("http://x:1/0", "scheme"), ("rediss://x:1/0", "TLS"), ("redis://x:1/abc", "db must be a number"),
+    ("redis://:1/0", "missing host"),
+])
+def test_bad_urls_are_named(url, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_url(url, "listener[0].upstream")
+
+
+def test_toml_routes_and_db_map():
+    cfg = from_dict({
+        "upstream": "redis://127.0.0.1:6379/0",
+        "listener": [
+            {"listen": "127.0.0.1:7000", "namespace": "sidekiq", "name": "app",
+             "databases": {"1": {"db": 3, "namespace": "reports"}, "2": {"db": 4}, "5": {"db": 6, "namespace": ""}}},
+            {"listen": "127.0.0.1:7001", "strip_namespace": "sidekiq", "upstream": "redis://h:1/2"},
+        ],
+        "metrics": {"listen": "127.0.0.1:9121"},
+    })
+    a, b = cfg.routes
+    assert a.name == "app" and a.default.db == 0 and a.default.keyspace.mode == "add"
+    assert a.target(1).db == 3 and a.target(1).keyspace.namespace == b"reports"
+    assert a.target(2).keyspace == a.default.keyspace  # inherits the listener's fence
+    assert a.target(5).keyspace.mode == "none"
+    assert a.target(9) is None
+    assert [c for c, _ in a.reverse(3)] == [1]
+    assert b.default.db == 2 and b.default.keyspace.mode == "strip" and b.upstream.host == "h"
+    assert cfg.metrics_listen == ("127.0.0.1", 9121)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"listener": [{"listen": "1.2.3.4:1", "namespace": "a*b"}]}, r"listener\[0\]: namespace 'a\*b' must not contain '\*'"),
+    ({"listener": [{"listen": "nope"}]}, r"listener\[0\].listen: expected HOST:PORT"),
+    ({"listener": [{"listen": "h:1", "namespace": "a", "strip_namespace": "b"}]}, "either namespace or strip_namespace"),
+    ({"listener": [{"listen": "h:1", "bogus": 1}]}, r"listener\[0\].bogus: unknown field"),
+    ({"listener": [{"listen": "h:1", "databases": {"x": {"db": 1}}}]}, r"databases.x: client db must be a number"),
+    ({"listener": [{"listen": "h:1", "databases": {"1": {"db": -1}}}]}, r"databases.1: expected"),
+    ({"listener": [{"listen": "h:1"}, {"listen": "h:1"}]}, "used twice"),
+    ({"listener": []}, "at least one"),
+    ({"lisener": []}, "lisener: unknown top-level field"),
+])
+def test_validation_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(data)
+
+
+def test_flags_and_redis_url(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://envhost:6400/5")
+    cfg = config_from_args(build_parser().parse_args(["--listen", "127.0.0.1:7000", "--namespace", "ns"]))
+    r = cfg.routes[0]
+    assert (r.upstream.host, r.upstream.port, r.default.db) == ("envhost", 6400, 5)
+    cfg = config_from_args(build_parser().parse_args(
+        ["--listen", "127.0.0.1:7000", "--upstream", "redis://flag:1/1", "--strip-namespace", "ns", "--separator", "/"]))
+    r = cfg.routes[0]
+    assert r.upstream.host == "flag" and r.default.keyspace.prefix == b"ns/"
+
+
+def test_flags_override_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    f = tmp_path / "p.toml"
+    f.write_text('upstream = "redis://file:1/0"\n[[listener]]\nlisten = "127.0.0.1:7000"\nnamespace = "a"\n')
+    cfg = config_from_args(build_parser().parse_args(["--config", str(f), "--upstream", "redis://flag:2/0"]))
+    assert cfg.routes[0].upstream.host == "flag"
+    monkeypatch.setenv("REDIS_URL", "redis://env:3/0")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(f)]))
+    assert cfg.routes[0].upstream.host == "env"
+
+
+def test_cli_exits_2_with_named_field(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[[listener]]\nlisten = "127.0.0.1:7000"\nnamespace = "x*"\n')
+    p = subprocess.run([sys.executable, "-m", "proxy", "--config", str(f)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert "listener[0]: namespace 'x*' must not contain '*'" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "proxy"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--listen: required" in p.stderr
