@@ -140,7 +140,8 @@ def h_sort(args, ctx):
         opt = args[i].upper()
         if opt in (b"BY", b"GET", b"STORE") and i + 1 < len(args):
             v = args[i + 1]
-            if not (opt == b"GET" and v == b"#"):
+            # A BY/GET pattern without `*` reads no key (BY nosort, sort.c): leave it.
+            if opt == b"STORE" or b"*" in v:  # so `GET #` stays too
                 args[i + 1] = ks.key_in(v, "pattern" if opt != b"STORE" else "key")
             i += 2
         elif opt == b"LIMIT":
