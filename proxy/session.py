@@ -322,6 +322,8 @@ class Session:
         ks = self.target.keyspace
         if ks.mode != "add":
             # strip and none modes see exactly the backend db: the real command is right.
+            if name != b"randomkey":  # FLUSHDB/DBSIZE are keyless: the generic path would refuse them
+                return self._queue_or_send(args, None)
             try:
                 transform = rewrite(args, self.ctx)
             except Refused as e:
