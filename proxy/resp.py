@@ -275,9 +275,10 @@ class RequestReader:
                         if not isinstance(a, bytes):
                             raise ProtocolError("expected bulk strings in a request")
                     return req
-                if not self._reader.has_data():
-                    self._in_hiredis = False
-                elif not self._pending:
+                # No request yet: hiredis holds part of one, even when has_data() is
+                # False (it consumes type bytes and headers as it goes), so the next
+                # bytes continue it and must not be read as an inline command.
+                if not self._pending:
                     return None
             pend = self._pending
             if not pend:
@@ -326,7 +327,9 @@ class RequestReader:
         p = nl + 2
         for _ in range(min(n, 8)):
             if data[p:p + 1] != b"$":
-                return  # incomplete or malformed: hiredis says which
+                if p < len(data):  # hiredis would take `+x` as a string; Redis wants `$`
+                    raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
+                return  # incomplete
             nl = data.find(CRLF, p)
             if nl < 0:
                 return
