@@ -150,6 +150,11 @@ def test_multi_exec_strips_key_replies(ns_proxy, d, proto):
     res = r.pipeline(transaction=True).scan(0, count=1000).keys("*").execute()
     assert sorted(res[0][1]) == [b"after", b"k"]
     assert sorted(res[1]) == [b"after", b"k"]
+    r.xadd("st", {"f": "v"}, id="1-0")
+    d.xadd("st", {"f": "foreign"}, id="1-0")
+    res = r.pipeline(transaction=True).xread({"st": 0}).get("k").execute()
+    streams = dict(res[0]) if isinstance(res[0], list) else res[0]
+    assert list(streams) == [b"st"] and res[1] == b"v"
     r.close()
 
 

@@ -277,3 +277,23 @@ def test_client_tracking_resp2_redirect(ns, d):
     assert sub.read(1) == [b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$2\r\nrk\r\n"]
     sub.close()
     r.close()
+
+
+def test_keyevent_pattern_drops_foreign_keys(server, fresh_db, ns, d, proto):
+    proxy, name = ns
+    r = client(proxy, protocol=proto)
+    p = r.pubsub()
+    p.psubscribe("__keyevent@0__:*")
+    m = p.get_message(timeout=5)
+    assert (m["type"], m["channel"]) == ("psubscribe", b"__keyevent@0__:*")
+    d.set("other:a", 1)
+    d.incr("plain")
+    d.set(f"{name}:mine", 1)
+    m = next_message(p)
+    assert (m["pattern"], m["channel"], m["data"]) == (b"__keyevent@0__:*", b"__keyevent@0__:set", b"mine")
+    d.delete(f"{name}:mine", "other:a")
+    m = next_message(p)
+    assert (m["channel"], m["data"]) == (b"__keyevent@0__:del", b"mine")
+    assert p.get_message(timeout=0.05, ignore_subscribe_messages=True) is None
+    p.close()
+    r.close()
