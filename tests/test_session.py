@@ -1,0 +1,540 @@
+"""Unit tests of proxy.session.Session, driven with byte strings only.
+
+Client bytes go in with client_data, what the proxy sends upstream comes out of
+take_upstream; upstream reply bytes go in with upstream_data, what the client
+gets comes out of take_client. No sockets, no servers.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import DbTarget, Route, Upstream
+from proxy.keyspace import Keyspace
+from proxy.resp import encode_command
+from proxy.session import Session
+
+OTHER = DbTarget(7, Keyspace("add", b"other", b":", "r"))
+
+
+def ks(mode: str, ns: bytes = b"app") -> Keyspace:
+    return Keyspace(mode, ns if mode != "none" else b"", b":", "r")
+
+
+def make_route(mode: str = "add", databases=None, db: int = 0, password: str | None = None) -> Route:
+    return Route("r", ("127.0.0.1", 1), Upstream("h", 1, db, None, password),
+                 DbTarget(db, ks(mode)), databases if databases is not None else {1: OTHER})
+
+
+def c(*args) -> bytes:
+    return encode_command([a.encode() if isinstance(a, str) else a for a in args])
+
+
+def enc(obj) -> bytes:
+    """RESP2 reply bytes from Python values (str -> bulk, int -> integer, list -> array, None -> nil)."""
+    if obj is None:
+        return b"$-1\r\n"
+    if isinstance(obj, int):
+        return b":%d\r\n" % obj
+    if isinstance(obj, str):
+        obj = obj.encode()
+    if isinstance(obj, bytes):
+        return b"$%d\r\n%s\r\n" % (len(obj), obj)
+    return b"*%d\r\n" % len(obj) + b"".join(enc(x) for x in obj)
+
+
+def push(*items) -> bytes:
+    return b">%d\r\n" % len(items) + b"".join(enc(x) for x in items)
+
+
+class Drive:
+    def __init__(self, route=None, **kw):
+        self.s = Session(route or make_route(**kw))
+        self.handshake = self.s.take_upstream()
+
+    def client(self, *cmds: bytes) -> bytes:
+        self.s.client_data(b"".join(cmds))
+        return self.s.take_upstream()
+
+    def server(self, *replies: bytes) -> bytes:
+        self.s.upstream_data(b"".join(replies))
+        return self.s.take_client()
+
+    def out(self) -> bytes:
+        return self.s.take_client()
+
+
+REFUSED_FLUSHALL = (b"-ERR command 'FLUSHALL' is refused on namespace 'app' of route r: "
+                    b"it would delete every namespace; FLUSHDB is emulated within the namespace\r\n")
+
+
+# ------------------------------------------------------------------ ordering
+
+
+def test_refusal_with_nothing_pending_is_immediate():
+    d = Drive()
+    assert d.client(c("FLUSHALL")) == b""
+    assert d.out() == REFUSED_FLUSHALL
+
+
+def test_local_refusals_keep_their_place_in_a_pipeline():
+    d = Drive()
+    up = d.client(c("GET", "a"), c("FLUSHALL"), c("GET", "b"), c("CONFIG", "GET", "x"), c("CONFIG", "SET", "y", "1"),
+                  c("GET", "c"))
+    assert up == c("GET", "app:a") + c("GET", "app:b") + c("GET", "app:c")
+    assert d.out() == b""
+    assert d.server(b"$1\r\n1\r\n") == b"$1\r\n1\r\n" + REFUSED_FLUSHALL
+    out = d.server(b"$1\r\n2\r\n")
+    assert out.startswith(b"$1\r\n2\r\n-ERR command 'CONFIG GET' is refused")
+    assert out.count(b"\r\n-ERR command 'CONFIG") == 2 and out.index(b"CONFIG GET") < out.index(b"CONFIG SET")
+    # replies split at odd places still come out whole and in order
+    assert d.server(b"$1\r") == b""
+    assert d.server(b"\n3\r\n") == b"$1\r\n3\r\n"
+    assert not d.s.pending
+
+
+def test_reply_bytes_pass_untouched():
+    d = Drive()
+    d.client(c("HGETALL", "h"))
+    raw = b"*4\r\n$1\r\nf\r\n$5\r\napp:x\r\n$1\r\ng\r\n+h\r\n"
+    assert d.server(raw) == raw
+
+
+# ------------------------------------------------------------------ MULTI / EXEC
+
+
+def test_multi_with_refused_command_becomes_discard_and_execabort():
+    d = Drive()
+    up = d.client(c("MULTI"), c("SET", "k", "v"), c("FLUSHALL"), c("GET", "k"), c("EXEC"))
+    assert up == c("MULTI") + c("SET", "app:k", "v") + c("GET", "app:k") + c("DISCARD")
+    out = d.server(b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n", b"+OK\r\n")
+    assert out == (b"+OK\r\n+QUEUED\r\n" + REFUSED_FLUSHALL + b"+QUEUED\r\n"
+                   b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+    assert d.s.multi is None and not d.s.pending
+
+
+def test_refused_select_in_multi_restores_db():
+    d = Drive()
+    d.client(c("MULTI"), c("SELECT", "1"), c("SELECT", "9"), c("EXEC"))
+    assert d.s.target == d.s.route.default
+    d.server(b"+OK\r\n+QUEUED\r\n+OK\r\n")
+    assert d.client(c("GET", "k")) == c("GET", "app:k")
+
+
+def test_exec_array_elements_transformed():
+    d = Drive()
+    up = d.client(c("MULTI"), c("BLPOP", "l", "0"), c("GET", "k"), c("KEYS", "*"), c("EXEC"))
+    assert up == c("MULTI") + c("BLPOP", "app:l", "0") + c("GET", "app:k") + c("KEYS", "app:*") + c("EXEC")
+    out = d.server(b"+OK\r\n", b"+QUEUED\r\n" * 3,
+                   enc([["app:l", "app:v"], "app:x", ["app:a", "app:b"]]))
+    assert out == b"+OK\r\n" + b"+QUEUED\r\n" * 3 + enc([["l", "app:v"], "app:x", ["a", "b"]])
+
+
+def test_exec_nil_and_error_pass():
+    d = Drive()
+    d.client(c("MULTI"), c("BLPOP", "l", "0"), c("EXEC"))
+    assert d.server(b"+OK\r\n+QUEUED\r\n*-1\r\n") == b"+OK\r\n+QUEUED\r\n*-1\r\n"
+    d.client(c("MULTI"), c("BLPOP", "l", "0"), c("EXEC"))
+    err = b"-EXECABORT Transaction discarded\r\n"
+    assert d.server(b"+OK\r\n+QUEUED\r\n" + err) == b"+OK\r\n+QUEUED\r\n" + err
+
+
+def test_emulated_command_refused_inside_multi():
+    d = Drive()
+    d.client(c("MULTI"), c("DBSIZE"), c("EXEC"))
+    out = d.server(b"+OK\r\n", b"+OK\r\n")
+    assert b"'DBSIZE' is refused" in out and b"cannot run inside MULTI" in out
+    assert out.endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+
+
+# ------------------------------------------------------------------ pub/sub RESP2
+
+
+def test_resp2_subscribe_confirmations_counted_with_message_between():
+    d = Drive()
+    up = d.client(c("SUBSCRIBE", "a", "b"), c("FLUSHALL"), c("PING"))
+    assert up == c("SUBSCRIBE", "app:a", "app:b") + c("PING")
+    assert d.out() == b""
+    out = d.server(enc(["subscribe", "app:a", 1]))
+    assert out == enc(["subscribe", "a", 1])
+    # a message between the confirmations pops nothing
+    out = d.server(enc(["message", "app:a", "hello"]))
+    assert out == enc(["message", "a", "hello"])
+    assert len(d.s.pending) == 3
+    # the second confirmation completes SUBSCRIBE: the queued refusal follows it
+    out = d.server(enc(["subscribe", "app:b", 2]))
+    assert out == enc(["subscribe", "b", 2]) + REFUSED_FLUSHALL
+    # PING in subscribed RESP2 mode answers with an array that is a reply, not a message
+    assert d.server(enc(["pong", ""])) == enc(["pong", ""])
+    assert not d.s.pending and d.s.sub_waiting == 0
+    # messages from other namespaces are dropped
+    assert d.server(enc(["message", "zzz:a", "x"])) == b""
+    assert d.s.subs["channel"] == {b"app:a", b"app:b"}
+
+
+def test_resp2_unsubscribe_without_args():
+    d = Drive()
+    d.client(c("SUBSCRIBE", "a", "b"))
+    d.server(enc(["subscribe", "app:a", 1]), enc(["subscribe", "app:b", 2]))
+    up = d.client(c("UNSUBSCRIBE"), c("GET", "k"))
+    assert up == c("UNSUBSCRIBE") + c("GET", "app:k")
+    assert d.server(enc(["unsubscribe", "app:b", 1])) == enc(["unsubscribe", "b", 1])
+    assert len(d.s.pending) == 2
+    assert d.server(enc(["unsubscribe", "app:a", 0])) == enc(["unsubscribe", "a", 0])
+    assert len(d.s.pending) == 1
+    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+    assert not d.s.pending and not d.s.subs["channel"]
+
+
+def test_resp2_unsubscribe_when_not_subscribed():
+    d = Drive()
+    d.client(c("UNSUBSCRIBE"), c("GET", "k"))
+    assert d.server(enc(["unsubscribe", None, 0])) == enc(["unsubscribe", None, 0])
+    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+    assert not d.s.pending
+
+
+def test_resp2_psubscribe_pattern_and_pmessage():
+    d = Drive()
+    assert d.client(c("PSUBSCRIBE", "n*")) == c("PSUBSCRIBE", "app:n*")
+    assert d.server(enc(["psubscribe", "app:n*", 1])) == enc(["psubscribe", "n*", 1])
+    out = d.server(enc(["pmessage", "app:n*", "app:news", "hi"]))
+    assert out == enc(["pmessage", "n*", "news", "hi"])
+
+
+def test_subscribe_error_reply_pops_the_entry():
+    d = Drive()
+    d.client(c("SUBSCRIBE", "a"), c("GET", "k"))
+    err = b"-NOPERM this user has no permissions to access one of the channels\r\n"
+    assert d.server(err) == err
+    assert d.s.sub_waiting == 0
+    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+
+
+# ------------------------------------------------------------------ RESP3
+
+
+def hello3(d: Drive) -> None:
+    assert d.client(c("HELLO", "3")) == c("HELLO", "3")
+    d.server(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+    assert d.s.proto == 3
+
+
+def test_hello_3_switches_proto_and_error_does_not():
+    d = Drive()
+    d.client(c("HELLO", "3"))
+    assert d.server(b"-NOPROTO unsupported protocol version\r\n") == b"-NOPROTO unsupported protocol version\r\n"
+    assert d.s.proto == 2
+    hello3(d)
+    d.client(c("HELLO", "2"))
+    d.server(enc(["proto", 2]))
+    assert d.s.proto == 2
+
+
+def test_resp3_push_does_not_pop_pending():
+    d = Drive()
+    hello3(d)
+    d.client(c("SUBSCRIBE", "ch"))
+    assert d.server(push("subscribe", "app:ch", 1)) == push("subscribe", "ch", 1)
+    assert not d.s.pending
+    d.client(c("GET", "k"))
+    out = d.server(push("message", "app:ch", "hi"))
+    assert out == push("message", "ch", "hi")
+    assert len(d.s.pending) == 1
+    # in RESP3 an array reply is a reply, even while subscribed
+    out = d.server(b"*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n")
+    assert out == b"*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n"
+    assert not d.s.pending
+
+
+def test_resp3_invalidation_push():
+    d = Drive()
+    hello3(d)
+    d.client(c("GET", "k"))
+    out = d.server(push("invalidate", ["app:k", "zzz:k"]), b"$1\r\nv\r\n")
+    assert out == push("invalidate", ["k"]) + b"$1\r\nv\r\n"
+
+
+# ------------------------------------------------------------------ CLIENT REPLY
+
+
+def test_client_reply_off_skip_on():
+    d = Drive()
+    up = d.client(c("CLIENT", "REPLY", "OFF"), c("SET", "k", "v"), c("FLUSHALL"))
+    assert up == c("CLIENT", "REPLY", "OFF") + c("SET", "app:k", "v")
+    assert not d.s.pending and d.out() == b""          # not even the refusal
+    up = d.client(c("CLIENT", "REPLY", "ON"), c("GET", "k"))
+    assert up == c("CLIENT", "REPLY", "ON") + c("GET", "app:k")
+    assert d.server(b"+OK\r\n$1\r\nv\r\n") == b"+OK\r\n$1\r\nv\r\n"
+    # SKIP: the next command's reply is skipped, the one after is not
+    up = d.client(c("CLIENT", "REPLY", "SKIP"), c("SET", "k", "v"), c("GET", "k"))
+    assert up == c("CLIENT", "REPLY", "SKIP") + c("SET", "app:k", "v") + c("GET", "app:k")
+    assert len(d.s.pending) == 1
+    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+    # SKIP applies to a local refusal too
+    d.client(c("CLIENT", "REPLY", "SKIP"), c("FLUSHALL"), c("GET", "k"))
+    assert d.out() == b""
+    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+
+
+# ------------------------------------------------------------------ emulations
+
+
+def scan_cmd(cursor: str, ns: str = "app") -> bytes:
+    return c("SCAN", cursor, "MATCH", ns + ":*", "COUNT", "1000")
+
+
+def test_dbsize_emulated_by_scan_and_held_requests():
+    d = Drive()
+    up = d.client(c("DBSIZE"), c("GET", "z"), c("FLUSHALL"))
+    assert up == scan_cmd("0")
+    assert d.out() == b""
+    assert d.server(enc(["12", ["app:a", "app:b"]])) == b""
+    assert d.s.take_upstream() == scan_cmd("12")
+    out = d.server(enc(["0", ["app:c"]]))
+    assert out == b":3\r\n"
+    # the held requests run now, in order: GET is sent, the refusal waits for its reply
+    assert d.s.take_upstream() == c("GET", "app:z")
+    assert d.server(b"$-1\r\n") == b"$-1\r\n" + REFUSED_FLUSHALL
+    assert not d.s.pending and not d.s.held
+
+
+def test_flushdb_emulated_deletes_in_batches():
+    d = Drive()
+    assert d.client(c("FLUSHDB")) == scan_cmd("0")
+    d.server(enc(["5", ["app:a", "app:b"]]))
+    assert d.s.take_upstream() == c("DEL", "app:a", "app:b")
+    d.server(b":2\r\n")
+    assert d.s.take_upstream() == scan_cmd("5")
+    d.server(enc(["9", []]))
+    assert d.s.take_upstream() == scan_cmd("9")
+    assert d.server(enc(["0", ["app:c"]])) == b""
+    assert d.s.take_upstream() == c("DEL", "app:c")
+    assert d.server(b":1\r\n") == b"+OK\r\n"
+    assert d.s.take_upstream() == b""
+
+
+def test_flushdb_async_uses_unlink_and_errors_surface():
+    d = Drive()
+    d.client(c("FLUSHDB", "ASYNC"))
+    d.server(enc(["0", ["app:a"]]))
+    assert d.s.take_upstream() == c("UNLINK", "app:a")
+    assert d.server(b"-READONLY You can't write against a read only replica.\r\n") == \
+        b"-READONLY You can't write against a read only replica.\r\n"
+    d.client(c("FLUSHDB", "LATER"))
+    assert d.out() == b"-ERR syntax error\r\n"
+
+
+def test_randomkey_emulated():
+    d = Drive()
+    assert d.client(c("RANDOMKEY")) == scan_cmd("0")
+    d.server(enc(["3", []]))
+    assert d.s.take_upstream() == scan_cmd("3")
+    assert d.server(enc(["0", ["app:only"]])) == b"$4\r\nonly\r\n"
+    d.client(c("RANDOMKEY"))
+    assert d.server(enc(["0", []])) == b"$-1\r\n"
+
+
+def test_randomkey_empty_resp3_is_null():
+    d = Drive()
+    hello3(d)
+    d.client(c("RANDOMKEY"))
+    assert d.server(enc(["0", []])) == b"_\r\n"
+
+
+def test_emulation_in_db_with_other_namespace():
+    d = Drive()
+    d.client(c("SELECT", "1"))
+    d.server(b"+OK\r\n")
+    assert d.client(c("DBSIZE")) == scan_cmd("0", "other")
+    assert d.server(enc(["0", ["other:a"]])) == b":1\r\n"
+
+
+def test_emulation_with_client_reply_off():
+    d = Drive()
+    d.client(c("CLIENT", "REPLY", "OFF"))
+    up = d.client(c("DBSIZE"))
+    assert up == c("CLIENT", "REPLY", "ON") + scan_cmd("0")
+    assert d.server(b"+OK\r\n", enc(["0", []])) == b""
+    assert d.s.take_upstream() == c("CLIENT", "REPLY", "OFF")
+
+
+def test_strip_mode_dbsize_is_the_real_command():
+    d = Drive(make_route("strip", {}))
+    assert d.client(c("DBSIZE")) == c("DBSIZE")
+    assert d.server(b":5\r\n") == b":5\r\n"
+    assert d.client(c("RANDOMKEY")) == c("RANDOMKEY")
+    assert d.server(b"$1\r\nk\r\n") == b"$5\r\napp:k\r\n"
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_upstream_lost_order_exact():
+    d = Drive()
+    d.client(c("GET", "a"), c("FLUSHALL"), c("GET", "b"), c("DBSIZE"), c("GET", "held"))
+    first = d.server(b"$1\r\n1\r\n")
+    assert first == b"$1\r\n1\r\n" + REFUSED_FLUSHALL
+    d.s.upstream_lost("connection reset")
+    err = b"-ERR upstream unavailable (connection reset)\r\n"
+    # GET b, then DBSIZE (its emulation), then the held GET
+    assert d.out() == err * 3
+    assert d.s.take_upstream() == b""
+    assert d.s.should_close
+    # later requests are not sent
+    d.client(c("GET", "x"))
+    assert d.s.take_upstream() == b""
+
+
+def test_upstream_lost_keeps_local_entries_in_place():
+    d = Drive()
+    d.client(c("GET", "a"), c("FLUSHALL"), c("GET", "b"))
+    d.s.upstream_lost("gone")
+    err = b"-ERR upstream unavailable (gone)\r\n"
+    assert d.out() == err + REFUSED_FLUSHALL + err
+    assert d.s.should_close
+
+
+def test_upstream_garbage_is_upstream_lost():
+    d = Drive()
+    d.client(c("GET", "a"))
+    d.s.upstream_data(b"?what\r\n")
+    out = d.out()
+    assert out.startswith(b"-ERR upstream unavailable (upstream sent bytes that are not RESP")
+    assert d.s.should_close
+
+
+def test_protocol_error_then_close():
+    d = Drive()
+    up = d.client(c("GET", "a"), b"*1\r\n$x\r\n", c("GET", "never"))
+    assert up == c("GET", "app:a")
+    assert d.out() == b""
+    assert not d.s.should_close  # a reply is still owed
+    out = d.server(b"$1\r\nv\r\n")
+    assert out.startswith(b"$1\r\nv\r\n-ERR Protocol error: ") and out.endswith(b"length\r\n")
+    assert out.count(b"\r\n") == 3
+    assert d.s.should_close
+    d.client(c("GET", "b"))
+    assert d.s.take_upstream() == b""
+
+
+def test_protocol_error_with_reply_off_still_answers():
+    d = Drive()
+    d.client(c("CLIENT", "REPLY", "OFF"))
+    d.client(b'SET "unbalanced\r\n')
+    assert d.out().startswith(b"-ERR Protocol error: unbalanced quotes")
+    assert d.s.should_close
+
+
+def test_quit():
+    d = Drive()
+    d.client(c("GET", "a"), c("QUIT"), c("GET", "b"))
+    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n+OK\r\n"
+    assert d.s.should_close
+
+
+# ------------------------------------------------------------------ connection state
+
+
+def test_handshake_auth_and_select():
+    d = Drive(make_route("add", {}, db=3, password="s3cret"))
+    assert d.handshake == c("AUTH", "s3cret") + c("SELECT", "3")
+    d.client(c("GET", "k"))
+    assert d.server(b"+OK\r\n+OK\r\n$1\r\nv\r\n") == b"$1\r\nv\r\n"
+
+
+def test_handshake_refused():
+    d = Drive(make_route("add", {}, password="bad"))
+    d.client(c("GET", "k"))
+    out = d.server(b"-WRONGPASS invalid username-password pair\r\n")
+    assert out == b"-ERR upstream unavailable (upstream refused the proxy's handshake: " \
+                  b"WRONGPASS invalid username-password pair)\r\n"
+    assert d.s.should_close
+
+
+def test_select_mapping():
+    d = Drive()
+    assert d.client(c("SELECT", "1")) == c("SELECT", "7")
+    assert d.server(b"+OK\r\n") == b"+OK\r\n"
+    assert d.client(c("GET", "k")) == c("GET", "other:k")
+    d.server(b"$-1\r\n")
+    d.client(c("SELECT", "5"))
+    assert d.out() == b"-ERR db 5 is not mapped on route r\r\n"
+    assert d.client(c("GET", "k")) == c("GET", "other:k")
+    assert d.client(c("SELECT", "0")) == c("SELECT", "0")
+    d.server(b"$-1\r\n+OK\r\n")
+    assert d.client(c("GET", "k")) == c("GET", "app:k")
+
+
+def test_reset_reselects_route_db():
+    d = Drive(make_route("add", {1: OTHER}, db=3))
+    assert d.handshake == c("SELECT", "3")
+    d.server(b"+OK\r\n")
+    d.client(c("SELECT", "1"))
+    d.server(b"+OK\r\n")
+    hello3(d)
+    d.client(c("SUBSCRIBE", "ch"))
+    d.server(push("subscribe", "other:ch", 1))
+    assert d.client(c("RESET")) == c("RESET") + c("SELECT", "3")
+    assert d.server(b"+RESET\r\n", b"+OK\r\n") == b"+RESET\r\n"
+    assert d.s.proto == 2 and not d.s.subs["channel"] and not d.s.pending
+    assert d.client(c("GET", "k")) == c("GET", "app:k")
+
+
+def test_monitor_refused_on_namespaced_route():
+    d = Drive()
+    assert d.client(c("MONITOR")) == b""
+    out = d.out()
+    assert out.startswith(b"-ERR command 'MONITOR' is refused on namespace 'app' of route r")
+
+
+def test_monitor_on_plain_route():
+    d = Drive(make_route("none", {}))
+    assert d.client(c("MONITOR")) == c("MONITOR")
+    assert d.server(b"+OK\r\n") == b"+OK\r\n"
+    line = b'+1700000000.1 [0 127.0.0.1:5] "GET" "k"\r\n'
+    assert d.server(line * 2) == line * 2
+    assert not d.s.pending
+
+
+# ------------------------------------------------------------------ keyspace notifications
+
+
+def test_keyspace_notifications_with_db_map():
+    d = Drive()
+    up = d.client(c("PSUBSCRIBE", "__keyspace@1__:*"), c("SUBSCRIBE", "__keyevent@1__:del"),
+                  c("SUBSCRIBE", "__keyspace@0__:k"))
+    assert up == (c("PSUBSCRIBE", "__keyspace@7__:other:*") + c("SUBSCRIBE", "__keyevent@7__:del")
+                  + c("SUBSCRIBE", "__keyspace@0__:app:k"))
+    out = d.server(enc(["psubscribe", "__keyspace@7__:other:*", 1]),
+                   enc(["subscribe", "__keyevent@7__:del", 2]),
+                   enc(["subscribe", "__keyspace@0__:app:k", 3]))
+    assert out == (enc(["psubscribe", "__keyspace@1__:*", 1]) + enc(["subscribe", "__keyevent@1__:del", 2])
+                   + enc(["subscribe", "__keyspace@0__:k", 3]))
+    assert not d.s.pending
+    out = d.server(enc(["pmessage", "__keyspace@7__:other:*", "__keyspace@7__:other:x", "set"]))
+    assert out == enc(["pmessage", "__keyspace@1__:*", "__keyspace@1__:x", "set"])
+    out = d.server(enc(["message", "__keyevent@7__:del", "other:x"]))
+    assert out == enc(["message", "__keyevent@1__:del", "x"])
+    # an event about a key outside the db's namespace is dropped
+    assert d.server(enc(["message", "__keyevent@7__:del", "app:x"])) == b""
+    out = d.server(enc(["message", "__keyspace@0__:app:k", "del"]))
+    assert out == enc(["message", "__keyspace@0__:k", "del"])
+
+
+def test_keyspace_notification_unmapped_db_refused():
+    d = Drive()
+    d.client(c("SUBSCRIBE", "__keyspace@4__:k"))
+    assert d.out() == b"-ERR db 4 is not mapped on route r\r\n"
+    assert not d.s.pending and d.s.sub_waiting == 0
+
+
+def test_keyspace_wildcard_db_pattern_means_current_db():
+    d = Drive()
+    d.client(c("SELECT", "1"))
+    d.server(b"+OK\r\n")
+    assert d.client(c("PSUBSCRIBE", "__keyspace@*__:*")) == c("PSUBSCRIBE", "__keyspace@7__:other:*")
+    out = d.server(enc(["psubscribe", "__keyspace@7__:other:*", 1]))
+    assert out == enc(["psubscribe", "__keyspace@*__:*", 1])
+    out = d.server(enc(["pmessage", "__keyspace@7__:other:*", "__keyspace@7__:other:k", "set"]))
+    assert out == enc(["pmessage", "__keyspace@*__:*", "__keyspace@1__:k", "set"])
