@@ -411,7 +411,11 @@ class Session:
         if self.monitor and first == 0x2B:
             self._client.append(raw)
             return
-        if self.proto == 2 and first == 0x2A and (self.sub_waiting or self._subscribed()):
+        # Before the subscription, an array reply to an earlier request (LRANGE giving
+        # ["message", ...]) is that request's reply, not a pub/sub frame.
+        head = self.pending[0] if self.pending else None
+        if self.proto == 2 and first == 0x2A and (
+                self._subscribed() or (head is not None and head[0] == SUB)):
             _, items = split(raw)
             if items:
                 kind = (string_value(items[0]) or b"").lower()
@@ -453,14 +457,19 @@ class Session:
 
     # ------------------------------------------------------------ faults
 
-    def upstream_lost(self, reason: str) -> None:
+    def upstream_lost(self, reason: str, tell_idle: bool = False) -> None:
         """The upstream connection is gone: answer everything owed with an error, then close.
 
-        The client's library reconnects, and its new connection gets a new upstream."""
+        The client's library reconnects, and its new connection gets a new upstream.
+        With `tell_idle` (the upstream could not be reached at all) a client that has
+        asked nothing yet gets the error anyway, as Redis does when it refuses a
+        connection (maxclients): it reads it as the reply to its first request."""
         if self.upstream_error is not None:
             return
         self.upstream_error = reason
         err = error(f"ERR upstream unavailable ({reason})")
+        if tell_idle and not self.pending and not self.held:
+            self._client.append(err)
         emu_answered = False
         while self.pending:
             entry = self.pending.popleft()

@@ -538,3 +538,18 @@ def test_keyspace_wildcard_db_pattern_means_current_db():
     assert out == enc(["psubscribe", "__keyspace@*__:*", 1])
     out = d.server(enc(["pmessage", "__keyspace@7__:other:*", "__keyspace@7__:other:k", "set"]))
     assert out == enc(["pmessage", "__keyspace@*__:*", "__keyspace@1__:k", "set"])
+
+
+def test_resp2_array_reply_before_subscribe_is_not_a_message():
+    # LRANGE pipelined before SUBSCRIBE may answer ["message", x, y]: it is LRANGE's reply.
+    d = Drive()
+    d.client(c("LRANGE", "l", "0", "-1"), c("SUBSCRIBE", "a"), c("FLUSHALL"))
+    looks_like = enc(["message", "x", "y"])
+    assert d.server(looks_like) == looks_like
+    assert d.server(enc(["subscribe", "app:a", 1])) == enc(["subscribe", "a", 1]) + REFUSED_FLUSHALL
+    assert not d.s.pending and d.s.sub_waiting == 0
+    d.client(c("UNSUBSCRIBE"), c("LRANGE", "l", "0", "-1"))
+    d.server(enc(["unsubscribe", "app:a", 0]))
+    looks_like = enc(["subscribe", "x", 1])
+    assert d.server(looks_like) == looks_like
+    assert not d.s.pending and not d.s.subs["channel"]
