@@ -264,9 +264,11 @@ class RequestReader:
                 except hiredis.ProtocolError as e:  # hiredis raises its own class for some errors
                     raise ProtocolError(str(e)) from None
                 if req is not False:
-                    self._buffered = 0
                     if not self._reader.has_data():
                         self._in_hiredis = False
+                        self._buffered = 0
+                    else:  # what is left belongs to the next requests (len() may count <1 KB more)
+                        self._buffered = self._reader.len()
                     if not isinstance(req, list):
                         raise ProtocolError("expected an array of bulk strings")
                     if not req:
@@ -274,10 +276,16 @@ class RequestReader:
                     for a in req:
                         if not isinstance(a, bytes):
                             raise ProtocolError("expected bulk strings in a request")
+                        if len(a) > self.max_bulk:  # past the header check (late or later chunk)
+                            raise ProtocolError("invalid bulk length")
                     return req
                 # No request yet: hiredis holds part of one, even when has_data() is
                 # False (it consumes type bytes and headers as it goes), so the next
                 # bytes continue it and must not be read as an inline command.
+                # The limit is on that unfinished request, not on a pipeline of
+                # finished ones that came in the same chunk.
+                if self._buffered > self.max_query:
+                    raise ProtocolError("query buffer limit exceeded")
                 if not self._pending:
                     return None
             pend = self._pending
@@ -286,8 +294,6 @@ class RequestReader:
             if self._in_hiredis or pend[0] == 0x2A:  # '*'
                 self._check_header(pend)
                 self._buffered += len(pend)
-                if self._buffered > self.max_query:
-                    raise ProtocolError("query buffer limit exceeded")
                 self._pending = b""
                 self._reader.feed(pend)
                 self._in_hiredis = True

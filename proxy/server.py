@@ -51,7 +51,7 @@ class ClientConnection(asyncio.Protocol):
         except (OSError, asyncio.TimeoutError) as e:
             reason = f"cannot connect to {up.host}:{up.port}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}"
             log.warning("route %s: %s", self.route.name, reason)
-            self.session.upstream_lost(reason)
+            self.session.upstream_lost(reason, tell_idle=True)
             self.flush()
             return
         if self.closed:

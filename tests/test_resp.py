@@ -458,7 +458,7 @@ def test_request_bulk_limit():
 
 def test_request_query_limit_over_many_chunks():
     r = RequestReader(max_bulk=1 << 20, max_query=1000)
-    head = b"*2\r\n$3\r\nSET\r\n$900\r\n"
+    head = b"*2\r\n$3\r\nSET\r\n$5000\r\n"  # a bulk larger than max_query, never finished
     r.feed(head)
     assert r.get() is None
     with pytest.raises(ProtocolError):
