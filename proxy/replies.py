@@ -79,18 +79,22 @@ def each_first_is_key(raw: bytes, ks: Keyspace) -> bytes:
     return _rebuild(raw, header, items, [first_is_key(i, ks) for i in items])
 
 
-def pairs(raw: bytes, ks: Keyspace) -> bytes:
-    """PUBSUB NUMSUB / SHARDNUMSUB: [name, count, name, count...] (a map in RESP3)."""
+def names_in_order(raw: bytes, names: list[bytes], ks: Keyspace) -> bytes:
+    """PUBSUB NUMSUB / SHARDNUMSUB: [name, count, ...] (a map in RESP3) in request order,
+    so the client's own names go back in place. A reply of another shape keeps only
+    the names inside the keyspace."""
     if raw[0] not in _AGGREGATES:
         return raw
     header, items = split(raw)
+    if len(items) == 2 * len(names):
+        for i, name in enumerate(names):
+            items[2 * i] = replace_string(items[2 * i], name)
+        return join(header, items)
     out = []
     for k, v in zip(items[0::2], items[1::2]):
         k2 = _name_out(k, ks)
         if k2 is not None:
             out += [k2, v]
-    if len(out) == len(items):
-        return join(header, out)
     n = len(out) if raw[:1] == b"*" else len(out) // 2
     return raw[:1] + str(n).encode() + b"\r\n" + b"".join(out)
 

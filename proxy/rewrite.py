@@ -15,6 +15,7 @@ from proxy import replies
 from proxy.commands import KEYLESS_SAFE, REFUSED_WHY, CommandTable
 from proxy.keyspace import Keyspace, Refused, show
 from proxy.keyspecs import KeySpecError
+from proxy.pubsub import ChannelMap
 
 Transform = Callable[[bytes], bytes]
 
@@ -284,18 +285,19 @@ def h_pubsub_channels(args, ctx):
 
 
 def h_pubsub_numsub(args, ctx):
-    ks = ctx.ks
-    if ks.mode == "none":
+    # The reply names the channels in request order, so the client's own names go back
+    # in their places (this also covers __keyspace@N__ channels, whose db is mapped).
+    cmap = ChannelMap(ctx.route, ctx.target)
+    asked = args[2:]
+    args[2:] = [cmap.channel_in(c) for c in asked]
+    if args[2:] == asked:
         return None
-    for i in range(2, len(args)):
-        args[i] = ks.key_in(args[i], "channel")
-    return _t(replies.pairs, ks)
+    return partial(replies.names_in_order, names=asked, ks=ctx.ks)
 
 
 def h_publish(args, ctx):
     # Channels carry no key spec; they are fenced like keys (special channels mapped).
     if len(args) == 3:
-        from proxy.pubsub import ChannelMap
         args[1] = ChannelMap(ctx.route, ctx.target).channel_in(args[1])
     return None
 
