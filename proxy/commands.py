@@ -50,6 +50,10 @@ REFUSED_WHY = {
     "cluster": "cluster commands are not routed", "slowlog": "it shows other clients' keys",
     "latency": "it is server-wide", "commandlog": "it shows other clients' keys",
     "client": "it reaches other clients' connections",
+    "script": "the script cache is shared by every route", "function": "function libraries are shared by every route",
+    "memory": "it acts on the whole server", "asking": "cluster commands are not routed",
+    "pfselftest": "it is a server self-test", "psync": "replication is shared by every route",
+    "sync": "replication is shared by every route", "replconf": "replication is shared by every route",
 }
 
 
