@@ -364,10 +364,12 @@ def test_upstream_killed_mid_pipeline(dedicated, start_proxy):
     conn.send(b"".join(gets[:500]) + encode("BLPOP", "q", "30") + b"".join(gets[500:]))
     for i in range(500):
         assert conn.frame() == bulk(b"value-%d" % (i % 50))
-    # A second connection streams many replies while the server dies.
+    # A second connection streams many replies while the server dies; a BLPOP in
+    # the middle keeps the later ones unanswered at the server.
     stream = Raw(proxy.port)
-    n = 20000
-    stream.send(b"".join(encode("GET", f"k{i % 50}") for i in range(n)))
+    n, blocked_at = 20000, 10000
+    stream.send(b"".join(encode("GET", f"k{i % 50}") if i != blocked_at else encode("BLPOP", "q2", "30")
+                         for i in range(n)))
     for i in range(100):
         assert stream.frame() == bulk(b"value-%d" % (i % 50))
     time.sleep(0.2)  # the BLPOP has reached the server
@@ -390,6 +392,7 @@ def test_upstream_killed_mid_pipeline(dedicated, start_proxy):
         else:
             assert not failed, f"reply {reply!r} at {i} after an error"
             assert reply == bulk(b"value-%d" % (i % 50)), (i, reply)
+    assert failed  # the BLPOP and what follows it, at least
     assert stream.is_closed()
     assert time.monotonic() - t0 < HANG  # hang guard, not a performance claim
     # The idle connection lost its upstream too: an error or a close, never a hang.
