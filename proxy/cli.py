@@ -10,6 +10,15 @@ import sys
 from proxy import __version__
 from proxy.config import (DEFAULT_UPSTREAM, Config, ConfigError, Limits, build_route, load_toml,
                           parse_listen)
+from proxy.logs import FORMATS, LEVELS, setup_logging
+
+# Flags fall back to these environment variables (containers); a flag given wins.
+# REDIS_URL is the fallback of --upstream (see config_from_args).
+ENV_FALLBACKS = {
+    "listen": "PROXY_LISTEN", "namespace": "PROXY_NAMESPACE", "strip_namespace": "PROXY_STRIP_NAMESPACE",
+    "separator": "PROXY_SEPARATOR", "config": "PROXY_CONFIG", "metrics_listen": "PROXY_METRICS_LISTEN",
+    "log_level": "PROXY_LOG_LEVEL", "log_format": "PROXY_LOG_FORMAT",
+}
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -34,9 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest unfinished request buffered per client (default 1 GB, as Redis)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to let owed replies finish on SIGTERM (default 10)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None, choices=list(LEVELS), help="default info")
+    p.add_argument("--log-format", default=None, choices=list(FORMATS),
+                   help="text (default) or json: one JSON object per line")
     p.add_argument("--version", action="version", version=f"keyspace-proxy {__version__}")
     return p
+
+
+def apply_env(a: argparse.Namespace, environ=None) -> argparse.Namespace:
+    """Fill flags not given from PROXY_* variables; empty variables count as unset.
+
+    PROXY_LISTEN yields to a config file (the image sets it by default; listeners come
+    from the file), while a --listen flag with a config file is still an error."""
+    environ = os.environ if environ is None else environ
+    env = {attr: environ.get(var) or None for attr, var in ENV_FALLBACKS.items()}
+    if a.namespace is None and a.strip_namespace is None:
+        if env["namespace"] and env["strip_namespace"]:
+            raise ConfigError("PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE: give one of them, not both")
+        a.namespace, a.strip_namespace = env["namespace"], env["strip_namespace"]
+    for attr in ("config", "separator", "metrics_listen", "log_level", "log_format"):
+        if getattr(a, attr) is None and env[attr] is not None:
+            setattr(a, attr, env[attr])
+    if a.listen is None and not a.config:
+        a.listen = env["listen"]
+    if a.log_level is not None and a.log_level not in LEVELS:
+        raise ConfigError(f"PROXY_LOG_LEVEL: expected one of {', '.join(LEVELS)}, got {a.log_level!r}")
+    if a.log_format is not None and a.log_format not in FORMATS:
+        raise ConfigError(f"PROXY_LOG_FORMAT: expected one of {', '.join(FORMATS)}, got {a.log_format!r}")
+    return a
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
@@ -73,23 +107,25 @@ def config_from_args(a: argparse.Namespace) -> Config:
     return cfg
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         from proxy.demo import main as demo_main
         return demo_main(argv[1:])
     a = build_parser().parse_args(argv)
-    setup_logging(a.log_level)
     try:
-        cfg = config_from_args(a)
+        apply_env(a)
     except ConfigError as e:
         print(f"keyspace-proxy: configuration error: {e}", file=sys.stderr)
         return 2
+    setup_logging(a.log_level or "info", a.log_format or "text")
+    try:
+        cfg = config_from_args(a)
+    except ConfigError as e:
+        log.error("configuration error: %s", e, extra={"event": "config_error"})
+        return 2
+    if (a.log_level is None and cfg.log_level) or (a.log_format is None and cfg.log_format):
+        setup_logging(a.log_level or cfg.log_level or "info", a.log_format or cfg.log_format or "text")
     from proxy.commands import default_table
     default_table()  # load the command table before accepting anyone
     from proxy.server import run

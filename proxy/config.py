@@ -134,6 +134,8 @@ class Config:
     routes: list[Route]
     metrics_listen: tuple[str, int] | None = None
     limits: Limits = field(default_factory=Limits)
+    log_level: str | None = None          # [log] level; flags and env win
+    log_format: str | None = None         # [log] format: text or json
 
 
 def build_route(entry: dict, default_upstream: str, default_sep: str, index: int) -> Route:
@@ -185,7 +187,7 @@ def load_toml(path: str, upstream_override: str | None = None) -> Config:
 
 
 def from_dict(data: dict, upstream_override: str | None = None) -> Config:
-    known = {"upstream", "separator", "listener", "metrics", "limits"}
+    known = {"upstream", "separator", "listener", "metrics", "limits", "log"}
     for k in data:
         if k not in known:
             raise ConfigError(f"{k}: unknown top-level field (known: {', '.join(sorted(known))})")
@@ -209,4 +211,18 @@ def from_dict(data: dict, upstream_override: str | None = None) -> Config:
         if not hasattr(limits, k):
             raise ConfigError(f"limits.{k}: unknown field")
         setattr(limits, k, type(getattr(limits, k))(v))
-    return Config(routes, metrics, limits)
+    log_level, log_format = _log_section(data.get("log") or {})
+    return Config(routes, metrics, limits, log_level, log_format)
+
+
+def _log_section(section: dict) -> tuple[str | None, str | None]:
+    from proxy.logs import FORMATS, LEVELS
+    for k in section:
+        if k not in ("level", "format"):
+            raise ConfigError(f"log.{k}: unknown field (known: format, level)")
+    level, fmt = section.get("level"), section.get("format")
+    if level is not None and level not in LEVELS:
+        raise ConfigError(f"log.level: expected one of {', '.join(LEVELS)}, got {level!r}")
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"log.format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    return level, fmt

@@ -1,0 +1,97 @@
+"""Logging: plain text (default) or one JSON object per line (`--log-format json`).
+
+Records may carry extra fields (`log.info("client closed", extra={"route": r, "peer": p,
+"event": "client_closed", "reason": "client"})`): the text format appends them as
+`key=value`, the JSON format as members. Credentials in `redis://user:password@host`
+URLs are masked in every message and field, whatever the caller passed: values and
+passwords are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("text", "json")
+
+# The attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+_CREDENTIALS = re.compile(r"(\brediss?://)([^:/@\s]*):([^@\s]*)@")
+
+
+def mask_credentials(text: str) -> str:
+    """`redis://user:secret@h:1/0` -> `redis://user:***@h:1/0` anywhere in `text`."""
+    return _CREDENTIALS.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", text)
+
+
+def _extras(record: logging.LogRecord) -> dict:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def _clean(value):
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)) and len(value) >= 2 and isinstance(value[1], int):
+        value = f"{value[0]}:{value[1]}"  # a (host, port) peer
+    elif isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return mask_credentials(str(value))
+
+
+class TextFormatter(logging.Formatter):
+    """`2024-05-01T12:00:00.123Z INFO keyspace-proxy: message key=value ...`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {mask_credentials(record.getMessage())}"
+        extras = _extras(record)
+        if extras:
+            line += " " + " ".join(f"{k}={_quote(_clean(v))}" for k, v in extras.items())
+        if record.exc_info:
+            line += "\n" + mask_credentials(self.formatException(record.exc_info))
+        return line
+
+
+def _quote(v) -> str:
+    s = str(v)
+    return json.dumps(s) if (not s or any(c in s for c in ' "=\n')) else s
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
+               "msg": mask_credentials(record.getMessage())}
+        for k, v in _extras(record).items():
+            if k not in out:
+                out[k] = _clean(v)
+        if record.exc_info:
+            out["exc"] = mask_credentials(self.formatException(record.exc_info))
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream=None) -> logging.Handler:
+    """Configure the root logger: one stderr handler with the chosen format. Idempotent."""
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_keyspace_proxy", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler._keyspace_proxy = True
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    return handler
