@@ -94,6 +94,45 @@ def rewrite(args: list[bytes], ctx: Ctx) -> Transform | None:
                  "it is not known to stay inside the namespace")
 
 
+# ------------------------------------------------------------------ plans
+# The hot path: most requests are plain commands whose treatment depends only on
+# their name and the connection's keyspace. A Plan is computed once per (name as
+# sent, keyspace) and cached, so a request costs a dict look-up and its key loop.
+
+PASS, KEYS, SLOW = 0, 1, 2
+
+
+class Plan:
+    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count")
+
+    def __init__(self, kind, label, positions=None, key_in=None, reply=None):
+        self.kind = kind            # PASS: send as is; KEYS: rewrite positions; SLOW: full path
+        self.label = label          # lowercase command name, for metrics
+        self.positions = positions  # args -> key indexes
+        self.key_in = key_in        # the keyspace's key_in
+        self.reply = reply          # reply transform or None
+        self.count = 0              # requests seen (read by metrics)
+
+
+def compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
+    """The plan for a command name under ctx's keyspace; `special` names session-level commands."""
+    name = raw_name.lower().decode("latin-1")
+    ks = ctx.ks
+    if raw_name.lower() in special or name in HANDLERS or name in ctx.table.containers:
+        return Plan(SLOW, name)
+    cmd = ctx.table.commands.get(name)
+    if ks.mode == "none":
+        return Plan(PASS, name)
+    if cmd is None or (cmd.keyed and cmd.incomplete):
+        return Plan(SLOW, name)  # rewrite() refuses with the reason
+    if cmd.keyed:
+        fn = REPLY_KEYS.get(name)
+        return Plan(KEYS, name, cmd.positions, ks.key_in, _t(fn, ks) if fn is not None else None)
+    if name in KEYLESS_SAFE:
+        return Plan(PASS, name)
+    return Plan(SLOW, name)
+
+
 # ------------------------------------------------------------------ handlers
 # Each handler rewrites args in place and returns a reply transform or None.
 

@@ -9,10 +9,12 @@ import asyncio
 import logging
 import signal
 import socket
+from time import perf_counter
 
 from proxy.commands import default_table
 from proxy.config import Config, Route
 from proxy.session import Session
+from proxy.stats import RouteStats
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -27,10 +29,14 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: "Proxy", route: Route):
         self.proxy = proxy
         self.route = route
+        self.stats = proxy.stats[route.name]
         self.transport = None
         self.upstream: UpstreamConnection | None = None
-        self.session = Session(route, proxy.table, proxy.config.limits)
+        self.session = Session(route, proxy.table, proxy.config.limits, self.stats)
         self.closed = False
+        self.close_reason = "client"
+        self.t_request = 0.0   # when the batch being timed was read (0: none being timed)
+        self.t_sent = 0.0      # when it was written upstream
 
     # -- client side
 
@@ -39,6 +45,10 @@ class ClientConnection(asyncio.Protocol):
         _nodelay(transport)
         self.proxy.clients.add(self)
         self.peer = transport.get_extra_info("peername")
+        self.stats.clients += 1
+        self.stats.accepted += 1
+        log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
+                                             "peer": _peer(self.peer)})
         asyncio.ensure_future(self._connect())
 
     async def _connect(self) -> None:
@@ -49,19 +59,28 @@ class ClientConnection(asyncio.Protocol):
                 loop.create_connection(lambda: UpstreamConnection(self), up.host, up.port),
                 self.proxy.config.limits.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
+            self.stats.upstream_failures += 1
             reason = f"cannot connect to {up.host}:{up.port}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}"
-            log.warning("route %s: %s", self.route.name, reason)
+            log.warning("route %s: %s", self.route.name, reason,
+                        extra={"event": "upstream_error", "route": self.route.name})
+            self.close_reason = "upstream_error"
             self.session.upstream_lost(reason, tell_idle=True)
             self.flush()
             return
+        self.stats.upstream_opened += 1
         if self.closed:
             self.upstream.transport.close()
             return
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        self.stats.bytes_in["client"] += len(data)
+        if not self.t_request:
+            self.t_request = perf_counter()
         self.session.client_data(data)
         self.flush()
+        if not self.session.pending:
+            self.t_request = 0.0  # answered locally (or nothing owed): not a round trip
 
     def flush(self) -> None:
         s = self.session
@@ -69,15 +88,25 @@ class ClientConnection(asyncio.Protocol):
             out = s.take_upstream()
             if out:
                 self.upstream.transport.write(out)
+                self.stats.bytes_out["upstream"] += len(out)
+                if self.t_request and not self.t_sent:
+                    self.t_sent = perf_counter()
         elif s.upstream_error is not None:
             s.take_upstream()
         out = s.take_client()
         if out and not self.closed:
             self.transport.write(out)
+            self.stats.bytes_out["client"] += len(out)
         if s.should_close and not self.closed:
+            if s.upstream_error is not None:
+                self.close_reason = "upstream_error"
+            elif s.protocol_error:
+                self.close_reason = "protocol_error"
             self.close()
 
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        if reason:
+            self.close_reason = reason
         if not self.closed:
             self.closed = True
             self.transport.close()
@@ -87,6 +116,10 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.proxy.clients.discard(self)
+        self.stats.clients -= 1
+        self.stats.closed_reason(self.close_reason)
+        log.debug("client closed", extra={"event": "client_closed", "route": self.route.name,
+                                          "peer": _peer(self.peer), "reason": self.close_reason})
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         self.proxy.idle_changed()
@@ -109,17 +142,32 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         _nodelay(transport)
+        self.client.stats.upstream_connections += 1
 
     def data_received(self, data: bytes) -> None:
-        self.client.session.upstream_data(data)
-        self.client.flush()
-        if self.client.session.idle:
-            self.client.proxy.idle_changed()
+        c = self.client
+        c.stats.bytes_in["upstream"] += len(data)
+        if c.t_sent:
+            # One sample per batch of requests, not per command: cheap and still the
+            # distribution a user feels.
+            now = perf_counter()
+            c.stats.roundtrip_seconds.observe(now - c.t_sent)
+            c.t_sent = 0.0
+        c.session.upstream_data(data)
+        c.flush()
+        if c.t_request and not c.session.pending:
+            c.stats.request_seconds.observe(perf_counter() - c.t_request)
+            c.t_request = 0.0
+        if c.session.idle:
+            c.proxy.idle_changed()
 
     def connection_lost(self, exc) -> None:
         c = self.client
+        c.stats.upstream_connections -= 1
         if not c.closed:
             why = f"connection lost: {exc}" if exc else "connection closed by the server"
+            log.warning("route %s: upstream %s", c.route.name, why,
+                        extra={"event": "upstream_error", "route": c.route.name})
             c.session.upstream_lost(why)
             c.flush()
 
@@ -133,10 +181,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.client.transport.resume_reading()
 
 
+def _peer(peer) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
 class Proxy:
     def __init__(self, config: Config):
         self.config = config
         self.table = default_table()
+        self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._stopping = False
@@ -188,7 +243,7 @@ class Proxy:
             except asyncio.TimeoutError:
                 log.warning("drain timeout: closing %d connections with replies owed", len(self.clients))
         for c in list(self.clients):
-            c.close()
+            c.close("shutdown")
         for s in self.servers:
             await s.wait_closed()
 

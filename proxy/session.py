@@ -25,7 +25,9 @@ from proxy.pubsub import CONFIRMS, MESSAGES, ChannelMap, rewrite_frame
 from proxy.replies import exec_array
 from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end,
                         is_error, split, string_value)
-from proxy.rewrite import Ctx, refuse, rewrite
+from proxy.keyspecs import KeySpecError
+from proxy.rewrite import KEYS, PASS, Ctx, Plan, compile_plan, refuse, rewrite
+from proxy.stats import RouteStats
 
 # Kinds of pending entries (a plain None is the common "pass the reply through").
 XFORM, LOCAL, INTERNAL, SUB = 1, 2, 3, 4
@@ -39,8 +41,10 @@ EXECABORT = error("EXECABORT Transaction discarded because of previous errors.")
 
 
 class Session:
-    def __init__(self, route: Route, table: CommandTable | None = None, limits: Limits | None = None):
+    def __init__(self, route: Route, table: CommandTable | None = None, limits: Limits | None = None,
+                 stats: RouteStats | None = None):
         self.route = route
+        self.stats = stats or RouteStats(route.name)
         self.table = table or default_table()
         self.limits = limits or Limits()
         self.reader = RequestReader(self.limits.max_bulk, self.limits.max_query)
@@ -61,8 +65,9 @@ class Session:
         self.emu = None                       # running emulation (a generator)
         self.held: deque = deque()            # requests waiting for the emulation to finish
         self.close_when_done = False          # close the client once pending replies are out
+        self.protocol_error = False
         self.upstream_error: str | None = None
-        self.commands = 0                     # counters, read lazily by metrics
+        self._label = ""                      # the command being handled, for refusal counts
         self.handshake()
 
     # ------------------------------------------------------------ plumbing
@@ -70,6 +75,7 @@ class Session:
     def _set_target(self, target) -> None:
         self.target = target
         self.ctx = Ctx(self.route, target, self.table)
+        self.plans = self.stats.plans_for(target)
         if getattr(self, "cmap", None) is None:
             self.cmap = ChannelMap(self.route, target)
         else:
@@ -121,6 +127,7 @@ class Session:
             self._client.append(reply)
 
     def _refuse(self, message: str) -> None:
+        self.stats.refused_command(self._label)
         if self.multi is not None:
             self.multi_failed = True  # as Redis does for a command rejected while queueing
         self._local(error(message))
@@ -162,16 +169,22 @@ class Session:
         if self.close_when_done:
             return
         self.reader.feed(data)
+        depth = 0
         while True:
             try:
                 args = self.reader.get()
             except ProtocolError as e:
+                self.stats.errors["protocol"] += 1
+                self.protocol_error = True
                 self.reply_off = self.skip_next = False
                 self._local(error(f"ERR Protocol error: {e}"))
                 self.close_when_done = True
                 return
             if args is None:
+                if depth:
+                    self.stats.depth.observe(depth)
                 return
+            depth += 1
             if self.emu is not None or self.held:
                 self.held.append(args)
             else:
@@ -180,10 +193,29 @@ class Session:
                 return
 
     def handle(self, args: list[bytes]) -> None:
-        self.commands += 1
+        plan = self.plans.get(args[0])
+        if plan is None:
+            plan = self._plan(args[0])
+        plan.count += 1
+        self._label = plan.label
         if self.upstream_error is not None:
             self._local(error(f"ERR upstream unavailable ({self.upstream_error})"))
             return
+        kind = plan.kind
+        if kind == KEYS:
+            key_in = plan.key_in
+            try:
+                positions = plan.positions(args)
+                for i in positions:
+                    args[i] = key_in(args[i])
+            except Refused as e:
+                return self._refuse(str(e))
+            except KeySpecError as e:
+                return self._refuse(f"ERR {e}")
+            self.stats.keys_rewritten += len(positions)
+            return self._queue_or_send(args, plan.reply)
+        if kind == PASS:
+            return self._queue_or_send(args, None)
         name = args[0].lower()
         special = _SPECIAL.get(name)
         if special is not None:
@@ -195,6 +227,14 @@ class Session:
             self._refuse(str(e))
             return
         self._queue_or_send(args, transform)
+
+    def _plan(self, raw_name: bytes) -> Plan:
+        plan = compile_plan(raw_name, self.ctx, _SPECIAL)
+        if len(self.plans) < 1024:  # names are client input: bound the cache
+            self.plans[raw_name] = plan
+        else:
+            self.stats.uncached_commands += 1
+        return plan
 
     def _queue_or_send(self, args, transform) -> None:
         if self.multi is not None:
@@ -466,6 +506,7 @@ class Session:
         connection (maxclients): it reads it as the reply to its first request."""
         if self.upstream_error is not None:
             return
+        self.stats.errors["upstream"] += 1
         self.upstream_error = reason
         err = error(f"ERR upstream unavailable ({reason})")
         if tell_idle and not self.pending and not self.held:

@@ -1,0 +1,88 @@
+"""Counters kept in plain Python ints on the hot path, read by the metrics collector.
+
+prometheus-client objects take a lock and do label look-ups on every call; a
+proxy counts several things per request, so it keeps ints here and the
+collector (metrics.py) turns them into metric families only when scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Cumulative-at-read histogram: per-bucket counts, a sum and a count."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            total += n
+            out.append((repr(float(bound)), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+class RouteStats:
+    """Everything counted for one route (listener)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.clients = 0
+        self.accepted = 0
+        self.closed: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.errors = {"upstream": 0, "protocol": 0, "refused": 0}
+        self.keys_rewritten = 0
+        self.bytes_in = {"client": 0, "upstream": 0}
+        self.bytes_out = {"client": 0, "upstream": 0}
+        self.upstream_connections = 0
+        self.upstream_opened = 0
+        self.upstream_failures = 0
+        self.upstream_up: int | None = None
+        self.depth = Histogram(DEPTH_BUCKETS)
+        self.request_seconds = Histogram(SECONDS_BUCKETS)
+        self.roundtrip_seconds = Histogram(SECONDS_BUCKETS)
+        # Commands are counted on their plans (rewrite.Plan): plan.count += 1.
+        self._plans: dict = {}
+        self.uncached_commands = 0
+
+    def plans_for(self, target) -> dict:
+        """The plan cache of one keyspace target (plans depend on the namespace)."""
+        cache = self._plans.get(target)
+        if cache is None:
+            cache = self._plans[target] = {}
+        return cache
+
+    def closed_reason(self, reason: str) -> None:
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+
+    def refused_command(self, name: str) -> None:
+        self.refused[name] = self.refused.get(name, 0) + 1  # bounded to known names when read
+        self.errors["refused"] += 1
+
+    def commands(self, known) -> dict[str, int]:
+        """Commands by lowercase name; names the command table does not know are "other"."""
+        out: dict[str, int] = {"other": self.uncached_commands} if self.uncached_commands else {}
+        for cache in list(self._plans.values()):
+            for plan in list(cache.values()):
+                if plan.count:
+                    label = plan.label if plan.label in known else "other"
+                    out[label] = out.get(label, 0) + plan.count
+        return out
