@@ -278,6 +278,12 @@ async def _command_list(up) -> list[str]:
 
 async def serve(config: Config, ready=None) -> None:
     proxy = Proxy(config)
+    admin = None
+    if config.metrics_listen:  # up before the listeners, so "listening" means everything is
+        from proxy.metrics import AdminServer
+        admin = AdminServer(proxy, *config.metrics_listen)
+        admin.start()
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", config.metrics_listen[0], admin.port)
     await proxy.start()
     asyncio.ensure_future(proxy.check_commands())
     if ready is not None:
@@ -289,6 +295,8 @@ async def serve(config: Config, ready=None) -> None:
     await stop.wait()
     log.info("stopping: no new connections, draining %d", len(proxy.clients))
     await proxy.stop()
+    if admin is not None:
+        admin.stop()
     log.info("stopped")
 
 

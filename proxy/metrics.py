@@ -1,0 +1,183 @@
+"""The admin port: /metrics (Prometheus), /healthz (alive), /readyz (upstreams answer PING).
+
+Served by prometheus-client's exposition code in a thread, away from the event
+loop. The collector reads the plain-int RouteStats only when scraped, so the
+hot path never calls prometheus-client.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from proxy import __version__
+from proxy.resp import encode_command
+
+log = logging.getLogger("keyspace-proxy")
+PREFIX = "keyspace_proxy_"
+
+
+def ping(upstream, timeout: float = 1.0) -> bool:
+    """True if the upstream answers PING (after AUTH with the URL's credentials)."""
+    cmds = []
+    if upstream.password:
+        cmds.append([b"AUTH"] + ([upstream.username.encode()] if upstream.username else [])
+                    + [upstream.password.encode()])
+    cmds.append([b"PING"])
+    try:
+        with socket.create_connection((upstream.host, upstream.port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"".join(encode_command(c) for c in cmds))
+            data = b""
+            while data.count(b"\r\n") < len(cmds):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
+            return data.endswith(b"+PONG\r\n")
+    except OSError:
+        return False
+
+
+class ProxyCollector:
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def collect(self):
+        proxy = self.proxy
+        known = proxy.table.commands.keys()
+        info = GaugeMetricFamily(PREFIX + "build_info", "Build information", labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        gen = GaugeMetricFamily(PREFIX + "config_generation", "Configuration generation (1 at start, +1 per reload)")
+        gen.add_metric([], getattr(proxy, "generation", 1))
+        yield gen
+
+        def family(kind, name, doc, labels):
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            return cls(PREFIX + name, doc, labels=labels)
+
+        clients = family("gauge", "client_connections", "Open client connections", ["route"])
+        accepted = family("counter", "client_connections_accepted", "Client connections accepted", ["route"])
+        closed = family("counter", "client_connections_closed", "Client connections closed, by reason",
+                        ["route", "reason"])
+        commands = family("counter", "commands", "Commands received, by command (unknown names: other)",
+                          ["route", "command"])
+        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused", ["route", "kind"])
+        refused = family("counter", "refused_commands", "Commands refused by the route's policy",
+                         ["route", "command"])
+        keys = family("counter", "keys_rewritten", "Key arguments rewritten on the generic path", ["route"])
+        received = family("counter", "received_bytes", "Bytes received, by side", ["route", "side"])
+        sent = family("counter", "sent_bytes", "Bytes sent, by side", ["route", "side"])
+        up_conns = family("gauge", "upstream_connections", "Open upstream connections", ["route"])
+        up_opened = family("counter", "upstream_connections_opened", "Upstream connections opened", ["route"])
+        up_failed = family("counter", "upstream_connect_failures", "Upstream connections that failed to open",
+                           ["route"])
+        up_up = family("gauge", "upstream_up", "1 if the route's upstream answered PING at the last check",
+                       ["route"])
+        depth = HistogramMetricFamily(PREFIX + "pipeline_depth", "Requests per client read", labels=["route"])
+        req = HistogramMetricFamily(PREFIX + "request_duration_seconds",
+                                    "Time from reading a batch of requests to writing its last reply",
+                                    labels=["route"])
+        rtt = HistogramMetricFamily(PREFIX + "upstream_roundtrip_seconds",
+                                    "Time from writing a batch upstream to the first reply bytes", labels=["route"])
+        for route in proxy.config.routes:
+            st = proxy.stats.get(route.name)
+            if st is None:
+                continue
+            r = [route.name]
+            clients.add_metric(r, st.clients)
+            accepted.add_metric(r, st.accepted)
+            for reason, n in dict(st.closed).items():
+                closed.add_metric(r + [reason], n)
+            for name, n in st.commands(known).items():
+                commands.add_metric(r + [name], n)
+            for kind, n in dict(st.errors).items():
+                errors.add_metric(r + [kind], n)
+            bounded: dict[str, int] = {}
+            for name, n in dict(st.refused).items():
+                label = name if name in known else "other"
+                bounded[label] = bounded.get(label, 0) + n
+            for name, n in bounded.items():
+                refused.add_metric(r + [name], n)
+            keys.add_metric(r, st.keys_rewritten)
+            for side, n in dict(st.bytes_in).items():
+                received.add_metric(r + [side], n)
+            for side, n in dict(st.bytes_out).items():
+                sent.add_metric(r + [side], n)
+            up_conns.add_metric(r, st.upstream_connections)
+            up_opened.add_metric(r, st.upstream_opened)
+            up_failed.add_metric(r, st.upstream_failures)
+            if st.upstream_up is None:
+                st.upstream_up = 1 if ping(route.upstream) else 0
+            up_up.add_metric(r, st.upstream_up)
+            for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
+                fam.add_metric(r, h.buckets(), h.sum)
+        yield from (clients, accepted, closed, commands, errors, refused, keys, received, sent,
+                    up_conns, up_opened, up_failed, up_up, depth, req, rtt)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # access logs would drown the proxy's own
+        pass
+
+
+class AdminServer:
+    """The HTTP admin endpoint, in a daemon thread."""
+
+    def __init__(self, proxy, host: str, port: int, ready_timeout: float = 1.0):
+        self.proxy = proxy
+        self.ready_timeout = ready_timeout
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProxyCollector(proxy))
+        self.metrics_app = make_wsgi_app(self.registry)
+        self.httpd = make_server(host, port, self.app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.port = self.httpd.server_port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def readiness(self) -> list[tuple[str, bool]]:
+        out = []
+        for route in self.proxy.config.routes:
+            ok = ping(route.upstream, self.ready_timeout)
+            st = self.proxy.stats.get(route.name)
+            if st is not None:
+                st.upstream_up = 1 if ok else 0
+            out.append((route.name, ok))
+        return out
+
+    def app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            # the gauge is refreshed by a PING per scrape, so it follows the upstream
+            for st in self.proxy.stats.values():
+                st.upstream_up = None
+            return self.metrics_app(environ, start_response)
+        if path == "/healthz":
+            return _text(start_response, "200 OK", "ok\n")
+        if path == "/readyz":
+            results = self.readiness()
+            body = "".join(f"{name}: {'ok' if ok else 'upstream unreachable'}\n" for name, ok in results)
+            status = "200 OK" if all(ok for _, ok in results) else "503 Service Unavailable"
+            return _text(start_response, status, body)
+        return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz\n")
+
+
+def _text(start_response, status: str, body: str):
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
+    return [data]
