@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# keyspace-proxy: a RESP proxy that adds/strips key namespaces. See README.md, "Deployment".
+#
+# Build:  docker build -t keyspace-proxy .
+# Run:    docker run -e REDIS_URL=redis://redis:6379/0 -e PROXY_NAMESPACE=sidekiq -p 6380:6380 -p 9121:9121 keyspace-proxy
+# Every flag has a PROXY_* variable (flags given after the image name win).
+
+# --- builder: the full python image has the compilers; it builds wheels of the project and its deps
+FROM python:3.11-bookworm AS builder
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# --- final: slim base, only the wheels installed, no compilers, not root
+FROM python:3.11-slim-bookworm
+LABEL org.opencontainers.image.title="keyspace-proxy" \
+      org.opencontainers.image.description="RESP proxy that adds or strips Redis key namespaces" \
+      org.opencontainers.image.licenses="MIT"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PROXY_LISTEN=0.0.0.0:6380 \
+    PROXY_METRICS_LISTEN=0.0.0.0:9121
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index /wheels/*.whl \
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin proxy
+USER 10001:10001
+EXPOSE 6380 9121
+# slim has no curl: ask /healthz on the metrics port with the standard library
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('PROXY_METRICS_LISTEN', ':9121').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
+ENTRYPOINT ["keyspace-proxy"]
