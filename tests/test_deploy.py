@@ -233,3 +233,290 @@ def test_healthcheck_command_answers(container):
     assert p.returncode == 0, f"healthcheck failed: {p.stderr}\nproxy output:\n{c.output()}"
     assert c.stop() == 0
     assert c.healthcheck().returncode != 0  # and it notices a dead proxy
+
+
+# -- deploy/: Kubernetes, compose, Prometheus, Grafana
+
+import glob  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import tomllib  # noqa: E402
+import urllib.request  # noqa: E402
+
+import yaml  # noqa: E402
+
+from proxy.cli import ENV_FALLBACKS  # noqa: E402
+from proxy.config import from_dict  # noqa: E402
+
+DEPLOY = os.path.join(ROOT, "deploy")
+CI = os.environ.get("CI", "").lower() == "true"
+# Labels Prometheus or the scrape config add to the proxy's own.
+TARGET_LABELS = {"instance", "job", "namespace", "pod", "le"}
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(glob.glob(os.path.join(DEPLOY, "kubernetes", "*.yaml"))):
+        with open(path) as f:
+            docs += [(os.path.basename(path), d) for d in yaml.safe_load_all(f) if d]
+    return docs
+
+
+def k8s(kind: str) -> dict:
+    (doc,) = [d for _, d in k8s_documents() if d["kind"] == kind]
+    return doc
+
+
+def test_kubernetes_manifests_validate():
+    import kubernetes_validate
+    version = kubernetes_validate.latest_version()
+    kinds = set()
+    for name, doc in k8s_documents():
+        kinds.add(doc["kind"])
+        if doc["kind"] == "PodMonitor":
+            continue  # a CRD: kubernetes-validate has no schema for it; checked in test_podmonitor_targets_the_sidecar
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert {"ConfigMap", "Deployment", "PodMonitor"} <= kinds
+    # the validator does reject a wrong manifest (strict: unknown fields)
+    bad = json.loads(json.dumps(k8s("Deployment")))
+    bad["spec"]["template"]["spec"]["containers"][1]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, version, strict=True)
+
+
+def sidecar() -> dict:
+    (c,) = [c for c in k8s("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "keyspace-proxy"]
+    return c
+
+
+def test_sidecar_deployment_wiring(dockerfile):
+    _, _, final = dockerfile
+    dep = k8s("Deployment")
+    pod = dep["spec"]["template"]
+    proxy = sidecar()
+    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    env = {e["name"]: e for e in proxy["env"]}
+    # the ConfigMap's TOML is a valid proxy configuration, mounted where PROXY_CONFIG points
+    cm = k8s("ConfigMap")
+    (mount,) = [m for m in proxy["volumeMounts"] if m["name"] == "keyspace-proxy-config"]
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert vol["configMap"]["name"] == cm["metadata"]["name"] and mount["readOnly"]
+    (key,) = cm["data"]
+    assert env["PROXY_CONFIG"]["value"] == f"{mount['mountPath']}/{key}"
+    cfg = from_dict(tomllib.loads(cm["data"][key]))
+    (route,) = cfg.routes
+    assert route.listen == ("127.0.0.1", ports["redis"])  # only the pod's containers reach it
+    assert cfg.metrics_listen[1] == ports["metrics"]
+    # the password comes from a Secret as REDIS_URL, never from the ConfigMap
+    assert "secretKeyRef" in env["REDIS_URL"]["valueFrom"]
+    assert "@" not in cm["data"][key]
+    # every PROXY_* variable is one the CLI reads
+    assert {n for n in env if n.startswith("PROXY_")} <= set(ENV_FALLBACKS.values())
+    # the app goes through the sidecar
+    (app,) = [c for c in pod["spec"]["containers"] if c["name"] != "keyspace-proxy"]
+    app_env = {e["name"]: e.get("value") for e in app["env"]}
+    assert app_env["REDIS_URL"] == f"redis://127.0.0.1:{ports['redis']}/0"
+    # probes, resources, hardening
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert proxy["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"cpu", "memory"} <= set(proxy["resources"]["requests"]) and "memory" in proxy["resources"]["limits"]
+    sc = proxy["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert str(sc["runAsUser"]) == final.all("USER")[-1].split(":")[0]  # the image's user
+    # scrape annotations point at the metrics port
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == ports["metrics"]
+    assert ann["prometheus.io/path"] == "/metrics"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.limits.drain_timeout
+
+
+def test_podmonitor_targets_the_sidecar():
+    """PodMonitor is a CRD (monitoring.coreos.com/v1) without a schema in kubernetes-validate:
+    check its shape by hand, and that it selects the Deployment's pods and a port they have."""
+    pm = k8s("PodMonitor")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(pm) == {"apiVersion", "kind", "metadata", "spec"} and pm["metadata"]["name"]
+    assert set(pm["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"}
+    labels = k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    sel = pm["spec"]["selector"]
+    assert set(sel) == {"matchLabels"} and sel["matchLabels"].items() <= labels.items()
+    port_names = {p["name"] for p in sidecar()["ports"]}
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "honorLabels"}
+        assert ep["port"] in port_names and ep["path"] == "/metrics"
+        assert re.fullmatch(r"\d+(ms|s|m)", ep["interval"])
+
+
+def test_compose_file_matches_the_compose_specification(dockerfile):
+    import jsonschema
+    with open(os.path.join(ROOT, "tests", "data", "compose-spec.json")) as f:
+        schema = json.load(f)
+    with open(os.path.join(DEPLOY, "docker-compose.yml")) as f:
+        compose = yaml.safe_load(f)
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+    # and the schema does reject a wrong file
+    assert list(jsonschema.Draft7Validator(schema).iter_errors({"services": {"x": {"imag": "redis"}}}))
+
+    s = compose["services"]
+    redis_svc, proxy, worker = s["redis"], s["proxy"], s["worker"]
+    assert redis_svc["image"].startswith("redis:7")
+    assert "--appendonly" in redis_svc["command"] and "yes" in redis_svc["command"]
+    (volume,) = redis_svc["volumes"]
+    assert volume.split(":")[0] in compose["volumes"] and volume.endswith(":/data")
+    build = proxy["build"]
+    assert os.path.exists(os.path.join(DEPLOY, build["context"], build["dockerfile"]))
+    assert set(proxy["environment"]) <= set(ENV_FALLBACKS.values()) | {"REDIS_URL"}
+    assert proxy["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    listen_port = dockerfile[2].env()["PROXY_LISTEN"].rpartition(":")[2]
+    assert worker["environment"]["REDIS_URL"] == f"redis://proxy:{listen_port}/0"
+    assert worker["depends_on"]["proxy"]["condition"] == "service_healthy"  # the image's HEALTHCHECK
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if not path:
+        if CI:
+            pytest.fail("promtool missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return path
+
+
+def test_alert_rules_check_and_unit_tests():
+    d = os.path.join(DEPLOY, "prometheus")
+    p = subprocess.run([promtool(), "check", "rules", "alerts.yml"], cwd=d, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.run([promtool(), "test", "rules", "alerts_test.yml"], cwd=d, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with open(os.path.join(d, "alerts.yml")) as f:
+        names = {r["alert"] for g in yaml.safe_load(f)["groups"] for r in g["rules"]}
+    assert {"KeyspaceProxyUpstreamDown", "KeyspaceProxyHighErrorRatio", "KeyspaceProxyRefusedCommands",
+            "KeyspaceProxyConnectionSaturation"} <= names
+
+
+def test_prometheus_config(tmp_path):
+    """promtool checks the file; Debian's promtool is built without Kubernetes service discovery
+    (its `+ds` source drops the cloud SD plugins), so the kubernetes_sd job is checked by hand
+    and removed from the copy promtool reads."""
+    d = os.path.join(DEPLOY, "prometheus")
+    with open(os.path.join(d, "prometheus.yml")) as f:
+        cfg = yaml.safe_load(f)
+    k8s_jobs = [j for j in cfg["scrape_configs"] if "kubernetes_sd_configs" in j]
+    assert k8s_jobs
+    for j in k8s_jobs:
+        assert j["kubernetes_sd_configs"] == [{"role": "pod"}]
+        for rc in j["relabel_configs"]:
+            assert set(rc) <= {"source_labels", "action", "regex", "replacement", "target_label", "separator"}
+            re.compile(rc.get("regex", "(.*)"))
+        keep = j["relabel_configs"][0]
+        assert keep["action"] == "keep" and keep["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
+    # the relabelling that builds the address from the annotation
+    (addr,) = [rc for j in k8s_jobs for rc in j["relabel_configs"] if rc.get("target_label") == "__address__"]
+    m = re.fullmatch(addr["regex"], "10.1.2.3:6380;9121")
+    assert m and addr["replacement"].replace("$1", m.group(1)).replace("$2", m.group(2)) == "10.1.2.3:9121"
+    cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if j not in k8s_jobs]
+    shutil.copy(os.path.join(d, "alerts.yml"), tmp_path / "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+# -- every metric the dashboard and the alerts name is one the proxy exports
+
+METRIC = re.compile(r"\bkeyspace_proxy_[a-z0-9_]+\b")
+BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+SELECTOR = re.compile(r"(keyspace_proxy_[a-z0-9_]+)\{([^}]*)\}")
+
+
+def dashboard_queries() -> list[str]:
+    with open(os.path.join(DEPLOY, "grafana", "keyspace-proxy.json")) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            exprs.append(v["query"]["query"] if isinstance(v["query"], dict) else v["query"])
+    return exprs
+
+
+def alert_queries() -> list[str]:
+    with open(os.path.join(DEPLOY, "prometheus", "alerts.yml")) as f:
+        return [r["expr"] for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+
+
+def test_dashboard_shape():
+    with open(os.path.join(DEPLOY, "grafana", "keyspace-proxy.json")) as f:
+        dash = json.load(f)
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 30
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert len({t["refId"] for t in p["targets"]}) == len(p["targets"])
+        for t in p["targets"]:
+            assert t["expr"].count("(") == t["expr"].count(")") and METRIC.search(t["expr"]), t["expr"]
+
+
+def scrape(port: int) -> dict[str, set[str]]:
+    """{sample name: label names} for every series name the endpoint declares."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, set[str]] = {}
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
+                "summary": ["_sum", "_count", "_created"], "gauge": [""], "info": ["_info"], "unknown": [""]}
+    for fam in text_string_to_metric_families(text):
+        for suffix in suffixes.get(fam.type, [""]):
+            out.setdefault(fam.name + suffix, set())
+        for s in fam.samples:
+            out.setdefault(s.name, set()).update(s.labels)
+    return out
+
+
+def test_dashboard_and_alerts_name_only_exported_metrics(server, fresh_db, start_proxy):
+    """Needs the metrics endpoint of the operations work (proxy/metrics.py)."""
+    import socket
+    mport = free_port()
+    p = start_proxy(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}", "--namespace", "ns",
+                     "--metrics-listen", f"127.0.0.1:{mport}"])
+    r = redis.Redis(port=p.port)
+    pipe = r.pipeline(transaction=False)
+    for i in range(5):
+        pipe.set(f"k{i}", i)
+    pipe.execute()
+    r.get("k1")
+    with pytest.raises(redis.ResponseError):
+        r.flushall()  # refused on a namespaced route
+    r.close()
+    with socket.create_connection(("127.0.0.1", p.port)) as s:
+        s.sendall(b"*1\r\n$x\r\n")  # protocol error
+        s.recv(1000)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            exported = scrape(mport)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    queries = dashboard_queries() + alert_queries()
+    named = {m for q in queries for m in METRIC.findall(q)}
+    missing = sorted(named - set(exported))
+    assert not missing, f"named in deploy/ but not exported: {missing}; exported: {sorted(exported)}"
+    # label names used in selectors and groupings exist on the metrics (where samples show labels)
+    for q in queries:
+        used_metrics = METRIC.findall(q)
+        known = set().union(*(exported[m] for m in used_metrics)) | TARGET_LABELS
+        for metric, matchers in SELECTOR.findall(q):
+            for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in exported[metric] | TARGET_LABELS, f"{metric} has no label {label!r}: {q}"
+        for group in BY.findall(q):
+            for label in filter(None, (x.strip() for x in group.split(","))):
+                assert label in known, f"no metric of {used_metrics} has label {label!r}: {q}"
