@@ -1,0 +1,42 @@
+"""bench/run.py --quick still works (issue 3): a smoke check of the benchmark script, not of the figures.
+
+Needs redis-server, redis-benchmark (redis-tools) and nutcracker on PATH: skipped without them,
+except with CI=true, where a missing tool is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CI = os.environ.get("CI", "").lower() == "true"
+TOOLS = ["redis-server", "redis-benchmark", "nutcracker"]
+
+
+@pytest.mark.timeout(90)
+def test_bench_quick(tmp_path):
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        msg = f"bench smoke test needs {', '.join(missing)} (apt-get install redis-server redis-tools nutcracker)"
+        if CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    out = tmp_path / "benchmarks.md"
+    # A hand-written notes block must survive a re-run.
+    out.write_text("old\n<!-- notes: profile -->\n## Mine\nkeep me\n<!-- /notes: profile -->\ntrailing\n")
+    r = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=80)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    text = out.read_text()
+    assert "| test | direct req/s | twemproxy req/s | keyspace-proxy req/s |" in text
+    assert "keyspace-proxy µs/req" in text
+    assert "## Targets" in text
+    assert "## Machine and versions" in text
+    assert "<!-- notes: profile -->\n## Mine\nkeep me\n<!-- /notes: profile -->" in text
+    assert text.count("<!-- notes: profile -->") == 1
+    assert "old\n" not in text and "trailing" not in text
