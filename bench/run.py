@@ -6,6 +6,7 @@
     python bench/run.py --quick --out /tmp/b.md   # smoke check, a few seconds, figures meaningless
     python bench/run.py --skip-scaling       # only the P=1 / P=16 / latency phases (faster iteration)
     python bench/run.py --proxy-args "--workers 2"   # extra arguments for `python -m proxy`
+    python bench/run.py --proxy-rev HEAD     # benchmark proxy/ as committed (default: the working tree)
 
 Needs `redis-server`, `redis-benchmark` (Debian: redis-server, redis-tools) and
 `nutcracker` (Debian: nutcracker) on PATH; it installs nothing and says what is
@@ -14,6 +15,8 @@ and keyspace-proxy (`python -m proxy`, add mode, namespace `bench`) in front of
 the same server, then runs redis-benchmark against the three targets in
 interleaved rounds (direct, twemproxy, keyspace-proxy, direct, twemproxy, ...)
 and reads each process's CPU time from /proc/<pid>/stat around every run.
+The proxy's code is copied (working tree, or `git archive` of --proxy-rev) into
+a temp dir at the start, so edits made to proxy/ during a run do not mix in.
 
 Exit status: 0 when the benchmark ran (whatever the figures: targets are
 reported, never enforced), 1 when something is broken (a process does not
@@ -102,9 +105,9 @@ def make_phases(quick: bool, skip_scaling: bool) -> list[Phase]:
         phases = [
             Phase("p1", "-c 50 -P 1", ALL_TESTS, 50, 1, 50000),
             Phase("p16", "-c 50 -P 16", ALL_TESTS, 50, 16, 200000),
-            Phase("lat", "latency -c 1 -P 1", ["set", "get"], 1, 1, 10000, latency=True),
+            Phase("lat", "latency -c 1 -P 1", ["set", "get"], 1, 1, 20000, latency=True),
             Phase("d1k", "1 KB values, -c 50 -P 1", ["set", "get"], 50, 1, 40000, datasize=1024, scaling=True),
-            Phase("d100k", "100 KB values, -c 50 -P 1", ["set", "get"], 50, 1, 3000, datasize=102400, scaling=True),
+            Phase("d100k", "100 KB values, -c 50 -P 1", ["set", "get"], 50, 1, 6000, datasize=102400, scaling=True),
             Phase("c1000", "1,000 connections, -c 1000 -P 1", ["set", "get"], 1000, 1, 40000, scaling=True),
         ]
     if skip_scaling:
@@ -264,15 +267,34 @@ def start_twemproxy(redis_port: int, tmp: str) -> tuple[Proc, str]:
     return proc, text
 
 
-def start_keyspace_proxy(redis_port: int, tmp: str, extra: list[str]) -> tuple[Proc, list[str]]:
+def snapshot_proxy(tmp: str, rev: str | None) -> tuple[str, str]:
+    """Copy the proxy package (working tree, or `rev` from git) to tmp/src; return (src dir, description)."""
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    if rev:
+        sha = subprocess.run(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=ROOT,
+                             capture_output=True, text=True)
+        if sha.returncode != 0:
+            raise BenchError(f"--proxy-rev {rev}: not a commit: {sha.stderr.strip()}")
+        archive = subprocess.run(["git", "archive", sha.stdout.strip(), "proxy"], cwd=ROOT, capture_output=True)
+        if archive.returncode != 0:
+            raise BenchError(f"git archive {rev} proxy failed: {archive.stderr.decode(errors='replace')}")
+        subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+        return src, f"{sha.stdout.strip()} (`--proxy-rev {rev}`: proxy/ as committed)"
+    shutil.copytree(os.path.join(ROOT, "proxy"), os.path.join(src, "proxy"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return src, git_commit()
+
+
+def start_keyspace_proxy(redis_port: int, tmp: str, extra: list[str], src: str) -> tuple[Proc, list[str]]:
     port = free_port()
     argv = [sys.executable, "-m", "proxy", "--listen", f"{HOST}:{port}",
             "--upstream", f"redis://{HOST}:{redis_port}/0", "--namespace", NAMESPACE] + extra
     log = os.path.join(tmp, f"keyspace-proxy-{port}.log")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("REDIS_URL", None)
     with open(log, "w") as lf:
-        p = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        p = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=src,
                              start_new_session=True)
     proc = Proc("keyspace-proxy", port, p, log)
     wait_ping(proc)
@@ -317,6 +339,7 @@ def parse_text_latency(out: str) -> dict[str, dict[str, float]]:
         m = re.search(r"avg\s+min\s+p50\s+p95\s+p99\s+max\s*\n\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
                       body)
         if m:
+            vals["avg_latency_ms"] = float(m.group(1))
             vals["p50_latency_ms"], vals["p99_latency_ms"] = float(m.group(3)), float(m.group(5))
         else:  # older: "50.00% <= 0.1 milliseconds"
             cum = [(float(p), float(ms)) for p, ms in re.findall(r"([\d.]+)% <= ([\d.]+) millisecond", body)]
@@ -538,17 +561,18 @@ def latency_series(res: Results, phase: str, target: str, test: str, key: str) -
 
 
 def latency_table(res: Results, ph: Phase) -> list[str]:
-    lines = ["| test | direct p50 / p99 ms | twemproxy p50 / p99 ms | keyspace-proxy p50 / p99 ms "
-             "| added p50 ms: twemproxy | added p50 ms: keyspace-proxy | added p99 ms: twemproxy | added p99 ms: keyspace-proxy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| test | direct p50 / p99 / avg ms | twemproxy p50 / p99 / avg ms | keyspace-proxy p50 / p99 / avg ms "
+             "| added p50 ms: twemproxy | added p50 ms: keyspace-proxy | added p99 ms: twemproxy "
+             "| added p99 ms: keyspace-proxy | added avg ms: twemproxy | added avg ms: keyspace-proxy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in ph.tests:
         cells = []
         for x in TARGETS:
-            p50 = med(latency_series(res, ph.key, x, t, "p50_latency_ms"))
-            p99 = med(latency_series(res, ph.key, x, t, "p99_latency_ms"))
-            cells.append(f"{fmt_num(p50, 3)} / {fmt_num(p99, 3)}")
+            vals = [fmt_num(med(latency_series(res, ph.key, x, t, k)), 3)
+                    for k in ("p50_latency_ms", "p99_latency_ms", "avg_latency_ms")]
+            cells.append(" / ".join(vals))
         added = []
-        for key in ("p50_latency_ms", "p99_latency_ms"):
+        for key in ("p50_latency_ms", "p99_latency_ms", "avg_latency_ms"):
             d = latency_series(res, ph.key, "direct", t, key)
             for x in PROXIES:
                 added.append(fmt_num(med(paired(latency_series(res, ph.key, x, t, key), d,
@@ -639,8 +663,13 @@ def targets_section(res: Results) -> list[str]:
                 cells.append(f"{t}: n/a")
                 continue
             ok = ok and k <= w
-            cells.append(f"{t}: {k * 1000:+.0f} vs {w * 1000:+.0f} µs")
-        lines.append(f"| added p50 latency at c=1 no worse than twemproxy's | {'; '.join(cells)} "
+            da = latency_series(res, "lat", "direct", t, "avg_latency_ms")
+            ka = med(paired(latency_series(res, "lat", "keyspace-proxy", t, "avg_latency_ms"), da, lambda a, b: a - b))
+            wa = med(paired(latency_series(res, "lat", "twemproxy", t, "avg_latency_ms"), da, lambda a, b: a - b))
+            avg = f" (avg {ka * 1000:+.0f} vs {wa * 1000:+.0f})" if ka is not None and wa is not None else ""
+            cells.append(f"{t}: p50 {k * 1000:+.0f} vs {w * 1000:+.0f} µs{avg}")
+        lines.append(f"| added p50 latency at c=1 no worse than twemproxy's (keyspace-proxy vs twemproxy) "
+                     f"| {'; '.join(cells)} "
                      f"| {'met' if ok else 'not met'} |")
     lines += ["", "Throughput verdicts need every test's ratio (median of per-round paired ratios) to reach the "
               "goal. The shared-connection mode and `--workers` are not part of these verdicts unless the "
@@ -653,7 +682,8 @@ def git_commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        return (sha or "unknown") + (" (with uncommitted changes under proxy/)" if dirty else "")
+        return (sha or "unknown") + (" + uncommitted changes under proxy/ (working tree as of the start)"
+                                     if dirty else " (working tree, clean)")
     except OSError:
         return "unknown"
 
@@ -690,7 +720,7 @@ def machine_info() -> list[str]:
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
 
 
-def versions(redis_version: str) -> list[str]:
+def versions(redis_version: str, proxy_desc: str) -> list[str]:
     nc = subprocess.run(["nutcracker", "--version"], capture_output=True, text=True)
     ncv = (nc.stdout + nc.stderr).strip().splitlines()
     rb = subprocess.run(["redis-benchmark", "--version"], capture_output=True, text=True).stdout.strip()
@@ -699,7 +729,7 @@ def versions(redis_version: str) -> list[str]:
             f"- redis-benchmark: {rb}",
             f"- nutcracker: {ncv[0] if ncv else 'unknown'}",
             f"- hiredis {pkg_version('hiredis')}, uvloop {pkg_version('uvloop')}",
-            f"- keyspace-proxy git commit: {git_commit()}"]
+            f"- keyspace-proxy git commit: {proxy_desc}"]
 
 
 HEADER = """# Benchmarks
@@ -727,7 +757,8 @@ def existing_notes(path: str) -> list[str]:
 
 
 def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str, ksp_argv: list[str],
-           started: str, elapsed: float, mem_count: int, fd_limit: int, notes: list[str]) -> str:
+           started: str, elapsed: float, mem_count: int, fd_limit: int, notes: list[str],
+           proxy_desc: str) -> str:
     L = [HEADER]
     if args.quick:
         L += ["**QUICK SMOKE RUN (`--quick`): 1 round, tiny request counts. These figures mean nothing; "
@@ -747,7 +778,8 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
         L += [f"## {'Latency' if ph.latency else 'Throughput'}: `redis-benchmark -t {','.join(ph.tests)} "
               f"{ph.flags()}`", ""]
         if ph.latency:
-            L += ["p50 and p99 are redis-benchmark's own figures (its `--csv` latency columns), medians over "
+            L += ["p50, p99 and avg are redis-benchmark's own figures (its `--csv` latency columns; its "
+                  "percentiles come from a histogram with steps of about 8 µs here, avg is finer), medians over "
                   "rounds; *added* is the target's figure minus direct's in the same round, median over rounds.",
                   ""]
             L += latency_table(res, ph) + [""]
@@ -767,8 +799,9 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
         L += ["### Memory per idle connection", "",
               f"{mem_count:,} connections opened to a freshly started instance of each target, one PING on "
               f"each (so a proxy sets up whatever a client needs, e.g. its upstream connection), then left "
-              f"idle; VmRSS before and after, divided by the number of connections. keyspace-proxy opens one "
-              f"upstream connection per client, so redis-server pays for those too (column 3).", ""]
+              f"idle; VmRSS before and after, divided by the number of connections. Columns 3 and 4 are what "
+              f"redis-server (also fresh) pays: a proxy with one upstream connection per client makes it hold "
+              f"a connection per client, a multiplexing proxy only a few.", ""]
         L += memory_table(res, mem_count) + [""]
     refused = {t: r for t, r in res.refused.items() if r}
     L += ["## Commands a target refused", ""]
@@ -794,7 +827,7 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
           "- Ratios: for each round, keyspace-proxy's figure divided by the other target's in the same round; "
           "the table shows the median of these per-round ratios.",
           ""]
-    L += ["## Machine and versions", ""] + machine_info() + versions(redis_version) + [""]
+    L += ["## Machine and versions", ""] + machine_info() + versions(redis_version, proxy_desc) + [""]
     L += notes or [DEFAULT_NOTES]
     return "\n".join(L).rstrip() + "\n"
 
@@ -819,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-scaling", action="store_true",
                     help="skip the value-size / 1,000-connection / memory figures")
     ap.add_argument("--proxy-args", default="", help="extra arguments for `python -m proxy`, one string")
+    ap.add_argument("--proxy-rev", default=None, metavar="REV",
+                    help="benchmark proxy/ as of this git commit (default: the working tree as it is at the start)")
     ap.add_argument("--idle-connections", type=int, default=None,
                     help="connections for the memory-per-idle-connection figure (default 1000; 100 with --quick)")
     args = ap.parse_args(argv)
@@ -849,13 +884,14 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[Proc] = []
     redis = None
     try:
+        src, proxy_desc = snapshot_proxy(tmp, args.proxy_rev)
         try:
             redis = start_server("redis")
         except ServerStartError as e:
             raise BenchError(f"redis-server did not start: {e}") from None
         twem, twem_conf = start_twemproxy(redis.port, tmp)
         procs.append(twem)
-        ksp, ksp_argv = start_keyspace_proxy(redis.port, tmp, extra)
+        ksp, ksp_argv = start_keyspace_proxy(redis.port, tmp, extra, src)
         procs.append(ksp)
         bench = Bench(shutil.which("redis-benchmark"))
         ports = {"direct": redis.port, "twemproxy": twem.port, "keyspace-proxy": ksp.port}
@@ -886,26 +922,34 @@ def main(argv: list[str] | None = None) -> int:
                     raise BenchError(f"{p.name} died:\n{p.log_tail()}")
 
         if not args.skip_scaling:
-            # Fresh instances so memory freed by the benchmark runs does not hide the cost of a connection.
-            flushall(redis.port)
-            res.memory["direct"] = idle_memory("direct", redis.port, None, redis.port, redis.process.pid, mem_count)
-            twem2, _ = start_twemproxy(redis.port, tempfile.mkdtemp(dir=tmp))
-            procs.append(twem2)
-            res.memory["twemproxy"] = idle_memory("twemproxy", twem2.port, twem2.pid, redis.port,
-                                                  redis.process.pid, mem_count)
-            twem2.stop()
-            ksp2, _ = start_keyspace_proxy(redis.port, tmp, extra)
-            procs.append(ksp2)
-            res.memory["keyspace-proxy"] = idle_memory("keyspace-proxy", ksp2.port, ksp2.pid, redis.port,
-                                                       redis.process.pid, mem_count)
-            ksp2.stop()
+            # Fresh instances (redis-server too) so memory freed by the benchmark runs or by the previous
+            # measurement does not hide the cost of a connection.
+            for target in TARGETS:
+                try:
+                    r2 = start_server("redis")
+                except ServerStartError as e:
+                    raise BenchError(f"redis-server did not start: {e}") from None
+                p2 = None
+                try:
+                    if target == "twemproxy":
+                        p2, _ = start_twemproxy(r2.port, tempfile.mkdtemp(dir=tmp))
+                    elif target == "keyspace-proxy":
+                        p2, _ = start_keyspace_proxy(r2.port, tmp, extra, src)
+                    if p2:
+                        procs.append(p2)
+                    res.memory[target] = idle_memory(target, p2.port if p2 else r2.port, p2.pid if p2 else None,
+                                                     r2.port, r2.process.pid, mem_count)
+                finally:
+                    if p2:
+                        p2.stop()
+                    r2.stop()
             for x, m in res.memory.items():
                 print(f"idle connections {x:15} proxy {m['proxy_kb']:.1f} KB/conn, redis-server "
                       f"{m['redis_kb']:.1f} KB/conn, {m['upstream_conns']} upstream connections", flush=True)
 
         notes = existing_notes(args.out)
         text = render(res, args, cmdline, redis.version, twem_conf, ksp_argv, started,
-                      time.monotonic() - t_start, mem_count, fd_limit, notes)
+                      time.monotonic() - t_start, mem_count, fd_limit, notes, proxy_desc)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp_out = args.out + ".tmp"
         with open(tmp_out, "w") as f:
