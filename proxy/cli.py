@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest bulk string a client may send (default 512 MB, as Redis)")
     p.add_argument("--max-query-len", type=int, default=None,
                    help="largest unfinished request buffered per client (default 1 GB, as Redis)")
+    p.add_argument("--upstream-mode", choices=["shared", "dedicated"], default=None,
+                   help="shared (default): clients in plain request/reply state share one upstream "
+                        "connection per route and db, and move to their own on MULTI, WATCH, SELECT, "
+                        "blocking commands, SUBSCRIBE, ...; dedicated: one upstream connection per client")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to let owed replies finish on SIGTERM (default 10)")
     p.add_argument("--log-level", default=None, choices=list(LEVELS), help="default info")
@@ -102,6 +106,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
         cfg.limits.max_bulk = a.max_bulk_len
     if a.max_query_len is not None:
         cfg.limits.max_query = a.max_query_len
+    if a.upstream_mode is not None:
+        cfg.limits.upstream_mode = a.upstream_mode
     if a.drain_timeout is not None:
         cfg.limits.drain_timeout = a.drain_timeout
     return cfg

@@ -13,6 +13,7 @@ from proxy.keyspace import Keyspace
 from proxy.resp import DEFAULT_MAX_BULK, DEFAULT_MAX_QUERY
 
 DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
+UPSTREAM_MODES = ("shared", "dedicated")
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,7 @@ class Limits:
     max_bulk: int = DEFAULT_MAX_BULK
     max_query: int = DEFAULT_MAX_QUERY
     connect_timeout: float = 5.0
+    upstream_mode: str = "shared"   # shared: plain clients share a connection; dedicated: one each
     drain_timeout: float = 10.0
 
 
@@ -211,6 +213,9 @@ def from_dict(data: dict, upstream_override: str | None = None) -> Config:
         if not hasattr(limits, k):
             raise ConfigError(f"limits.{k}: unknown field")
         setattr(limits, k, type(getattr(limits, k))(v))
+    if limits.upstream_mode not in UPSTREAM_MODES:
+        raise ConfigError(f"limits.upstream_mode: expected one of {', '.join(UPSTREAM_MODES)}, "
+                          f"got {limits.upstream_mode!r}")
     log_level, log_format = _log_section(data.get("log") or {})
     return Config(routes, metrics, limits, log_level, log_format)
 

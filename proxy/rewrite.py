@@ -102,8 +102,19 @@ def rewrite(args: list[bytes], ctx: Ctx) -> Transform | None:
 PASS, KEYS, SLOW = 0, 1, 2
 
 
+# Commands that give a connection state of its own: on a shared upstream connection
+# they would leak that state to other clients (or block them), so a client that
+# sends one moves to a dedicated connection first. Blocking commands come from the
+# table's "blocking" flag. 2 = CLIENT: depends on the subcommand (session.py).
+CONNECTION_STATE = {
+    "multi": 1, "watch": 1, "select": 1, "hello": 1, "auth": 1, "reset": 1, "monitor": 1,
+    "subscribe": 1, "psubscribe": 1, "ssubscribe": 1, "unsubscribe": 1, "punsubscribe": 1,
+    "sunsubscribe": 1, "readonly": 1, "readwrite": 1, "asking": 1, "client": 2,
+}
+
+
 class Plan:
-    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count")
+    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count", "dedicated")
 
     def __init__(self, kind, label, positions=None, key_in=None, reply=None):
         self.kind = kind            # PASS: send as is; KEYS: rewrite positions; SLOW: full path
@@ -112,10 +123,18 @@ class Plan:
         self.key_in = key_in        # the keyspace's key_in
         self.reply = reply          # reply transform or None
         self.count = 0              # requests seen (read by metrics)
+        self.dedicated = 0          # needs a connection of its own (CONNECTION_STATE)
 
 
 def compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
     """The plan for a command name under ctx's keyspace; `special` names session-level commands."""
+    plan = _compile_plan(raw_name, ctx, special)
+    cmd = ctx.table.commands.get(plan.label)
+    plan.dedicated = CONNECTION_STATE.get(plan.label) or int(cmd is not None and "blocking" in cmd.flags)
+    return plan
+
+
+def _compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
     name = raw_name.lower().decode("latin-1")
     ks = ctx.ks
     if raw_name.lower() in special or name in HANDLERS or name in ctx.table.containers:

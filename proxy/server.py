@@ -9,10 +9,12 @@ import asyncio
 import logging
 import signal
 import socket
+from collections import deque
 from time import perf_counter
 
 from proxy.commands import default_table
 from proxy.config import Config, Route
+from proxy.resp import ProtocolError, encode_command, frame_end
 from proxy.session import Session
 from proxy.stats import RouteStats
 
@@ -32,8 +34,16 @@ class ClientConnection(asyncio.Protocol):
         self.stats = proxy.stats[route.name]
         self.transport = None
         self.upstream: UpstreamConnection | None = None
-        self.session = Session(route, proxy.table, proxy.config.limits, self.stats)
+        self.shared = proxy.config.limits.upstream_mode == "shared"
+        self.session = Session(route, proxy.table, proxy.config.limits, self.stats, shared=self.shared)
+        self.link: SharedLink | None = None   # the shared upstream connection, while on one
+        self.registered = 0                  # replies registered with the link so far
+        self.connecting = False
         self.closed = False
+        self.client_paused = False     # the client's socket buffer is full
+        self.link_paused = False       # the upstream connection's socket buffer is full
+        self.reading_client = True
+        self.reading_upstream = True
         self.close_reason = "client"
         self.t_request = 0.0   # when the batch being timed was read (0: none being timed)
         self.t_sent = 0.0      # when it was written upstream
@@ -49,6 +59,14 @@ class ClientConnection(asyncio.Protocol):
         self.stats.accepted += 1
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
                                              "peer": _peer(self.peer)})
+        if self.shared:
+            self.link = self.proxy.shared_link(self.route, self.session.target.db)
+            self.link.clients.add(self)
+        else:
+            self._start_connect()
+
+    def _start_connect(self) -> None:
+        self.connecting = True
         asyncio.ensure_future(self._connect())
 
     async def _connect(self) -> None:
@@ -68,9 +86,31 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
             return
         self.stats.upstream_opened += 1
+        self.connecting = False
         if self.closed:
             self.upstream.transport.close()
             return
+        self._maybe_leave_link()
+        self.flush()
+
+    def _maybe_leave_link(self) -> None:
+        """Move to the dedicated connection once it is up and no shared reply is owed."""
+        s = self.session
+        if s.shared and s.need_dedicated and self.upstream is not None and self.upstream.transport is not None \
+                and s.shared_quiet:
+            if self.link is not None:
+                self.link.clients.discard(self)
+                self.link = None
+            self.link_paused = False
+            s.switch_to_dedicated()
+            self.apply_backpressure()
+
+    def after_shared_replies(self) -> None:
+        """Called by the link after it handed this connection replies."""
+        if self.t_request and not self.session.pending:
+            self.stats.request_seconds.observe(perf_counter() - self.t_request)
+            self.t_request = 0.0
+        self._maybe_leave_link()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -84,7 +124,18 @@ class ClientConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         s = self.session
-        if self.upstream is not None and self.upstream.transport is not None:
+        if s.shared:
+            out = s.take_upstream()
+            owed = s.owed_sent - self.registered
+            if out or owed:
+                self.registered = s.owed_sent
+                if self.link is None or self.link.lost:
+                    self.link = self.proxy.shared_link(self.route, s.target.db)
+                    self.link.clients.add(self)
+                self.link.submit(self, out, owed)
+            if s.need_dedicated and self.upstream is None and not self.connecting and not self.closed:
+                self._start_connect()
+        elif self.upstream is not None and self.upstream.transport is not None:
             out = s.take_upstream()
             if out:
                 self.upstream.transport.write(out)
@@ -116,6 +167,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.proxy.clients.discard(self)
+        if self.link is not None:
+            self.link.clients.discard(self)
         self.stats.clients -= 1
         self.stats.closed_reason(self.close_reason)
         log.debug("client closed", extra={"event": "client_closed", "route": self.route.name,
@@ -124,14 +177,27 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.transport.close()
         self.proxy.idle_changed()
 
-    # Backpressure: a client that does not read stops us reading its upstream.
+    # Backpressure: a client that does not read stops us reading its upstream; on a
+    # shared connection (which other clients need) we stop reading its requests instead.
     def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
+        self.client_paused = True
+        self.apply_backpressure()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
+        self.client_paused = False
+        self.apply_backpressure()
+
+    def apply_backpressure(self) -> None:
+        shared = self.session.shared
+        read_client = not (self.client_paused and shared) and not self.link_paused
+        if read_client != self.reading_client and not self.closed:
+            self.reading_client = read_client
+            (self.transport.resume_reading if read_client else self.transport.pause_reading)()
+        up = self.upstream.transport if self.upstream is not None else None
+        read_upstream = not (self.client_paused and not shared)
+        if up is not None and read_upstream != self.reading_upstream:
+            self.reading_upstream = read_upstream
+            (up.resume_reading if read_upstream else up.pause_reading)()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -173,12 +239,164 @@ class UpstreamConnection(asyncio.Protocol):
 
     # An upstream that does not read stops us reading its client.
     def pause_writing(self) -> None:
-        if not self.client.closed:
-            self.client.transport.pause_reading()
+        self.client.link_paused = True
+        self.client.apply_backpressure()
 
     def resume_writing(self) -> None:
-        if not self.client.closed:
-            self.client.transport.resume_reading()
+        self.client.link_paused = False
+        self.client.apply_backpressure()
+
+
+class SharedLink(asyncio.Protocol):
+    """One upstream connection carrying the requests of many clients in the plain
+    request/reply state (same route and db, RESP2, no connection state of their own).
+
+    Requests of all clients read in one loop iteration go out in one write, and the
+    replies come back in one read: fewer system calls here and in Redis, and fewer
+    server connections. Replies are handed back in order: `owners` holds runs of
+    [client, replies owed], in the order the requests were written."""
+
+    def __init__(self, proxy: "Proxy", route: Route, db: int):
+        self.proxy = proxy
+        self.route = route
+        self.db = db
+        self.stats = proxy.stats[route.name]
+        self.transport = None
+        self.owners: deque = deque()
+        self.clients: set[ClientConnection] = set()
+        self.out: list[bytes] = []
+        self.scheduled = False
+        self.buf = b""
+        self.lost: str | None = None
+        self.t_sent = 0.0
+        up = route.upstream
+        if up.password:
+            self._own([b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()])
+        if db != 0:
+            self._own([b"SELECT", str(db).encode()])
+
+    def _own(self, args: list[bytes]) -> None:
+        self.out.append(encode_command(args))
+        self.owners.append([None, 1])
+
+    async def connect(self) -> None:
+        up = self.route.upstream
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self, up.host, up.port),
+                                   self.proxy.config.limits.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.stats.upstream_failures += 1
+            self.fail(f"cannot connect to {up.host}:{up.port}: {e.__class__.__name__}"
+                      f"{': ' + str(e) if str(e) else ''}")
+            return
+        self.stats.upstream_opened += 1
+
+    def connection_made(self, transport) -> None:
+        if self.lost:
+            transport.close()
+            return
+        self.transport = transport
+        _nodelay(transport)
+        self.stats.upstream_connections += 1
+        self.flush()
+
+    def submit(self, conn: ClientConnection, data: bytes, owed: int) -> None:
+        if self.lost:
+            conn.session.upstream_lost(self.lost)
+            return conn.flush()
+        if data:
+            self.out.append(data)
+        if owed:
+            last = self.owners[-1] if self.owners else None
+            if last is not None and last[0] is conn:
+                last[1] += owed
+            else:
+                self.owners.append([conn, owed])
+        if not self.scheduled and self.transport is not None:
+            # Write once at the end of this loop iteration, for every client together.
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.out and self.transport is not None and not self.lost:
+            data = b"".join(self.out)
+            self.out.clear()
+            self.transport.write(data)
+            self.stats.bytes_out["upstream"] += len(data)
+            if not self.t_sent:
+                self.t_sent = perf_counter()
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.bytes_in["upstream"] += len(data)
+        if self.t_sent:
+            self.stats.roundtrip_seconds.observe(perf_counter() - self.t_sent)
+            self.t_sent = 0.0
+        buf = self.buf + data if self.buf else data
+        pos, n = 0, len(buf)
+        owners = self.owners
+        touched = []
+        try:
+            while pos < n:
+                end = frame_end(buf, pos)
+                if end < 0:
+                    break
+                if not owners:
+                    raise ProtocolError("a reply nobody asked for")
+                run = owners[0]
+                run[1] -= 1
+                if not run[1]:
+                    owners.popleft()
+                conn = run[0]
+                if conn is None:
+                    if buf[pos] in (0x2D, 0x21):  # '-' or '!': the link's own AUTH/SELECT failed
+                        msg = bytes(buf[pos + 1:end - 2]).decode("utf-8", "replace")
+                        raise ProtocolError(f"upstream refused the proxy's handshake: {msg}")
+                elif not conn.closed:
+                    conn.session.shared_reply(buf[pos:end], buf[pos])
+                    if not touched or touched[-1] is not conn:
+                        touched.append(conn)
+                pos = end
+        except ProtocolError as e:
+            self.buf = b""
+            self.fail(str(e))
+            return
+        self.buf = buf[pos:]
+        for conn in dict.fromkeys(touched):
+            conn.after_shared_replies()
+
+    def connection_lost(self, exc) -> None:
+        if self.transport is not None:
+            self.stats.upstream_connections -= 1
+        self.fail(f"connection lost: {exc}" if exc else "connection closed by the server")
+
+    def fail(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = reason
+        self.proxy.forget_link(self)
+        log.warning("route %s: shared upstream connection: %s", self.route.name, reason,
+                    extra={"event": "upstream_error", "route": self.route.name})
+        if self.transport is not None:
+            self.transport.close()
+        owed = [run[0] for run in self.owners if run[0] is not None]
+        self.owners.clear()
+        for conn in dict.fromkeys(owed):
+            if not conn.closed:
+                conn.session.upstream_lost(reason)
+                conn.flush()
+
+    # Redis not reading: stop reading the requests of every client on this link.
+    def pause_writing(self) -> None:
+        for c in list(self.clients):
+            c.link_paused = True
+            c.apply_backpressure()
+
+    def resume_writing(self) -> None:
+        for c in list(self.clients):
+            c.link_paused = False
+            c.apply_backpressure()
 
 
 def _peer(peer) -> str:
@@ -193,6 +411,7 @@ class Proxy:
         self.table = default_table()
         self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
+        self.links: dict[tuple, SharedLink] = {}
         self.servers: list[asyncio.AbstractServer] = []
         self._stopping = False
         self._idle = None
@@ -226,6 +445,19 @@ class Proxy:
                             "namespaced routes and passed through elsewhere: %s",
                             up.masked(), len(unknown), " ".join(unknown[:50]))
 
+    def shared_link(self, route: Route, db: int) -> SharedLink:
+        key = (route.name, db)
+        link = self.links.get(key)
+        if link is None or link.lost:
+            link = self.links[key] = SharedLink(self, route, db)
+            asyncio.ensure_future(link.connect())
+        return link
+
+    def forget_link(self, link: SharedLink) -> None:
+        key = (link.route.name, link.db)
+        if self.links.get(key) is link:
+            del self.links[key]
+
     def idle_changed(self) -> None:
         if self._idle is not None and all(c.session.idle for c in self.clients):
             self._idle.set()
@@ -244,6 +476,9 @@ class Proxy:
                 log.warning("drain timeout: closing %d connections with replies owed", len(self.clients))
         for c in list(self.clients):
             c.close("shutdown")
+        for link in list(self.links.values()):
+            if link.transport is not None:
+                link.transport.close()
         for s in self.servers:
             await s.wait_closed()
 

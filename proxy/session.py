@@ -37,12 +37,18 @@ SUBSCRIBE_CMDS = {
     b"psubscribe": ("pattern", True), b"punsubscribe": ("pattern", False),
     b"ssubscribe": ("shard", True), b"sunsubscribe": ("shard", False),
 }
+# A deep pipeline gains nothing from sharing, and its replies could not be slowed
+# down without slowing everyone on the shared connection: past this many owed
+# replies a client moves to a dedicated connection, where backpressure is its own.
+SHARED_MAX_OWED = 64
+# CLIENT subcommands that set nothing a later command depends on: fine on a shared connection.
+SHARED_CLIENT_SUBCOMMANDS = frozenset((b"setinfo", b"help"))
 EXECABORT = error("EXECABORT Transaction discarded because of previous errors.")
 
 
 class Session:
     def __init__(self, route: Route, table: CommandTable | None = None, limits: Limits | None = None,
-                 stats: RouteStats | None = None):
+                 stats: RouteStats | None = None, shared: bool = False):
         self.route = route
         self.stats = stats or RouteStats(route.name)
         self.table = table or default_table()
@@ -68,7 +74,14 @@ class Session:
         self.protocol_error = False
         self.upstream_error: str | None = None
         self._label = ""                      # the command being handled, for refusal counts
-        self.handshake()
+        self.owed_sent = 0                    # upstream replies asked for so far (shared links count them)
+        # On a shared upstream connection (see server.SharedLink) until a command needs
+        # connection state of its own; then `need_dedicated` holds requests until the
+        # shell has a dedicated connection and every shared reply is in.
+        self.shared = shared
+        self.need_dedicated = False
+        if not shared:
+            self.handshake()
 
     # ------------------------------------------------------------ plumbing
 
@@ -112,7 +125,13 @@ class Session:
             self.skip_next = False
             return False
         self.pending.append(entry)
+        self.owed_sent += 1
         return True
+
+    def _owe(self, entry) -> None:
+        """An upstream reply the proxy itself asked for (handshake, emulation steps)."""
+        self.pending.append(entry)
+        self.owed_sent += 1
 
     def _local(self, reply: bytes) -> None:
         """A reply made by the proxy, delivered in its request's position."""
@@ -153,10 +172,10 @@ class Session:
         if up.password:
             args = [b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()]
             self._up.append(encode_command(args))
-            self.pending.append((INTERNAL, self._check_handshake))
+            self._owe((INTERNAL, self._check_handshake))
         if self.target.db != 0:
             self._up.append(encode_command([b"SELECT", str(self.target.db).encode()]))
-            self.pending.append((INTERNAL, self._check_handshake))
+            self._owe((INTERNAL, self._check_handshake))
 
     def _check_handshake(self, raw: bytes) -> None:
         if is_error(raw):
@@ -185,7 +204,7 @@ class Session:
                     self.stats.depth.observe(depth)
                 return
             depth += 1
-            if self.emu is not None or self.held:
+            if self.emu is not None or self.held or self.need_dedicated:
                 self.held.append(args)
             else:
                 self.handle(args)
@@ -196,6 +215,12 @@ class Session:
         plan = self.plans.get(args[0])
         if plan is None:
             plan = self._plan(args[0])
+        if self.shared and ((plan.dedicated and not (
+                plan.dedicated == 2 and len(args) > 1 and args[1].lower() in SHARED_CLIENT_SUBCOMMANDS))
+                or len(self.pending) >= SHARED_MAX_OWED):
+            self.need_dedicated = True
+            self.held.append(args)
+            return
         plan.count += 1
         self._label = plan.label
         if self.upstream_error is not None:
@@ -280,7 +305,7 @@ class Session:
         self._set_target(self.route.default)
         # RESET selects db 0 on the server; the route's db may be another one.
         self._up.append(encode_command([b"SELECT", str(self.target.db).encode()]))
-        self.pending.append((INTERNAL, lambda raw: None))
+        self._owe((INTERNAL, lambda raw: None))
 
     def _cmd_multi(self, args) -> None:
         if self.multi is not None:
@@ -318,7 +343,7 @@ class Session:
                 self._up.append(encode_command(args))
                 if mode == b"on":
                     self.reply_off = self.skip_next = False
-                    self.pending.append(None)  # ON always answers +OK
+                    self._owe(None)  # ON always answers +OK
                 elif mode == b"off":
                     self.reply_off = True
                 else:
@@ -388,7 +413,7 @@ class Session:
                 self.skip_next = False
             else:
                 self._up.append(encode_command([b"CLIENT", b"REPLY", b"ON"]))
-                self.pending.append((INTERNAL, lambda raw: None))
+                self._owe((INTERNAL, lambda raw: None))
         else:
             show = True
         self.emu = (gen, show)
@@ -409,7 +434,22 @@ class Session:
                 self.handle(self.held.popleft())
             return
         self._up.append(encode_command(cmd))
-        self.pending.append((INTERNAL, self._emu_step))
+        self._owe((INTERNAL, self._emu_step))
+
+    # ------------------------------------------------------------ shared -> dedicated
+
+    @property
+    def shared_quiet(self) -> bool:
+        """No reply owed on the shared connection: the session may leave it."""
+        return self.emu is None and all(e is not None and e[0] == LOCAL for e in self.pending)
+
+    def switch_to_dedicated(self) -> None:
+        """Continue on a dedicated upstream connection: handshake, then the held requests."""
+        self.shared = False
+        self.need_dedicated = False
+        self.handshake()
+        while self.held and self.emu is None and not self.close_when_done and not self.need_dedicated:
+            self.handle(self.held.popleft())
 
     # ------------------------------------------------------------ upstream -> client
 
@@ -440,6 +480,17 @@ class Session:
             self.upstream_lost(f"upstream sent bytes that are not RESP: {e}")
             return
         self._buf = buf[pos:]
+
+    def shared_reply(self, raw: bytes, first: int) -> None:
+        """One reply from a shared upstream connection (framed by the link)."""
+        pending = self.pending
+        if pending and pending[0] is None:
+            pending.popleft()
+            self._client.append(raw)
+            if pending and pending[0] is not None:
+                self._drain_locals()
+        else:
+            self._reply(raw, first)
 
     def _subscribed(self) -> bool:
         s = self.subs
