@@ -219,7 +219,8 @@ class Session:
                 plan.dedicated == 2 and len(args) > 1 and args[1].lower() in SHARED_CLIENT_SUBCOMMANDS))
                 or len(self.pending) >= SHARED_MAX_OWED):
             self.need_dedicated = True
-            self.held.append(args)
+            # to the front: when replayed from `held`, it must stay ahead of what follows
+            self.held.appendleft(args)
             return
         plan.count += 1
         self._label = plan.label
@@ -430,7 +431,7 @@ class Session:
             elif self.reply_off:
                 self._up.append(encode_command([b"CLIENT", b"REPLY", b"OFF"]))
             self._drain_locals()
-            while self.held and self.emu is None and not self.close_when_done:
+            while self.held and self.emu is None and not self.close_when_done and not self.need_dedicated:
                 self.handle(self.held.popleft())
             return
         self._up.append(encode_command(cmd))

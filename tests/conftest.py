@@ -107,13 +107,23 @@ class ProxyProcess:
         return self.process.returncode
 
 
+@pytest.fixture(params=["shared", "dedicated"])
+def upstream_mode(request):
+    """Every test that starts a proxy runs in both upstream modes: clients sharing an
+    upstream connection (the default) and one upstream connection per client."""
+    return request.param
+
+
 @pytest.fixture
-def start_proxy():
+def start_proxy(upstream_mode):
     """start_proxy(args=[...]) or start_proxy(config_text=...): a running proxy, stopped afterwards."""
     started: list[ProxyProcess] = []
 
     def start(args: list[str] | None = None, config_text: str | None = None, port: int | None = None):
-        p = ProxyProcess(args or [], config_text, port)
+        args = list(args or [])
+        if "--upstream-mode" not in args:
+            args += ["--upstream-mode", upstream_mode]
+        p = ProxyProcess(args, config_text, port)
         started.append(p)
         return p
 

@@ -553,3 +553,59 @@ def test_resp2_array_reply_before_subscribe_is_not_a_message():
     looks_like = enc(["subscribe", "x", 1])
     assert d.server(looks_like) == looks_like
     assert not d.s.pending and not d.s.subs["channel"]
+
+
+# ---------------------------------------------------------------- shared upstream connections
+
+def shared_replies(s: Session, *replies: bytes) -> bytes:
+    """Replies as a SharedLink hands them over: one framed reply at a time."""
+    for r in replies:
+        s.shared_reply(r, r[0])
+    return s.take_client()
+
+
+def test_shared_session_sends_no_handshake_and_plain_commands_stay_shared():
+    s = Session(make_route(db=3, password="pw"), shared=True)
+    assert s.take_upstream() == b""  # the link does AUTH/SELECT once for everyone
+    s.client_data(c("SET", "k", "v") + c("CLIENT", "SETINFO", "LIB-NAME", "x") + c("GET", "k"))
+    assert s.take_upstream() == c("SET", "app:k", "v") + c("CLIENT", "SETINFO", "LIB-NAME", "x") + c("GET", "app:k")
+    assert s.owed_sent == 3 and s.shared and not s.need_dedicated
+
+
+@pytest.mark.parametrize("cmd", [("MULTI",), ("WATCH", "k"), ("SELECT", "1"), ("BLPOP", "q", "0"),
+                                 ("SUBSCRIBE", "ch"), ("HELLO", "3"), ("CLIENT", "SETNAME", "n")])
+def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
+    s = Session(make_route(db=3), shared=True)
+    s.client_data(c("GET", "a") + c(*cmd) + c("GET", "b"))
+    assert s.take_upstream() == c("GET", "app:a")  # the rest waits
+    assert s.need_dedicated and not s.shared_quiet
+    assert shared_replies(s, enc("1")) == enc("1")
+    assert s.shared_quiet
+    s.switch_to_dedicated()
+    out = s.take_upstream()
+    assert out.startswith(c("SELECT", "3"))  # the dedicated connection's own handshake
+    b = c("GET", "other:b") if cmd[0] == "SELECT" else c("GET", "app:b")  # SELECT 1 -> db 7, namespace other
+    assert not s.shared and out.endswith(b)
+
+
+def test_emulation_then_dedicated_keeps_request_order():
+    # FLUSHDB is emulated (requests held), then a blocking command needs a dedicated
+    # connection: the requests after it must not overtake it.
+    s = Session(make_route(), shared=True)
+    s.client_data(c("FLUSHDB") + c("GET", "a") + c("BLPOP", "q", "1") + c("GET", "b"))
+    scan = s.take_upstream()
+    assert scan == c("SCAN", "0", "MATCH", "app:*", "COUNT", "1000")
+    assert shared_replies(s, enc(["0", []])) == b"+OK\r\n"
+    assert s.take_upstream() == c("GET", "app:a")
+    assert [a[0] for a in s.held] == [b"BLPOP", b"GET"]
+    assert shared_replies(s, enc("x")) == enc("x")
+    s.switch_to_dedicated()
+    assert s.take_upstream() == c("BLPOP", "app:q", "1") + c("GET", "app:b")
+
+
+def test_deep_pipeline_moves_to_dedicated():
+    from proxy.session import SHARED_MAX_OWED
+    s = Session(make_route(), shared=True)
+    s.client_data(c("GET", "k") * (SHARED_MAX_OWED + 10))
+    assert s.take_upstream() == c("GET", "app:k") * SHARED_MAX_OWED
+    assert s.need_dedicated and len(s.held) == 10
