@@ -236,6 +236,16 @@ def _is_hex(b: bytes) -> bool:
     return len(b) == 2 and all(c in b"0123456789abcdefABCDEF" for c in b)
 
 
+def _canonical(data: bytes, req) -> bool:
+    """Does `data` start with the plain bulk-string encoding of `req`?"""
+    if type(req) is not list:
+        return False
+    try:
+        return data.startswith(pack_command(tuple(req)))
+    except (TypeError, ValueError):  # nested arrays and the like
+        return False
+
+
 class RequestReader:
     """Incremental parser of client requests: RESP arrays via hiredis, inline commands by line.
 
@@ -247,6 +257,7 @@ class RequestReader:
         self._pending = b""   # bytes not yet given to hiredis (we look at the first byte)
         self._in_hiredis = False
         self._buffered = 0    # bytes hiredis holds for an unfinished request
+        self._first = None    # a chunk that starts a request, until its first request is checked
         self.max_bulk = max_bulk
         self.max_query = max_query
 
@@ -261,9 +272,19 @@ class RequestReader:
             if self._in_hiredis:
                 try:
                     req = self._reader.gets()
-                except hiredis.ProtocolError as e:  # hiredis raises its own class for some errors
+                except (hiredis.ProtocolError, ProtocolError) as e:  # hiredis has its own class too
+                    if self._first is not None:  # Redis's wording for what is wrong, where we can
+                        first, self._first = self._first, None
+                        self._check_header(first)
                     raise ProtocolError(str(e)) from None
                 if req is not False:
+                    first = self._first
+                    if first is not None:
+                        self._first = None
+                        # A canonical encoding (what every client library sends) proves the
+                        # request was bulk strings only: no need to walk its headers.
+                        if not _canonical(first, req):
+                            self._check_header(first)
                     if not self._reader.has_data():
                         self._in_hiredis = False
                         self._buffered = 0
@@ -274,7 +295,7 @@ class RequestReader:
                     if not req:
                         continue  # "*0\r\n": Redis ignores empty requests
                     for a in req:
-                        if not isinstance(a, bytes):
+                        if type(a) is not bytes:
                             raise ProtocolError("expected bulk strings in a request")
                         if len(a) > self.max_bulk:  # past the header check (late or later chunk)
                             raise ProtocolError("invalid bulk length")
@@ -284,6 +305,9 @@ class RequestReader:
                 # bytes continue it and must not be read as an inline command.
                 # The limit is on that unfinished request, not on a pipeline of
                 # finished ones that came in the same chunk.
+                if self._first is not None:  # an unfinished request: refuse absurd lengths now
+                    first, self._first = self._first, None
+                    self._check_header(first)
                 if self._buffered > self.max_query:
                     raise ProtocolError("query buffer limit exceeded")
                 if not self._pending:
@@ -292,7 +316,10 @@ class RequestReader:
             if not pend:
                 return None
             if self._in_hiredis or pend[0] == 0x2A:  # '*'
-                self._check_header(pend)
+                if self._in_hiredis:
+                    self._check_growth()
+                else:
+                    self._first = pend  # checked once hiredis has had a look (see above)
                 self._buffered += len(pend)
                 self._pending = b""
                 self._reader.feed(pend)
@@ -311,16 +338,16 @@ class RequestReader:
             if args:
                 return args
 
+    def _check_growth(self) -> None:
+        if self._buffered > self.max_bulk + MAX_INLINE:
+            raise ProtocolError("invalid bulk length")
+
     def _check_header(self, data: bytes) -> None:
         """Refuse absurd lengths before hiredis waits for them, as Redis does.
 
         Only the headers of a request that starts this chunk are read (cheap and
         exact for the usual case); a request that grows past the limits over many
         chunks is caught by the buffered-bytes check in `get`."""
-        if self._in_hiredis:
-            if self._buffered > self.max_bulk + MAX_INLINE:
-                raise ProtocolError("invalid bulk length")
-            return
         nl = data.find(CRLF)
         if nl < 0:
             return
