@@ -818,8 +818,8 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
     L += targets_section(res) + [""]
     L += ["## Method", "",
           f"- Command: `{cmdline}`",
-          f"- redis-server started by `proxy.embedded.start_server(\"redis\")` (no persistence) on 127.0.0.1; "
-          f"FLUSHALL before each redis-benchmark run.",
+          "- redis-server started by `proxy.embedded.start_server(\"redis\")` (no persistence) on 127.0.0.1; "
+          "FLUSHALL before each redis-benchmark run.",
           f"- keyspace-proxy: `{shlex.join(['python' if a == sys.executable else a for a in ksp_argv])}` "
           f"(add mode: every key gets the prefix `{NAMESPACE}:`).",
           "- twemproxy (nutcracker), validated with `nutcracker -t`:", "", "```yaml", twem_conf.rstrip(), "```", "",

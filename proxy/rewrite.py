@@ -114,7 +114,7 @@ CONNECTION_STATE = {
 
 
 class Plan:
-    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count", "dedicated")
+    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count", "dedicated", "entry")
 
     def __init__(self, kind, label, positions=None, key_in=None, reply=None):
         self.kind = kind            # PASS: send as is; KEYS: rewrite positions; SLOW: full path
@@ -124,6 +124,7 @@ class Plan:
         self.reply = reply          # reply transform or None
         self.count = 0              # requests seen (read by metrics)
         self.dedicated = 0          # needs a connection of its own (CONNECTION_STATE)
+        self.entry = None           # the session's pending entry for this plan's replies
 
 
 def compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
@@ -146,7 +147,9 @@ def _compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
         return Plan(SLOW, name)  # rewrite() refuses with the reason
     if cmd.keyed:
         fn = REPLY_KEYS.get(name)
-        return Plan(KEYS, name, cmd.positions, ks.key_in, _t(fn, ks) if fn is not None else None)
+        # add mode: prefix + key as a C call, no Python frame per key
+        key_in = ks.prefix.__add__ if ks.mode == "add" else ks.key_in
+        return Plan(KEYS, name, cmd.positions, key_in, _t(fn, ks) if fn is not None else None)
     if name in KEYLESS_SAFE:
         return Plan(PASS, name)
     return Plan(SLOW, name)

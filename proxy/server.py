@@ -110,7 +110,8 @@ class ClientConnection(asyncio.Protocol):
         if self.t_request and not self.session.pending:
             self.stats.request_seconds.observe(perf_counter() - self.t_request)
             self.t_request = 0.0
-        self._maybe_leave_link()
+        if self.session.need_dedicated:
+            self._maybe_leave_link()
         self.flush()
 
     def data_received(self, data: bytes) -> None:

@@ -23,10 +23,10 @@ from proxy.config import Limits, Route
 from proxy.keyspace import Refused
 from proxy.pubsub import CONFIRMS, MESSAGES, ChannelMap, rewrite_frame
 from proxy.replies import exec_array
-from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end,
+from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end, pack_command,
                         is_error, split, string_value)
 from proxy.keyspecs import KeySpecError
-from proxy.rewrite import KEYS, PASS, Ctx, Plan, compile_plan, refuse, rewrite
+from proxy.rewrite import KEYS, Ctx, Plan, compile_plan, refuse, rewrite
 from proxy.stats import RouteStats
 
 # Kinds of pending entries (a plain None is the common "pass the reply through").
@@ -228,20 +228,24 @@ class Session:
             self._local(error(f"ERR upstream unavailable ({self.upstream_error})"))
             return
         kind = plan.kind
-        if kind == KEYS:
-            key_in = plan.key_in
-            try:
-                positions = plan.positions(args)
-                for i in positions:
-                    args[i] = key_in(args[i])
-            except Refused as e:
-                return self._refuse(str(e))
-            except KeySpecError as e:
-                return self._refuse(f"ERR {e}")
-            self.stats.keys_rewritten += len(positions)
+        if kind <= KEYS:  # PASS or KEYS: the hot path
+            if kind == KEYS:
+                key_in = plan.key_in
+                try:
+                    positions = plan.positions(args)
+                    for i in positions:
+                        args[i] = key_in(args[i])
+                except Refused as e:
+                    return self._refuse(str(e))
+                except KeySpecError as e:
+                    return self._refuse(f"ERR {e}")
+                self.stats.keys_rewritten += len(positions)
+            if self.multi is None and not self.reply_off and not self.skip_next:
+                self._up.append(pack_command(tuple(args)))
+                self.pending.append(plan.entry)
+                self.owed_sent += 1
+                return
             return self._queue_or_send(args, plan.reply)
-        if kind == PASS:
-            return self._queue_or_send(args, None)
         name = args[0].lower()
         special = _SPECIAL.get(name)
         if special is not None:
@@ -256,6 +260,7 @@ class Session:
 
     def _plan(self, raw_name: bytes) -> Plan:
         plan = compile_plan(raw_name, self.ctx, _SPECIAL)
+        plan.entry = None if plan.reply is None else (XFORM, plan.reply)
         if len(self.plans) < 1024:  # names are client input: bound the cache
             self.plans[raw_name] = plan
         else:

@@ -408,7 +408,6 @@ def test_inline_requests_in_reader():
 
 
 def test_inline_then_resp_in_one_chunk():
-    data = b"PING\r\n" + encode_command([b"ECHO", b"x"]) + b"GET k\r\n"
     want = [[b"PING"], [b"ECHO", b"x"], [b"GET", b"k"]]
     # split at request boundaries (how clients that mix write them)
     assert read_all([b"PING\r\n", encode_command([b"ECHO", b"x"]), b"GET k\r\n"]) == want
