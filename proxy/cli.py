@@ -17,7 +17,7 @@ from proxy.logs import FORMATS, LEVELS, setup_logging
 ENV_FALLBACKS = {
     "listen": "PROXY_LISTEN", "namespace": "PROXY_NAMESPACE", "strip_namespace": "PROXY_STRIP_NAMESPACE",
     "separator": "PROXY_SEPARATOR", "config": "PROXY_CONFIG", "metrics_listen": "PROXY_METRICS_LISTEN",
-    "log_level": "PROXY_LOG_LEVEL", "log_format": "PROXY_LOG_FORMAT",
+    "log_level": "PROXY_LOG_LEVEL", "log_format": "PROXY_LOG_FORMAT", "upstream_mode": "PROXY_UPSTREAM_MODE",
 }
 
 log = logging.getLogger("keyspace-proxy")
@@ -65,7 +65,7 @@ def apply_env(a: argparse.Namespace, environ=None) -> argparse.Namespace:
         if env["namespace"] and env["strip_namespace"]:
             raise ConfigError("PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE: give one of them, not both")
         a.namespace, a.strip_namespace = env["namespace"], env["strip_namespace"]
-    for attr in ("config", "separator", "metrics_listen", "log_level", "log_format"):
+    for attr in ("config", "separator", "metrics_listen", "log_level", "log_format", "upstream_mode"):
         if getattr(a, attr) is None and env[attr] is not None:
             setattr(a, attr, env[attr])
     if a.listen is None and not a.config:
