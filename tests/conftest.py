@@ -155,3 +155,18 @@ def fresh_db(server):
 def ns_proxy(server, fresh_db, start_proxy):
     """A proxy adding namespace `ns` in front of `server` db `fresh_db`."""
     return start_proxy(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}", "--namespace", "ns"])
+
+
+@pytest.fixture
+def d(server, fresh_db):
+    """A direct redis-py client on `server`, db `fresh_db` (what the proxy writes to)."""
+    from integration_helpers import direct
+    r = direct(server, fresh_db)
+    yield r
+    r.close()
+
+
+@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
+def proto(request):
+    """The protocol version a client speaks to the proxy."""
+    return request.param

@@ -9,41 +9,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
 
 import pytest
 
 from proxy.embedded import start_server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TABLE_PATH = os.path.join(ROOT, "proxy", "data", "commands.json")
+from table_helpers import GEN, TABLE_PATH, table_server_kinds  # noqa: E402
 
-
-def load_generator():
-    path = os.path.join(ROOT, "scripts", "gen_command_table.py")
-    spec = importlib.util.spec_from_file_location("gen_command_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-GEN = load_generator()
 
 with open(TABLE_PATH) as _f:
     TABLE_TEXT = _f.read()
 TABLE = json.loads(TABLE_TEXT)
 
 
-def server_kinds() -> list[str]:
-    kinds = ["valkey"]
-    if shutil.which("redis-server"):
-        kinds.append("redis")
-    elif os.environ.get("CI") == "true":
-        pytest.fail("CI=true but redis-server is not on PATH: the Redis table checks must run")
-    return kinds
+server_kinds = table_server_kinds
 
 
 @pytest.fixture(scope="module")

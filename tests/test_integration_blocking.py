@@ -9,19 +9,7 @@ import time
 
 import pytest
 
-from integration_helpers import Raw, aclient, client, decode, direct, wait_blocked
-
-
-@pytest.fixture
-def d(server, fresh_db):
-    r = direct(server, fresh_db)
-    yield r
-    r.close()
-
-
-@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
-def proto(request):
-    return request.param
+from integration_helpers import Raw, aclient, client, decode, wait_blocked
 
 
 def in_thread(fn):

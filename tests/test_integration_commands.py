@@ -11,18 +11,6 @@ import redis
 from integration_helpers import Raw, aclient, client, direct, uniq
 
 
-@pytest.fixture
-def d(server, fresh_db):
-    r = direct(server, fresh_db)
-    yield r
-    r.close()
-
-
-@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
-def proto(request):
-    return request.param
-
-
 # ---------------------------------------------------------------- clients
 
 

@@ -18,18 +18,6 @@ def ns(server, fresh_db, start_proxy):
     return p, name
 
 
-@pytest.fixture
-def d(server, fresh_db):
-    r = direct(server, fresh_db)
-    yield r
-    r.close()
-
-
-@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
-def proto(request):
-    return request.param
-
-
 def next_message(p, timeout=5.0):
     m = p.get_message(timeout=timeout, ignore_subscribe_messages=True)
     assert m is not None, "no message arrived"

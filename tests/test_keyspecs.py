@@ -15,11 +15,8 @@ Corpora:
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shlex
-import shutil
 from collections import Counter
 
 import pytest
@@ -27,31 +24,14 @@ import pytest
 from proxy.embedded import start_server
 from proxy.keyspecs import KeySpecError, compile_specs, is_incomplete, key_positions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TABLE_PATH = os.path.join(ROOT, "proxy", "data", "commands.json")
+from table_helpers import GEN, TABLE_PATH, table_server_kinds  # noqa: E402
 
 with open(TABLE_PATH) as _f:
     TABLE = json.load(_f)["commands"]
 
 
-def load_generator():
-    path = os.path.join(ROOT, "scripts", "gen_command_table.py")
-    spec = importlib.util.spec_from_file_location("gen_command_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
-
-GEN = load_generator()
-
-
-def server_kinds() -> list[str]:
-    kinds = ["valkey"]
-    if shutil.which("redis-server"):
-        kinds.append("redis")
-    elif os.environ.get("CI") == "true":
-        pytest.fail("CI=true but redis-server is not on PATH: the Redis differential tests must run")
-    return kinds
+server_kinds = table_server_kinds
 
 
 class Live:
