@@ -674,8 +674,8 @@ def targets_section(res: Results) -> list[str]:
                      f"| {'; '.join(cells)} "
                      f"| {('met (p50 tied at redis-benchmark resolution; avg is worse)' if tie_avg_worse else 'met') if ok else 'not met'} |")
     lines += ["", "Throughput verdicts need every test's ratio (median of per-round paired ratios) to reach the "
-              "goal. The shared-connection mode and `--workers` are not part of these verdicts unless the "
-              "command line above passes them with `--proxy-args`."]
+              "goal. keyspace-proxy runs with its defaults (shared upstream connections) unless the "
+              "command line above passes other flags with `--proxy-args`."]
     return lines
 
 
