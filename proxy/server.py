@@ -116,7 +116,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["client"] += len(data)
-        if not self.t_request:
+        if not self.t_request and self.proxy.timed:
             self.t_request = perf_counter()
         self.session.client_data(data)
         self.flush()
@@ -326,7 +326,7 @@ class SharedLink(asyncio.Protocol):
             self.out.clear()
             self.transport.write(data)
             self.stats.bytes_out["upstream"] += len(data)
-            if not self.t_sent:
+            if not self.t_sent and self.proxy.timed:
                 self.t_sent = perf_counter()
 
     def data_received(self, data: bytes) -> None:
@@ -413,6 +413,9 @@ class Proxy:
         self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
         self.links: dict[tuple, SharedLink] = {}
+        # Latency histograms cost a clock read or two per batch; without an admin port
+        # nobody can read them, so they are not kept. Counters are kept either way.
+        self.timed = config.metrics_listen is not None
         self.servers: list[asyncio.AbstractServer] = []
         self._stopping = False
         self._idle = None
