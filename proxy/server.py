@@ -340,6 +340,20 @@ class SharedLink(asyncio.Protocol):
         touched = []
         try:
             while pos < n:
+                if owners:
+                    run = owners[0]
+                    conn = run[0]
+                    if conn is not None and not conn.closed:
+                        # Replies that need nothing go to their client as one slice.
+                        pos2, m = conn.session.shared_run(buf, pos, run[1])
+                        if m:
+                            run[1] -= m
+                            if not run[1]:
+                                owners.popleft()
+                            pos = pos2
+                            if not touched or touched[-1] is not conn:
+                                touched.append(conn)
+                            continue
                 end = frame_end(buf, pos)
                 if end < 0:
                     break

@@ -487,6 +487,24 @@ class Session:
             return
         self._buf = buf[pos:]
 
+    def shared_run(self, buf: bytes, pos: int, limit: int) -> tuple[int, int]:
+        """Pass up to `limit` replies from a shared connection that need nothing
+        through as one slice; (position after them, how many)."""
+        pending = self.pending
+        start, m = pos, 0
+        while m < limit and pending and pending[0] is None:
+            end = frame_end(buf, pos)
+            if end < 0:
+                break
+            pending.popleft()
+            pos = end
+            m += 1
+        if m:
+            self._client.append(buf[start:pos])
+            if pending and pending[0] is not None:
+                self._drain_locals()
+        return pos, m
+
     def shared_reply(self, raw: bytes, first: int) -> None:
         """One reply from a shared upstream connection (framed by the link)."""
         pending = self.pending

@@ -609,3 +609,21 @@ def test_deep_pipeline_moves_to_dedicated():
     s.client_data(c("GET", "k") * (SHARED_MAX_OWED + 10))
     assert s.take_upstream() == c("GET", "app:k") * SHARED_MAX_OWED
     assert s.need_dedicated and len(s.held) == 10
+
+
+def test_shared_run_passes_plain_replies_as_one_slice_and_stops_at_a_transform():
+    s = Session(make_route(), shared=True)
+    s.client_data(c("GET", "a") + c("GET", "b") + c("KEYS", "*") + c("GET", "c"))
+    s.take_upstream()
+    buf = enc("1") + enc("2") + enc(["app:x"]) + enc("3")
+    pos, m = s.shared_run(buf, 0, 10)
+    assert m == 2 and pos == len(enc("1") + enc("2"))        # stops before KEYS (a transform)
+    assert s.take_client() == enc("1") + enc("2")
+    s.shared_reply(enc(["app:x"]), ord("*"))
+    pos2, m2 = s.shared_run(buf, pos + len(enc(["app:x"])), 1)  # the limit is the run's length
+    assert m2 == 1 and pos2 == len(buf)
+    assert s.take_client() == enc(["x"]) + enc("3")
+    assert not s.pending
+    # an incomplete reply is left for the next read
+    s.client_data(c("GET", "d"))
+    assert s.shared_run(b"$5\r\nhel", 0, 1) == (0, 0)
