@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     default_table()  # load the command table before accepting anyone
     from proxy.server import run
     try:
-        run(cfg)
+        run(cfg, load_config=lambda: config_from_args(a))  # SIGHUP and POST /-/reload re-read it
     except OSError as e:
         print(f"keyspace-proxy: {e}", file=sys.stderr)
         return 1

@@ -128,6 +128,7 @@ class Limits:
     max_query: int = DEFAULT_MAX_QUERY
     connect_timeout: float = 5.0
     upstream_mode: str = "shared"   # shared: plain clients share a connection; dedicated: one each
+    reload_grace: float = 30.0      # seconds a changed route's connections may finish after a reload
     drain_timeout: float = 10.0
 
 

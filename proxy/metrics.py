@@ -133,8 +133,9 @@ class _QuietHandler(WSGIRequestHandler):
 class AdminServer:
     """The HTTP admin endpoint, in a daemon thread."""
 
-    def __init__(self, proxy, host: str, port: int, ready_timeout: float = 1.0):
+    def __init__(self, proxy, host: str, port: int, ready_timeout: float = 1.0, reload=None):
         self.proxy = proxy
+        self.reload = reload  # () -> (ok, message), run on the event loop
         self.ready_timeout = ready_timeout
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
@@ -167,6 +168,13 @@ class AdminServer:
             for st in self.proxy.stats.values():
                 st.upstream_up = None
             return self.metrics_app(environ, start_response)
+        if path == "/-/reload":
+            if environ.get("REQUEST_METHOD") != "POST":
+                return _text(start_response, "405 Method Not Allowed", "use POST\n")
+            if self.reload is None:
+                return _text(start_response, "404 Not Found", "reload is not available\n")
+            ok, message = self.reload()
+            return _text(start_response, "200 OK" if ok else "400 Bad Request", message + "\n")
         if path == "/healthz":
             return _text(start_response, "200 OK", "ok\n")
         if path == "/readyz":
@@ -174,7 +182,7 @@ class AdminServer:
             body = "".join(f"{name}: {'ok' if ok else 'upstream unreachable'}\n" for name, ok in results)
             status = "200 OK" if all(ok for _, ok in results) else "503 Service Unavailable"
             return _text(start_response, status, body)
-        return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz\n")
+        return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz, POST /-/reload\n")
 
 
 def _text(start_response, status: str, body: str):

@@ -13,7 +13,7 @@ from collections import deque
 from time import perf_counter
 
 from proxy.commands import default_table
-from proxy.config import Config, Route
+from proxy.config import Config, ConfigError, Route
 from proxy.resp import ProtocolError, encode_command, frame_end
 from proxy.session import Session
 from proxy.stats import RouteStats
@@ -45,6 +45,7 @@ class ClientConnection(asyncio.Protocol):
         self.reading_client = True
         self.reading_upstream = True
         self.close_reason = "client"
+        self.draining = False
         self.t_request = 0.0   # when the batch being timed was read (0: none being timed)
         self.t_sent = 0.0      # when it was written upstream
 
@@ -149,12 +150,20 @@ class ClientConnection(asyncio.Protocol):
         if out and not self.closed:
             self.transport.write(out)
             self.stats.bytes_out["client"] += len(out)
+        if self.draining and s.idle and not self.closed:
+            self.close("reload")
         if s.should_close and not self.closed:
             if s.upstream_error is not None:
                 self.close_reason = "upstream_error"
             elif s.protocol_error:
                 self.close_reason = "protocol_error"
             self.close()
+
+    def drain(self) -> None:
+        """Close at the next safe point: the route this connection was made for changed."""
+        self.draining = True
+        if self.session.idle:
+            self.close("reload")
 
     def close(self, reason: str | None = None) -> None:
         if reason:
@@ -431,16 +440,79 @@ class Proxy:
         # nobody can read them, so they are not kept. Counters are kept either way.
         self.timed = config.metrics_listen is not None
         self.servers: list[asyncio.AbstractServer] = []
+        self.routes: dict[tuple, Route] = {}               # listen address -> its current route
+        self.listeners: dict[tuple, asyncio.AbstractServer] = {}
+        self.generation = 1
         self._stopping = False
         self._idle = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for route in self.config.routes:
-            server = await loop.create_server(lambda r=route: ClientConnection(self, r),
-                                              route.listen[0], route.listen[1], reuse_address=True)
-            self.servers.append(server)
-            log.info("listening on %s", route.describe())
+            await self._listen(route)
+
+    async def _listen(self, route: Route) -> None:
+        loop = asyncio.get_running_loop()
+        listen = route.listen
+        self.routes[listen] = route
+        # the factory reads the current route, so a reload changes it for new connections
+        server = await loop.create_server(lambda: ClientConnection(self, self.routes[listen]),
+                                          listen[0], listen[1], reuse_address=True)
+        self.servers.append(server)
+        self.listeners[listen] = server
+        log.info("listening on %s", route.describe())
+
+    async def reload(self, new: Config) -> str:
+        """Apply a new configuration: listeners added and removed, routes changed.
+
+        New connections get the new routes at once; existing connections of a changed
+        or removed route are closed at their next safe point (no reply owed, not in
+        MULTI), so their clients reconnect onto the new route; after the grace period
+        the rest are closed too."""
+        old = dict(self.routes)
+        new_routes = {r.listen: r for r in new.routes}
+        added = [r for k, r in new_routes.items() if k not in old]
+        removed = [r for k, r in old.items() if k not in new_routes]
+        changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
+        for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
+            await self._listen(route)
+        for route in removed:
+            server = self.listeners.pop(route.listen)
+            server.close()
+            self.servers.remove(server)
+            del self.routes[route.listen]
+        for route in changed:
+            self.routes[route.listen] = route
+        for route in new.routes:
+            self.stats.setdefault(route.name, RouteStats(route.name))
+        if new.metrics_listen != self.config.metrics_listen:
+            log.warning("reload: [metrics] listen changed; the admin port moves only on restart")
+            new.metrics_listen = self.config.metrics_listen
+        self.config = new
+        self.generation += 1
+        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed}
+        draining = [c for c in self.clients if id(c.route) in stale]
+        for c in draining:
+            c.drain()
+        grace = new.limits.reload_grace
+        asyncio.get_running_loop().call_later(grace, self._end_grace, draining)
+        summary = (f"generation {self.generation}: {len(added)} listener(s) added, {len(removed)} removed, "
+                   f"{len(changed)} route(s) changed; draining {len(draining)} connection(s) "
+                   f"(grace {grace:g}s)")
+        log.info("reload: %s", summary, extra={"event": "reload"})
+        return summary
+
+    def _end_grace(self, draining: list) -> None:
+        left = [c for c in draining if not c.closed]
+        if left:
+            log.warning("reload: grace period over, closing %d connection(s) still busy", len(left))
+        for c in left:
+            c.close("reload")
+        current = {(r.name, r.upstream) for r in self.routes.values()}
+        for key, link in list(self.links.items()):
+            if (key[0], key[2]) not in current and not link.owners:
+                del self.links[key]
+                if link.transport is not None:
+                    link.transport.close()
 
     async def check_commands(self) -> None:
         """Log commands the upstream has that the generated table does not know.
@@ -464,7 +536,7 @@ class Proxy:
                             up.masked(), len(unknown), " ".join(unknown[:50]))
 
     def shared_link(self, route: Route, db: int) -> SharedLink:
-        key = (route.name, db)
+        key = (route.name, db, route.upstream)
         link = self.links.get(key)
         if link is None or link.lost:
             link = self.links[key] = SharedLink(self, route, db)
@@ -472,7 +544,7 @@ class Proxy:
         return link
 
     def forget_link(self, link: SharedLink) -> None:
-        key = (link.route.name, link.db)
+        key = (link.route.name, link.db, link.route.upstream)
         if self.links.get(key) is link:
             del self.links[key]
 
@@ -529,12 +601,27 @@ async def _command_list(up) -> list[str]:
         writer.close()
 
 
-async def serve(config: Config, ready=None) -> None:
+async def serve(config: Config, ready=None, load_config=None) -> None:
+    """Run until SIGTERM/SIGINT. `load_config()` re-reads the configuration for SIGHUP
+    and POST /-/reload (it raises ConfigError for an invalid one, which is refused)."""
     proxy = Proxy(config)
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> tuple[bool, str]:
+        if load_config is None:
+            return False, "no configuration to re-read"
+        try:
+            new = load_config()
+            return True, await proxy.reload(new)
+        except (ConfigError, OSError) as e:
+            log.error("reload refused, the running configuration stays: %s", e, extra={"event": "reload"})
+            return False, f"reload refused: {e}"
+
     admin = None
     if config.metrics_listen:  # up before the listeners, so "listening" means everything is
         from proxy.metrics import AdminServer
-        admin = AdminServer(proxy, *config.metrics_listen)
+        admin = AdminServer(proxy, *config.metrics_listen,
+                            reload=lambda: asyncio.run_coroutine_threadsafe(reload(), loop).result(30))
         admin.start()
         log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", config.metrics_listen[0], admin.port)
     await proxy.start()
@@ -542,9 +629,9 @@ async def serve(config: Config, ready=None) -> None:
     if ready is not None:
         ready(proxy)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
     await stop.wait()
     log.info("stopping: no new connections, draining %d", len(proxy.clients))
     await proxy.stop()
@@ -553,9 +640,9 @@ async def serve(config: Config, ready=None) -> None:
     log.info("stopped")
 
 
-def run(config: Config) -> None:
+def run(config: Config, load_config=None) -> None:
     try:
         import uvloop
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, load_config=load_config))
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, load_config=load_config))
