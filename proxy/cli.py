@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         from proxy.demo import main as demo_main
         return demo_main(argv[1:])
+    if argv[:1] == ["migrate"]:
+        from proxy.migrate import main as migrate_main
+        return migrate_main(argv[1:])
     a = build_parser().parse_args(argv)
     try:
         apply_env(a)
