@@ -88,6 +88,13 @@ def test_sidekiq_runbook_end_to_end(start_proxy, upstream_mode, tmp_path):
         assert results.scard("enqueued") > 20, [open(f).read()[-2000:] for f in logs]
         assert old_db.keys("sidekiq:*") and not new_db.keys("*")  # one keyspace, under sidekiq:
 
+        # Jobs waiting for a retry an hour from now, as Sidekiq 6 keeps them: they must survive the move.
+        import json
+        later = time.time() + 3600
+        retries = {json.dumps({"class": "CountJob", "args": [f"retry-{i}"], "jid": f"r{i}", "retry": True,
+                               "queue": "default"}): later + i for i in range(5)}
+        old_db.zadd("sidekiq:retry", retries)
+
         # Step 2: flip both routes to the new keyspace with a reload.
         cfg.write_text(step_config("step2-new-keyspace.toml", upstream, new_port, old_port, mport))
         req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST")
@@ -131,6 +138,10 @@ def test_sidekiq_runbook_end_to_end(start_proxy, upstream_mode, tmp_path):
         print(f"{len(enqueued)} jobs enqueued ({sum(1 for i in enqueued if i.startswith('old'))} by namespaced "
               f"clients), each ran once")
         assert new_db.exists("queues")
+        assert set(new_db.zrange("retry", 0, -1)) >= {m.encode() for m in retries}
+        failed = {i for i in enqueued if i.endswith("7")}
+        dead = {json.loads(m)["args"][0] for m in new_db.zrange("dead", 0, -1)}
+        assert failed and failed == dead, (len(failed), len(dead))  # old side's dead jobs moved, none lost
     finally:
         for p in procs:
             if p.poll() is None:
