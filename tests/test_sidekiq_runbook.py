@@ -51,9 +51,10 @@ def step_config(name: str, upstream: str, new: int, old: int, metrics: int) -> s
             .replace("reload_grace = 10.0", "reload_grace = 4.0"))
 
 
-def test_sidekiq_runbook_end_to_end(start_proxy, upstream_mode, tmp_path):
-    if upstream_mode != "shared":
-        pytest.skip("the runbook is walked once, with the default upstream mode")
+def test_sidekiq_runbook_end_to_end(tmp_path):
+    """Walked once, with the default (shared) upstream mode: it is the slowest test."""
+    from conftest import ProxyProcess
+    proxy = None
     srv = start_server("redis" if shutil.which("redis-server") else "valkey")
     procs = []
     try:
@@ -63,8 +64,8 @@ def test_sidekiq_runbook_end_to_end(start_proxy, upstream_mode, tmp_path):
         old_db = redis.Redis(port=srv.port, db=0)
         new_db = redis.Redis(port=srv.port, db=1)
         new_port, old_port, mport = free_port(), free_port(), free_port()
-        proxy = start_proxy(config_text=step_config("step1-shared-data.toml", upstream, new_port, old_port, mport),
-                            port=old_port)
+        proxy = ProxyProcess([], step_config("step1-shared-data.toml", upstream, new_port, old_port, mport),
+                             port=old_port)
         cfg = tmp_path.__class__(os.path.join(proxy.tmp, "proxy.toml"))
         stop = tmp_path / "stop"
         logs = []
@@ -151,4 +152,6 @@ def test_sidekiq_runbook_end_to_end(start_proxy, upstream_mode, tmp_path):
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if proxy is not None:
+            proxy.stop()
         srv.stop()
