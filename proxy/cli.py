@@ -18,6 +18,7 @@ ENV_FALLBACKS = {
     "listen": "PROXY_LISTEN", "namespace": "PROXY_NAMESPACE", "strip_namespace": "PROXY_STRIP_NAMESPACE",
     "separator": "PROXY_SEPARATOR", "config": "PROXY_CONFIG", "metrics_listen": "PROXY_METRICS_LISTEN",
     "log_level": "PROXY_LOG_LEVEL", "log_format": "PROXY_LOG_FORMAT", "upstream_mode": "PROXY_UPSTREAM_MODE",
+    "workers": "PROXY_WORKERS",
 }
 
 log = logging.getLogger("keyspace-proxy")
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "blocking commands, SUBSCRIBE, ...; dedicated: one upstream connection per client")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to let owed replies finish on SIGTERM (default 10)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="N processes sharing the listeners (SO_REUSEPORT) under one supervisor that "
+                        "also serves the admin port for all; default 1 (see README)")
     p.add_argument("--log-level", default=None, choices=list(LEVELS), help="default info")
     p.add_argument("--log-format", default=None, choices=list(FORMATS),
                    help="text (default) or json: one JSON object per line")
@@ -70,6 +74,13 @@ def apply_env(a: argparse.Namespace, environ=None) -> argparse.Namespace:
             setattr(a, attr, env[attr])
     if a.listen is None and not a.config:
         a.listen = env["listen"]
+    if a.workers is None and env["workers"] is not None:
+        try:
+            a.workers = int(env["workers"])
+        except ValueError:
+            raise ConfigError(f"PROXY_WORKERS: expected a number, got {env['workers']!r}") from None
+    if a.workers is not None and not 1 <= a.workers <= 256:
+        raise ConfigError(f"--workers: expected 1 to 256, got {a.workers}")
     if a.log_level is not None and a.log_level not in LEVELS:
         raise ConfigError(f"PROXY_LOG_LEVEL: expected one of {', '.join(LEVELS)}, got {a.log_level!r}")
     if a.log_format is not None and a.log_format not in FORMATS:
@@ -135,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if (a.log_level is None and cfg.log_level) or (a.log_format is None and cfg.log_format):
         setup_logging(a.log_level or cfg.log_level or "info", a.log_format or cfg.log_format or "text")
+    from proxy.workers import WORKER_ENV, run_workers
+    worker = WORKER_ENV in os.environ
+    if (a.workers or 1) > 1 and not worker:
+        try:
+            return run_workers(cfg, a.workers, argv, load_config=lambda: config_from_args(a))
+        except ConfigError as e:
+            log.error("configuration error: %s", e, extra={"event": "config_error"})
+            return 2
     from proxy.commands import default_table
     default_table()  # load the command table before accepting anyone
     from proxy.server import run
     try:
-        run(cfg, load_config=lambda: config_from_args(a))  # SIGHUP and POST /-/reload re-read it
+        run(cfg, load_config=lambda: config_from_args(a), worker=worker)  # SIGHUP, POST /-/reload re-read it
     except OSError as e:
         print(f"keyspace-proxy: {e}", file=sys.stderr)
         return 1

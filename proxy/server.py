@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections import deque
@@ -279,6 +280,9 @@ class SharedLink(asyncio.Protocol):
         self.buf = b""
         self.lost: str | None = None
         self.t_sent = 0.0
+        # get_running_loop() costs a getpid() system call (its fork check): once per
+        # link, not once per batch
+        self.loop = asyncio.get_running_loop()
         up = route.upstream
         if up.password:
             self._own([b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()])
@@ -326,7 +330,7 @@ class SharedLink(asyncio.Protocol):
         if not self.scheduled and self.transport is not None:
             # Write once at the end of this loop iteration, for every client together.
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
@@ -395,6 +399,14 @@ class SharedLink(asyncio.Protocol):
             self.stats.upstream_connections -= 1
         self.fail(f"connection lost: {exc}" if exc else "connection closed by the server")
 
+    def close(self) -> None:
+        """Closed by the proxy (stop, or its route gone): not an upstream failure."""
+        if not self.lost:
+            self.lost = "closed by the proxy"
+            self.proxy.forget_link(self)
+        if self.transport is not None:
+            self.transport.close()
+
     def fail(self, reason: str) -> None:
         if self.lost:
             return
@@ -430,8 +442,9 @@ def _peer(peer) -> str:
 
 
 class Proxy:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, reuse_port: bool = False):
         self.config = config
+        self.reuse_port = reuse_port  # a worker of several (proxy/workers.py) shares its listeners
         self.table = default_table()
         self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
@@ -456,7 +469,8 @@ class Proxy:
         self.routes[listen] = route
         # the factory reads the current route, so a reload changes it for new connections
         server = await loop.create_server(lambda: ClientConnection(self, self.routes[listen]),
-                                          listen[0], listen[1], reuse_address=True)
+                                          listen[0], listen[1], reuse_address=True,
+                                          reuse_port=self.reuse_port or None)
         self.servers.append(server)
         self.listeners[listen] = server
         log.info("listening on %s", route.describe())
@@ -511,8 +525,7 @@ class Proxy:
         for key, link in list(self.links.items()):
             if (key[0], key[2]) not in current and not link.owners:
                 del self.links[key]
-                if link.transport is not None:
-                    link.transport.close()
+                link.close()
 
     async def check_commands(self) -> None:
         """Log commands the upstream has that the generated table does not know.
@@ -567,8 +580,7 @@ class Proxy:
         for c in list(self.clients):
             c.close("shutdown")
         for link in list(self.links.values()):
-            if link.transport is not None:
-                link.transport.close()
+            link.close()
         for s in self.servers:
             await s.wait_closed()
 
@@ -601,10 +613,11 @@ async def _command_list(up) -> list[str]:
         writer.close()
 
 
-async def serve(config: Config, ready=None, load_config=None) -> None:
+async def serve(config: Config, ready=None, load_config=None, worker: bool = False) -> None:
     """Run until SIGTERM/SIGINT. `load_config()` re-reads the configuration for SIGHUP
-    and POST /-/reload (it raises ConfigError for an invalid one, which is refused)."""
-    proxy = Proxy(config)
+    and POST /-/reload (it raises ConfigError for an invalid one, which is refused).
+    `worker`: one of several processes under a supervisor (proxy/workers.py)."""
+    proxy = Proxy(config, reuse_port=worker)
     loop = asyncio.get_running_loop()
 
     async def reload() -> tuple[bool, str]:
@@ -629,6 +642,18 @@ async def serve(config: Config, ready=None, load_config=None) -> None:
     if ready is not None:
         ready(proxy)
     stop = asyncio.Event()
+    if worker:
+        from proxy.workers import report_ready
+        report_ready(admin.port if admin is not None else None)
+        parent = os.getppid()
+
+        def watch_parent() -> None:  # a worker whose supervisor is gone stops, drained
+            if os.getppid() != parent:
+                log.warning("supervisor gone: stopping", extra={"event": "stop"})
+                stop.set()
+            else:
+                loop.call_later(1.0, watch_parent)
+        loop.call_later(1.0, watch_parent)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
@@ -640,9 +665,9 @@ async def serve(config: Config, ready=None, load_config=None) -> None:
     log.info("stopped")
 
 
-def run(config: Config, load_config=None) -> None:
+def run(config: Config, load_config=None, worker: bool = False) -> None:
     try:
         import uvloop
-        uvloop.run(serve(config, load_config=load_config))
+        uvloop.run(serve(config, load_config=load_config, worker=worker))
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        asyncio.run(serve(config, load_config=load_config))
+        asyncio.run(serve(config, load_config=load_config, worker=worker))
