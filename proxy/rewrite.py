@@ -105,11 +105,14 @@ PASS, KEYS, SLOW = 0, 1, 2
 # Commands that give a connection state of its own: on a shared upstream connection
 # they would leak that state to other clients (or block them), so a client that
 # sends one moves to a dedicated connection first. Blocking commands come from the
-# table's "blocking" flag. 2 = CLIENT: depends on the subcommand (session.py).
+# table's "blocking" flag. 2 = CLIENT: depends on the subcommand; 3 = HELLO: a plain
+# HELLO 2/3 moves to the shared link of that protocol, with AUTH or SETNAME to a
+# dedicated connection (session.py).
 CONNECTION_STATE = {
-    "multi": 1, "watch": 1, "select": 1, "hello": 1, "auth": 1, "reset": 1, "monitor": 1,
+    "multi": 1, "watch": 1, "select": 1, "hello": 3, "auth": 1, "reset": 1, "monitor": 1,
     "subscribe": 1, "psubscribe": 1, "ssubscribe": 1, "unsubscribe": 1, "punsubscribe": 1,
     "sunsubscribe": 1, "readonly": 1, "readwrite": 1, "asking": 1, "client": 2,
+    "debug": 1,  # DEBUG PROTOCOL push (transparent routes) sends a push frame to its caller
 }
 
 

@@ -62,7 +62,7 @@ class ClientConnection(asyncio.Protocol):
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
                                              "peer": _peer(self.peer)})
         if self.shared:
-            self.link = self.proxy.shared_link(self.route, self.session.target.db)
+            self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
         else:
             self._start_connect()
@@ -107,6 +107,19 @@ class ClientConnection(asyncio.Protocol):
             s.switch_to_dedicated()
             self.apply_backpressure()
 
+    def _maybe_change_link(self) -> None:
+        """HELLO 2/3 on a shared connection: move to the link of that protocol once
+        every reply owed on this one is in (so replies stay in order)."""
+        s = self.session
+        if s.need_link is not None and s.shared and s.shared_quiet and not self.closed:
+            if self.link is not None:
+                self.link.clients.discard(self)
+            self.link = self.proxy.shared_link(self.route, s.target.db, s.need_link)
+            self.link.clients.add(self)
+            self.link_paused = False
+            s.switch_link()
+            self.apply_backpressure()
+
     def after_shared_replies(self) -> None:
         """Called by the link after it handed this connection replies."""
         if self.t_request and not self.session.pending:
@@ -114,6 +127,8 @@ class ClientConnection(asyncio.Protocol):
             self.t_request = 0.0
         if self.session.need_dedicated:
             self._maybe_leave_link()
+        elif self.session.need_link is not None:
+            self._maybe_change_link()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -121,6 +136,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.t_request and self.proxy.timed:
             self.t_request = perf_counter()
         self.session.client_data(data)
+        if self.session.need_link is not None:
+            self._maybe_change_link()
         self.flush()
         if not self.session.pending:
             self.t_request = 0.0  # answered locally (or nothing owed): not a round trip
@@ -133,7 +150,7 @@ class ClientConnection(asyncio.Protocol):
             if out or owed:
                 self.registered = s.owed_sent
                 if self.link is None or self.link.lost:
-                    self.link = self.proxy.shared_link(self.route, s.target.db)
+                    self.link = self.proxy.shared_link(self.route, s.target.db, s.link_proto)
                     self.link.clients.add(self)
                 self.link.submit(self, out, owed)
             if s.need_dedicated and self.upstream is None and not self.connecting and not self.closed:
@@ -267,10 +284,11 @@ class SharedLink(asyncio.Protocol):
     server connections. Replies are handed back in order: `owners` holds runs of
     [client, replies owed], in the order the requests were written."""
 
-    def __init__(self, proxy: "Proxy", route: Route, db: int):
+    def __init__(self, proxy: "Proxy", route: Route, db: int, proto: int = 2):
         self.proxy = proxy
         self.route = route
         self.db = db
+        self.proto = proto  # RESP2 and RESP3 clients share separate links
         self.stats = proxy.stats[route.name]
         self.transport = None
         self.owners: deque = deque()
@@ -288,6 +306,8 @@ class SharedLink(asyncio.Protocol):
             self._own([b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()])
         if db != 0:
             self._own([b"SELECT", str(db).encode()])
+        if proto == 3:
+            self._own([b"HELLO", b"3"])
 
     def _own(self, args: list[bytes]) -> None:
         self.out.append(encode_command(args))
@@ -370,6 +390,9 @@ class SharedLink(asyncio.Protocol):
                 end = frame_end(buf, pos)
                 if end < 0:
                     break
+                if buf[pos] == 0x3E:  # '>' a RESP3 push: no client here asked for one (no
+                    pos = end          # subscriptions or tracking on a shared link); not a reply
+                    continue
                 if not owners:
                     raise ProtocolError("a reply nobody asked for")
                 run = owners[0]
@@ -548,16 +571,16 @@ class Proxy:
                             "namespaced routes and passed through elsewhere: %s",
                             up.masked(), len(unknown), " ".join(unknown[:50]))
 
-    def shared_link(self, route: Route, db: int) -> SharedLink:
-        key = (route.name, db, route.upstream)
+    def shared_link(self, route: Route, db: int, proto: int = 2) -> SharedLink:
+        key = (route.name, db, route.upstream, proto)
         link = self.links.get(key)
         if link is None or link.lost:
-            link = self.links[key] = SharedLink(self, route, db)
+            link = self.links[key] = SharedLink(self, route, db, proto)
             asyncio.ensure_future(link.connect())
         return link
 
     def forget_link(self, link: SharedLink) -> None:
-        key = (link.route.name, link.db, link.route.upstream)
+        key = (link.route.name, link.db, link.route.upstream, link.proto)
         if self.links.get(key) is link:
             del self.links[key]
 

@@ -80,6 +80,11 @@ class Session:
         # shell has a dedicated connection and every shared reply is in.
         self.shared = shared
         self.need_dedicated = False
+        # RESP2 and RESP3 clients share different links: `link_proto` is the one this
+        # session is on; `need_link` holds requests after a HELLO that changes it, until
+        # the replies owed on the old link are in (the shell then calls switch_link).
+        self.link_proto = 2
+        self.need_link: int | None = None
         if not shared:
             self.handshake()
 
@@ -204,7 +209,7 @@ class Session:
                     self.stats.depth.observe(depth)
                 return
             depth += 1
-            if self.emu is not None or self.held or self.need_dedicated:
+            if self.emu is not None or self.held or self.need_dedicated or self.need_link is not None:
                 self.held.append(args)
             else:
                 self.handle(args)
@@ -215,9 +220,26 @@ class Session:
         plan = self.plans.get(args[0])
         if plan is None:
             plan = self._plan(args[0])
-        if self.shared and ((plan.dedicated and not (
+        if self.shared and plan.dedicated == 3 and self.multi is None and len(args) == 2 \
+                and args[1] in (b"2", b"3"):
+            # plain HELLO 2/3 (no AUTH, no SETNAME): the link of that protocol, still shared
+            version = int(args[1])
+            if version != self.link_proto:
+                self.need_link = version
+                self.held.appendleft(args)
+                return
+        elif self.shared and ((plan.dedicated and not (
                 plan.dedicated == 2 and len(args) > 1 and args[1].lower() in SHARED_CLIENT_SUBCOMMANDS))
                 or len(self.pending) >= SHARED_MAX_OWED):
+            if plan.dedicated == 2:
+                # A CLIENT subcommand the route refuses (redis-py 8 sends CLIENT
+                # MAINT_NOTIFICATIONS on connect) needs no connection of its own.
+                try:
+                    rewrite(list(args), self.ctx)
+                except Refused as e:
+                    plan.count += 1
+                    self._label = plan.label
+                    return self._refuse(str(e))
             self.need_dedicated = True
             # to the front: when replayed from `held`, it must stay ahead of what follows
             self.held.appendleft(args)
@@ -436,8 +458,7 @@ class Session:
             elif self.reply_off:
                 self._up.append(encode_command([b"CLIENT", b"REPLY", b"OFF"]))
             self._drain_locals()
-            while self.held and self.emu is None and not self.close_when_done and not self.need_dedicated:
-                self.handle(self.held.popleft())
+            self._replay_held()
             return
         self._up.append(encode_command(cmd))
         self._owe((INTERNAL, self._emu_step))
@@ -453,8 +474,21 @@ class Session:
         """Continue on a dedicated upstream connection: handshake, then the held requests."""
         self.shared = False
         self.need_dedicated = False
+        self.need_link = None
         self.handshake()
-        while self.held and self.emu is None and not self.close_when_done and not self.need_dedicated:
+        if self.link_proto == 3:  # the client said HELLO 3 on a shared link: keep its protocol
+            self._up.append(encode_command([b"HELLO", b"3"]))
+            self._owe((INTERNAL, self._check_handshake))
+        self._replay_held()
+
+    def switch_link(self) -> None:
+        """Continue on the shared link of protocol `need_link`: the held requests, HELLO first."""
+        self.link_proto, self.need_link = self.need_link, None
+        self._replay_held()
+
+    def _replay_held(self) -> None:
+        while self.held and self.emu is None and not self.close_when_done and not self.need_dedicated \
+                and self.need_link is None:
             self.handle(self.held.popleft())
 
     # ------------------------------------------------------------ upstream -> client
@@ -492,7 +526,10 @@ class Session:
         through as one slice; (position after them, how many)."""
         pending = self.pending
         start, m = pos, 0
+        push = self.link_proto == 3  # a RESP3 push is no reply: the link skips it
         while m < limit and pending and pending[0] is None:
+            if push and pos < len(buf) and buf[pos] == 0x3E:
+                break
             end = frame_end(buf, pos)
             if end < 0:
                 break

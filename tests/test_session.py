@@ -573,7 +573,8 @@ def test_shared_session_sends_no_handshake_and_plain_commands_stay_shared():
 
 
 @pytest.mark.parametrize("cmd", [("MULTI",), ("WATCH", "k"), ("SELECT", "1"), ("BLPOP", "q", "0"),
-                                 ("SUBSCRIBE", "ch"), ("HELLO", "3"), ("CLIENT", "SETNAME", "n")])
+                                 ("SUBSCRIBE", "ch"), ("HELLO", "3", "SETNAME", "n"), ("HELLO",),
+                                 ("CLIENT", "SETNAME", "n")])
 def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
     s = Session(make_route(db=3), shared=True)
     s.client_data(c("GET", "a") + c(*cmd) + c("GET", "b"))
@@ -586,6 +587,54 @@ def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
     assert out.startswith(c("SELECT", "3"))  # the dedicated connection's own handshake
     b = c("GET", "other:b") if cmd[0] == "SELECT" else c("GET", "app:b")  # SELECT 1 -> db 7, namespace other
     assert not s.shared and out.endswith(b)
+
+
+def test_plain_hello_moves_to_the_shared_link_of_its_protocol_in_order():
+    s = Session(make_route(db=3), shared=True)
+    s.client_data(c("GET", "a") + c("HELLO", "3") + c("GET", "b"))
+    assert s.take_upstream() == c("GET", "app:a")  # the rest waits for GET a's reply
+    assert s.need_link == 3 and not s.need_dedicated and not s.shared_quiet
+    assert shared_replies(s, enc("1")) == enc("1")
+    assert s.shared_quiet
+    s.switch_link()  # the shell moved it to the RESP3 link
+    assert s.shared and s.link_proto == 3 and s.need_link is None
+    assert s.take_upstream() == c("HELLO", "3") + c("GET", "app:b")  # no handshake: the link has its own
+    hello = b"%1\r\n$5\r\nproto\r\n:3\r\n"
+    assert shared_replies(s, hello, enc("2")) == hello + enc("2")
+    assert s.proto == 3
+    # HELLO 3 again: already on that link, sent as it is
+    s.client_data(c("HELLO", "3"))
+    assert s.take_upstream() == c("HELLO", "3") and s.need_link is None
+    shared_replies(s, hello)
+    # a blocking command later: the dedicated connection speaks RESP3 from its handshake on
+    s.client_data(c("BLPOP", "q", "0"))
+    assert s.need_dedicated and s.shared_quiet
+    s.switch_to_dedicated()
+    assert s.take_upstream() == c("SELECT", "3") + c("HELLO", "3") + c("BLPOP", "app:q", "0")
+
+
+def test_a_refused_client_subcommand_stays_shared():
+    s = Session(make_route(), shared=True)
+    s.client_data(c("GET", "a") + c("CLIENT", "MAINT_NOTIFICATIONS", "ON") + c("GET", "b"))
+    assert s.take_upstream() == c("GET", "app:a") + c("GET", "app:b")
+    assert s.shared and not s.need_dedicated
+    out = shared_replies(s, enc("1"), enc("2"))
+    assert out.startswith(enc("1") + b"-ERR") and out.endswith(enc("2")) and b"client" in out.lower()
+
+
+def test_push_frames_on_a_resp3_link_are_not_replies():
+    s = Session(make_route(), shared=True)
+    s.client_data(c("HELLO", "3"))
+    s.switch_link()
+    s.take_upstream()
+    shared_replies(s, b"%0\r\n")
+    s.client_data(c("GET", "a") + c("GET", "b"))
+    push = b">2\r\n$4\r\nnote\r\n$1\r\nx\r\n"
+    buf = enc("1") + push + enc("2")
+    pos, m = s.shared_run(buf, 0, 2)
+    assert (pos, m) == (len(enc("1")), 1)  # stops at the push; the link skips it
+    assert s.shared_run(buf, pos + len(push), 1) == (len(buf), 1)
+    assert s.take_client() == enc("1") + enc("2")
 
 
 def test_emulation_then_dedicated_keeps_request_order():

@@ -1,0 +1,45 @@
+"""Shared upstream connections (issue 3): RESP2 and RESP3 clients each share one link per
+route and db; HELLO 3 moves a client to the RESP3 link, not to a connection of its own."""
+
+import redis
+
+from conftest import ProxyProcess
+
+
+def proxy_links(d: redis.Redis, db: int) -> dict[str, int]:
+    """Connections on the server in `db` other than `d` itself, by protocol."""
+    me = d.client_id()
+    out: dict[str, int] = {}
+    for c in d.client_list():
+        if int(c["id"]) != me and int(c["db"]) == db:
+            out[c.get("resp", "2")] = out.get(c.get("resp", "2"), 0) + 1
+    return out
+
+
+def test_resp2_and_resp3_clients_share_one_link_each(server, fresh_db, d):
+    p = ProxyProcess(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}", "--namespace", "ns",
+                      "--upstream-mode", "shared"])
+    try:
+        clients = [redis.Redis(host="127.0.0.1", port=p.port, protocol=proto, single_connection_client=True)
+                   for proto in (2, 3) for _ in range(6)]
+        for i, c in enumerate(clients):
+            assert c.set(f"k{i}", i)
+            assert c.hset(f"h{i}", mapping={"f": i}) == 1
+        for i, c in enumerate(clients):
+            assert c.get(f"k{i}") == str(i).encode()
+            assert c.hgetall(f"h{i}") == {b"f": str(i).encode()}  # a RESP3 map for protocol 3
+        assert sorted(d.keys("ns:k*")) == sorted(f"ns:k{i}".encode() for i in range(12))
+        links = proxy_links(d, fresh_db)
+        if "resp" in d.client_list()[0]:  # servers that show the protocol in CLIENT LIST
+            assert links == {"2": 1, "3": 1}, links
+        else:
+            assert sum(links.values()) == 2, links
+        # a RESP3 client that blocks gets its own connection, still speaking RESP3
+        r3 = clients[-1]
+        d.rpush("ns:q", "job")
+        assert r3.blpop(["q"], 1) == [b"q", b"job"]
+        assert r3.hgetall("h11") == {b"f": b"11"}
+        for c in clients:
+            c.close()
+    finally:
+        assert p.stop() == 0
