@@ -9,6 +9,8 @@ takes a random key from the first non-empty SCAN batch at a random cursor.
 
 from __future__ import annotations
 
+import functools
+
 import hiredis
 
 from proxy.keyspace import Keyspace, Refused
@@ -40,43 +42,56 @@ def _scan(ks: Keyspace, cursor: bytes) -> list[bytes]:
     return [b"SCAN", cursor, b"MATCH", ks.match_all(), b"COUNT", SCAN_COUNT]
 
 
+class _Failed(Exception):
+    """The server answered a step with an error: the emulation answers with it."""
+
+
+def _call(cmd: list[bytes]):
+    reply = yield cmd
+    if isinstance(reply, hiredis.ReplyError):
+        raise _Failed(str(reply))
+    return reply
+
+
+def _errors_answered(gen_fn):
+    @functools.wraps(gen_fn)
+    def run(*args):
+        try:
+            return (yield from gen_fn(*args))
+        except _Failed as e:
+            return error(str(e))
+    return run
+
+
+@_errors_answered
 def flushdb(ks: Keyspace, delete: bytes):
     cursor = b"0"
     while True:
-        reply = yield _scan(ks, cursor)
-        if isinstance(reply, hiredis.ReplyError):
-            return error(str(reply))
-        cursor, keys = reply
+        cursor, keys = yield from _call(_scan(ks, cursor))
         if keys:
-            r = yield [delete, *keys]
-            if isinstance(r, hiredis.ReplyError):
-                return error(str(r))
+            yield from _call([delete, *keys])
         if cursor == b"0":
             return OK
 
 
+@_errors_answered
 def dbsize(ks: Keyspace):
     cursor, count = b"0", 0
     while True:
-        reply = yield _scan(ks, cursor)
-        if isinstance(reply, hiredis.ReplyError):
-            return error(str(reply))
-        cursor, keys = reply
+        cursor, keys = yield from _call(_scan(ks, cursor))
         count += len(keys)
         if cursor == b"0":
             return integer(count)
 
 
+@_errors_answered
 def randomkey(ks: Keyspace, proto: int, rnd: float):
     nil = b"_\r\n" if proto == 3 else b"$-1\r\n"
     # Start at 0, then walk: the first non-empty batch gives the key. A random
     # element of that batch keeps repeated calls from always naming the same key.
     cursor = b"0"
     while True:
-        reply = yield _scan(ks, cursor)
-        if isinstance(reply, hiredis.ReplyError):
-            return error(str(reply))
-        cursor, keys = reply
+        cursor, keys = yield from _call(_scan(ks, cursor))
         if keys:
             key = keys[int(rnd * len(keys)) % len(keys)]
             return bulk(ks.key_out(key))
