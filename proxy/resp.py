@@ -176,6 +176,14 @@ def encode_command(args: list[bytes]) -> bytes:
     return pack_command(tuple(args))
 
 
+def _after_quote(line: bytes, i: int) -> int:
+    """Past a closing quote at `i`: Redis wants a space (or the end) right after it."""
+    i += 1
+    if i < len(line) and not line[i:i + 1].isspace():
+        raise ProtocolError("unbalanced quotes in request")
+    return i
+
+
 def split_inline(line: bytes) -> list[bytes]:
     """Split an inline command the way Redis's sdssplitargs does (quotes, escapes)."""
     args: list[bytes] = []
@@ -202,9 +210,7 @@ def split_inline(line: bytes) -> list[bytes]:
                     i += 2
                     continue
                 if c == b'"':
-                    i += 1
-                    if i < n and not line[i:i + 1].isspace():
-                        raise ProtocolError("unbalanced quotes in request")
+                    i = _after_quote(line, i)
                     break
                 cur += c
                 i += 1
@@ -219,9 +225,7 @@ def split_inline(line: bytes) -> list[bytes]:
                     i += 2
                     continue
                 if c == b"'":
-                    i += 1
-                    if i < n and not line[i:i + 1].isspace():
-                        raise ProtocolError("unbalanced quotes in request")
+                    i = _after_quote(line, i)
                     break
                 cur += c
                 i += 1
