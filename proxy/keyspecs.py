@@ -196,6 +196,8 @@ def _compile_spec(spec: dict) -> tuple[_SpecFn, tuple[int, ...] | None, int]:
                 if last >= argc or last < first0 or first0 >= argc:
                     raise _arity_error(args)
                 return range(first0, last + 1, step)
+            if lastkey < 0 and not limit and first0 >= 1:  # the C path's range form (first, lastkey, step)
+                fn.fast = ("range", first0, lastkey, step)
         else:
             search = bval
 
@@ -255,6 +257,7 @@ def compile_specs(key_specs: list[dict], *, include_not_keys: bool = False) -> K
     if not compiled:
         def no_keys(args: Sequence[bytes]) -> list[int]:
             return []
+        no_keys.fast = ("fixed", (), 1)
         return no_keys
 
     if all(fixed is not None for _, fixed, _ in compiled):
@@ -265,6 +268,7 @@ def compile_specs(key_specs: list[dict], *, include_not_keys: bool = False) -> K
             if len(args) < min_argc:
                 raise _arity_error(args)
             return list(positions)
+        fixed_keys.fast = ("fixed", positions, min_argc)  # what the C path needs to do the same
         return fixed_keys
 
     fns = tuple(fn for fn, _, _ in compiled)
@@ -274,6 +278,8 @@ def compile_specs(key_specs: list[dict], *, include_not_keys: bool = False) -> K
         def one_spec(args: Sequence[bytes]) -> list[int]:
             # A single range/keynum walks forward, so it is already sorted and unique.
             return list(only(args, len(args)))
+        if hasattr(only, "fast"):
+            one_spec.fast = only.fast
         return one_spec
 
     def many_specs(args: Sequence[bytes]) -> list[int]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hiredis
 
+from proxy.speedups import C
+
 CRLF = b"\r\n"
 
 # Redis's own limits (proto-max-bulk-len, client-query-buffer-limit).
@@ -33,11 +35,12 @@ _AGG = frozenset(b"*~>")           # count elements
 _PAIRS = frozenset(b"%|")          # count pairs
 
 
-def frame_end(buf: bytes | bytearray, pos: int = 0, depth: int = 0) -> int:
+def _frame_end(buf: bytes | bytearray, pos: int = 0, depth: int = 0) -> int:
     """Index just past the reply that starts at `pos`, or -1 if it is incomplete.
 
     A RESP3 attribute (`|`) is framed together with the reply it annotates,
-    so every frame is one reply (or one push)."""
+    so every frame is one reply (or one push). The reference implementation:
+    `frame_end` is this, or the C framer where it gives an answer."""
     nl = buf.find(CRLF, pos)
     if nl < 0:
         if len(buf) - pos > MAX_INLINE:
@@ -64,13 +67,47 @@ def frame_end(buf: bytes | bytearray, pos: int = 0, depth: int = 0) -> int:
             n *= 2
         p = nl + 2
         for _ in range(n):
-            p = frame_end(buf, p, depth + 1)
+            p = _frame_end(buf, p, depth + 1)
             if p < 0:
                 return -1
         if t == 0x7C:  # '|': the attribute is followed by the reply it describes
-            return frame_end(buf, p, depth + 1)
+            return _frame_end(buf, p, depth + 1)
         return p
     raise ProtocolError(f"unexpected reply type byte {chr(t)!r}")
+
+
+def _frame_run(buf: bytes, pos: int, limit: int, stop_at_push: bool, pending) -> tuple[int, int]:
+    """Frame up to `limit` replies from `pos` while `pending` (a deque) starts with
+    None entries (replies passed on as they are), popping them: (end, how many).
+
+    Stops at an incomplete reply and, with `stop_at_push`, at a RESP3 push."""
+    m = 0
+    while m < limit and pending and pending[0] is None:
+        if stop_at_push and pos < len(buf) and buf[pos] == 0x3E:
+            break
+        end = _frame_end(buf, pos)
+        if end < 0:
+            break
+        pending.popleft()
+        pos = end
+        m += 1
+    return pos, m
+
+
+if C is not None:
+    _c_frame_end = C.frame_end
+    frame_run = C.frame_run  # hands anything unusual back: the caller then calls frame_end
+
+    def frame_end(buf: bytes | bytearray, pos: int = 0) -> int:
+        """Index just past the reply at `pos`, -1 if incomplete (ProtocolError if not RESP)."""
+        if type(buf) is bytes:
+            end = _c_frame_end(buf, pos)
+            if end != -2:  # -2: an error or unusual syntax, which the Python framer words
+                return end
+        return _frame_end(buf, pos)
+else:
+    frame_end = _frame_end
+    frame_run = _frame_run
 
 
 def split(raw: bytes) -> tuple[bytes, list[bytes]]:
@@ -264,6 +301,11 @@ class RequestReader:
         self._first = None    # a chunk that starts a request, until its first request is checked
         self.max_bulk = max_bulk
         self.max_query = max_query
+
+    @property
+    def idle(self) -> bool:
+        """No part of a request is held: the next bytes start a new one."""
+        return not self._pending and not self._in_hiredis
 
     def feed(self, data: bytes) -> None:
         if self._pending:

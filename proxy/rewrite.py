@@ -16,6 +16,7 @@ from proxy.commands import KEYLESS_SAFE, REFUSED_WHY, CommandTable
 from proxy.keyspace import Keyspace, Refused, show
 from proxy.keyspecs import KeySpecError
 from proxy.pubsub import ChannelMap
+from proxy.speedups import C
 
 Transform = Callable[[bytes], bytes]
 
@@ -117,7 +118,7 @@ CONNECTION_STATE = {
 
 
 class Plan:
-    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count", "dedicated", "entry")
+    __slots__ = ("kind", "label", "positions", "key_in", "reply", "count", "dedicated", "entry", "fast")
 
     def __init__(self, kind, label, positions=None, key_in=None, reply=None):
         self.kind = kind            # PASS: send as is; KEYS: rewrite positions; SLOW: full path
@@ -128,6 +129,7 @@ class Plan:
         self.count = 0              # requests seen (read by metrics)
         self.dedicated = 0          # needs a connection of its own (CONNECTION_STATE)
         self.entry = None           # the session's pending entry for this plan's replies
+        self.fast = None            # its C Spec, if the C path can take it (fast_spec)
 
 
 def compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
@@ -136,6 +138,23 @@ def compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:
     cmd = ctx.table.commands.get(plan.label)
     plan.dedicated = CONNECTION_STATE.get(plan.label) or int(cmd is not None and "blocking" in cmd.flags)
     return plan
+
+
+def fast_spec(plan: Plan):
+    """The C path's Spec for a plan it can take whole, else None: a plain command
+    (no reply transform, no connection state) whose key positions are fixed or a
+    simple range. The C code counts its requests on the Spec (`spec.count`)."""
+    if C is None or plan.kind > KEYS or plan.reply is not None or plan.dedicated:
+        return None
+    if plan.kind == PASS:
+        return C.Spec(())
+    form = getattr(plan.positions, "fast", None)
+    if form is None:
+        return None
+    if form[0] == "fixed":
+        return C.Spec(form[1], form[2]) if len(form[1]) <= 16 else None
+    _, first, lastkey, step = form
+    return C.Spec((), 1, first, lastkey, step)
 
 
 def _compile_plan(raw_name: bytes, ctx: Ctx, special) -> Plan:

@@ -13,7 +13,9 @@ too, so they reach the client in the position of their request. Push frames
 from __future__ import annotations
 
 import random
+import sys
 from collections import deque
+from itertools import repeat
 
 import hiredis
 
@@ -23,11 +25,16 @@ from proxy.config import Limits, Route
 from proxy.keyspace import Refused
 from proxy.pubsub import CONFIRMS, MESSAGES, ChannelMap, rewrite_frame
 from proxy.replies import exec_array
-from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end, pack_command,
-                        is_error, split, string_value)
+from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end, frame_run,
+                        pack_command, is_error, split, string_value)
 from proxy.keyspecs import KeySpecError
-from proxy.rewrite import KEYS, Ctx, Plan, compile_plan, refuse, rewrite
+from proxy.rewrite import KEYS, Ctx, Plan, compile_plan, fast_spec, refuse, rewrite
+from proxy.speedups import C
 from proxy.stats import RouteStats
+
+# The C path's keyspace modes (proxy/_speedups.c, rewrite_plain).
+FAST_MODES = {"none": 0, "add": 1, "strip": 2}
+_rewrite_plain = C.rewrite_plain if C is not None else None
 
 # Kinds of pending entries (a plain None is the common "pass the reply through").
 XFORM, LOCAL, INTERNAL, SUB = 1, 2, 3, 4
@@ -94,6 +101,9 @@ class Session:
         self.target = target
         self.ctx = Ctx(self.route, target, self.table)
         self.plans = self.stats.plans_for(target)
+        self.fast_specs = self.stats.fast_for(target)
+        ks = target.keyspace
+        self.fast_mode, self.fast_prefix = FAST_MODES[ks.mode], ks.prefix
         if getattr(self, "cmap", None) is None:
             self.cmap = ChannelMap(self.route, target)
         else:
@@ -192,8 +202,27 @@ class Session:
     def client_data(self, data: bytes) -> None:
         if self.close_when_done:
             return
-        self.reader.feed(data)
         depth = 0
+        if _rewrite_plain is not None and data[:1] == b"*" and self.fast_specs and self.reader.idle \
+                and self.multi is None and not self.reply_off and not self.skip_next and self.emu is None \
+                and not self.held and not self.need_dedicated and self.need_link is None \
+                and self.upstream_error is None:
+            # The C path takes the leading requests whose commands have a Spec (see
+            # rewrite.fast_spec), exactly as `handle` would; the rest go on below.
+            limit = SHARED_MAX_OWED - len(self.pending) if self.shared else sys.maxsize
+            if limit > 0:
+                out, end, depth, keys = _rewrite_plain(data, self.fast_specs, self.fast_mode, self.fast_prefix,
+                                                       limit, self.limits.max_bulk)
+                if depth:
+                    self._up.append(out)
+                    self.pending.extend(repeat(None, depth))
+                    self.owed_sent += depth
+                    self.stats.keys_rewritten += keys
+                    if end == len(data):
+                        self.stats.depth.observe(depth)
+                        return
+                    data = data[end:]
+        self.reader.feed(data)
         while True:
             try:
                 args = self.reader.get()
@@ -285,6 +314,9 @@ class Session:
         plan.entry = None if plan.reply is None else (XFORM, plan.reply)
         if len(self.plans) < 1024:  # names are client input: bound the cache
             self.plans[raw_name] = plan
+            plan.fast = fast_spec(plan)
+            if plan.fast is not None:
+                self.fast_specs[raw_name] = plan.fast
         else:
             self.stats.uncached_commands += 1
         return plan
@@ -499,19 +531,20 @@ class Session:
         pending, out = self.pending, self._client
         try:
             while pos < n:
+                if pending and pending[0] is None and not self.sub_waiting and not self.monitor \
+                        and not (self.proto == 2 and self._subscribed()):
+                    # the common case: replies that need nothing, passed on as they came
+                    end, m = frame_run(buf, pos, len(pending), True, pending)
+                    if m:
+                        out.append(buf[pos:end])
+                        pos = end
+                        if pending and pending[0] is not None:
+                            self._drain_locals()
+                        continue
                 end = frame_end(buf, pos)
                 if end < 0:
                     break
                 first = buf[pos]
-                if pending and pending[0] is None and first != 0x3E and not self.sub_waiting \
-                        and not self.monitor and not (self.proto == 2 and first == 0x2A and self._subscribed()):
-                    # the common case: a reply that needs nothing, passed on as it came
-                    pending.popleft()
-                    out.append(buf[pos:end])
-                    pos = end
-                    if pending and pending[0] is not None:
-                        self._drain_locals()
-                    continue
                 raw = buf[pos:end]
                 pos = end
                 self._reply(raw, first)
@@ -525,17 +558,9 @@ class Session:
         """Pass up to `limit` replies from a shared connection that need nothing
         through as one slice; (position after them, how many)."""
         pending = self.pending
-        start, m = pos, 0
-        push = self.link_proto == 3  # a RESP3 push is no reply: the link skips it
-        while m < limit and pending and pending[0] is None:
-            if push and pos < len(buf) and buf[pos] == 0x3E:
-                break
-            end = frame_end(buf, pos)
-            if end < 0:
-                break
-            pending.popleft()
-            pos = end
-            m += 1
+        start = pos
+        # a RESP3 push is no reply: the link skips it
+        pos, m = frame_run(buf, pos, limit, self.link_proto == 3, pending)
         if m:
             self._client.append(buf[start:pos])
             if pending and pending[0] is not None:

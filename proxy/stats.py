@@ -61,6 +61,7 @@ class RouteStats:
         self.roundtrip_seconds = Histogram(SECONDS_BUCKETS)
         # Commands are counted on their plans (rewrite.Plan): plan.count += 1.
         self._plans: dict = {}
+        self._fast: dict = {}        # per target: command name as sent -> C Spec (speedups)
         self.uncached_commands = 0
 
     def plans_for(self, target) -> dict:
@@ -69,6 +70,13 @@ class RouteStats:
         if cache is None:
             cache = self._plans[target] = {}
         return cache
+
+    def fast_for(self, target) -> dict:
+        """The C path's specs of one keyspace target (a subset of its plans)."""
+        specs = self._fast.get(target)
+        if specs is None:
+            specs = self._fast[target] = {}
+        return specs
 
     def closed_reason(self, reason: str) -> None:
         self.closed[reason] = self.closed.get(reason, 0) + 1
@@ -82,7 +90,8 @@ class RouteStats:
         out: dict[str, int] = {"other": self.uncached_commands} if self.uncached_commands else {}
         for cache in list(self._plans.values()):
             for plan in list(cache.values()):
-                if plan.count:
+                n = plan.count + (plan.fast.count if plan.fast is not None else 0)
+                if n:
                     label = plan.label if plan.label in known else "other"
-                    out[label] = out.get(label, 0) + plan.count
+                    out[label] = out.get(label, 0) + n
         return out
