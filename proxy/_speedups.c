@@ -144,64 +144,81 @@ typedef struct {
     Py_ssize_t len;
 } Arg;
 
-static Arg *args_buf = NULL;      /* reused between calls (the GIL is held) */
-static Py_ssize_t args_cap = 0;
-
-typedef struct {
-    char *p;
-    Py_ssize_t len, cap;
-} Out;
+/* Scratch arrays reused between calls (the GIL is held): the arguments of the
+ * request being read, and the key arguments of every request taken so far. */
+static Arg *args_buf = NULL, *keys_buf = NULL;
+static Py_ssize_t args_cap = 0, keys_cap = 0;
 
 static int
-out_reserve(Out *o, Py_ssize_t more)
+grow(Arg **buf, Py_ssize_t *cap, Py_ssize_t need)
 {
-    if (o->len + more <= o->cap)
+    if (need <= *cap)
         return 0;
-    Py_ssize_t cap = o->cap ? o->cap : 256;
-    while (cap < o->len + more)
-        cap *= 2;
-    char *p = PyMem_Realloc(o->p, cap);
-    if (p == NULL) {
+    Py_ssize_t c = *cap ? *cap : 64;
+    while (c < need)
+        c *= 2;
+    Arg *b = PyMem_Realloc(*buf, c * sizeof(Arg));
+    if (b == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    o->p = p;
-    o->cap = cap;
+    *buf = b;
+    *cap = c;
     return 0;
 }
 
-static int
-out_put(Out *o, const char *src, Py_ssize_t n)
+static char *
+put_len(char *o, Py_ssize_t v)  /* "$<v>\r\n" */
 {
-    if (n <= 0)
-        return 0;
-    if (out_reserve(o, n) < 0)
-        return -1;
-    memcpy(o->p + o->len, src, n);
-    o->len += n;
-    return 0;
+    char tmp[24];
+    int i = 0;
+    do {
+        tmp[i++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    *o++ = '$';
+    while (i)
+        *o++ = tmp[--i];
+    *o++ = '\r';
+    *o++ = '\n';
+    return o;
 }
 
-/* One key argument, re-encoded: "$<len>\r\n" + (prefix + key | key minus prefix). */
-static int
-out_key(Out *o, const Arg *a, int mode, const char *prefix, Py_ssize_t plen)
+/* Command name -> Spec look-ups, cached so that a request costs no bytes object
+ * and no hashing. Valid because an entry of a specs dict is never replaced or
+ * removed (session.py adds one Spec per name, once); the cache holds references
+ * to the dict, the name and the Spec, so none of them can be freed and reused. */
+#define NAME_CACHE 64
+typedef struct {
+    PyObject *dict, *name, *spec;
+} CacheEntry;
+static CacheEntry name_cache[NAME_CACHE];
+
+static PyObject *  /* borrowed; NULL with no error set: no Spec for this name */
+find_spec(PyObject *specs, const char *name, Py_ssize_t len)
 {
-    Py_ssize_t newlen = mode == 1 ? a->len + plen : a->len - plen;
-    char head[32];
-    int h = snprintf(head, sizeof head, "$%zd\r\n", newlen);
-    if (out_reserve(o, h + newlen) < 0)
-        return -1;
-    memcpy(o->p + o->len, head, h);
-    o->len += h;
-    if (mode == 1) {
-        memcpy(o->p + o->len, prefix, plen);
-        memcpy(o->p + o->len + plen, a->data, a->len);
+    unsigned slot = (unsigned)(len * 31 + (len ? (unsigned char)name[0] * 7 + (unsigned char)name[len - 1] : 0))
+                    % NAME_CACHE;
+    CacheEntry *e = &name_cache[slot];
+    if (e->dict == specs && PyBytes_GET_SIZE(e->name) == len && memcmp(PyBytes_AS_STRING(e->name), name, len) == 0)
+        return e->spec;
+    PyObject *key = PyBytes_FromStringAndSize(name, len);
+    if (key == NULL)
+        return NULL;
+    PyObject *found = PyDict_GetItemWithError(specs, key);  /* borrowed */
+    if (found == NULL || !PyObject_TypeCheck(found, &SpecType)) {
+        Py_DECREF(key);
+        return NULL;
     }
-    else {
-        memcpy(o->p + o->len, a->data + plen, newlen);
-    }
-    o->len += newlen;
-    return 0;
+    Py_INCREF(specs);
+    Py_INCREF(found);
+    Py_XDECREF(e->dict);
+    Py_XDECREF(e->name);
+    Py_XDECREF(e->spec);
+    e->dict = specs;
+    e->name = key;
+    e->spec = found;
+    return found;
 }
 
 /* rewrite_plain(data, specs, mode, prefix, limit, max_bulk) -> (out, end, n, keys)
@@ -212,7 +229,7 @@ out_key(Out *o, const Arg *a, int mode, const char *prefix, Py_ssize_t plen)
  * 2: prefix stripped, and a key without it stops the run) and encoded as
  * pack_command would encode them. Stops at the first other request, after
  * `limit` requests, or at the end. `out` holds the server bytes of the n
- * requests handled (data[:end] on the client side); `keys` counts rewritten keys.
+ * requests handled (data[:end] on the client side); `keys` counts their keys.
  */
 static PyObject *
 rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
@@ -235,27 +252,16 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     const char *base = PyBytes_AS_STRING(data);
     const char *end = base + PyBytes_GET_SIZE(data);
     const char *p = base;            /* start of the next request */
-    const char *copied = base;       /* client bytes before this are in `out` */
-    Out out = {NULL, 0, 0};
-    Py_ssize_t n = 0, keys = 0;
+    Py_ssize_t n = 0, nkeys = 0, grow_by = 0;
 
+    /* pass 1: which requests are taken, where their keys are, how long the result is */
     while (n < limit && p < end && *p == '*') {
         const char *q;
         Py_ssize_t count = read_len(p + 1, end, &q);
         if (count < 1 || count > MAX_ARGS)
             break;
-        if (count > args_cap) {
-            Py_ssize_t cap = args_cap ? args_cap : 64;
-            while (cap < count)
-                cap *= 2;
-            Arg *b = PyMem_Realloc(args_buf, cap * sizeof(Arg));
-            if (b == NULL) {
-                PyMem_Free(out.p);
-                return PyErr_NoMemory();
-            }
-            args_buf = b;
-            args_cap = cap;
-        }
+        if (grow(&args_buf, &args_cap, count) < 0)
+            return NULL;
         int complete = 1;
         for (Py_ssize_t i = 0; i < count; i++) {
             if (q >= end || *q != '$') {
@@ -275,28 +281,15 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         }
         if (!complete)
             break;
-
-        PyObject *name = PyBytes_FromStringAndSize(args_buf[0].data, args_buf[0].len);
-        if (name == NULL) {
-            PyMem_Free(out.p);
-            return NULL;
-        }
-        PyObject *found = PyDict_GetItemWithError(specs, name);  /* borrowed */
-        Py_DECREF(name);
-        if (found == NULL) {
-            if (PyErr_Occurred()) {
-                PyMem_Free(out.p);
+        SpecObject *spec = (SpecObject *)find_spec(specs, args_buf[0].data, args_buf[0].len);
+        if (spec == NULL) {
+            if (PyErr_Occurred())
                 return NULL;
-            }
             break;
         }
-        if (!PyObject_TypeCheck(found, &SpecType))
-            break;
-        SpecObject *spec = (SpecObject *)found;
-
         /* which arguments are keys (the same checks as keyspecs.py; a failing one
-         * means an arity error the Python path reports) */
-        Py_ssize_t first, last, step;
+         * means an arity error, which the Python path reports) */
+        Py_ssize_t first = 1, last = 0, step = 1;
         if (spec->first) {
             first = spec->first;
             last = count + spec->lastkey;
@@ -304,78 +297,84 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
             if (last >= count || last < first || first >= count)
                 break;
         }
-        else {
-            if (count < spec->min_argc)
-                break;
-            first = 1;
-            last = 0;
-            step = 1;
+        else if (count < spec->min_argc)
+            break;
+        Py_ssize_t here = spec->nfixed ? spec->nfixed : (last >= first ? (last - first) / step + 1 : 0);
+        if (grow(&keys_buf, &keys_cap, nkeys + here) < 0)
+            return NULL;
+        int ok = 1;
+        for (Py_ssize_t k = 0; k < here && ok; k++) {
+            const Arg *a = &args_buf[spec->nfixed ? spec->fixed[k] : first + k * step];
+            if (mode == 2)  /* strip: every key must carry the prefix, or Python refuses the request */
+                ok = a->len >= plen && memcmp(a->data, prefix, plen) == 0;
+            keys_buf[nkeys + k] = *a;
         }
-        if (mode == 2) {  /* strip: every key must carry the prefix, or Python refuses it */
-            int ok = 1;
-            if (spec->nfixed) {
-                for (int k = 0; k < spec->nfixed && ok; k++) {
-                    const Arg *a = &args_buf[spec->fixed[k]];
-                    ok = a->len >= plen && memcmp(a->data, prefix, plen) == 0;
-                }
-            }
-            else {
-                for (Py_ssize_t i = first; i <= last && ok; i += step) {
-                    const Arg *a = &args_buf[i];
-                    ok = a->len >= plen && memcmp(a->data, prefix, plen) == 0;
-                }
-            }
-            if (!ok)
-                break;
-        }
-        if (mode) {
-            if (spec->nfixed) {
-                for (int k = 0; k < spec->nfixed; k++) {
-                    const Arg *a = &args_buf[spec->fixed[k]];
-                    if (out_put(&out, copied, a->hdr - copied) < 0 || out_key(&out, a, mode, prefix, plen) < 0) {
-                        PyMem_Free(out.p);
-                        return NULL;
-                    }
-                    copied = a->data + a->len;
-                    keys++;
-                }
-            }
-            else {
-                for (Py_ssize_t i = first; i <= last; i += step) {
-                    const Arg *a = &args_buf[i];
-                    if (out_put(&out, copied, a->hdr - copied) < 0 || out_key(&out, a, mode, prefix, plen) < 0) {
-                        PyMem_Free(out.p);
-                        return NULL;
-                    }
-                    copied = a->data + a->len;
-                    keys++;
-                }
+        if (!ok)
+            break;
+        if (mode == 1 || mode == 2) {
+            for (Py_ssize_t k = 0; k < here; k++) {
+                Py_ssize_t len = keys_buf[nkeys + k].len, now = mode == 1 ? len + plen : len - plen;
+                grow_by += (now - len) + (digits(now) - digits(len));
             }
         }
-        else {
-            keys += spec->nfixed ? spec->nfixed : (spec->first ? (last - first) / step + 1 : 0);
-        }
+        nkeys += here;
         spec->count++;
         n++;
         p = q;
     }
 
+    /* pass 2: the server bytes */
     PyObject *result;
-    if (out.p == NULL && copied == base && p == end) {
-        Py_INCREF(data);  /* nothing rewritten, everything taken: the client's bytes as they came */
-        result = data;
+    Py_ssize_t taken = p - base;
+    if ((mode != 1 && mode != 2) || nkeys == 0) {
+        if (taken == PyBytes_GET_SIZE(data)) {
+            Py_INCREF(data);  /* nothing to rewrite, everything taken: the client's bytes as they came */
+            result = data;
+        }
+        else
+            result = PyBytes_FromStringAndSize(base, taken);
     }
     else {
-        if (out_put(&out, copied, p - copied) < 0) {
-            PyMem_Free(out.p);
-            return NULL;
-        }
-        result = PyBytes_FromStringAndSize(out.p, out.len);
-        PyMem_Free(out.p);
+        result = PyBytes_FromStringAndSize(NULL, taken + grow_by);
         if (result == NULL)
             return NULL;
+        char *o = PyBytes_AS_STRING(result);
+        const char *copied = base;
+        for (Py_ssize_t k = 0; k < nkeys; k++) {
+            const Arg *a = &keys_buf[k];
+            memcpy(o, copied, a->hdr - copied);
+            o += a->hdr - copied;
+            if (mode == 1) {
+                o = put_len(o, a->len + plen);
+                memcpy(o, prefix, plen);
+                memcpy(o + plen, a->data, a->len);
+                o += plen + a->len;
+            }
+            else {
+                o = put_len(o, a->len - plen);
+                memcpy(o, a->data + plen, a->len - plen);
+                o += a->len - plen;
+            }
+            copied = a->data + a->len;
+        }
+        memcpy(o, copied, p - copied);
     }
-    return Py_BuildValue("(Nnnn)", result, (Py_ssize_t)(p - base), n, keys);
+    if (result == NULL)
+        return NULL;
+    PyObject *t = PyTuple_New(4);
+    if (t == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, result);
+    PyTuple_SET_ITEM(t, 1, PyLong_FromSsize_t(taken));
+    PyTuple_SET_ITEM(t, 2, PyLong_FromSsize_t(n));
+    PyTuple_SET_ITEM(t, 3, PyLong_FromSsize_t(nkeys));
+    if (!PyTuple_GET_ITEM(t, 1) || !PyTuple_GET_ITEM(t, 2) || !PyTuple_GET_ITEM(t, 3)) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return t;
 }
 
 /* ------------------------------------------------------------------ replies */
@@ -461,13 +460,11 @@ frame_end(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return PyLong_FromSsize_t(frame(PyBytes_AS_STRING(argv[0]), PyBytes_GET_SIZE(argv[0]), pos, 0));
 }
 
-static PyObject *popleft_name;
-
 /* frame_run(buf, pos, limit, stop_at_push, pending) -> (end, m)
  *
- * Frames up to `limit` complete replies from `pos` while the head entries of
- * `pending` (a deque) are None (replies passed on as they are), pops those m
- * entries, and returns where they end. Stops early at an incomplete reply, at
+ * Frames up to `limit` complete replies from `pos` while the head entry of
+ * `pending` (a deque) is None (a reply passed on as it is), popping each, and
+ * returns where they end and how many. Stops early at an incomplete reply, at
  * one the Python path must look at, or (stop_at_push) at a RESP3 push. */
 static PyObject *
 frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
@@ -486,37 +483,32 @@ frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     PyObject *pending = argv[4];
     Py_ssize_t start = pos, m = 0;
-    if (pos >= 0 && limit > 0) {
-        PyObject *it = PyObject_GetIter(pending);
-        if (it == NULL)
-            return NULL;
-        while (m < limit && pos < len) {
-            PyObject *entry = PyIter_Next(it);
-            if (entry == NULL)
-                break;
-            int plain = entry == Py_None;
-            Py_DECREF(entry);
+    if (pos >= 0) {
+        /* pending[0] and `del pending[0]` are O(1) for a deque, with no method look-up */
+        while (m < limit && pos < len && PySequence_Size(pending) > 0) {
+            PyObject *head = PySequence_GetItem(pending, 0);
+            if (head == NULL)
+                return NULL;
+            int plain = head == Py_None;
+            Py_DECREF(head);
             if (!plain || (push && b[pos] == '>'))
                 break;
             Py_ssize_t e = frame(b, len, pos, 0);
             if (e < 0)
                 break;
+            if (PySequence_DelItem(pending, 0) < 0)
+                return NULL;
             pos = e;
             m++;
-        }
-        Py_DECREF(it);
-        if (PyErr_Occurred())
-            return NULL;
-        for (Py_ssize_t i = 0; i < m; i++) {
-            PyObject *r = PyObject_CallMethodNoArgs(pending, popleft_name);
-            if (r == NULL)
-                return NULL;
-            Py_DECREF(r);
         }
     }
     if (!m)
         pos = start;
-    return Py_BuildValue("(nn)", pos, m);
+    PyObject *end_obj = PyLong_FromSsize_t(pos), *m_obj = PyLong_FromSsize_t(m);
+    PyObject *t = (end_obj && m_obj) ? PyTuple_Pack(2, end_obj, m_obj) : NULL;
+    Py_XDECREF(end_obj);
+    Py_XDECREF(m_obj);
+    return t;
 }
 
 /* ------------------------------------------------------------------ module */
@@ -541,9 +533,6 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     if (PyType_Ready(&SpecType) < 0)
-        return NULL;
-    popleft_name = PyUnicode_InternFromString("popleft");
-    if (popleft_name == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)

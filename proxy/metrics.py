@@ -19,6 +19,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from proxy import __version__
+from proxy.speedups import IMPLEMENTATION
 from proxy.resp import encode_command
 
 log = logging.getLogger("keyspace-proxy")
@@ -54,8 +55,8 @@ class ProxyCollector:
     def collect(self):
         proxy = self.proxy
         known = proxy.table.commands.keys()
-        info = GaugeMetricFamily(PREFIX + "build_info", "Build information", labels=["version", "python"])
-        info.add_metric([__version__, platform.python_version()], 1)
+        info = GaugeMetricFamily(PREFIX + "build_info", "Build information", labels=["version", "python", "hot_path"])
+        info.add_metric([__version__, platform.python_version(), IMPLEMENTATION], 1)
         yield info
         gen = GaugeMetricFamily(PREFIX + "config_generation", "Configuration generation (1 at start, +1 per reload)")
         gen.add_metric([], getattr(proxy, "generation", 1))

@@ -299,15 +299,14 @@ class RequestReader:
         self._in_hiredis = False
         self._buffered = 0    # bytes hiredis holds for an unfinished request
         self._first = None    # a chunk that starts a request, until its first request is checked
+        # True when get() last returned None holding no part of a request: the next
+        # bytes start a new one (the C path may then read them first).
+        self.idle = True
         self.max_bulk = max_bulk
         self.max_query = max_query
 
-    @property
-    def idle(self) -> bool:
-        """No part of a request is held: the next bytes start a new one."""
-        return not self._pending and not self._in_hiredis
-
     def feed(self, data: bytes) -> None:
+        self.idle = False
         if self._pending:
             self._pending += data
         else:
@@ -360,6 +359,7 @@ class RequestReader:
                     return None
             pend = self._pending
             if not pend:
+                self.idle = not self._in_hiredis
                 return None
             if self._in_hiredis or pend[0] == 0x2A:  # '*'
                 if self._in_hiredis:

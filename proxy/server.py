@@ -17,6 +17,7 @@ from proxy.commands import default_table
 from proxy.config import Config, ConfigError, Route
 from proxy.resp import ProtocolError, encode_command, frame_end
 from proxy.session import Session
+from proxy.speedups import IMPLEMENTATION
 from proxy.stats import RouteStats
 
 log = logging.getLogger("keyspace-proxy")
@@ -47,6 +48,7 @@ class ClientConnection(asyncio.Protocol):
         self.reading_upstream = True
         self.close_reason = "client"
         self.draining = False
+        self.timed = proxy.timed
         self.t_request = 0.0   # when the batch being timed was read (0: none being timed)
         self.t_sent = 0.0      # when it was written upstream
 
@@ -122,37 +124,51 @@ class ClientConnection(asyncio.Protocol):
 
     def after_shared_replies(self) -> None:
         """Called by the link after it handed this connection replies."""
-        if self.t_request and not self.session.pending:
+        s = self.session
+        if not (self.t_request or s.need_dedicated or s.need_link is not None or s.out_upstream
+                or s.owed_sent != self.registered or self.draining or s.close_when_done):
+            # the common case: nothing to do but pass the replies on
+            out = s.out_client
+            if out and not self.closed:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                self.transport.write(data)
+                self.stats.bytes_out["client"] += len(data)
+            return
+        if self.t_request and not s.pending:
             self.stats.request_seconds.observe(perf_counter() - self.t_request)
             self.t_request = 0.0
-        if self.session.need_dedicated:
+        if s.need_dedicated:
             self._maybe_leave_link()
-        elif self.session.need_link is not None:
+        elif s.need_link is not None:
             self._maybe_change_link()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["client"] += len(data)
-        if not self.t_request and self.proxy.timed:
+        if self.timed and not self.t_request:
             self.t_request = perf_counter()
-        self.session.client_data(data)
-        if self.session.need_link is not None:
+        s = self.session
+        s.client_data(data)
+        if s.need_link is not None:
             self._maybe_change_link()
         self.flush()
-        if not self.session.pending:
+        if not s.pending:
             self.t_request = 0.0  # answered locally (or nothing owed): not a round trip
 
     def flush(self) -> None:
+        """Send what the session has for either side (runs after every event)."""
         s = self.session
         if s.shared:
-            out = s.take_upstream()
+            up = s.out_upstream
             owed = s.owed_sent - self.registered
-            if out or owed:
+            if up or owed:
                 self.registered = s.owed_sent
-                if self.link is None or self.link.lost:
-                    self.link = self.proxy.shared_link(self.route, s.target.db, s.link_proto)
-                    self.link.clients.add(self)
-                self.link.submit(self, out, owed)
+                link = self.link
+                if link is None or link.lost:
+                    link = self.link = self.proxy.shared_link(self.route, s.target.db, s.link_proto)
+                    link.clients.add(self)
+                link.submit(self, up, owed)
             if s.need_dedicated and self.upstream is None and not self.connecting and not self.closed:
                 self._start_connect()
         elif self.upstream is not None and self.upstream.transport is not None:
@@ -164,13 +180,21 @@ class ClientConnection(asyncio.Protocol):
                     self.t_sent = perf_counter()
         elif s.upstream_error is not None:
             s.take_upstream()
-        out = s.take_client()
-        if out and not self.closed:
-            self.transport.write(out)
-            self.stats.bytes_out["client"] += len(out)
-        if self.draining and s.idle and not self.closed:
+        out = s.out_client
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not self.closed:
+                self.transport.write(data)
+                self.stats.bytes_out["client"] += len(data)
+        if (self.draining or s.close_when_done) and not self.closed:
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        s = self.session
+        if self.draining and s.idle:
             self.close("reload")
-        if s.should_close and not self.closed:
+        elif s.close_when_done and not s.pending:
             if s.upstream_error is not None:
                 self.close_reason = "upstream_error"
             elif s.protocol_error:
@@ -335,12 +359,15 @@ class SharedLink(asyncio.Protocol):
         self.stats.upstream_connections += 1
         self.flush()
 
-    def submit(self, conn: ClientConnection, data: bytes, owed: int) -> None:
+    def submit(self, conn: ClientConnection, chunks: list[bytes], owed: int) -> None:
+        """Queue a client's request bytes (the list is emptied) and the replies they owe."""
         if self.lost:
             conn.session.upstream_lost(self.lost)
             return conn.flush()
-        if data:
-            self.out.append(data)
+        if chunks:
+            self.out += chunks
+            chunks.clear()
+        idle = not self.owners  # nothing in flight: the server is waiting for us
         if owed:
             last = self.owners[-1] if self.owners else None
             if last is not None and last[0] is conn:
@@ -348,6 +375,10 @@ class SharedLink(asyncio.Protocol):
             else:
                 self.owners.append([conn, owed])
         if not self.scheduled and self.transport is not None:
+            if idle:
+                # Nobody else's requests are on their way: send now rather than one
+                # loop iteration later (latency of a lone client).
+                return self.flush()
             # Write once at the end of this loop iteration, for every client together.
             self.scheduled = True
             self.loop.call_soon(self.flush)
@@ -660,6 +691,11 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
                             reload=lambda: asyncio.run_coroutine_threadsafe(reload(), loop).result(30))
         admin.start()
         log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", config.metrics_listen[0], admin.port)
+    if IMPLEMENTATION == "c":
+        log.info("hot path: C (proxy._speedups)")
+    else:
+        log.info("hot path: pure Python (%s)", "KEYSPACE_PROXY_PURE_PYTHON is set" if os.environ.get(
+            "KEYSPACE_PROXY_PURE_PYTHON", "") not in ("", "0") else "proxy._speedups is not compiled")
     await proxy.start()
     asyncio.ensure_future(proxy.check_commands())
     if ready is not None:

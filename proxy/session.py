@@ -61,9 +61,12 @@ class Session:
         self.table = table or default_table()
         self.limits = limits or Limits()
         self.reader = RequestReader(self.limits.max_bulk, self.limits.max_query)
+        self.max_bulk = self.limits.max_bulk
         self.pending: deque = deque()
-        self._up: list[bytes] = []
-        self._client: list[bytes] = []
+        # What to send, as chunks in order: the shell takes them (take_upstream and
+        # take_client join them; the shell's hot path hands the lists on as they are).
+        self.out_upstream: list[bytes] = []
+        self.out_client: list[bytes] = []
         self._buf = b""
         self.proto = 2
         self._set_target(route.default)
@@ -92,6 +95,10 @@ class Session:
         # the replies owed on the old link are in (the shell then calls switch_link).
         self.link_proto = 2
         self.need_link: int | None = None
+        # The C path runs only in the plain state (no MULTI, no CLIENT REPLY, no held
+        # requests...). Every state change goes through `handle` or `upstream_lost`,
+        # which set this; the next read checks the state once and clears it.
+        self.fast_blocked = True
         if not shared:
             self.handshake()
 
@@ -110,17 +117,17 @@ class Session:
             self.cmap.target = target
 
     def take_upstream(self) -> bytes:
-        if not self._up:
+        if not self.out_upstream:
             return b""
-        out = b"".join(self._up)
-        self._up.clear()
+        out = b"".join(self.out_upstream)
+        self.out_upstream.clear()
         return out
 
     def take_client(self) -> bytes:
-        if not self._client:
+        if not self.out_client:
             return b""
-        out = b"".join(self._client)
-        self._client.clear()
+        out = b"".join(self.out_client)
+        self.out_client.clear()
         return out
 
     @property
@@ -158,7 +165,7 @@ class Session:
         if self.pending:
             self.pending.append((LOCAL, reply))
         else:
-            self._client.append(reply)
+            self.out_client.append(reply)
 
     def _refuse(self, message: str) -> None:
         self.stats.refused_command(self._label)
@@ -167,7 +174,7 @@ class Session:
         self._local(error(message))
 
     def _send(self, args: list[bytes], entry=None) -> None:
-        self._up.append(encode_command(args))
+        self.out_upstream.append(encode_command(args))
         self._expect(entry)
 
     def _drain_locals(self) -> None:
@@ -177,7 +184,7 @@ class Session:
             if head is None or head[0] != LOCAL:
                 return
             pending.popleft()
-            self._client.append(head[1])
+            self.out_client.append(head[1])
 
     # ------------------------------------------------------------ upstream handshake
 
@@ -186,10 +193,10 @@ class Session:
         up = self.route.upstream
         if up.password:
             args = [b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()]
-            self._up.append(encode_command(args))
+            self.out_upstream.append(encode_command(args))
             self._owe((INTERNAL, self._check_handshake))
         if self.target.db != 0:
-            self._up.append(encode_command([b"SELECT", str(self.target.db).encode()]))
+            self.out_upstream.append(encode_command([b"SELECT", str(self.target.db).encode()]))
             self._owe((INTERNAL, self._check_handshake))
 
     def _check_handshake(self, raw: bytes) -> None:
@@ -203,23 +210,27 @@ class Session:
         if self.close_when_done:
             return
         depth = 0
-        if _rewrite_plain is not None and data[:1] == b"*" and self.fast_specs and self.reader.idle \
-                and self.multi is None and not self.reply_off and not self.skip_next and self.emu is None \
-                and not self.held and not self.need_dedicated and self.need_link is None \
-                and self.upstream_error is None:
+        if self.fast_blocked:
+            self.fast_blocked = not self._plain()
+        if not self.fast_blocked and self.reader.idle and data[:1] == b"*":
             # The C path takes the leading requests whose commands have a Spec (see
             # rewrite.fast_spec), exactly as `handle` would; the rest go on below.
-            limit = SHARED_MAX_OWED - len(self.pending) if self.shared else sys.maxsize
+            pending = self.pending
+            limit = SHARED_MAX_OWED - len(pending) if self.shared else sys.maxsize
             if limit > 0:
                 out, end, depth, keys = _rewrite_plain(data, self.fast_specs, self.fast_mode, self.fast_prefix,
-                                                       limit, self.limits.max_bulk)
+                                                       limit, self.max_bulk)
                 if depth:
-                    self._up.append(out)
-                    self.pending.extend(repeat(None, depth))
+                    self.out_upstream.append(out)
+                    if depth == 1:
+                        pending.append(None)
+                    else:
+                        pending.extend(repeat(None, depth))
                     self.owed_sent += depth
-                    self.stats.keys_rewritten += keys
+                    stats = self.stats
+                    stats.keys_rewritten += keys
                     if end == len(data):
-                        self.stats.depth.observe(depth)
+                        stats.depth.observe(depth)
                         return
                     data = data[end:]
         self.reader.feed(data)
@@ -245,7 +256,14 @@ class Session:
             if self.close_when_done:
                 return
 
+    def _plain(self) -> bool:
+        """May the C path take the next requests? (no state a request would change)"""
+        return _rewrite_plain is not None and self.multi is None and not self.reply_off and not self.skip_next \
+            and self.emu is None and not self.held and not self.need_dedicated and self.need_link is None \
+            and self.upstream_error is None
+
     def handle(self, args: list[bytes]) -> None:
+        self.fast_blocked = True
         plan = self.plans.get(args[0])
         if plan is None:
             plan = self._plan(args[0])
@@ -292,7 +310,7 @@ class Session:
                     return self._refuse(f"ERR {e}")
                 self.stats.keys_rewritten += len(positions)
             if self.multi is None and not self.reply_off and not self.skip_next:
-                self._up.append(pack_command(tuple(args)))
+                self.out_upstream.append(pack_command(tuple(args)))
                 self.pending.append(plan.entry)
                 self.owed_sent += 1
                 return
@@ -364,7 +382,7 @@ class Session:
         self.cmap.patterns.clear()
         self._set_target(self.route.default)
         # RESET selects db 0 on the server; the route's db may be another one.
-        self._up.append(encode_command([b"SELECT", str(self.target.db).encode()]))
+        self.out_upstream.append(encode_command([b"SELECT", str(self.target.db).encode()]))
         self._owe((INTERNAL, lambda raw: None))
 
     def _cmd_multi(self, args) -> None:
@@ -380,7 +398,7 @@ class Session:
             return self._send(args)
         if failed:
             self._set_target(self._multi_saved)
-            self._up.append(encode_command([b"DISCARD"]))
+            self.out_upstream.append(encode_command([b"DISCARD"]))
             return self._expect((XFORM, lambda raw: EXECABORT))
         if any(t is not None for t in transforms):
             return self._send(args, (XFORM, lambda raw, ts=transforms: exec_array(raw, ts)))
@@ -400,7 +418,7 @@ class Session:
         if len(args) == 3 and args[1].lower() == b"reply":
             mode = args[2].lower()
             if mode in (b"on", b"off", b"skip"):
-                self._up.append(encode_command(args))
+                self.out_upstream.append(encode_command(args))
                 if mode == b"on":
                     self.reply_off = self.skip_next = False
                     self._owe(None)  # ON always answers +OK
@@ -425,7 +443,7 @@ class Session:
             return self._refuse(str(e))
         if self.multi is not None:
             return self._send(args)  # the server refuses or queues it; no confirmations counted
-        self._up.append(encode_command(args))
+        self.out_upstream.append(encode_command(args))
         n = len(args) - 1
         if n == 0 and adding:
             return self._expect(None)  # arity error from the server
@@ -469,10 +487,10 @@ class Session:
         if self.reply_off or self.skip_next:
             show = False
             if self.skip_next:
-                self._up.append(encode_command([b"PING"]))  # absorbs the SKIP
+                self.out_upstream.append(encode_command([b"PING"]))  # absorbs the SKIP
                 self.skip_next = False
             else:
-                self._up.append(encode_command([b"CLIENT", b"REPLY", b"ON"]))
+                self.out_upstream.append(encode_command([b"CLIENT", b"REPLY", b"ON"]))
                 self._owe((INTERNAL, lambda raw: None))
         else:
             show = True
@@ -486,13 +504,13 @@ class Session:
         except StopIteration as stop:
             self.emu = None
             if show:
-                self._client.append(stop.value)
+                self.out_client.append(stop.value)
             elif self.reply_off:
-                self._up.append(encode_command([b"CLIENT", b"REPLY", b"OFF"]))
+                self.out_upstream.append(encode_command([b"CLIENT", b"REPLY", b"OFF"]))
             self._drain_locals()
             self._replay_held()
             return
-        self._up.append(encode_command(cmd))
+        self.out_upstream.append(encode_command(cmd))
         self._owe((INTERNAL, self._emu_step))
 
     # ------------------------------------------------------------ shared -> dedicated
@@ -509,7 +527,7 @@ class Session:
         self.need_link = None
         self.handshake()
         if self.link_proto == 3:  # the client said HELLO 3 on a shared link: keep its protocol
-            self._up.append(encode_command([b"HELLO", b"3"]))
+            self.out_upstream.append(encode_command([b"HELLO", b"3"]))
             self._owe((INTERNAL, self._check_handshake))
         self._replay_held()
 
@@ -528,7 +546,7 @@ class Session:
     def upstream_data(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
         pos, n = 0, len(buf)
-        pending, out = self.pending, self._client
+        pending, out = self.pending, self.out_client
         try:
             while pos < n:
                 if pending and pending[0] is None and not self.sub_waiting and not self.monitor \
@@ -562,7 +580,7 @@ class Session:
         # a RESP3 push is no reply: the link skips it
         pos, m = frame_run(buf, pos, limit, self.link_proto == 3, pending)
         if m:
-            self._client.append(buf[start:pos])
+            self.out_client.append(buf[start:pos])
             if pending and pending[0] is not None:
                 self._drain_locals()
         return pos, m
@@ -572,7 +590,7 @@ class Session:
         pending = self.pending
         if pending and pending[0] is None:
             pending.popleft()
-            self._client.append(raw)
+            self.out_client.append(raw)
             if pending and pending[0] is not None:
                 self._drain_locals()
         else:
@@ -586,7 +604,7 @@ class Session:
         if first == 0x3E:  # '>' RESP3 push: pub/sub, invalidations; never a reply to a request
             return self._pubsub(raw)
         if self.monitor and first == 0x2B:
-            self._client.append(raw)
+            self.out_client.append(raw)
             return
         # Before the subscription, an array reply to an earlier request (LRANGE giving
         # ["message", ...]) is that request's reply, not a pub/sub frame.
@@ -602,20 +620,20 @@ class Session:
             return  # a reply nobody asked for (the server never does this): never misdeliver it
         entry = self.pending.popleft()
         if entry is None:
-            self._client.append(raw)
+            self.out_client.append(raw)
         elif entry[0] == XFORM:
-            self._client.append(entry[1](raw))
+            self.out_client.append(entry[1](raw))
         elif entry[0] == INTERNAL:
             entry[1](raw)
         elif entry[0] == SUB:  # an error instead of confirmations
             self.sub_waiting -= 1
-            self._client.append(raw)
+            self.out_client.append(raw)
         self._drain_locals()
 
     def _pubsub(self, raw: bytes) -> None:
         out, kind = rewrite_frame(raw, self.cmap, self.subs)
         if out is not None:
-            self._client.append(out)
+            self.out_client.append(out)
         if kind is None:
             return
         head = self.pending[0] if self.pending else None
@@ -645,25 +663,26 @@ class Session:
             return
         self.stats.errors["upstream"] += 1
         self.upstream_error = reason
+        self.fast_blocked = True
         err = error(f"ERR upstream unavailable ({reason})")
         if tell_idle and not self.pending and not self.held:
-            self._client.append(err)
+            self.out_client.append(err)
         emu_answered = False
         while self.pending:
             entry = self.pending.popleft()
             if entry is not None and entry[0] == LOCAL:
-                self._client.append(entry[1])
+                self.out_client.append(entry[1])
             elif entry is not None and entry[0] == INTERNAL:
                 if entry[1] == self._emu_step and not emu_answered and self.emu and self.emu[1]:
-                    self._client.append(err)
+                    self.out_client.append(err)
                     emu_answered = True
             else:
-                self._client.append(err)
+                self.out_client.append(err)
         self.emu = None
         while self.held:
             self.held.popleft()
-            self._client.append(err)
-        self._up.clear()
+            self.out_client.append(err)
+        self.out_upstream.clear()
         self.close_when_done = True
 
 

@@ -39,6 +39,46 @@ class Histogram:
         return out
 
 
+class DepthHistogram:
+    """A histogram of small integers (requests per read), kept as hits per value so
+    that recording one is a single list increment. Read like Histogram: buckets(),
+    sum, count (worked out when read, i.e. when scraped)."""
+
+    __slots__ = ("bounds", "hits", "top", "_over")
+
+    def __init__(self, bounds: tuple):
+        self.bounds = bounds
+        self.top = bounds[-1] + 1
+        self.hits = [0] * (self.top + 1)   # hits[top]: values above the last bound
+        self._over = 0                      # their sum
+
+    def observe(self, value: int) -> None:
+        if value < self.top:
+            self.hits[value] += 1
+        else:
+            self.hits[self.top] += 1
+            self._over += value
+
+    @property
+    def counts(self) -> list[int]:
+        counts = [0] * (len(self.bounds) + 1)
+        for v, n in enumerate(self.hits[:self.top]):
+            if n:
+                counts[bisect_left(self.bounds, v)] += n
+        counts[-1] += self.hits[self.top]
+        return counts
+
+    @property
+    def sum(self) -> int:
+        return sum(v * n for v, n in enumerate(self.hits[:self.top])) + self._over
+
+    @property
+    def count(self) -> int:
+        return sum(self.hits)
+
+    buckets = Histogram.buckets
+
+
 class RouteStats:
     """Everything counted for one route (listener)."""
 
@@ -56,7 +96,7 @@ class RouteStats:
         self.upstream_opened = 0
         self.upstream_failures = 0
         self.upstream_up: int | None = None
-        self.depth = Histogram(DEPTH_BUCKETS)
+        self.depth = DepthHistogram(DEPTH_BUCKETS)
         self.request_seconds = Histogram(SECONDS_BUCKETS)
         self.roundtrip_seconds = Histogram(SECONDS_BUCKETS)
         # Commands are counted on their plans (rewrite.Plan): plan.count += 1.

@@ -56,7 +56,8 @@ def server(request):
 class ProxyProcess:
     """A `python -m proxy ...` process listening on a free port."""
 
-    def __init__(self, args: list[str], config_text: str | None = None, port: int | None = None):
+    def __init__(self, args: list[str], config_text: str | None = None, port: int | None = None,
+                 env: dict | None = None):
         self.port = port or free_port()
         self.tmp = tempfile.mkdtemp(prefix="ksp-proxy-")
         argv = [sys.executable, "-m", "proxy"]
@@ -70,7 +71,7 @@ class ProxyProcess:
         argv += args
         self.log_path = os.path.join(self.tmp, "proxy.log")
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
         env.pop("REDIS_URL", None)
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.wait_ready()
@@ -107,11 +108,19 @@ class ProxyProcess:
         return self.process.returncode
 
 
-@pytest.fixture(params=["shared", "dedicated"])
+@pytest.fixture(params=["shared", "dedicated", "shared-python"])
 def upstream_mode(request):
-    """Every test that starts a proxy runs in both upstream modes: clients sharing an
-    upstream connection (the default) and one upstream connection per client."""
+    """Every test that starts a proxy runs in both upstream modes, clients sharing an
+    upstream connection (the default) and one upstream connection per client, with
+    the C hot path; and once more shared on the pure-Python path (README, "The hot
+    path in C"), which is what an install without a compiler runs."""
     return request.param
+
+
+def hot_path(upstream_mode: str) -> str:
+    """What the proxy started in this mode says it runs (build_info's hot_path label)."""
+    from proxy.speedups import C
+    return "python" if upstream_mode.endswith("-python") or C is None else "c"
 
 
 @pytest.fixture
@@ -121,9 +130,10 @@ def start_proxy(upstream_mode):
 
     def start(args: list[str] | None = None, config_text: str | None = None, port: int | None = None):
         args = list(args or [])
+        mode, _, pure = upstream_mode.partition("-")
         if "--upstream-mode" not in args:
-            args += ["--upstream-mode", upstream_mode]
-        p = ProxyProcess(args, config_text, port)
+            args += ["--upstream-mode", mode]
+        p = ProxyProcess(args, config_text, port, env={"KEYSPACE_PROXY_PURE_PYTHON": "1"} if pure else None)
         started.append(p)
         return p
 

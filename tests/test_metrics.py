@@ -7,6 +7,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import hot_path
 from proxy.embedded import free_port, start_server
 
 
@@ -23,7 +24,7 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_count_what_happens(server, fresh_db, start_proxy):
+def test_metrics_count_what_happens(server, fresh_db, start_proxy, upstream_mode):
     mport = free_port()
     p = start_proxy(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}", "--namespace", "ns",
                      "--metrics-listen", f"127.0.0.1:{mport}"])
@@ -40,7 +41,8 @@ def test_metrics_count_what_happens(server, fresh_db, start_proxy):
     with pytest.raises(redis.ResponseError):
         r.execute_command("NOSUCHCOMMAND", "x")
     m = scrape(mport)
-    assert value(m, "keyspace_proxy_build_info", version="0.1.0", python=__import__("platform").python_version()) == 1
+    assert value(m, "keyspace_proxy_build_info", version="0.1.0", python=__import__("platform").python_version(),
+                 hot_path=hot_path(upstream_mode)) == 1
     assert value(m, "keyspace_proxy_client_connections", route=route) == 1
     closed = sum(v for (n, labels), v in m.items() if n == "keyspace_proxy_client_connections_closed_total")
     # the fixture's readiness probe was a connection too: accepted = open + closed
