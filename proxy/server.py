@@ -367,7 +367,6 @@ class SharedLink(asyncio.Protocol):
         if chunks:
             self.out += chunks
             chunks.clear()
-        idle = not self.owners  # nothing in flight: the server is waiting for us
         if owed:
             last = self.owners[-1] if self.owners else None
             if last is not None and last[0] is conn:
@@ -375,10 +374,6 @@ class SharedLink(asyncio.Protocol):
             else:
                 self.owners.append([conn, owed])
         if not self.scheduled and self.transport is not None:
-            if idle:
-                # Nobody else's requests are on their way: send now rather than one
-                # loop iteration later (latency of a lone client).
-                return self.flush()
             # Write once at the end of this loop iteration, for every client together.
             self.scheduled = True
             self.loop.call_soon(self.flush)
