@@ -374,6 +374,10 @@ class SharedLink(asyncio.Protocol):
             else:
                 self.owners.append([conn, owed])
         if not self.scheduled and self.transport is not None:
+            if len(self.clients) == 1:
+                # no other client could add to this batch: no reason to wait for the
+                # end of the loop iteration (a lone client's latency)
+                return self.flush()
             # Write once at the end of this loop iteration, for every client together.
             self.scheduled = True
             self.loop.call_soon(self.flush)
