@@ -5,10 +5,11 @@
 # Run:    docker run -e REDIS_URL=redis://redis:6379/0 -e PROXY_NAMESPACE=sidekiq -p 6380:6380 -p 9121:9121 keyspace-proxy
 # Every flag has a PROXY_* variable (flags given after the image name win).
 
-# --- builder: the full python image has the compilers; it builds wheels of the project and its deps
+# --- builder: the full python image has the compilers; it builds wheels of the project (with its
+#     C hot path, proxy/_speedups.c, see setup.py) and of its deps
 FROM python:3.11-bookworm AS builder
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -76,7 +76,9 @@ def test_build_context_has_what_the_builder_copies(dockerfile):
         assert os.path.exists(os.path.join(ROOT, src)), src
         assert dockerignore_allows(patterns, src.rstrip("/")), f"{src} is excluded by .dockerignore"
     assert dockerignore_allows(patterns, "proxy/data/commands.json")
-    for excluded in (".git", "tests/conftest.py", "build/lib", "proxy/__pycache__", "deploy/docker-compose.yml"):
+    assert dockerignore_allows(patterns, "proxy/_speedups.c")
+    for excluded in (".git", "tests/conftest.py", "build/lib", "proxy/__pycache__", "deploy/docker-compose.yml",
+                     "proxy/_speedups.cpython-311-x86_64-linux-gnu.so"):
         assert not dockerignore_allows(patterns, excluded), excluded
 
 
@@ -210,6 +212,8 @@ def test_entrypoint_with_image_env_round_trips_a_key(container, server, fresh_db
     c = container()
     assert c.process.args == ["keyspace-proxy"]
     assert c.env["PROXY_LISTEN"].startswith("0.0.0.0:")
+    # the builder stage compiled the C hot path into the wheel (README, "The hot path in C")
+    assert "hot path: C" in c.output(), c.output()
     r = redis.Redis(port=c.proxy_port)
     assert r.set("greeting", "hello") and r.get("greeting") == b"hello"
     direct = redis.Redis(host=server.host, port=server.port, db=fresh_db)
