@@ -276,14 +276,40 @@ def snapshot_proxy(tmp: str, rev: str | None) -> tuple[str, str]:
                              capture_output=True, text=True)
         if sha.returncode != 0:
             raise BenchError(f"--proxy-rev {rev}: not a commit: {sha.stderr.strip()}")
-        archive = subprocess.run(["git", "archive", sha.stdout.strip(), "proxy"], cwd=ROOT, capture_output=True)
+        has_setup = subprocess.run(["git", "cat-file", "-e", f"{sha.stdout.strip()}:setup.py"], cwd=ROOT,
+                                   capture_output=True).returncode == 0
+        archive = subprocess.run(["git", "archive", sha.stdout.strip(), "proxy"] + (["setup.py"] if has_setup else []),
+                                 cwd=ROOT, capture_output=True)
         if archive.returncode != 0:
             raise BenchError(f"git archive {rev} proxy failed: {archive.stderr.decode(errors='replace')}")
         subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+        build_speedups(src)
         return src, f"{sha.stdout.strip()} (`--proxy-rev {rev}`: proxy/ as committed)"
     shutil.copytree(os.path.join(ROOT, "proxy"), os.path.join(src, "proxy"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(os.path.join(ROOT, "setup.py"), src)
+    build_speedups(src)
     return src, git_commit()
+
+
+def build_speedups(src: str) -> None:
+    """Compile the C hot path (proxy/_speedups.c) in the snapshot, from its own source,
+    as `pip install` would; without it (a revision before it, or no compiler) the proxy
+    runs its pure-Python path, which the report then says."""
+    if not os.path.exists(os.path.join(src, "setup.py")):
+        return
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src,
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        print(f"warning: the C hot path did not build; keyspace-proxy runs pure Python:\n{build.stderr[-2000:]}",
+              file=sys.stderr)
+
+
+def hot_path(proc: "Proc") -> str:
+    """What the proxy said at start: `C (proxy._speedups)` or `pure Python (why)`."""
+    with open(proc.log_path, errors="replace") as f:
+        m = re.search(r"hot path: (.*)", f.read())
+    return m.group(1).strip() if m else "pure Python (a revision before the C hot path)"
 
 
 def start_keyspace_proxy(redis_port: int, tmp: str, extra: list[str], src: str) -> tuple[Proc, list[str]]:
@@ -895,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(twem)
         ksp, ksp_argv = start_keyspace_proxy(redis.port, tmp, extra, src)
         procs.append(ksp)
+        proxy_desc += f"; hot path: {hot_path(ksp)}"
         bench = Bench(shutil.which("redis-benchmark"))
         ports = {"direct": redis.port, "twemproxy": twem.port, "keyspace-proxy": ksp.port}
         front = {"direct": None, "twemproxy": twem, "keyspace-proxy": ksp}
