@@ -287,6 +287,17 @@ def _canonical(data: bytes, req) -> bool:
         return False
 
 
+# hiredis's words for a malformed length -> Redis's, so the error a client sees does
+# not depend on where in a read the request fell (the header check, in Redis's words,
+# runs only on a request that starts a read; see RequestReader._check_header).
+_HIREDIS_WORDS = {
+    "Bad bulk string length": "invalid bulk length",
+    "Bulk string length out of range": "invalid bulk length",
+    "Bad multi-bulk length": "invalid multibulk length",
+    "Multi-bulk length out of range": "invalid multibulk length",
+}
+
+
 class RequestReader:
     """Incremental parser of client requests: RESP arrays via hiredis, inline commands by line.
 
@@ -321,7 +332,7 @@ class RequestReader:
                     if self._first is not None:  # Redis's wording for what is wrong, where we can
                         first, self._first = self._first, None
                         self._check_header(first)
-                    raise ProtocolError(str(e)) from None
+                    raise ProtocolError(_HIREDIS_WORDS.get(str(e), str(e))) from None
                 if req is not False:
                     first = self._first
                     if first is not None:
