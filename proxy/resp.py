@@ -11,6 +11,8 @@ ends, and the few replies that carry key names are split into their elements
 
 from __future__ import annotations
 
+import re
+
 import hiredis
 
 from proxy.speedups import C
@@ -298,6 +300,14 @@ _HIREDIS_WORDS = {
 }
 
 
+_REDIS_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+
+
+def _redis_int(text: bytes) -> int | None:
+    """A length as Redis's string2ll reads it: no sign but '-', no leading zeros, no spaces."""
+    return int(text) if _REDIS_INT.fullmatch(text) else None
+
+
 class RequestReader:
     """Incremental parser of client requests: RESP arrays via hiredis, inline commands by line.
 
@@ -408,11 +418,8 @@ class RequestReader:
         nl = data.find(CRLF)
         if nl < 0:
             return
-        try:
-            n = int(data[1:nl])
-        except ValueError:
-            raise ProtocolError("invalid multibulk length") from None
-        if n > 1024 * 1024 * 1024:
+        n = _redis_int(data[1:nl])
+        if n is None or n > 1024 * 1024 * 1024:
             raise ProtocolError("invalid multibulk length")
         p = nl + 2
         for _ in range(min(n, 8)):
@@ -423,10 +430,7 @@ class RequestReader:
             nl = data.find(CRLF, p)
             if nl < 0:
                 return
-            try:
-                size = int(data[p + 1:nl])
-            except ValueError:
-                raise ProtocolError("invalid bulk length") from None
-            if size > self.max_bulk or size < 0:
+            size = _redis_int(data[p + 1:nl])
+            if size is None or size > self.max_bulk or size < 0:
                 raise ProtocolError("invalid bulk length")
             p = nl + 2 + size + 2
