@@ -35,6 +35,20 @@ class Upstream:
             auth = (self.username or "") + ":***@"
         return f"redis://{auth}{self.host}:{self.port}/{self.db}"
 
+    def handshake(self, db: int | None = None, proto: int = 2) -> list[list[bytes]]:
+        """The commands that set up one upstream connection, in order: AUTH with the URL's
+        credentials, HELLO 3 for a RESP3 connection, SELECT the db. Every connection the
+        proxy opens (client traffic, shared links, health checks, migrate) uses this."""
+        cmds = []
+        if self.password:
+            cmds.append([b"AUTH"] + ([self.username.encode()] if self.username else []) + [self.password.encode()])
+        if proto == 3:
+            cmds.append([b"HELLO", b"3"])
+        db = self.db if db is None else db
+        if db:
+            cmds.append([b"SELECT", str(db).encode()])
+        return cmds
+
 
 def parse_url(url: str, field_name: str = "upstream") -> Upstream:
     try:
@@ -130,6 +144,11 @@ class Limits:
     upstream_mode: str = "shared"   # shared: plain clients share a connection; dedicated: one each
     reload_grace: float = 30.0      # seconds a changed route's connections may finish after a reload
     drain_timeout: float = 10.0
+    # What the proxy holds for one client that does not read its replies, in bytes, as
+    # Redis's client-output-buffer-limit does per class (0: no limit). Past it the
+    # client is disconnected; the other clients of its shared link are not delayed.
+    output_limit: int = 64 * 1024 * 1024          # normal clients
+    pubsub_output_limit: int = 32 * 1024 * 1024   # subscribed clients (Redis: 32mb)
 
 
 @dataclass

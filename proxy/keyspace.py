@@ -45,11 +45,6 @@ class Keyspace:
     def prefix(self) -> bytes:
         return self.namespace + self.separator if self.mode != "none" else b""
 
-    @property
-    def is_fenced(self) -> bool:
-        """Add mode fences the client into a slice of the server's keyspace."""
-        return self.mode == "add"
-
     def describe(self) -> str:
         if self.mode == "none":
             return f"route {self.route}"

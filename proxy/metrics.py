@@ -28,11 +28,7 @@ PREFIX = "keyspace_proxy_"
 
 def ping(upstream, timeout: float = 1.0) -> bool:
     """True if the upstream answers PING (after AUTH with the URL's credentials)."""
-    cmds = []
-    if upstream.password:
-        cmds.append([b"AUTH"] + ([upstream.username.encode()] if upstream.username else [])
-                    + [upstream.password.encode()])
-    cmds.append([b"PING"])
+    cmds = upstream.handshake(0) + [[b"PING"]]
     try:
         with socket.create_connection((upstream.host, upstream.port), timeout=timeout) as s:
             s.settimeout(timeout)

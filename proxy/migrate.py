@@ -34,9 +34,8 @@ class Client:
         self.up = up
         self.sock = socket.create_connection((up.host, up.port), timeout=timeout)
         self.reader = hiredis.Reader()
-        if up.password:
-            self.check(self.call(*(["AUTH"] + ([up.username] if up.username else []) + [up.password])))
-        self.check(self.call("SELECT", up.db))
+        for args in up.handshake():
+            self.check(self.call(*args))
 
     def pipeline(self, commands: list) -> list:
         if not commands:

@@ -18,11 +18,6 @@ NOTIFY = re.compile(rb"__(keyspace|keyevent)@(\d+|\*)__:(.*)\Z", re.S)
 INVALIDATE = b"__redis__:invalidate"
 
 MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
-CONFIRMS = {  # confirmation kind -> which subscription set it changes, and how
-    b"subscribe": ("channel", True), b"unsubscribe": ("channel", False),
-    b"psubscribe": ("pattern", True), b"punsubscribe": ("pattern", False),
-    b"ssubscribe": ("shard", True), b"sunsubscribe": ("shard", False),
-}
 
 
 class ChannelMap:
@@ -92,11 +87,13 @@ class ChannelMap:
         return None if out is None else (out, None)
 
 
-def rewrite_frame(raw: bytes, cmap: ChannelMap, sets: dict) -> tuple[bytes | None, bytes | None]:
+def rewrite_frame(raw: bytes, cmap: ChannelMap, sets: dict, confirms: dict) -> tuple[bytes | None, bytes | None]:
     """Rewrite one pub/sub frame (message or confirmation, RESP2 array or RESP3 push).
 
     Returns (bytes for the client or None to drop it, confirmation kind or None).
-    `sets` holds the connection's current subscriptions, updated by confirmations."""
+    `sets` holds the connection's current subscriptions, updated by confirmations;
+    `confirms` maps a confirmation kind (the command's name) to the set it changes
+    and how, from the commands' Rules (RuleBook.confirms)."""
     header, items = split(raw)
     if not items:
         return raw, None
@@ -120,8 +117,8 @@ def rewrite_frame(raw: bytes, cmap: ChannelMap, sets: dict) -> tuple[bytes | Non
                     return None, None
                 items[ch_i + 1] = replace_string(payload_item, key)
         return join(header, items), None
-    if kind in CONFIRMS and len(items) >= 3:
-        which, added = CONFIRMS[kind]
+    if kind in confirms and len(items) >= 3:
+        which, added = confirms[kind]
         name = string_value(items[1])
         if name is not None:
             if added:

@@ -116,13 +116,3 @@ def tracking_info(raw: bytes, ks: Keyspace) -> bytes:
         if string_value(items[i]) == b"prefixes":
             items[i + 1] = key_list(items[i + 1], ks)
     return join(header, items)
-
-
-def exec_array(raw: bytes, transforms: list) -> bytes:
-    """EXEC: apply each queued command's transform to its element of the array."""
-    if raw[:1] != b"*":
-        return raw  # nil (WATCH conflict) or an error
-    header, items = split(raw)
-    if len(items) != len(transforms):
-        return raw
-    return join(header, [t(i) if t is not None else i for t, i in zip(transforms, items)])

@@ -112,6 +112,70 @@ else:
     frame_run = _frame_run
 
 
+class PartialReply:
+    """One reply that did not arrive whole, framed across reads in linear time.
+
+    `feed(buf, pos)` consumes what it can of the reply from `buf[pos:]` and returns
+    (position after what it consumed, done). Complete elements are skipped with
+    frame_end; a blob still arriving is counted down by its length; an aggregate
+    still arriving is entered, its remaining element counts kept on a stack. So no
+    byte is scanned more than a few times, however the reply is chunked, and a
+    512 MB bulk costs its bytes, not a re-scan per read. An unfinished header line
+    (at most 64 KB) is the only thing held back: `feed` returns before it and the
+    caller hands it in again with the next bytes.
+
+    The caller decides what happens to the consumed bytes: forwarded at once
+    (a reply that needs no rewriting) or collected whole (one that does)."""
+
+    __slots__ = ("left", "blob", "depth")
+
+    def __init__(self):
+        self.left = [1]   # elements still to come at each open level (top: the reply itself)
+        self.blob = 0     # payload bytes (CRLF included) of a blob still arriving
+        self.depth = 0
+
+    def feed(self, buf: bytes, pos: int) -> tuple[int, bool]:
+        n = len(buf)
+        left = self.left
+        while True:
+            if self.blob:
+                take = min(self.blob, n - pos)
+                pos += take
+                self.blob -= take
+                if self.blob:
+                    return pos, False
+            while left and left[-1] == 0:
+                left.pop()
+            if not left:
+                return pos, True
+            if pos >= n:
+                return pos, False
+            end = frame_end(buf, pos)
+            if end >= 0:  # a whole element: skip it
+                left[-1] -= 1
+                pos = end
+                continue
+            nl = buf.find(CRLF, pos)
+            if nl < 0:
+                if n - pos > MAX_INLINE:
+                    raise ProtocolError("too big reply header")
+                return pos, False
+            t = buf[pos]
+            # frame_end validated the header; an element that is not whole is a
+            # blob or an aggregate with a non-negative length
+            count = int(buf[pos + 1:nl])
+            left[-1] -= 1
+            pos = nl + 2
+            if t in _BLOB:
+                self.blob = count + 2
+            else:
+                if len(left) > MAX_DEPTH:
+                    raise ProtocolError("reply nested too deeply")
+                if t == 0x7C:  # '|': the attribute is followed by the reply it describes
+                    left[-1] += 1
+                left.append(count * 2 if t in _PAIRS else count)
+
+
 def split(raw: bytes) -> tuple[bytes, list[bytes]]:
     """Split one aggregate reply into its header line and its element frames.
 
@@ -163,16 +227,6 @@ def string_value(raw: bytes) -> bytes | None:
     return None
 
 
-def int_value(raw: bytes) -> int | None:
-    if raw[:1] == b":":
-        return int(raw[1:-2])
-    s = string_value(raw)
-    try:
-        return int(s) if s is not None else None
-    except ValueError:
-        return None
-
-
 def bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -195,9 +249,7 @@ def is_error(raw: bytes) -> bool:
     return raw[:1] in (b"-", b"!")
 
 
-NIL2 = b"$-1\r\n"
 OK = b"+OK\r\n"
-QUEUED = b"+QUEUED\r\n"
 
 
 def integer(n: int) -> bytes:

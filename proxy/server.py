@@ -13,10 +13,10 @@ import socket
 from collections import deque
 from time import perf_counter
 
-from proxy.commands import default_table
+from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route
-from proxy.resp import ProtocolError, encode_command, frame_end
-from proxy.session import Session
+from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
+from proxy.session import Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
 from proxy.stats import RouteStats
 
@@ -37,7 +37,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.upstream: UpstreamConnection | None = None
         self.shared = proxy.config.limits.upstream_mode == "shared"
-        self.session = Session(route, proxy.table, proxy.config.limits, self.stats, shared=self.shared)
+        self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared)
         self.link: SharedLink | None = None   # the shared upstream connection, while on one
         self.registered = 0                  # replies registered with the link so far
         self.connecting = False
@@ -134,6 +134,8 @@ class ClientConnection(asyncio.Protocol):
                 out.clear()
                 self.transport.write(data)
                 self.stats.bytes_out["client"] += len(data)
+                if self.client_paused:
+                    self._check_output_limit()
             return
         if self.t_request and not s.pending:
             self.stats.request_seconds.observe(perf_counter() - self.t_request)
@@ -187,8 +189,25 @@ class ClientConnection(asyncio.Protocol):
             if not self.closed:
                 self.transport.write(data)
                 self.stats.bytes_out["client"] += len(data)
+                if self.client_paused:
+                    self._check_output_limit()
         if (self.draining or s.close_when_done) and not self.closed:
             self._maybe_close()
+
+    def _check_output_limit(self) -> None:
+        """A client that does not read its replies: past its output limit it is
+        disconnected (as Redis's client-output-buffer-limit does), so what the proxy
+        holds for it stays bounded and its shared link never waits for it."""
+        limit = self.session.output_limit
+        held = self.transport.get_write_buffer_size()
+        if limit and held > limit and not self.closed:
+            setting = "pubsub_output_limit" if self.session._subscribed() else "output_limit"
+            log.warning("route %s: client %s does not read its replies: %d bytes held, over the output "
+                        "limit of %d ([limits] %s); disconnecting it", self.route.name, _peer(self.peer), held,
+                        limit, setting, extra={"event": "output_limit", "route": self.route.name})
+            self.stats.errors["output_limit"] = self.stats.errors.get("output_limit", 0) + 1
+            self.transport.abort()  # what it holds is dropped now, not written out first
+            self.close("output_limit")
 
     def _maybe_close(self) -> None:
         s = self.session
@@ -325,13 +344,12 @@ class SharedLink(asyncio.Protocol):
         # get_running_loop() costs a getpid() system call (its fork check): once per
         # link, not once per batch
         self.loop = asyncio.get_running_loop()
-        up = route.upstream
-        if up.password:
-            self._own([b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()])
-        if db != 0:
-            self._own([b"SELECT", str(db).encode()])
-        if proto == 3:
-            self._own([b"HELLO", b"3"])
+        self.partial: PartialReply | None = None  # a reply arriving over several reads
+        self.p_conn = None                         # ... for this client
+        self.p_mode = ""                           # "stream", "collect" or "discard"
+        self.p_chunks: list[bytes] = []
+        for args in route.upstream.handshake(db, proto):
+            self._own(args)
 
     def _own(self, args: list[bytes]) -> None:
         self.out.append(encode_command(args))
@@ -397,12 +415,15 @@ class SharedLink(asyncio.Protocol):
         if self.t_sent:
             self.stats.roundtrip_seconds.observe(perf_counter() - self.t_sent)
             self.t_sent = 0.0
-        buf = self.buf + data if self.buf else data
+        buf = self.buf + data if self.buf else data  # self.buf: at most a header line
+        self.buf = b""
         pos, n = 0, len(buf)
         owners = self.owners
         touched = []
         try:
-            while pos < n:
+            if self.partial is not None:
+                pos = self._feed_partial(buf, 0, touched)
+            while pos < n and self.partial is None:
                 if owners:
                     run = owners[0]
                     conn = run[0]
@@ -419,33 +440,99 @@ class SharedLink(asyncio.Protocol):
                             continue
                 end = frame_end(buf, pos)
                 if end < 0:
+                    pos = self._start_partial(buf, pos, touched)
                     break
-                if buf[pos] == 0x3E:  # '>' a RESP3 push: no client here asked for one (no
-                    pos = end          # subscriptions or tracking on a shared link); not a reply
-                    continue
-                if not owners:
-                    raise ProtocolError("a reply nobody asked for")
-                run = owners[0]
-                run[1] -= 1
-                if not run[1]:
-                    owners.popleft()
-                conn = run[0]
-                if conn is None:
-                    if buf[pos] in (0x2D, 0x21):  # '-' or '!': the link's own AUTH/SELECT failed
-                        msg = bytes(buf[pos + 1:end - 2]).decode("utf-8", "replace")
-                        raise ProtocolError(f"upstream refused the proxy's handshake: {msg}")
-                elif not conn.closed:
-                    conn.session.shared_reply(buf[pos:end], buf[pos])
-                    if not touched or touched[-1] is not conn:
-                        touched.append(conn)
+                self._deliver(buf[pos:end], touched)
                 pos = end
-        except ProtocolError as e:
+        except (ProtocolError, UnexpectedReply) as e:
             self.buf = b""
+            if isinstance(e, UnexpectedReply) or str(e) == "a reply nobody asked for":
+                self.stats.errors["unexpected_reply"] = self.stats.errors.get("unexpected_reply", 0) + 1
+                e = "the server sent a reply no request was waiting for"
             self.fail(str(e))
             return
-        self.buf = buf[pos:]
+        if self.partial is None and pos < n:
+            self.buf = buf[pos:]
         for conn in dict.fromkeys(touched):
             conn.after_shared_replies()
+
+    def _pop_owner(self):
+        """The client owed the reply at the head of the wire (None: the link's own request).
+        Exactly one reply per request on a shared link (only shareable commands are sent
+        here), so a reply with no owner is a fault, never handed to anyone."""
+        owners = self.owners
+        if not owners:
+            raise UnexpectedReply()
+        run = owners[0]
+        run[1] -= 1
+        if not run[1]:
+            owners.popleft()
+        return run[0]
+
+    def _deliver(self, raw: bytes, touched: list) -> None:
+        """One whole frame from the wire."""
+        if raw[0] == 0x3E:  # '>' a RESP3 push: no client here asked for one (no
+            return          # subscriptions or tracking on a shared link); not a reply
+        conn = self._pop_owner()
+        if conn is None:
+            if raw[0] in (0x2D, 0x21):  # '-' or '!': the link's own AUTH/SELECT/HELLO failed
+                msg = raw[1:-2].decode("utf-8", "replace")
+                raise ProtocolError(f"upstream refused the proxy's handshake: {msg}")
+        elif not conn.closed:
+            conn.session.shared_reply(raw, raw[0])
+            if not touched or touched[-1] is not conn:
+                touched.append(conn)
+
+    def _start_partial(self, buf: bytes, pos: int, touched: list) -> int:
+        """The frame at `pos` is not whole: a reply that needs nothing is forwarded to its
+        client as its bytes arrive; one that must be rewritten (or the link's own) is
+        collected whole; a push or a reply for a client that left is skipped."""
+        self.partial = PartialReply()
+        self.p_chunks = []
+        self.p_conn = None
+        if buf[pos] == 0x3E:
+            self.p_mode = "discard"
+        else:
+            if not self.owners:
+                raise UnexpectedReply()
+            conn = self.owners[0][0]
+            self.p_conn = conn
+            if conn is None:
+                self.p_mode = "collect"
+            elif conn.closed:
+                self.p_mode = "discard"
+            else:
+                self.p_mode = "stream" if conn.session.shared_streams() else "collect"
+        return self._feed_partial(buf, pos, touched)
+
+    def _feed_partial(self, buf: bytes, pos: int, touched: list) -> int:
+        end, done = self.partial.feed(buf, pos)
+        conn, mode = self.p_conn, self.p_mode
+        if mode == "stream":
+            if conn.closed:
+                self.p_mode = mode = "discard"
+            elif end > pos:
+                conn.session.out_client.append(buf[pos:end])
+                if not touched or touched[-1] is not conn:
+                    touched.append(conn)
+        elif mode == "collect":
+            self.p_chunks.append(buf[pos:end])
+        if not done:
+            self.buf = buf[end:]  # at most an unfinished header line
+            return len(buf)
+        self.partial = None
+        if self.p_mode == "discard":
+            if self.p_conn is not None:  # a reply for a client that left (None: a push)
+                self._pop_owner()
+        elif mode == "stream":
+            self._pop_owner()
+            conn.session.shared_stream_done()
+        else:
+            raw = b"".join(self.p_chunks)
+            self._deliver(raw, touched)
+        self.p_chunks = []
+        self.p_conn = None
+        return end
 
     def connection_lost(self, exc) -> None:
         if self.transport is not None:
@@ -498,7 +585,8 @@ class Proxy:
     def __init__(self, config: Config, reuse_port: bool = False):
         self.config = config
         self.reuse_port = reuse_port  # a worker of several (proxy/workers.py) shares its listeners
-        self.table = default_table()
+        self.rules = default_rules()
+        self.table = self.rules.table
         self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
         self.links: dict[tuple, SharedLink] = {}
@@ -644,10 +732,7 @@ async def _command_list(up) -> list[str]:
     from proxy.resp import encode_command
     reader, writer = await asyncio.open_connection(up.host, up.port)
     try:
-        cmds = []
-        if up.password:
-            cmds.append([b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()])
-        cmds.append([b"COMMAND", b"LIST"])
+        cmds = up.handshake(0) + [[b"COMMAND", b"LIST"]]
         writer.write(b"".join(encode_command(c) for c in cmds))
         parser = hiredis.Reader()
         replies = []

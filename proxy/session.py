@@ -1,17 +1,34 @@
 """One client connection as a sans-IO state machine.
 
 Bytes from the client go in with `client_data`, bytes from its upstream
-connection with `upstream_data`; what to send comes out of `take_upstream` and
-`take_client`. No sockets here: the asyncio shell (server.py) only moves bytes.
+connection with `upstream_data`; what to send comes out of `out_upstream` and
+`out_client`. No sockets here: the asyncio shell (server.py) only moves bytes.
 
-Ordering: every request that expects a reply leaves one entry in `pending`, in
-order. Replies the proxy makes itself (refusals, protocol errors) are entries
+The rules it keeps, so that a reply cannot reach the wrong client:
+
+- One request, one reply on the upstream wire. Every request sent upstream
+  leaves exactly one entry in `pending`, in order; CLIENT REPLY is carried out
+  here and never sent, so the server never skips a reply. A reply that arrives
+  with nothing pending is a fault: the connection is closed, never the reply
+  handed on.
+- Sharing by allowlist. On a shared upstream connection only requests whose Rule
+  says "exactly one reply, no connection state" are sent; anything else moves the
+  client to a connection of its own first (or is refused in place).
+- State on the server's confirmation. The db, namespace, protocol and
+  subscriptions change when the server confirms (SELECT's +OK, HELLO's reply,
+  each element of EXEC's array), never when a command is sent or queued; later
+  requests whose rewriting depends on that state wait for the confirmation.
+- Owed replies first. A malformed request is answered with its protocol error
+  after every request before it has been executed and answered.
+
+Replies the proxy makes itself (refusals, protocol errors) are pending entries
 too, so they reach the client in the position of their request. Push frames
 (RESP3 `>`, RESP2 pub/sub messages) belong to no request and pop nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 from collections import deque
@@ -20,73 +37,123 @@ from itertools import repeat
 import hiredis
 
 from proxy import emulate
-from proxy.commands import CommandTable, default_table
 from proxy.config import Limits, Route
 from proxy.keyspace import Refused
-from proxy.pubsub import CONFIRMS, MESSAGES, ChannelMap, rewrite_frame
-from proxy.replies import exec_array
-from proxy.resp import (OK, ProtocolError, RequestReader, encode_command, error, frame_end, frame_run,
-                        pack_command, is_error, split, string_value)
 from proxy.keyspecs import KeySpecError
-from proxy.rewrite import KEYS, Ctx, Plan, compile_plan, fast_spec, refuse, rewrite
+from proxy.pubsub import MESSAGES, ChannelMap, rewrite_frame
+from proxy.resp import (OK, PartialReply, ProtocolError, RequestReader, encode_command, error, frame_end,
+                        frame_run, is_error, pack_command, split, string_value)
+from proxy.rewrite import KEYS, SLOW, Ctx, Plan, compile_plan, fast_spec, refusal, rewrite, rewrite_rule
+from proxy.rules import RuleBook, default_rules
 from proxy.speedups import C
 from proxy.stats import RouteStats
+
+log = logging.getLogger("keyspace-proxy")
 
 # The C path's keyspace modes (proxy/_speedups.c, rewrite_plain).
 FAST_MODES = {"none": 0, "add": 1, "strip": 2}
 _rewrite_plain = C.rewrite_plain if C is not None else None
 
-# Kinds of pending entries (a plain None is the common "pass the reply through").
-XFORM, LOCAL, INTERNAL, SUB = 1, 2, 3, 4
-
-SUBSCRIBE_CMDS = {
-    b"subscribe": ("channel", True), b"unsubscribe": ("channel", False),
-    b"psubscribe": ("pattern", True), b"punsubscribe": ("pattern", False),
-    b"ssubscribe": ("shard", True), b"sunsubscribe": ("shard", False),
-}
 # A deep pipeline gains nothing from sharing, and its replies could not be slowed
 # down without slowing everyone on the shared connection: past this many owed
 # replies a client moves to a dedicated connection, where backpressure is its own.
 SHARED_MAX_OWED = 64
-# CLIENT subcommands that set nothing a later command depends on: fine on a shared connection.
-SHARED_CLIENT_SUBCOMMANDS = frozenset((b"setinfo", b"help"))
 EXECABORT = error("EXECABORT Transaction discarded because of previous errors.")
 
 
+class UnexpectedReply(Exception):
+    """The server sent a reply no request is owed: the link can no longer be trusted."""
+
+
+# ------------------------------------------------------------------ requests
+
+PASS, XFORM, LOCAL, INTERNAL, SUB = range(5)
+
+
+class Req:
+    """One reply owed to the client, in order. A plain `None` in `pending` is the
+    common case (the server's reply passed on as it is) and costs no object.
+
+    kind    PASS: the reply as it is; XFORM: fn(raw) -> bytes for the client;
+            LOCAL: `data`, made by the proxy; INTERNAL: fn(raw), the proxy's own
+            request (nothing for the client); SUB: subscription confirmations
+            (`data` = [confirmations left or -1 for "until none left", set]).
+    show    False when the client said CLIENT REPLY OFF/SKIP: the reply is
+            consumed and dropped, so the upstream still gets one reply per request.
+    """
+
+    __slots__ = ("kind", "fn", "data", "show")
+
+    def __init__(self, kind: int, fn=None, data=None, show: bool = True):
+        self.kind = kind
+        self.fn = fn
+        self.data = data
+        self.show = show
+
+
+DROP = Req(PASS, show=False)
+
+
+class Fault:
+    """A malformed request, held in order behind requests that wait: its error is
+    delivered once everything before it has been answered."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class TxItem:
+    """A command queued in MULTI: its reply transform, and what its success changes."""
+
+    __slots__ = ("transform", "confirm")
+
+    def __init__(self, transform=None, confirm=None):
+        self.transform = transform
+        self.confirm = confirm
+
+
 class Session:
-    def __init__(self, route: Route, table: CommandTable | None = None, limits: Limits | None = None,
+    def __init__(self, route: Route, rules: RuleBook | None = None, limits: Limits | None = None,
                  stats: RouteStats | None = None, shared: bool = False):
         self.route = route
         self.stats = stats or RouteStats(route.name)
-        self.table = table or default_table()
+        self.rules = rules or default_rules()
         self.limits = limits or Limits()
         self.reader = RequestReader(self.limits.max_bulk, self.limits.max_query)
         self.max_bulk = self.limits.max_bulk
         self.pending: deque = deque()
-        # What to send, as chunks in order: the shell takes them (take_upstream and
-        # take_client join them; the shell's hot path hands the lists on as they are).
+        # What to send, as chunks in order: the shell takes them.
         self.out_upstream: list[bytes] = []
         self.out_client: list[bytes] = []
         self._buf = b""
-        self.proto = 2
-        self._set_target(route.default)
-        self.multi: list | None = None      # transforms of commands queued in MULTI
-        self.multi_failed = False
-        self._multi_saved = None
+        self.partial: PartialReply | None = None   # a reply arriving over several reads
+        self.partial_chunks: list | None = None     # its bytes, when it must be held whole
+        self.proto = 2                 # confirmed by the server
+        self.target = route.default    # confirmed by the server (db + keyspace)
+        self._use(route.default)
+        self.tx: list[TxItem] | None = None   # commands queued in MULTI
+        self.tx_failed = False
+        self.tx_target = None          # where queued commands are rewritten (tentative)
         self.subs = {"channel": set(), "pattern": set(), "shard": set()}
-        self.sub_waiting = 0                  # SUBSCRIBE-family requests awaiting confirmations
-        self.reply_off = False
-        self.skip_next = False
+        self.sub_waiting = 0           # SUBSCRIBE-family requests awaiting confirmations
+        self.reply_on = True           # CLIENT REPLY ON/OFF, carried out here
+        self.skip = False              # CLIENT REPLY SKIP: the next command's reply is dropped
         self.monitor = False
-        self.emu = None                       # running emulation (a generator)
-        self.held: deque = deque()            # requests waiting for the emulation to finish
-        self.close_when_done = False          # close the client once pending replies are out
+        self.emu = None                # running emulation: (generator, show)
+        self.held: deque = deque()     # requests (and Faults) waiting their turn
+        self.confirming = 0            # state changes sent, not yet confirmed
+        self.valid_dbs: set[int] = set()   # backend dbs the server accepted (SELECT in MULTI)
+        self.probed = False            # the mapped dbs were tried (before the first MULTI)
+        self.input_closed = False      # a malformed request or QUIT: read no more
+        self.close_when_done = False   # close the client once pending replies are out
         self.protocol_error = False
         self.upstream_error: str | None = None
-        self._label = ""                      # the command being handled, for refusal counts
-        self.owed_sent = 0                    # upstream replies asked for so far (shared links count them)
+        self._label = ""               # the command being handled, for refusal counts
+        self.owed_sent = 0             # upstream replies asked for so far (shared links count them)
         # On a shared upstream connection (see server.SharedLink) until a command needs
-        # connection state of its own; then `need_dedicated` holds requests until the
+        # a connection of its own; then `need_dedicated` holds requests until the
         # shell has a dedicated connection and every shared reply is in.
         self.shared = shared
         self.need_dedicated = False
@@ -104,9 +171,10 @@ class Session:
 
     # ------------------------------------------------------------ plumbing
 
-    def _set_target(self, target) -> None:
-        self.target = target
-        self.ctx = Ctx(self.route, target, self.table)
+    def _use(self, target) -> None:
+        """Rewrite the next requests for `target` (db + keyspace)."""
+        self.q_target = target
+        self.ctx = Ctx(self.route, target, self.rules)
         self.plans = self.stats.plans_for(target)
         self.fast_specs = self.stats.fast_for(target)
         ks = target.keyspace
@@ -117,63 +185,55 @@ class Session:
             self.cmap.target = target
 
     def take_upstream(self) -> bytes:
-        if not self.out_upstream:
-            return b""
         out = b"".join(self.out_upstream)
         self.out_upstream.clear()
         return out
 
     def take_client(self) -> bytes:
-        if not self.out_client:
-            return b""
         out = b"".join(self.out_client)
         self.out_client.clear()
         return out
 
     @property
-    def should_close(self) -> bool:
-        return self.close_when_done and not self.pending
-
-    @property
     def idle(self) -> bool:
         """No reply owed, not in a transaction, not blocked: a safe point to close."""
-        return not self.pending and self.multi is None and self.emu is None
+        return not self.pending and self.tx is None and self.emu is None and not self.held
 
-    def _expect(self, entry) -> bool:
-        """Record that the request just sent gets a reply, unless CLIENT REPLY says none."""
-        if self.reply_off:
+    @property
+    def output_limit(self) -> int:
+        """What the proxy may hold for this client (Redis's classes: normal, pub/sub)."""
+        if self.subs["channel"] or self.subs["pattern"] or self.subs["shard"]:
+            return self.limits.pubsub_output_limit
+        return self.limits.output_limit
+
+    def _show(self) -> bool:
+        """Does the client want the reply of the command being handled? (consumes a SKIP)"""
+        if self.skip:
+            self.skip = False
             return False
-        if self.skip_next:
-            self.skip_next = False
-            return False
+        return self.reply_on
+
+    def _expect(self, entry) -> None:
+        """The request just sent gets exactly one reply: its entry, in order."""
         self.pending.append(entry)
         self.owed_sent += 1
-        return True
 
-    def _owe(self, entry) -> None:
-        """An upstream reply the proxy itself asked for (handshake, emulation steps)."""
-        self.pending.append(entry)
-        self.owed_sent += 1
-
-    def _local(self, reply: bytes) -> None:
+    def _local(self, reply: bytes, show: bool = True) -> None:
         """A reply made by the proxy, delivered in its request's position."""
-        if self.reply_off:
-            return
-        if self.skip_next:
-            self.skip_next = False
+        if not show:
             return
         if self.pending:
-            self.pending.append((LOCAL, reply))
+            self.pending.append(Req(LOCAL, data=reply))
         else:
             self.out_client.append(reply)
 
-    def _refuse(self, message: str) -> None:
+    def _refuse(self, message: str, show: bool = True) -> None:
         self.stats.refused_command(self._label)
-        if self.multi is not None:
-            self.multi_failed = True  # as Redis does for a command rejected while queueing
-        self._local(error(message))
+        if self.tx is not None:
+            self.tx_failed = True  # as Redis does for a command rejected while queueing
+        self._local(error(message), show)
 
-    def _send(self, args: list[bytes], entry=None) -> None:
+    def _send(self, args: list[bytes], entry) -> None:
         self.out_upstream.append(encode_command(args))
         self._expect(entry)
 
@@ -181,23 +241,49 @@ class Session:
         pending = self.pending
         while pending:
             head = pending[0]
-            if head is None or head[0] != LOCAL:
+            if head is None or head.kind != LOCAL:
                 return
             pending.popleft()
-            self.out_client.append(head[1])
+            self.out_client.append(head.data)
+
+    def _entry(self, transform, show: bool):
+        if transform is None:
+            return None if show else DROP
+        return Req(XFORM, transform, show=show)
 
     # ------------------------------------------------------------ upstream handshake
 
-    def handshake(self) -> None:
-        """AUTH with the URL's credentials and SELECT the route's db, before any client request."""
-        up = self.route.upstream
-        if up.password:
-            args = [b"AUTH"] + ([up.username.encode()] if up.username else []) + [up.password.encode()]
-            self.out_upstream.append(encode_command(args))
-            self._owe((INTERNAL, self._check_handshake))
-        if self.target.db != 0:
-            self.out_upstream.append(encode_command([b"SELECT", str(self.target.db).encode()]))
-            self._owe((INTERNAL, self._check_handshake))
+    def handshake(self, proto: int = 2, db: int | None = None) -> None:
+        """Set up the upstream connection before any client request: AUTH with the route's
+        credentials, HELLO 3 when the client is on RESP3, SELECT the db."""
+        db = self.target.db if db is None else db
+        for args in self.route.upstream.handshake(db, proto):
+            self._send(args, Req(INTERNAL, self._check_handshake))
+        self.valid_dbs.add(db)
+
+    def _probe_dbs(self) -> None:
+        """Before the first MULTI on a route with a db map: SELECT each mapped backend db
+        once (then the current one again), so a SELECT queued in MULTI can be checked
+        against what the server accepts: it must not fail at EXEC after the commands
+        queued behind it were rewritten for its namespace."""
+        self.probed = True
+        dbs = sorted({t.db for t in self.route.databases.values()} - self.valid_dbs)
+        if not dbs:
+            return
+        for db in dbs:
+            self._send([b"SELECT", str(db).encode()], Req(INTERNAL, self._probe_db(db)))
+        self.confirming += 1  # a SELECT queued behind MULTI is checked against the answers
+
+        def back(raw: bytes) -> None:
+            self.confirming -= 1
+            self._check_handshake(raw)
+        self._send([b"SELECT", str(self.target.db).encode()], Req(INTERNAL, back))
+
+    def _probe_db(self, db: int):
+        def done(raw: bytes) -> None:
+            if not is_error(raw):
+                self.valid_dbs.add(db)
+        return done
 
     def _check_handshake(self, raw: bytes) -> None:
         if is_error(raw):
@@ -207,7 +293,7 @@ class Session:
     # ------------------------------------------------------------ client -> upstream
 
     def client_data(self, data: bytes) -> None:
-        if self.close_when_done:
+        if self.input_closed:
             return
         depth = 0
         if self.fast_blocked:
@@ -237,65 +323,83 @@ class Session:
         while True:
             try:
                 args = self.reader.get()
-            except ProtocolError as e:
-                self.stats.errors["protocol"] += 1
-                self.protocol_error = True
-                self.reply_off = self.skip_next = False
-                self._local(error(f"ERR Protocol error: {e}"))
-                self.close_when_done = True
-                return
-            if args is None:
+            except Exception as e:
+                if not isinstance(e, ProtocolError):  # a bug in the reader: this client alone pays
+                    log.exception("route %s: the request reader failed", self.route.name)
+                    e = f"unreadable request ({e.__class__.__name__})"
+                args = Fault(f"ERR Protocol error: {e}")
+            if args is None or type(args) is Fault:
                 if depth:
                     self.stats.depth.observe(depth)
+                if args is not None:
+                    self._input_fault(args.message)
                 return
             depth += 1
-            if self.emu is not None or self.held or self.need_dedicated or self.need_link is not None:
+            if self._waiting():
                 self.held.append(args)
             else:
-                self.handle(args)
-            if self.close_when_done:
+                self._handle_safely(args)
+            if self.input_closed:
                 return
+
+    def _waiting(self) -> bool:
+        """Must the next request wait? (for a connection, a link, a confirmation, an emulation)"""
+        return bool(self.held) or self.emu is not None or self.need_dedicated or self.need_link is not None \
+            or self.confirming > 0
+
+    def _input_fault(self, message: str) -> None:
+        """A malformed request: every request before it is executed and answered, then its
+        error, then the connection closes."""
+        self.stats.errors["protocol"] += 1
+        self.input_closed = True
+        self.fast_blocked = True
+        if self._waiting():
+            self.held.append(Fault(message))
+        else:
+            self._fault_now(message)
+
+    def _fault_now(self, message: str) -> None:
+        self.protocol_error = True
+        self._local(error(message))
+        self.input_closed = True
+        self.close_when_done = True
 
     def _plain(self) -> bool:
         """May the C path take the next requests? (no state a request would change)"""
-        return _rewrite_plain is not None and self.multi is None and not self.reply_off and not self.skip_next \
-            and self.emu is None and not self.held and not self.need_dedicated and self.need_link is None \
-            and self.upstream_error is None
+        return _rewrite_plain is not None and self.tx is None and self.reply_on and not self.skip \
+            and not self._waiting() and self.upstream_error is None and not self.input_closed
+
+    def _handle_safely(self, args: list[bytes]) -> None:
+        try:
+            self.handle(args)
+        except Exception as e:  # a bug here must cost this client alone, never the process
+            log.exception("route %s: internal error handling %s", self.route.name,
+                          args[0][:32].decode("latin-1", "replace"))
+            self.stats.errors["internal"] = self.stats.errors.get("internal", 0) + 1
+            self._fault_now(f"ERR proxy internal error ({e.__class__.__name__}); closing the connection")
 
     def handle(self, args: list[bytes]) -> None:
         self.fast_blocked = True
         plan = self.plans.get(args[0])
         if plan is None:
             plan = self._plan(args[0])
-        if self.shared and plan.dedicated == 3 and self.multi is None and len(args) == 2 \
-                and args[1] in (b"2", b"3"):
-            # plain HELLO 2/3 (no AUTH, no SETNAME): the link of that protocol, still shared
-            version = int(args[1])
-            if version != self.link_proto:
-                self.need_link = version
-                self.held.appendleft(args)
+        rule = plan.rule
+        if plan.kind == SLOW and rule.name in self.rules.containers and len(args) > 1:
+            rule = self.rules.lookup(args)
+        if self.shared and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
+            where = self._where_on_shared(rule, args)
+            if where is not None:
+                if where == "dedicated":
+                    self.need_dedicated = True
+                else:
+                    self.need_link = where
+                self.held.appendleft(args)  # replayed first once the connection is there
                 return
-        elif self.shared and ((plan.dedicated and not (
-                plan.dedicated == 2 and len(args) > 1 and args[1].lower() in SHARED_CLIENT_SUBCOMMANDS))
-                or len(self.pending) >= SHARED_MAX_OWED):
-            if plan.dedicated == 2:
-                # A CLIENT subcommand the route refuses (redis-py 8 sends CLIENT
-                # MAINT_NOTIFICATIONS on connect) needs no connection of its own.
-                try:
-                    rewrite(list(args), self.ctx)
-                except Refused as e:
-                    plan.count += 1
-                    self._label = plan.label
-                    return self._refuse(str(e))
-            self.need_dedicated = True
-            # to the front: when replayed from `held`, it must stay ahead of what follows
-            self.held.appendleft(args)
-            return
         plan.count += 1
         self._label = plan.label
+        show = self._show()
         if self.upstream_error is not None:
-            self._local(error(f"ERR upstream unavailable ({self.upstream_error})"))
-            return
+            return self._local(error(f"ERR upstream unavailable ({self.upstream_error})"), show)
         kind = plan.kind
         if kind <= KEYS:  # PASS or KEYS: the hot path
             if kind == KEYS:
@@ -305,31 +409,50 @@ class Session:
                     for i in positions:
                         args[i] = key_in(args[i])
                 except Refused as e:
-                    return self._refuse(str(e))
+                    return self._refuse(str(e), show)
                 except KeySpecError as e:
-                    return self._refuse(f"ERR {e}")
+                    return self._refuse(f"ERR {e}", show)
                 self.stats.keys_rewritten += len(positions)
-            if self.multi is None and not self.reply_off and not self.skip_next:
+            if self.tx is None and show:
                 self.out_upstream.append(pack_command(tuple(args)))
                 self.pending.append(plan.entry)
                 self.owed_sent += 1
                 return
-            return self._queue_or_send(args, plan.reply)
-        name = args[0].lower()
-        special = _SPECIAL.get(name)
-        if special is not None:
-            special(self, args)
-            return
+            return self._queue_or_send(args, plan.reply, show)
+        if rule.session is not None and not rule.everywhere:
+            if rule.policy == "refuse" and self.ctx.ks.mode != "none":
+                return self._refuse(str(refusal(rule, self.ctx)), show)
+            return getattr(self, "_cmd_" + rule.session)(args, show)
         try:
-            transform = rewrite(args, self.ctx)
+            transform = rewrite_rule(rule, args, self.ctx)
         except Refused as e:
-            self._refuse(str(e))
-            return
-        self._queue_or_send(args, transform)
+            return self._refuse(str(e), show)
+        self._queue_or_send(args, transform, show)
+
+    def _where_on_shared(self, rule, args):
+        """A request on a shared link whose Rule is not shareable (or past the owed cap):
+        None if it stays (the proxy answers it itself: CLIENT REPLY, QUIT, a refusal),
+        a protocol number for a plain HELLO 2/3 (the shared link of that protocol),
+        else "dedicated"."""
+        if len(self.pending) >= SHARED_MAX_OWED:
+            return "dedicated"
+        if rule.session in ("client_reply", "quit"):
+            return None
+        if rule.session == "hello" and self.tx is None and len(args) == 2 and args[1] in (b"2", b"3"):
+            version = int(args[1])
+            return version if version != self.link_proto else None
+        if rule.everywhere or (rule.policy == "refuse" and self.ctx.ks.mode != "none"):
+            return None
+        if rule.rewrite is not None:
+            try:  # refused by its handler? then refused here, on the shared connection
+                rule.rewrite(list(args), self.ctx)
+            except Refused:
+                return None
+        return "dedicated"
 
     def _plan(self, raw_name: bytes) -> Plan:
-        plan = compile_plan(raw_name, self.ctx, _SPECIAL)
-        plan.entry = None if plan.reply is None else (XFORM, plan.reply)
+        plan = compile_plan(raw_name, self.ctx)
+        plan.entry = None if plan.reply is None else Req(XFORM, plan.reply)
         if len(self.plans) < 1024:  # names are client input: bound the cache
             self.plans[raw_name] = plan
             plan.fast = fast_spec(plan)
@@ -339,163 +462,206 @@ class Session:
             self.stats.uncached_commands += 1
         return plan
 
-    def _queue_or_send(self, args, transform) -> None:
-        if self.multi is not None:
-            self.multi.append(transform)
-            self._send(args)                      # +QUEUED passes through
+    def _queue_or_send(self, args, transform, show: bool, confirm=None) -> None:
+        if self.tx is not None:
+            self.tx.append(TxItem(transform, confirm))
+            self._send(args, self._entry(None, show))  # +QUEUED (or the server's error)
         else:
-            self._send(args, None if transform is None else (XFORM, transform))
+            self._send(args, self._entry(transform, show))
 
-    # ---- connection-state commands
+    def _hold_until(self, fn):
+        """A reply transform that also ends a wait for confirmation."""
+        self.confirming += 1
 
-    def _cmd_select(self, args) -> None:
+        def done(raw: bytes) -> bytes:
+            self.confirming -= 1
+            return fn(raw)
+        return done
+
+    # ---- connection state, changed on the server's confirmation
+
+    def _cmd_select(self, args, show) -> None:
         if len(args) != 2:
-            return self._send(args)  # the server's arity error
+            return self._queue_or_send(args, None, show)  # the server's arity error
         try:
             target = self.ctx.client_db(args[1])
         except Refused as e:
-            return self._refuse(str(e))
-        self._set_target(target)
-        self._queue_or_send([args[0], str(target.db).encode()], None)
+            return self._refuse(str(e), show)
+        server_args = [args[0], str(target.db).encode()]
+        if self.tx is not None:
+            # Queued: it runs at EXEC. Later queued commands are rewritten for its
+            # keyspace, so it must not fail there: only a db the server accepted.
+            if target.keyspace != self.q_target.keyspace and target.db not in self.valid_dbs:
+                return self._refuse(f"ERR SELECT {int(args[1])} inside MULTI is refused on route "
+                                    f"{self.route.name}: backend db {target.db} has another namespace and "
+                                    f"the server has not accepted it on this connection (SELECT it "
+                                    f"outside MULTI first)", show)
+            self._use(target)
 
-    def _cmd_hello(self, args) -> None:
+            def confirm(raw: bytes) -> None:
+                if not is_error(raw):
+                    self.target = target
+                    self.valid_dbs.add(target.db)
+            return self._queue_or_send(server_args, None, show, confirm)
+
+        def done(raw: bytes) -> bytes:
+            if not is_error(raw):
+                self.target = target
+                self.valid_dbs.add(target.db)
+                self._use(target)
+            return raw
+        # What follows waits for the server's answer, so that outside MULTI `target` is
+        # always the db the server is on (requests are rewritten for it, and the db
+        # probe before MULTI returns to it).
+        self._send(server_args, Req(XFORM, self._hold_until(done), show=show))
+
+    def _cmd_hello(self, args, show) -> None:
         version = None
         if len(args) > 1:
             try:
                 version = int(args[1])
             except ValueError:
                 pass
+        if self.tx is not None:
+            def confirm(raw: bytes) -> None:
+                if version in (2, 3) and not is_error(raw):
+                    self.proto = version
+            return self._queue_or_send(args, None, show, confirm)
 
         def done(raw: bytes) -> bytes:
             if version in (2, 3) and not is_error(raw):
                 self.proto = version
             return raw
-        self._send(args, (XFORM, done))
+        self._send(args, Req(XFORM, self._hold_until(done), show=show))
 
-    def _cmd_reset(self, args) -> None:
-        self._send(args)
-        self.multi, self.multi_failed, self.monitor = None, False, False
-        self.reply_off = self.skip_next = False
-        self.proto = 2
-        for s in self.subs.values():
-            s.clear()
-        self.cmap.patterns.clear()
-        self._set_target(self.route.default)
-        # RESET selects db 0 on the server; the route's db may be another one.
-        self.out_upstream.append(encode_command([b"SELECT", str(self.target.db).encode()]))
-        self._owe((INTERNAL, lambda raw: None))
+    def _cmd_reset(self, args, show) -> None:
+        # RESET always succeeds and turns replies back on: its +RESET is shown.
+        self.reply_on, self.skip = True, False
+        self.tx, self.tx_failed = None, False
 
-    def _cmd_multi(self, args) -> None:
-        if self.multi is not None:
-            return self._send(args)  # nested MULTI: the server's error
-        self._send(args)
-        self.multi, self.multi_failed, self._multi_saved = [], False, self.target
+        def done(raw: bytes) -> bytes:
+            if raw.startswith(b"+RESET"):
+                self.monitor = False
+                self.proto = 2
+                for s in self.subs.values():
+                    s.clear()
+                self.cmap.patterns.clear()
+                self.target = self.route.default
+                self._use(self.target)
+            return raw
+        self._send(args, Req(XFORM, self._hold_until(done)))
+        # RESET logs the connection out and selects db 0: set up again what the proxy
+        # set up (a failure closes the client with the reason).
+        self.handshake(db=self.route.default.db)
 
-    def _cmd_exec(self, args) -> None:
-        transforms, failed = self.multi, self.multi_failed
-        self.multi, self.multi_failed = None, False
-        if transforms is None:
-            return self._send(args)
+    def _cmd_multi(self, args, show) -> None:
+        if self.tx is not None:
+            return self._send(args, self._entry(None, show))  # nested MULTI: the server's error
+        if not self.probed and self.route.databases:
+            self._probe_dbs()
+        self._send(args, self._entry(None, show))
+        self.tx, self.tx_failed = [], False
+
+    def _cmd_exec(self, args, show) -> None:
+        items, failed = self.tx, self.tx_failed
+        self.tx, self.tx_failed = None, False
+        if items is None:
+            return self._send(args, self._entry(None, show))  # EXEC without MULTI: the server's error
         if failed:
-            self._set_target(self._multi_saved)
+            self._use(self.target)
             self.out_upstream.append(encode_command([b"DISCARD"]))
-            return self._expect((XFORM, lambda raw: EXECABORT))
-        if any(t is not None for t in transforms):
-            return self._send(args, (XFORM, lambda raw, ts=transforms: exec_array(raw, ts)))
-        self._send(args)
+            return self._expect(Req(XFORM, lambda raw: EXECABORT, show=show))
+        confirms = any(t.confirm is not None for t in items)
 
-    def _cmd_discard(self, args) -> None:
-        if self.multi is not None:
-            self._set_target(self._multi_saved)
-        self.multi, self.multi_failed = None, False
-        self._send(args)
+        def done(raw: bytes) -> bytes:
+            out = _exec_reply(raw, items)
+            if confirms:
+                self._use(self.target)
+            return out
+        if confirms:
+            # The queued SELECT/HELLO take effect with EXEC's array (not on a nil or an
+            # error): what follows waits for it.
+            return self._send(args, Req(XFORM, self._hold_until(done), show=show))
+        self._use(self.target)
+        if any(t.transform is not None for t in items):
+            return self._send(args, Req(XFORM, done, show=show))
+        self._send(args, self._entry(None, show))
 
-    def _cmd_quit(self, args) -> None:
-        self._local(OK)
+    def _cmd_discard(self, args, show) -> None:
+        self.tx, self.tx_failed = None, False
+        self._use(self.target)
+        self._send(args, self._entry(None, show))
+
+    def _cmd_quit(self, args, show) -> None:
+        self._local(OK, show)
+        self.input_closed = True
         self.close_when_done = True
 
-    def _cmd_client(self, args) -> None:
-        if len(args) == 3 and args[1].lower() == b"reply":
-            mode = args[2].lower()
-            if mode in (b"on", b"off", b"skip"):
-                self.out_upstream.append(encode_command(args))
-                if mode == b"on":
-                    self.reply_off = self.skip_next = False
-                    self._owe(None)  # ON always answers +OK
-                elif mode == b"off":
-                    self.reply_off = True
-                else:
-                    self.skip_next = True
-                return
-        try:
-            transform = rewrite(args, self.ctx)
-        except Refused as e:
-            return self._refuse(str(e))
-        self._queue_or_send(args, transform)
+    def _cmd_client_reply(self, args, show) -> None:
+        mode = args[2].lower() if len(args) == 3 else None
+        if mode not in (b"on", b"off", b"skip"):
+            return self._queue_or_send(args, None, show)  # the server's syntax error
+        if self.tx is not None:
+            # Redis runs it inside EXEC and then leaves EXEC's array short of elements.
+            return self._refuse("ERR CLIENT REPLY inside MULTI is refused by the proxy: the server "
+                                "would send an EXEC reply with elements missing", show)
+        if mode == b"on":
+            self.reply_on, self.skip = True, False
+            self._local(OK)
+        elif mode == b"off":
+            self.reply_on, self.skip = False, False
+        elif self.reply_on:
+            self.skip = True
 
-    def _cmd_subscribe(self, args) -> None:
-        which, adding = SUBSCRIBE_CMDS[args[0].lower()]
+    def _cmd_subscribe(self, args, show) -> None:
+        which, adding = self.rules.get(args[0].lower().decode("latin-1")).subscribe
+        if self.tx is not None:
+            return self._refuse(f"ERR {args[0].decode('latin-1').upper()} inside MULTI is refused by the "
+                                "proxy: subscription state changes only outside transactions", show)
         try:
             mapper = self.cmap.pattern_in if which == "pattern" else self.cmap.channel_in
             for i in range(1, len(args)):
                 args[i] = mapper(args[i])
         except Refused as e:
-            return self._refuse(str(e))
-        if self.multi is not None:
-            return self._send(args)  # the server refuses or queues it; no confirmations counted
+            return self._refuse(str(e), show)
         self.out_upstream.append(encode_command(args))
         n = len(args) - 1
         if n == 0 and adding:
-            return self._expect(None)  # arity error from the server
-        if self._expect((SUB, [n if n else -1, which])):
-            self.sub_waiting += 1
+            return self._expect(self._entry(None, show))  # arity error from the server
+        self._expect(Req(SUB, data=[n if n else -1, which], show=show))
+        self.sub_waiting += 1
 
-    def _cmd_monitor(self, args) -> None:
-        if self.target.keyspace.mode != "none":
-            return self._refuse(str(refuse("monitor", self.ctx, "it shows every client's commands and keys")))
+    def _cmd_monitor(self, args, show) -> None:
+        if self.tx is not None:
+            return self._refuse("ERR MONITOR inside MULTI is refused by the proxy", show)
 
         def started(raw: bytes) -> bytes:
             if not is_error(raw):
                 self.monitor = True
             return raw
-        self._send(args, (XFORM, started))
+        self._send(args, Req(XFORM, self._hold_until(started), show=show))
 
-    def _cmd_emulated(self, args) -> None:
+    def _cmd_emulated(self, args, show) -> None:
         name = args[0].lower()
-        ks = self.target.keyspace
+        ks = self.ctx.ks
         if ks.mode != "add":
             # strip and none modes see exactly the backend db: the real command is right.
-            if name != b"randomkey":  # FLUSHDB/DBSIZE are keyless: the generic path would refuse them
-                return self._queue_or_send(args, None)
             try:
                 transform = rewrite(args, self.ctx)
             except Refused as e:
-                return self._refuse(str(e))
-            return self._queue_or_send(args, transform)
-        if self.multi is not None:
-            return self._refuse(str(refuse(name.decode(), self.ctx,
-                                           "it is emulated with SCAN and cannot run inside MULTI")))
+                return self._refuse(str(e), show)
+            return self._queue_or_send(args, transform, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused(name.decode(),
+                                                     "it is emulated with SCAN and cannot run inside MULTI")), show)
         try:
             gen = emulate.start(name, args, ks, self.proto, random.random())
         except Refused as e:
-            return self._refuse(str(e))
-        self._run_emulation(gen)
-
-    # ---- emulations: several internal round trips answer one client request
-
-    def _run_emulation(self, gen) -> None:
-        if self.reply_off or self.skip_next:
-            show = False
-            if self.skip_next:
-                self.out_upstream.append(encode_command([b"PING"]))  # absorbs the SKIP
-                self.skip_next = False
-            else:
-                self.out_upstream.append(encode_command([b"CLIENT", b"REPLY", b"ON"]))
-                self._owe((INTERNAL, lambda raw: None))
-        else:
-            show = True
+            return self._refuse(str(e), show)
         self.emu = (gen, show)
         self._emu_step(None)
+
+    # ---- emulations: several internal round trips answer one client request
 
     def _emu_step(self, raw) -> None:
         gen, show = self.emu
@@ -503,32 +669,25 @@ class Session:
             cmd = gen.send(None if raw is None else _decode(raw))
         except StopIteration as stop:
             self.emu = None
-            if show:
-                self.out_client.append(stop.value)
-            elif self.reply_off:
-                self.out_upstream.append(encode_command([b"CLIENT", b"REPLY", b"OFF"]))
-            self._drain_locals()
-            self._replay_held()
+            self._local(stop.value, show)
             return
-        self.out_upstream.append(encode_command(cmd))
-        self._owe((INTERNAL, self._emu_step))
+        self._send(cmd, Req(INTERNAL, self._emu_step))
 
     # ------------------------------------------------------------ shared -> dedicated
 
     @property
     def shared_quiet(self) -> bool:
         """No reply owed on the shared connection: the session may leave it."""
-        return self.emu is None and all(e is not None and e[0] == LOCAL for e in self.pending)
+        return self.emu is None and self.partial is None \
+            and all(e is not None and e.kind == LOCAL for e in self.pending)
 
     def switch_to_dedicated(self) -> None:
         """Continue on a dedicated upstream connection: handshake, then the held requests."""
         self.shared = False
         self.need_dedicated = False
         self.need_link = None
-        self.handshake()
-        if self.link_proto == 3:  # the client said HELLO 3 on a shared link: keep its protocol
-            self.out_upstream.append(encode_command([b"HELLO", b"3"]))
-            self._owe((INTERNAL, self._check_handshake))
+        # the client said HELLO 3 on a shared link: its own connection speaks RESP3 too
+        self.handshake(self.link_proto)
         self._replay_held()
 
     def switch_link(self) -> None:
@@ -537,17 +696,30 @@ class Session:
         self._replay_held()
 
     def _replay_held(self) -> None:
-        while self.held and self.emu is None and not self.close_when_done and not self.need_dedicated \
-                and self.need_link is None:
-            self.handle(self.held.popleft())
+        held = self.held
+        while held and self.emu is None and not self.need_dedicated and self.need_link is None \
+                and not self.confirming and not self.close_when_done:
+            item = held.popleft()
+            if type(item) is Fault:
+                held.clear()
+                return self._fault_now(item.message)
+            self._handle_safely(item)
 
     # ------------------------------------------------------------ upstream -> client
 
     def upstream_data(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        pos, n = 0, len(buf)
-        pending, out = self.pending, self.out_client
+        """Replies from a dedicated upstream connection."""
         try:
+            buf = self._buf + data if self._buf else data  # _buf: at most a header line
+            self._buf = b""
+            pos = 0
+            if self.partial is not None:
+                pos = self._feed_partial(buf, 0)
+                if self.partial is not None:
+                    return
+            self._buf = b""
+            n = len(buf)
+            pending, out = self.pending, self.out_client
             while pos < n:
                 if pending and pending[0] is None and not self.sub_waiting and not self.monitor \
                         and not (self.proto == 2 and self._subscribed()):
@@ -561,16 +733,56 @@ class Session:
                         continue
                 end = frame_end(buf, pos)
                 if end < 0:
+                    pos = self._start_partial(buf, pos)
                     break
-                first = buf[pos]
-                raw = buf[pos:end]
+                self._reply(buf[pos:end], buf[pos])
                 pos = end
-                self._reply(raw, first)
         except ProtocolError as e:
             self._buf = b""
-            self.upstream_lost(f"upstream sent bytes that are not RESP: {e}")
-            return
-        self._buf = buf[pos:]
+            self.partial = None
+            return self.upstream_lost(f"upstream sent bytes that are not RESP: {e}")
+        except UnexpectedReply:
+            self.stats.errors["unexpected_reply"] = self.stats.errors.get("unexpected_reply", 0) + 1
+            return self.upstream_lost("the server sent a reply no request was waiting for")
+        if self.partial is None and pos < len(buf):
+            self._buf = buf[pos:]
+        if self.held and not self._waiting_for_reply():
+            self._replay_held()
+
+    def _waiting_for_reply(self) -> bool:
+        return self.emu is not None or self.need_dedicated or self.need_link is not None or self.confirming > 0
+
+    def _streams(self) -> bool:
+        """May the reply at the head be forwarded as its bytes arrive? (needs nothing)"""
+        return bool(self.pending) and self.pending[0] is None and not self.monitor and not self.sub_waiting \
+            and not (self.proto == 2 and self._subscribed())
+
+    def _start_partial(self, buf: bytes, pos: int) -> int:
+        """The reply at `pos` is not whole yet: frame it across reads from here on."""
+        self.partial = PartialReply()
+        self.partial_chunks = None if self._streams() else []
+        return self._feed_partial(buf, pos)
+
+    def _feed_partial(self, buf: bytes, pos: int) -> int:
+        end, done = self.partial.feed(buf, pos)
+        chunk = buf[pos:end]
+        if self.partial_chunks is None:
+            if chunk:
+                self.out_client.append(chunk)  # streamed: the client gets the bytes now
+        else:
+            self.partial_chunks.append(chunk)
+        if not done:
+            self._buf = buf[end:]  # at most an unfinished header line
+            return len(buf)
+        self.partial = None
+        if self.partial_chunks is None:
+            self.pending.popleft()  # the streamed reply's entry (None)
+            self._drain_locals()
+        else:
+            raw = b"".join(self.partial_chunks)
+            self.partial_chunks = None
+            self._reply(raw, raw[0])
+        return end
 
     def shared_run(self, buf: bytes, pos: int, limit: int) -> tuple[int, int]:
         """Pass up to `limit` replies from a shared connection that need nothing
@@ -595,6 +807,17 @@ class Session:
                 self._drain_locals()
         else:
             self._reply(raw, first)
+        if self.held and not self._waiting_for_reply():
+            self._replay_held()
+
+    def shared_streams(self) -> bool:
+        """May the link forward the head reply to this client as it arrives?"""
+        return self._streams()
+
+    def shared_stream_done(self) -> None:
+        """The link finished streaming the head reply (entry None) to this client."""
+        self.pending.popleft()
+        self._drain_locals()
 
     def _subscribed(self) -> bool:
         s = self.subs
@@ -608,38 +831,49 @@ class Session:
             return
         # Before the subscription, an array reply to an earlier request (LRANGE giving
         # ["message", ...]) is that request's reply, not a pub/sub frame.
-        head = self.pending[0] if self.pending else None
+        pending = self.pending
+        head = pending[0] if pending else None
         if self.proto == 2 and first == 0x2A and (
-                self._subscribed() or (head is not None and head[0] == SUB)):
+                self._subscribed() or (head is not None and head.kind == SUB)):
             _, items = split(raw)
             if items:
                 kind = (string_value(items[0]) or b"").lower()
-                if kind in MESSAGES or kind in CONFIRMS:
+                if kind in MESSAGES or kind in self.rules.confirms:
                     return self._pubsub(raw)
-        if not self.pending:
-            return  # a reply nobody asked for (the server never does this): never misdeliver it
-        entry = self.pending.popleft()
+        if head is not None and head.kind == LOCAL:
+            self._drain_locals()
+            head = pending[0] if pending else None
+        if not pending:
+            raise UnexpectedReply()
+        entry = pending.popleft()
         if entry is None:
             self.out_client.append(raw)
-        elif entry[0] == XFORM:
-            self.out_client.append(entry[1](raw))
-        elif entry[0] == INTERNAL:
-            entry[1](raw)
-        elif entry[0] == SUB:  # an error instead of confirmations
-            self.sub_waiting -= 1
-            self.out_client.append(raw)
+        else:
+            kind = entry.kind
+            if kind == PASS:
+                if entry.show:
+                    self.out_client.append(raw)
+            elif kind == XFORM:
+                out = entry.fn(raw)
+                if entry.show:
+                    self.out_client.append(out)
+            elif kind == INTERNAL:
+                entry.fn(raw)
+            elif kind == SUB:  # an error instead of confirmations
+                self.sub_waiting -= 1
+                if entry.show:
+                    self.out_client.append(raw)
         self._drain_locals()
 
     def _pubsub(self, raw: bytes) -> None:
-        out, kind = rewrite_frame(raw, self.cmap, self.subs)
-        if out is not None:
-            self.out_client.append(out)
-        if kind is None:
-            return
+        out, kind = rewrite_frame(raw, self.cmap, self.subs, self.rules.confirms)
         head = self.pending[0] if self.pending else None
-        if head is None or head[0] != SUB:
+        waiting = kind is not None and head is not None and head.kind == SUB
+        if out is not None and (not waiting or head.show):
+            self.out_client.append(out)
+        if not waiting:
             return
-        state = head[1]
+        state = head.data
         if state[0] == -1:
             if not self.subs[state[1]]:
                 state[0] = 0
@@ -664,46 +898,53 @@ class Session:
         self.stats.errors["upstream"] += 1
         self.upstream_error = reason
         self.fast_blocked = True
+        self.input_closed = True
         err = error(f"ERR upstream unavailable ({reason})")
         if tell_idle and not self.pending and not self.held:
             self.out_client.append(err)
         emu_answered = False
+        partial_streamed = self.partial is not None and self.partial_chunks is None
+        self.partial = self.partial_chunks = None
+        if partial_streamed:
+            # half a reply went out already: nothing after it could be read right
+            self.pending.clear()
         while self.pending:
             entry = self.pending.popleft()
-            if entry is not None and entry[0] == LOCAL:
-                self.out_client.append(entry[1])
-            elif entry is not None and entry[0] == INTERNAL:
-                if entry[1] == self._emu_step and not emu_answered and self.emu and self.emu[1]:
+            if entry is None:
+                self.out_client.append(err)
+            elif entry.kind == LOCAL:
+                self.out_client.append(entry.data)
+            elif entry.kind == INTERNAL:
+                if entry.fn == self._emu_step and not emu_answered and self.emu and self.emu[1]:
                     self.out_client.append(err)
                     emu_answered = True
-            else:
+            elif entry.show:
                 self.out_client.append(err)
         self.emu = None
         while self.held:
-            self.held.popleft()
-            self.out_client.append(err)
+            item = self.held.popleft()
+            self.out_client.append(err if type(item) is not Fault else error(item.message))
         self.out_upstream.clear()
         self.close_when_done = True
+
+
+def _exec_reply(raw: bytes, items: list[TxItem]) -> bytes:
+    """EXEC's array: each queued command's success confirms its state change, and its
+    transform gives its element in client terms. A nil (WATCH) or an error changes nothing."""
+    if raw[:1] != b"*":
+        return raw
+    header, elems = split(raw)
+    if len(elems) != len(items):
+        return raw  # *-1 (aborted by WATCH)
+    for item, elem in zip(items, elems):
+        if item.confirm is not None:
+            item.confirm(elem)
+    if all(item.transform is None for item in items):
+        return raw
+    return header + b"".join(e if t.transform is None else t.transform(e) for t, e in zip(items, elems))
 
 
 def _decode(raw: bytes):
     r = hiredis.Reader()
     r.feed(raw)
     return r.gets()
-
-
-_SPECIAL = {
-    b"select": Session._cmd_select,
-    b"hello": Session._cmd_hello,
-    b"reset": Session._cmd_reset,
-    b"multi": Session._cmd_multi,
-    b"exec": Session._cmd_exec,
-    b"discard": Session._cmd_discard,
-    b"quit": Session._cmd_quit,
-    b"client": Session._cmd_client,
-    b"monitor": Session._cmd_monitor,
-    b"flushdb": Session._cmd_emulated,
-    b"dbsize": Session._cmd_emulated,
-    b"randomkey": Session._cmd_emulated,
-    **{k: Session._cmd_subscribe for k in SUBSCRIBE_CMDS},
-}

@@ -16,13 +16,15 @@ import shlex
 
 import pytest
 
-from proxy import replies, rewrite as rw_mod, session
-from proxy.commands import KEYLESS_SAFE, REFUSED_WHY, default_table
+from proxy import replies
 from proxy.config import DbTarget, Route, Upstream
 from proxy.keyspace import Keyspace, Refused, escape_glob
-from proxy.rewrite import HANDLERS, Ctx, rewrite
+from proxy.overlay import OVERLAY
+from proxy.rewrite import Ctx, rewrite
+from proxy.rules import PASS, default_rules
 
-TABLE = default_table()
+RULES = default_rules()
+TABLE = RULES.table
 
 
 def ks(mode: str, ns: bytes = b"app") -> Keyspace:
@@ -58,7 +60,7 @@ def args_of(template: str, **kw) -> list[bytes]:
 
 def run(route, target, args: list[bytes]):
     a = list(args)
-    t = rewrite(a, Ctx(route, target, TABLE))
+    t = rewrite(a, Ctx(route, target, RULES))
     return a, t
 
 
@@ -589,9 +591,9 @@ def _with_specs():
 def test_every_keyed_command_is_handled():
     keyed = _with_specs()
     assert len(keyed) > 150
-    bad = [n for n in keyed if TABLE.commands[n].incomplete and n not in HANDLERS]
+    bad = [n for n in keyed if TABLE.commands[n].incomplete and RULES.get(n).rewrite is None]
     assert bad == []
-    # the incomplete ones are exactly those with handlers for that reason
+    # the incomplete ones are exactly those with hand-written rewrites for that reason
     assert sorted(n for n in keyed if TABLE.commands[n].incomplete) == ["migrate", "sort", "sort_ro"]
 
 
@@ -601,43 +603,40 @@ def _example_args(name: str) -> list[bytes]:
 
 
 def test_every_keyless_command_has_a_policy():
-    """Keyless commands: safe, handled, special in the session, or refused with a reason."""
+    """Keyless commands: passed with a reason, rewritten, carried out by the session, or
+    refused with a reason that names the command and the route."""
     r = make_route("add")
     unexplained = []
     generic = []
     for name, cmd in sorted(TABLE.commands.items()):
         if cmd.keyed or name in TABLE.containers:
             continue
-        top = name.split("|")[0]
-        if name in KEYLESS_SAFE or name in HANDLERS or top.encode() in session._SPECIAL \
-                or name.encode() in session._SPECIAL:
+        rule = RULES.get(name)
+        if rule.policy == PASS and rule.rewrite is None:
+            assert OVERLAY.get(name, {}).get("why"), name  # passed on purpose, with a reason
+            continue
+        if rule.rewrite is not None or rule.session is not None:
             continue
         try:
             run(r, r.default, _example_args(name) + [b"x"] * max(0, abs(cmd.arity) - len(name.split("|"))))
         except Refused as e:
             msg = str(e)
             word = name.upper().replace("|", " ")
-            if not msg.startswith(f"ERR command '{word}' is refused on namespace 'app' of route r: "):
+            if not (msg.startswith(f"ERR command '{word}' is refused on namespace 'app' of route r: ")
+                    or msg.startswith(f"ERR command '{word}' is refused by the proxy on every route: ")):
                 unexplained.append((name, msg))
-            if REFUSED_WHY.get(top) is None and REFUSED_WHY.get(name) is None:
+            top = name.split("|")[0]
+            if "why" not in OVERLAY.get(name, {}) and "why" not in OVERLAY.get(top, {}):
                 generic.append(name)
             continue
         unexplained.append((name, "passed"))
     assert unexplained == []
     # Those refused only with the generic reason, kept visible: adding one here is a decision.
-    assert set(generic) <= {
-        "asking", "function|delete", "function|flush", "function|kill", "function|restore",
-        "memory|purge", "pfselftest", "psync", "replconf", "script|debug", "script|flush",
-        "script|kill", "script|show", "sync",
-    }, sorted(generic)
+    assert set(generic) <= {"pfselftest"}, sorted(generic)
 
 
-def test_keyless_safe_names_exist_in_table():
-    assert sorted(n for n in KEYLESS_SAFE if n not in TABLE.commands) == []
-
-
-def test_handlers_name_real_commands():
-    assert sorted(n for n in HANDLERS if n not in TABLE.commands) == []
+def test_overlay_names_real_commands():
+    assert sorted(n for n in OVERLAY if n not in TABLE.commands) == []
 
 
 def test_container_without_subcommand():
@@ -646,8 +645,9 @@ def test_container_without_subcommand():
         run(r, r.default, args_of("OBJECT"))
 
 
-def test_reply_module_transforms_are_referenced():
-    # every REPLY_KEYS entry names a keyed command of the table
-    for n in rw_mod.REPLY_KEYS:
-        assert TABLE.commands[n].keyed
-    assert replies.first_is_key is rw_mod.REPLY_KEYS["blpop"]
+def test_reply_transforms_are_on_keyed_commands():
+    # every reply transform of the overlay belongs to a keyed command of the table
+    for n, entry in OVERLAY.items():
+        if "reply" in entry:
+            assert TABLE.commands[n].keyed, n
+    assert replies.first_is_key is RULES.get("blpop").reply

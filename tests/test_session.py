@@ -48,9 +48,12 @@ def push(*items) -> bytes:
 
 
 class Drive:
-    def __init__(self, route=None, **kw):
+    def __init__(self, route=None, answer_handshake: bool = True, **kw):
         self.s = Session(route or make_route(**kw))
         self.handshake = self.s.take_upstream()
+        if answer_handshake:  # the server accepts the proxy's set-up (AUTH, SELECTs of the mapped dbs)
+            self.s.upstream_data(b"+OK\r\n" * len(self.s.pending))
+            assert self.s.take_client() == b"" and not self.s.pending
 
     def client(self, *cmds: bytes) -> bytes:
         self.s.client_data(b"".join(cmds))
@@ -65,7 +68,7 @@ class Drive:
 
 
 REFUSED_FLUSHALL = (b"-ERR command 'FLUSHALL' is refused on namespace 'app' of route r: "
-                    b"it would delete every namespace; FLUSHDB is emulated within the namespace\r\n")
+                    b"it would delete every namespace and every db (a route without namespace passes it)\r\n")
 
 
 # ------------------------------------------------------------------ ordering
@@ -104,25 +107,32 @@ def test_reply_bytes_pass_untouched():
 
 
 def test_multi_with_refused_command_becomes_discard_and_execabort():
-    d = Drive()
+    d = Drive(make_route("add", {}))  # no db map: no db probe before MULTI
     up = d.client(c("MULTI"), c("SET", "k", "v"), c("FLUSHALL"), c("GET", "k"), c("EXEC"))
     assert up == c("MULTI") + c("SET", "app:k", "v") + c("GET", "app:k") + c("DISCARD")
     out = d.server(b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n", b"+OK\r\n")
     assert out == (b"+OK\r\n+QUEUED\r\n" + REFUSED_FLUSHALL + b"+QUEUED\r\n"
                    b"-EXECABORT Transaction discarded because of previous errors.\r\n")
-    assert d.s.multi is None and not d.s.pending
+    assert d.s.tx is None and not d.s.pending
 
 
 def test_refused_select_in_multi_restores_db():
     d = Drive()
-    d.client(c("MULTI"), c("SELECT", "1"), c("SELECT", "9"), c("EXEC"))
+    up = d.client(c("MULTI"), c("SELECT", "1"), c("SELECT", "9"), c("EXEC"))
+    # before the first MULTI the mapped dbs are tried (then the current one again), so a
+    # SELECT queued in MULTI can be checked against what the server accepts
+    assert up == c("SELECT", "7") + c("SELECT", "0") + c("MULTI")
+    assert d.server(b"+OK\r\n+OK\r\n") == b""
+    assert d.s.take_upstream() == c("SELECT", "7") + c("DISCARD")
+    out = d.server(b"+OK\r\n+QUEUED\r\n+OK\r\n")
+    assert out == b"+OK\r\n+QUEUED\r\n-ERR db 9 is not mapped on route r\r\n" \
+                  b"-EXECABORT Transaction discarded because of previous errors.\r\n"
     assert d.s.target == d.s.route.default
-    d.server(b"+OK\r\n+QUEUED\r\n+OK\r\n")
     assert d.client(c("GET", "k")) == c("GET", "app:k")
 
 
 def test_exec_array_elements_transformed():
-    d = Drive()
+    d = Drive(make_route("add", {}))  # no db map: no db probe before MULTI
     up = d.client(c("MULTI"), c("BLPOP", "l", "0"), c("GET", "k"), c("KEYS", "*"), c("EXEC"))
     assert up == c("MULTI") + c("BLPOP", "app:l", "0") + c("GET", "app:k") + c("KEYS", "app:*") + c("EXEC")
     out = d.server(b"+OK\r\n", b"+QUEUED\r\n" * 3,
@@ -131,7 +141,7 @@ def test_exec_array_elements_transformed():
 
 
 def test_exec_nil_and_error_pass():
-    d = Drive()
+    d = Drive(make_route("add", {}))  # no db map: no db probe before MULTI
     d.client(c("MULTI"), c("BLPOP", "l", "0"), c("EXEC"))
     assert d.server(b"+OK\r\n+QUEUED\r\n*-1\r\n") == b"+OK\r\n+QUEUED\r\n*-1\r\n"
     d.client(c("MULTI"), c("BLPOP", "l", "0"), c("EXEC"))
@@ -140,7 +150,7 @@ def test_exec_nil_and_error_pass():
 
 
 def test_emulated_command_refused_inside_multi():
-    d = Drive()
+    d = Drive(make_route("add", {}))  # no db map: no db probe before MULTI
     d.client(c("MULTI"), c("DBSIZE"), c("EXEC"))
     out = d.server(b"+OK\r\n", b"+OK\r\n")
     assert b"'DBSIZE' is refused" in out and b"cannot run inside MULTI" in out
@@ -259,22 +269,45 @@ def test_resp3_invalidation_push():
 
 
 def test_client_reply_off_skip_on():
+    # CLIENT REPLY is carried out by the proxy and never sent: every request sent
+    # upstream gets its reply, which the proxy drops when the client asked so.
     d = Drive()
     up = d.client(c("CLIENT", "REPLY", "OFF"), c("SET", "k", "v"), c("FLUSHALL"))
-    assert up == c("CLIENT", "REPLY", "OFF") + c("SET", "app:k", "v")
-    assert not d.s.pending and d.out() == b""          # not even the refusal
+    assert up == c("SET", "app:k", "v")
+    assert len(d.s.pending) == 1 and d.out() == b""          # not even the refusal
+    assert d.server(b"+OK\r\n") == b""                      # SET's reply, dropped
     up = d.client(c("CLIENT", "REPLY", "ON"), c("GET", "k"))
-    assert up == c("CLIENT", "REPLY", "ON") + c("GET", "app:k")
-    assert d.server(b"+OK\r\n$1\r\nv\r\n") == b"+OK\r\n$1\r\nv\r\n"
+    assert up == c("GET", "app:k")
+    assert d.server(b"$1\r\nv\r\n") == b"+OK\r\n$1\r\nv\r\n"
     # SKIP: the next command's reply is skipped, the one after is not
     up = d.client(c("CLIENT", "REPLY", "SKIP"), c("SET", "k", "v"), c("GET", "k"))
-    assert up == c("CLIENT", "REPLY", "SKIP") + c("SET", "app:k", "v") + c("GET", "app:k")
-    assert len(d.s.pending) == 1
-    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
-    # SKIP applies to a local refusal too
-    d.client(c("CLIENT", "REPLY", "SKIP"), c("FLUSHALL"), c("GET", "k"))
+    assert up == c("SET", "app:k", "v") + c("GET", "app:k")
+    assert len(d.s.pending) == 2
+    assert d.server(b"+OK\r\n$1\r\nv\r\n") == b"$1\r\nv\r\n"
+    # SKIP applies to a local refusal too, and the replies after it stay paired
+    up = d.client(c("CLIENT", "REPLY", "SKIP"), c("FLUSHALL"), c("GET", "a"), c("GET", "b"))
+    assert up == c("GET", "app:a") + c("GET", "app:b")
     assert d.out() == b""
-    assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+    assert d.server(b"$1\r\na\r\n$1\r\nb\r\n") == b"$1\r\na\r\n$1\r\nb\r\n"
+    assert not d.s.pending
+
+
+def test_client_reply_off_then_reset_shows_reset():
+    d = Drive(make_route("add", {}))
+    up = d.client(c("CLIENT", "REPLY", "OFF"), c("RESET"), c("PING"))
+    assert up == c("RESET")  # PING waits for RESET's confirmation
+    assert d.server(b"+RESET\r\n") == b"+RESET\r\n"
+    assert d.s.take_upstream() == c("PING")
+    assert d.server(b"+PONG\r\n") == b"+PONG\r\n"
+
+
+def test_client_reply_inside_multi_is_refused():
+    d = Drive(make_route("add", {}))  # no db map: no db probe before MULTI
+    up = d.client(c("MULTI"), c("CLIENT", "REPLY", "OFF"), c("SET", "k", "v"), c("EXEC"))
+    assert up == c("MULTI") + c("SET", "app:k", "v") + c("DISCARD")
+    out = d.server(b"+OK\r\n+QUEUED\r\n+OK\r\n")
+    assert out.startswith(b"+OK\r\n-ERR CLIENT REPLY inside MULTI is refused")
+    assert out.endswith(b"+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n")
 
 
 # ------------------------------------------------------------------ emulations
@@ -354,9 +387,9 @@ def test_emulation_with_client_reply_off():
     d = Drive()
     d.client(c("CLIENT", "REPLY", "OFF"))
     up = d.client(c("DBSIZE"))
-    assert up == c("CLIENT", "REPLY", "ON") + scan_cmd("0")
-    assert d.server(b"+OK\r\n", enc(["0", []])) == b""
-    assert d.s.take_upstream() == c("CLIENT", "REPLY", "OFF")
+    assert up == scan_cmd("0")  # nothing to switch on the server: replies are the proxy's to drop
+    assert d.server(enc(["0", []])) == b""
+    assert not d.s.pending and d.s.emu is None
 
 
 def test_strip_mode_dbsize_is_the_real_command():
@@ -380,7 +413,7 @@ def test_upstream_lost_order_exact():
     # GET b, then DBSIZE (its emulation), then the held GET
     assert d.out() == err * 3
     assert d.s.take_upstream() == b""
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
     # later requests are not sent
     d.client(c("GET", "x"))
     assert d.s.take_upstream() == b""
@@ -392,7 +425,7 @@ def test_upstream_lost_keeps_local_entries_in_place():
     d.s.upstream_lost("gone")
     err = b"-ERR upstream unavailable (gone)\r\n"
     assert d.out() == err + REFUSED_FLUSHALL + err
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
 
 
 def test_upstream_garbage_is_upstream_lost():
@@ -401,7 +434,7 @@ def test_upstream_garbage_is_upstream_lost():
     d.s.upstream_data(b"?what\r\n")
     out = d.out()
     assert out.startswith(b"-ERR upstream unavailable (upstream sent bytes that are not RESP")
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
 
 
 def test_protocol_error_then_close():
@@ -409,11 +442,11 @@ def test_protocol_error_then_close():
     up = d.client(c("GET", "a"), b"*1\r\n$x\r\n", c("GET", "never"))
     assert up == c("GET", "app:a")
     assert d.out() == b""
-    assert not d.s.should_close  # a reply is still owed
+    assert not (d.s.close_when_done and not d.s.pending)  # a reply is still owed
     out = d.server(b"$1\r\nv\r\n")
     assert out.startswith(b"$1\r\nv\r\n-ERR Protocol error: ") and out.endswith(b"length\r\n")
     assert out.count(b"\r\n") == 3
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
     d.client(c("GET", "b"))
     assert d.s.take_upstream() == b""
 
@@ -423,33 +456,33 @@ def test_protocol_error_with_reply_off_still_answers():
     d.client(c("CLIENT", "REPLY", "OFF"))
     d.client(b'SET "unbalanced\r\n')
     assert d.out().startswith(b"-ERR Protocol error: unbalanced quotes")
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
 
 
 def test_quit():
     d = Drive()
     d.client(c("GET", "a"), c("QUIT"), c("GET", "b"))
     assert d.server(b"$1\r\nv\r\n") == b"$1\r\nv\r\n+OK\r\n"
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
 
 
 # ------------------------------------------------------------------ connection state
 
 
 def test_handshake_auth_and_select():
-    d = Drive(make_route("add", {}, db=3, password="s3cret"))
+    d = Drive(make_route("add", {}, db=3, password="s3cret"), answer_handshake=False)
     assert d.handshake == c("AUTH", "s3cret") + c("SELECT", "3")
     d.client(c("GET", "k"))
     assert d.server(b"+OK\r\n+OK\r\n$1\r\nv\r\n") == b"$1\r\nv\r\n"
 
 
 def test_handshake_refused():
-    d = Drive(make_route("add", {}, password="bad"))
+    d = Drive(make_route("add", {}, password="bad"), answer_handshake=False)
     d.client(c("GET", "k"))
     out = d.server(b"-WRONGPASS invalid username-password pair\r\n")
     assert out == b"-ERR upstream unavailable (upstream refused the proxy's handshake: " \
                   b"WRONGPASS invalid username-password pair)\r\n"
-    assert d.s.should_close
+    assert (d.s.close_when_done and not d.s.pending)
 
 
 def test_select_mapping():
@@ -467,7 +500,7 @@ def test_select_mapping():
 
 
 def test_reset_reselects_route_db():
-    d = Drive(make_route("add", {1: OTHER}, db=3))
+    d = Drive(make_route("add", {1: OTHER}, db=3), answer_handshake=False)
     assert d.handshake == c("SELECT", "3")
     d.server(b"+OK\r\n")
     d.client(c("SELECT", "1"))
@@ -585,6 +618,12 @@ def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
     s.switch_to_dedicated()
     out = s.take_upstream()
     assert out.startswith(c("SELECT", "3"))  # the dedicated connection's own handshake
+    if cmd[0] in ("SELECT", "HELLO", "MULTI"):
+        # a state change (or the db probe before MULTI): what follows waits for the server
+        assert not out.endswith(c("GET", "app:b")) and s.confirming
+        s.upstream_data(b"+OK\r\n" + {"HELLO": b"%1\r\n$5\r\nproto\r\n:3\r\n", "SELECT": b"+OK\r\n",
+                                       "MULTI": b"+OK\r\n+OK\r\n"}[cmd[0]])
+        out = s.take_upstream()
     b = c("GET", "other:b") if cmd[0] == "SELECT" else c("GET", "app:b")  # SELECT 1 -> db 7, namespace other
     assert not s.shared and out.endswith(b)
 
@@ -598,9 +637,11 @@ def test_plain_hello_moves_to_the_shared_link_of_its_protocol_in_order():
     assert s.shared_quiet
     s.switch_link()  # the shell moved it to the RESP3 link
     assert s.shared and s.link_proto == 3 and s.need_link is None
-    assert s.take_upstream() == c("HELLO", "3") + c("GET", "app:b")  # no handshake: the link has its own
+    assert s.take_upstream() == c("HELLO", "3")  # no handshake: the link has its own
     hello = b"%1\r\n$5\r\nproto\r\n:3\r\n"
-    assert shared_replies(s, hello, enc("2")) == hello + enc("2")
+    assert shared_replies(s, hello) == hello
+    assert s.take_upstream() == c("GET", "app:b")  # after HELLO's confirmation
+    assert shared_replies(s, enc("2")) == enc("2")
     assert s.proto == 3
     # HELLO 3 again: already on that link, sent as it is
     s.client_data(c("HELLO", "3"))
@@ -610,7 +651,7 @@ def test_plain_hello_moves_to_the_shared_link_of_its_protocol_in_order():
     s.client_data(c("BLPOP", "q", "0"))
     assert s.need_dedicated and s.shared_quiet
     s.switch_to_dedicated()
-    assert s.take_upstream() == c("SELECT", "3") + c("HELLO", "3") + c("BLPOP", "app:q", "0")
+    assert s.take_upstream() == c("HELLO", "3") + c("SELECT", "3") + c("BLPOP", "app:q", "0")
 
 
 def test_a_refused_client_subcommand_stays_shared():

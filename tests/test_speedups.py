@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy import resp, session as session_mod
-from proxy.commands import default_table
+from proxy.rules import default_rules
 from proxy.config import DbTarget, Limits, Route, Upstream
 from proxy.keyspace import Keyspace
 from proxy.resp import ProtocolError, encode_command
@@ -152,7 +152,8 @@ ROUTE_MODES = {
     "strip": Keyspace("strip", b"app", b":", "r"),
     "none": Keyspace("none", b"", b":", "r"),
 }
-TABLE = default_table()
+RULES = default_rules()
+TABLE = RULES.table
 
 # Commands of every kind the session meets: C-path ones (fixed keys, ranges, steps,
 # keyless), ones with reply transforms, connection state, refusals, unknown names.
@@ -199,10 +200,10 @@ _first_request = st.tuples(st.sampled_from(TEMPLATES), st.sampled_from(["inline"
 
 
 def _norm(entry):
-    if entry is None or not isinstance(entry, tuple):
+    if entry is None:
         return entry
-    kind, value = entry
-    return (kind, value if isinstance(value, (bytes, int, type(None))) else "callable")
+    return (entry.kind, entry.show, entry.data if isinstance(entry.data, (bytes, int, type(None))) else "data",
+            entry.fn is not None)
 
 
 def _run(mode, shared, chunks, use_c, max_bulk, monkeypatch):
@@ -210,7 +211,7 @@ def _run(mode, shared, chunks, use_c, max_bulk, monkeypatch):
     route = Route("r", ("127.0.0.1", 1), Upstream("h", 1, 0, None, None), DbTarget(0, ROUTE_MODES[mode]),
                   {1: DbTarget(1, ROUTE_MODES[mode])})
     stats = RouteStats("r")
-    s = Session(route, TABLE, Limits(max_bulk=max_bulk), stats, shared=shared)
+    s = Session(route, RULES, Limits(max_bulk=max_bulk), stats, shared=shared)
     for args in TEMPLATES:  # every name has its plan (and Spec) before the run, as on a busy route
         for raw in (args[0].encode(), args[0].lower().encode(), args[0].upper().encode()):
             s._plan(raw)
@@ -220,10 +221,11 @@ def _run(mode, shared, chunks, use_c, max_bulk, monkeypatch):
         up.append(s.take_upstream())
         client.append(s.take_client())
     return dict(
-        up=up, client=client, pending=[_norm(e) for e in s.pending], held=list(s.held), owed=s.owed_sent,
+        up=up, client=client, pending=[_norm(e) for e in s.pending],
+        held=[h if isinstance(h, list) else ("fault", h.message) for h in s.held], owed=s.owed_sent,
         keys=stats.keys_rewritten, commands=stats.commands(TABLE.commands), refused=dict(stats.refused),
         errors=dict(stats.errors), depth=(stats.depth.counts, stats.depth.sum), protocol_error=s.protocol_error,
-        need_dedicated=s.need_dedicated, need_link=s.need_link, multi=s.multi is not None,
+        need_dedicated=s.need_dedicated, need_link=s.need_link, multi=s.tx is not None,
         close=s.close_when_done)
 
 
@@ -255,7 +257,7 @@ def test_c_path_is_stricter_where_the_reader_is_documented_lenient(monkeypatch, 
     for use_c in (False, True):
         r = _run("add", True, [data], use_c, 8, monkeypatch)
         got[use_c] = b"".join(r["up"]) + b"".join(r["client"]) + b"".join(
-            e[1] for e in r["pending"] if isinstance(e, tuple) and isinstance(e[1], bytes))
+            e[2] for e in r["pending"] if isinstance(e, tuple) and isinstance(e[2], bytes))
     assert reference in got[False]
     assert fast in got[True]
 
@@ -291,7 +293,7 @@ def test_spec_refuses_nonsense():
 def test_metrics_count_requests_of_both_paths():
     route = Route("r", ("127.0.0.1", 1), Upstream("h", 1, 0, None, None), DbTarget(0, ROUTE_MODES["add"]), {})
     stats = RouteStats("r")
-    s = Session(route, TABLE, Limits(), stats, shared=True)
+    s = Session(route, RULES, Limits(), stats, shared=True)
     s.client_data(encode_command([b"GET", b"a"]))           # first GET: Python (makes the plan)
     s.client_data(encode_command([b"GET", b"b"]) * 3)       # then the C path
     assert s.take_upstream() == encode_command([b"GET", b"app:a"]) + encode_command([b"GET", b"app:b"]) * 3

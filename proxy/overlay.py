@@ -1,0 +1,197 @@
+"""The hand-written part of the command rules: what the servers' specs cannot say.
+
+`data/commands.json` (generated from the servers' COMMAND INFO / COMMAND DOCS)
+says which arguments are keys, the arity and the flags. proxy/rules.py builds one
+Rule per command and subcommand from it, with these defaults:
+
+  - a command with complete key specs is passed on a namespaced route (its keys
+    rewritten) and may share an upstream connection, unless its flags say it
+    blocks (`blocking`) or subscribes (`pubsub`), which pin a connection;
+  - anything else (keyless, key positions not fully known, unknown to the
+    table) is refused on a namespaced route and pins a connection elsewhere.
+
+Every entry below overrides a default, and says why. This is the only place a
+command is classified by hand: the session, the shared links, the rewriter and
+the error messages all read the Rule.
+
+Fields (all optional):
+  effect     PLAIN  exactly one reply and no connection state: may share a connection
+             STATE  changes connection state the proxy must follow (db, protocol, name,
+                    tracking, reply mode): carried out by a Session method, on the
+                    server's confirmation
+             PIN    needs a connection of its own (MULTI, WATCH, subscriptions, blocking)
+             STREAM sends no reply or a stream of them (REPLCONF, SYNC, MONITOR)
+  policy     on a namespaced route: PASS, EMULATE (answered with several internal
+             requests, add mode), REFUSE (with `why`)
+  everywhere refuse on every route, namespaced or not (`why` says why)
+  rewrite    a handlers.py function for keys/patterns/dbs the specs cannot describe
+  reply      a replies.py transform that gives names in the reply back in client terms
+  session    the Session method (`_cmd_<name>`) that carries the command out
+  subscribe  (set, adding) for the SUBSCRIBE family: which subscription set it changes
+  why        the reason, shown in refusals; required for PASS overrides too (docs)
+"""
+
+from __future__ import annotations
+
+from proxy import handlers as h
+from proxy import replies
+
+PLAIN, STATE, PIN, STREAM = "plain", "state", "pin", "stream"
+PASS, EMULATE, REFUSE = "pass", "emulate", "refuse"
+
+
+def O(**kw) -> dict:  # noqa: E743 - short on purpose: the table below reads as a table
+    return kw
+
+
+_SERVER = "it acts on the whole server, shared by every route"
+_REPLICATION = "replication is shared by every route"
+_PERSISTENCE = "persistence is shared by every route"
+_CONNECTION = "it answers about the upstream connection, which is the proxy's"
+
+OVERLAY: dict[str, dict] = {
+    # ---- keyless commands that stay inside a namespace: the allowlist
+    "ping": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "echo": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "time": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "lastsave": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "role": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "lolwut": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "info": O(policy=PASS, effect=PLAIN, why="server facts; no key names"),
+    "wait": O(policy=PASS, effect=PIN, why="waits for replicas to take this connection's writes; no keys"),
+    "waitaof": O(policy=PASS, effect=PIN, why="waits for the AOF to take this connection's writes; no keys"),
+    "unwatch": O(policy=PASS, effect=PLAIN,
+                 why="WATCH pins its client to a connection of its own, so on a shared "
+                     "connection nothing is watched: UNWATCH changes nothing there"),
+    "command": O(policy=PASS, effect=PLAIN, why="lists the server's commands; no keys"),
+    "command|count": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "command|docs": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "command|info": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "command|list": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "command|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "command|getkeys": O(rewrite=h.h_command_getkeys, effect=PLAIN,
+                         why="the inner command is rewritten; its keys answered in client names"),
+    "command|getkeysandflags": O(rewrite=h.h_command_getkeys, effect=PLAIN,
+                                 why="the inner command is rewritten; its keys answered in client names"),
+    "script": O(why="the script cache is shared by every route"),
+    "script|load": O(policy=PASS, effect=PLAIN, why="loading a script touches no key"),
+    "script|exists": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "script|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "function": O(why="function libraries are shared by every route"),
+    "function|load": O(policy=PASS, effect=PLAIN, why="loading a library touches no key"),
+    "function|list": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "function|stats": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "function|dump": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "function|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "memory": O(why=_SERVER),
+    "memory|doctor": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "memory|stats": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "memory|malloc-stats": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "memory|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "object|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "xinfo|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "xgroup|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "pubsub|numpat": O(policy=PASS, effect=PLAIN, why="a count; no names"),
+    "pubsub|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "acl": O(why="ACLs are shared by every route"),
+    "acl|whoami": O(policy=PASS, effect=PIN, why=_CONNECTION),
+    "acl|cat": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "acl|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+
+    # ---- patterns, channels, db indexes: hand-written rewrites (proxy/handlers.py)
+    "keys": O(rewrite=h.h_keys, effect=PLAIN, why="a glob, not a key: the namespace is escaped in front"),
+    "scan": O(rewrite=h.h_scan, effect=PLAIN, why="without MATCH it would list other namespaces"),
+    "sort": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns and STORE are not in the key specs"),
+    "sort_ro": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns are not in the key specs"),
+    "migrate": O(rewrite=h.h_migrate, effect=PLAIN, why="the key may follow KEYS; the db is a client index"),
+    "move": O(rewrite=h.h_move, effect=PLAIN, why="the db is a client index with its own keyspace"),
+    "copy": O(rewrite=h.h_copy, effect=PLAIN, why="DB n puts the destination in another keyspace"),
+    "swapdb": O(rewrite=h.h_swapdb, effect=PLAIN, why="it would swap other tenants' databases"),
+    "flushall": O(rewrite=h.h_flushall, effect=PLAIN, why="it would delete every namespace and every db"),
+    "debug": O(rewrite=h.h_debug, effect=PIN,
+               why="only DEBUG OBJECT key is allowed; DEBUG PROTOCOL push sends a push to its caller"),
+    "publish": O(rewrite=h.h_publish, effect=PLAIN, why="channels are fenced like keys; no key spec"),
+    "pubsub|channels": O(rewrite=h.h_pubsub_channels, effect=PLAIN, why="a glob of channel names"),
+    "pubsub|shardchannels": O(rewrite=h.h_pubsub_channels, effect=PLAIN, why="a glob of channel names"),
+    "pubsub|numsub": O(rewrite=h.h_pubsub_numsub, effect=PLAIN, why="channel names, answered in order"),
+    "pubsub|shardnumsub": O(rewrite=h.h_pubsub_numsub, effect=PLAIN, why="channel names, answered in order"),
+
+    # ---- replies that name keys (the key specs say where keys are asked, not answered)
+    "blpop": O(reply=replies.first_is_key), "brpop": O(reply=replies.first_is_key),
+    "bzpopmin": O(reply=replies.first_is_key), "bzpopmax": O(reply=replies.first_is_key),
+    "blmpop": O(reply=replies.first_is_key), "lmpop": O(reply=replies.first_is_key),
+    "bzmpop": O(reply=replies.first_is_key), "zmpop": O(reply=replies.first_is_key),
+    "xread": O(reply=replies.each_first_is_key), "xreadgroup": O(reply=replies.each_first_is_key),
+
+    # ---- emulated within the namespace (add mode): the server's own would count or
+    # delete other tenants' keys (proxy/emulate.py)
+    "flushdb": O(policy=EMULATE, session="emulated", effect=PLAIN,
+                 why="emulated with SCAN MATCH + DEL; each step is one request, one reply"),
+    "dbsize": O(policy=EMULATE, session="emulated", effect=PLAIN,
+                why="emulated with SCAN MATCH; each step is one request, one reply"),
+    "randomkey": O(policy=EMULATE, session="emulated", rewrite=h.h_randomkey_passthrough, effect=PLAIN,
+                   why="emulated with SCAN MATCH; each step is one request, one reply"),
+
+    # ---- connection state: carried out by the session, on the server's confirmation
+    "select": O(policy=PASS, effect=STATE, session="select",
+                why="the client's db index is mapped to a backend db and keyspace"),
+    "hello": O(policy=PASS, effect=STATE, session="hello", why="changes the protocol (and may AUTH, SETNAME)"),
+    "reset": O(policy=PASS, effect=STATE, session="reset",
+               why="the proxy restores what it set up on the connection (AUTH, db)"),
+    "auth": O(policy=PASS, effect=STATE, why="changes the connection's user"),
+    "quit": O(policy=PASS, effect=STATE, session="quit", why="answered by the proxy, which closes the client"),
+    "readonly": O(policy=PASS, effect=STATE, why="cluster read mode of the connection"),
+    "readwrite": O(policy=PASS, effect=STATE, why="cluster read mode of the connection"),
+    "multi": O(policy=PASS, effect=PIN, session="multi", why="a transaction lives on one connection"),
+    "exec": O(policy=PASS, effect=PIN, session="exec", why="a transaction lives on one connection"),
+    "discard": O(policy=PASS, effect=PIN, session="discard", why="a transaction lives on one connection"),
+    "watch": O(effect=PIN, why="watched keys live on the connection"),
+    "client": O(why="it reaches other clients' connections"),
+    "client|reply": O(policy=PASS, effect=STATE, session="client_reply",
+                      why="carried out by the proxy, never sent: every upstream request gets exactly one reply"),
+    "client|setinfo": O(policy=PASS, effect=PLAIN,
+                        why="names the client library in CLIENT LIST; no later reply depends on it "
+                            "(client libraries send it on connect, so it must not cost a connection)"),
+    "client|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "client|id": O(policy=PASS, effect=PIN, why=_CONNECTION),
+    "client|info": O(policy=PASS, effect=PIN, why=_CONNECTION),
+    "client|getname": O(policy=PASS, effect=PIN, why=_CONNECTION),
+    "client|setname": O(policy=PASS, effect=STATE, why="names the connection"),
+    "client|no-evict": O(policy=PASS, effect=STATE, why="a flag of the connection"),
+    "client|no-touch": O(policy=PASS, effect=STATE, why="a flag of the connection"),
+    "client|getredir": O(policy=PASS, effect=PIN, why=_CONNECTION),
+    "client|caching": O(policy=PASS, effect=STATE, why="client-side caching state of the connection"),
+    "client|capa": O(policy=PASS, effect=STATE, why="capabilities of the connection"),
+    "client|tracking": O(rewrite=h.h_client_tracking, effect=STATE,
+                         why="PREFIX arguments are key prefixes; BCAST gets the namespace as prefix"),
+    "client|trackinginfo": O(rewrite=h.h_client_trackinginfo, effect=PIN, why="lists key prefixes"),
+    "subscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("channel", True),
+                   why="channels are fenced like keys; messages arrive on the connection"),
+    "unsubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("channel", False),
+                     why="channels are fenced like keys"),
+    "psubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("pattern", True),
+                    why="patterns are fenced like key globs"),
+    "punsubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("pattern", False),
+                      why="patterns are fenced like key globs"),
+    "ssubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("shard", True),
+                    why="shard channels are fenced like keys"),
+    "sunsubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("shard", False),
+                      why="shard channels are fenced like keys"),
+
+    # ---- streams of replies, or none
+    "monitor": O(policy=REFUSE, effect=STREAM, session="monitor", why="it shows every client's commands and keys"),
+    "replconf": O(everywhere=True, effect=STREAM,
+                  why="a proxy client is not a replica (REPLCONF ACK gets no reply)"),
+    "sync": O(everywhere=True, effect=STREAM, why="a proxy client is not a replica (SYNC streams the dataset)"),
+    "psync": O(everywhere=True, effect=STREAM, why="a proxy client is not a replica (PSYNC streams the dataset)"),
+    "shutdown": O(effect=PIN, why="the server is shared by every route"),
+
+    # ---- refused on namespaced routes (pinned elsewhere: they are rare and some block)
+    "config": O(why="server configuration is shared by every route"),
+    "save": O(why=_PERSISTENCE), "bgsave": O(why=_PERSISTENCE), "bgrewriteaof": O(why=_PERSISTENCE),
+    "replicaof": O(why=_REPLICATION), "slaveof": O(why=_REPLICATION), "failover": O(why=_REPLICATION),
+    "module": O(why="modules are shared by every route"),
+    "cluster": O(why="cluster commands are not routed"), "asking": O(why="cluster commands are not routed"),
+    "slowlog": O(why="it shows other clients' keys"), "commandlog": O(why="it shows other clients' keys"),
+    "latency": O(why=_SERVER), "pfselftest": O(why="it is a server self-test"),
+}

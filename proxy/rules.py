@@ -1,0 +1,127 @@
+"""One rule record per command and subcommand: everything the proxy knows about it.
+
+Built once from the generated table (proxy/commands.py, the servers' own key
+specs) and the hand-written overlay (proxy/overlay.py, each entry with its
+reason). Every other module asks the Rule and nothing else classifies
+commands: how its keys are found, how its reply is rewritten, its policy on a
+namespaced route, and its effect on the connection (may it share one?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from proxy.commands import CommandTable, default_table
+from proxy.overlay import EMULATE, OVERLAY, PASS, PIN, PLAIN, REFUSE, STATE, STREAM  # noqa: F401 (re-exported)
+
+_FIELDS = {"effect", "policy", "everywhere", "rewrite", "reply", "session", "subscribe", "why"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str                          # "get", "client|reply"
+    known: bool                        # in the generated table
+    keyed: bool                        # has key specs
+    positions: Callable | None         # args -> key indexes (generated key specs), if complete
+    flags: frozenset
+    effect: str                        # PLAIN, STATE, PIN or STREAM
+    policy: str                        # on a namespaced route: PASS, EMULATE or REFUSE
+    everywhere: bool                   # refused on every route
+    why: str
+    rewrite: Callable | None = None    # handlers.py function
+    reply: Callable | None = None      # replies.py transform (takes ks=)
+    session: str | None = None         # Session method suffix
+    subscribe: tuple | None = None     # (set, adding)
+
+    @property
+    def shareable(self) -> bool:
+        """Exactly one reply and no connection state: may go on a shared connection."""
+        return self.effect == PLAIN
+
+
+def _check(name: str, entry: dict) -> None:
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise ValueError(f"overlay entry {name!r}: unknown fields {sorted(unknown)}")
+    if "effect" in entry and entry["effect"] not in (PLAIN, STATE, PIN, STREAM):
+        raise ValueError(f"overlay entry {name!r}: bad effect {entry['effect']!r}")
+    if "policy" in entry and entry["policy"] not in (PASS, EMULATE, REFUSE):
+        raise ValueError(f"overlay entry {name!r}: bad policy {entry['policy']!r}")
+
+
+class RuleBook:
+    def __init__(self, table: CommandTable | None = None, overlay: dict | None = None):
+        self.table = table or default_table()
+        overlay = OVERLAY if overlay is None else overlay
+        for name, entry in overlay.items():
+            _check(name, entry)
+        self.overlay = overlay
+        self.rules: dict[str, Rule] = {}
+        for name in self.table.commands:
+            self.rules[name] = self._build(name)
+        # Subcommands of containers (and names) the table does not know still get a
+        # rule: refused on namespaced routes, pinned elsewhere.
+        self.containers = self.table.containers
+        self.confirms = {name.encode(): r.subscribe for name, r in self.rules.items() if r.subscribe}
+
+    def _build(self, name: str) -> Rule:
+        cmd = self.table.commands.get(name)
+        top = name.split("|")[0]
+        entry = self.overlay.get(name, {})
+        parent = self.overlay.get(top, {}) if top != name else {}
+        flags = cmd.flags if cmd is not None else frozenset()
+        keyed = cmd is not None and cmd.keyed
+        complete = keyed and not cmd.incomplete
+        rewrite = entry.get("rewrite")
+        # defaults from the specs (see overlay.py's docstring)
+        if complete:
+            effect = PIN if ("blocking" in flags or "pubsub" in flags) else PLAIN
+            policy, why = PASS, "its keys are rewritten"
+        elif rewrite is not None:
+            effect, policy, why = PLAIN, PASS, ""
+        elif cmd is None:
+            effect, policy = PIN, REFUSE
+            why = ("unknown subcommand" if "|" in name else "unknown command") + \
+                "; the proxy fails closed on namespaced routes"
+        elif keyed:
+            effect, policy, why = PIN, REFUSE, "its key positions are not fully known to the proxy"
+        else:
+            effect, policy, why = PIN, REFUSE, "it is not known to stay inside the namespace"
+        why = entry.get("why") or parent.get("why") or why
+        return Rule(
+            name=name, known=cmd is not None, keyed=keyed,
+            positions=cmd.positions if complete else None, flags=flags,
+            effect=entry.get("effect", effect), policy=entry.get("policy", policy),
+            everywhere=entry.get("everywhere", False), why=why, rewrite=rewrite,
+            reply=entry.get("reply"), session=entry.get("session"), subscribe=entry.get("subscribe"))
+
+    def get(self, name: str) -> Rule:
+        """The rule for a lowercase name ("get", "client|reply"), known or not."""
+        rule = self.rules.get(name)
+        if rule is None:
+            rule = self._build(name)
+            if len(self.rules) < 4096:  # names are client input: bound what is kept
+                self.rules[name] = rule
+        return rule
+
+    def lookup(self, args: list[bytes]) -> Rule:
+        """The rule for a request; container commands resolve their subcommand."""
+        name = args[0].lower().decode("latin-1")
+        if name in self.containers and len(args) > 1:
+            name = name + "|" + args[1].lower().decode("latin-1")
+        return self.get(name)
+
+    def by_raw_name(self, raw: bytes) -> Rule:
+        """The rule for a command name as sent (containers give their own record)."""
+        return self.get(raw.lower().decode("latin-1"))
+
+
+_default: RuleBook | None = None
+
+
+def default_rules() -> RuleBook:
+    global _default
+    if _default is None:
+        _default = RuleBook()
+    return _default
