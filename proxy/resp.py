@@ -1,7 +1,7 @@
 """RESP framing: what hiredis cannot do for a proxy.
 
-Requests are parsed by hiredis (`RequestReader`) and encoded by
-`hiredis.pack_command`. Replies are different: they must reach the client byte
+Requests are read by `RequestReader` (proxy/request_reader.py, Redis's own
+reading rules, re-exported here) and encoded by `hiredis.pack_command`. Replies are different: they must reach the client byte
 for byte as the server sent them (hiredis returns `+OK` and `$2\\r\\nOK\\r\\n`
 alike, knows no RESP3 attributes or blob errors, and does not say where a reply
 ends), so replies are *framed*, not parsed: `frame_end` finds where one reply
@@ -11,23 +11,17 @@ ends, and the few replies that carry key names are split into their elements
 
 from __future__ import annotations
 
-import re
-
 import hiredis
 
+# Requests: Redis's limits (proto-max-bulk-len, client-query-buffer-limit,
+# PROTO_INLINE_MAX_SIZE), the reader, and the error every RESP reader here raises.
+from proxy.request_reader import (DEFAULT_MAX_BULK, DEFAULT_MAX_QUERY, MAX_INLINE,  # noqa: F401
+                                  ProtocolError, RequestReader, split_inline)
 from proxy.speedups import C
 
 CRLF = b"\r\n"
 
-# Redis's own limits (proto-max-bulk-len, client-query-buffer-limit).
-DEFAULT_MAX_BULK = 512 * 1024 * 1024
-DEFAULT_MAX_QUERY = 1024 * 1024 * 1024
-MAX_INLINE = 64 * 1024  # PROTO_INLINE_MAX_SIZE
 MAX_DEPTH = 64  # deeper nesting than any real reply: refuse rather than recurse forever
-
-
-class ProtocolError(Exception):
-    """The peer sent bytes that are not RESP. The message reads well after `Protocol error: `."""
 
 
 # Reply type bytes.
@@ -265,224 +259,3 @@ def encode_command(args: list[bytes]) -> bytes:
     """Encode a command as a RESP array of bulk strings."""
     # pack_command is C and handles bytes; it is the fast path for every request.
     return pack_command(tuple(args))
-
-
-def _after_quote(line: bytes, i: int) -> int:
-    """Past a closing quote at `i`: Redis wants a space (or the end) right after it."""
-    i += 1
-    if i < len(line) and not line[i:i + 1].isspace():
-        raise ProtocolError("unbalanced quotes in request")
-    return i
-
-
-def split_inline(line: bytes) -> list[bytes]:
-    """Split an inline command the way Redis's sdssplitargs does (quotes, escapes)."""
-    args: list[bytes] = []
-    i, n = 0, len(line)
-    while True:
-        while i < n and line[i:i + 1].isspace():
-            i += 1
-        if i >= n:
-            return args
-        cur = bytearray()
-        if line[i:i + 1] == b'"':
-            i += 1
-            while True:
-                if i >= n:
-                    raise ProtocolError("unbalanced quotes in request")
-                c = line[i:i + 1]
-                if c == b"\\" and i + 1 < n:
-                    nxt = line[i + 1:i + 2]
-                    if nxt == b"x" and i + 3 < n and _is_hex(line[i + 2:i + 4]):
-                        cur += bytes([int(line[i + 2:i + 4], 16)])
-                        i += 4
-                        continue
-                    cur += {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"a": b"\a"}.get(nxt, nxt)
-                    i += 2
-                    continue
-                if c == b'"':
-                    i = _after_quote(line, i)
-                    break
-                cur += c
-                i += 1
-        elif line[i:i + 1] == b"'":
-            i += 1
-            while True:
-                if i >= n:
-                    raise ProtocolError("unbalanced quotes in request")
-                c = line[i:i + 1]
-                if c == b"\\" and line[i + 1:i + 2] == b"'":
-                    cur += b"'"
-                    i += 2
-                    continue
-                if c == b"'":
-                    i = _after_quote(line, i)
-                    break
-                cur += c
-                i += 1
-        else:
-            while i < n and not line[i:i + 1].isspace():
-                cur += line[i:i + 1]
-                i += 1
-        args.append(bytes(cur))
-
-
-def _is_hex(b: bytes) -> bool:
-    return len(b) == 2 and all(c in b"0123456789abcdefABCDEF" for c in b)
-
-
-def _canonical(data: bytes, req) -> bool:
-    """Does `data` start with the plain bulk-string encoding of `req`?"""
-    if type(req) is not list:
-        return False
-    try:
-        return data.startswith(pack_command(tuple(req)))
-    except (TypeError, ValueError):  # nested arrays and the like
-        return False
-
-
-# hiredis's words for a malformed length -> Redis's, so the error a client sees does
-# not depend on where in a read the request fell (the header check, in Redis's words,
-# runs only on a request that starts a read; see RequestReader._check_header).
-_HIREDIS_WORDS = {
-    "Bad bulk string length": "invalid bulk length",
-    "Bulk string length out of range": "invalid bulk length",
-    "Bad multi-bulk length": "invalid multibulk length",
-    "Multi-bulk length out of range": "invalid multibulk length",
-}
-
-
-_REDIS_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
-
-
-def _redis_int(text: bytes) -> int | None:
-    """A length as Redis's string2ll reads it: no sign but '-', no leading zeros, no spaces."""
-    return int(text) if _REDIS_INT.fullmatch(text) else None
-
-
-class RequestReader:
-    """Incremental parser of client requests: RESP arrays via hiredis, inline commands by line.
-
-    `feed(data)` then `get()` until it returns None. Raises ProtocolError for
-    bytes that are not a request; the connection must then be closed."""
-
-    def __init__(self, max_bulk: int = DEFAULT_MAX_BULK, max_query: int = DEFAULT_MAX_QUERY):
-        self._reader = hiredis.Reader(protocolError=ProtocolError, replyError=ProtocolError)
-        self._pending = b""   # bytes not yet given to hiredis (we look at the first byte)
-        self._in_hiredis = False
-        self._buffered = 0    # bytes hiredis holds for an unfinished request
-        self._first = None    # a chunk that starts a request, until its first request is checked
-        # True when get() last returned None holding no part of a request: the next
-        # bytes start a new one (the C path may then read them first).
-        self.idle = True
-        self.max_bulk = max_bulk
-        self.max_query = max_query
-
-    def feed(self, data: bytes) -> None:
-        self.idle = False
-        if self._pending:
-            self._pending += data
-        else:
-            self._pending = data
-
-    def get(self) -> list[bytes] | None:
-        while True:
-            if self._in_hiredis:
-                try:
-                    req = self._reader.gets()
-                except (hiredis.ProtocolError, ProtocolError) as e:  # hiredis has its own class too
-                    if self._first is not None:  # Redis's wording for what is wrong, where we can
-                        first, self._first = self._first, None
-                        self._check_header(first)
-                    raise ProtocolError(_HIREDIS_WORDS.get(str(e), str(e))) from None
-                if req is not False:
-                    first = self._first
-                    if first is not None:
-                        self._first = None
-                        # A canonical encoding (what every client library sends) proves the
-                        # request was bulk strings only: no need to walk its headers.
-                        if not _canonical(first, req):
-                            self._check_header(first)
-                    if not self._reader.has_data():
-                        self._in_hiredis = False
-                        self._buffered = 0
-                    else:  # what is left belongs to the next requests (len() may count <1 KB more)
-                        self._buffered = self._reader.len()
-                    if not isinstance(req, list):
-                        raise ProtocolError("expected an array of bulk strings")
-                    if not req:
-                        continue  # "*0\r\n": Redis ignores empty requests
-                    for a in req:
-                        if type(a) is not bytes:
-                            raise ProtocolError("expected bulk strings in a request")
-                        if len(a) > self.max_bulk:  # past the header check (late or later chunk)
-                            raise ProtocolError("invalid bulk length")
-                    return req
-                # No request yet: hiredis holds part of one, even when has_data() is
-                # False (it consumes type bytes and headers as it goes), so the next
-                # bytes continue it and must not be read as an inline command.
-                # The limit is on that unfinished request, not on a pipeline of
-                # finished ones that came in the same chunk.
-                if self._first is not None:  # an unfinished request: refuse absurd lengths now
-                    first, self._first = self._first, None
-                    self._check_header(first)
-                if self._buffered > self.max_query:
-                    raise ProtocolError("query buffer limit exceeded")
-                if not self._pending:
-                    return None
-            pend = self._pending
-            if not pend:
-                self.idle = not self._in_hiredis
-                return None
-            if self._in_hiredis or pend[0] == 0x2A:  # '*'
-                if self._in_hiredis:
-                    self._check_growth()
-                else:
-                    self._first = pend  # checked once hiredis has had a look (see above)
-                self._buffered += len(pend)
-                self._pending = b""
-                self._reader.feed(pend)
-                self._in_hiredis = True
-                continue
-            nl = pend.find(b"\n")
-            if nl < 0:
-                if len(pend) > MAX_INLINE:
-                    raise ProtocolError("too big inline request")
-                return None
-            line = pend[:nl]
-            self._pending = pend[nl + 1:]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            args = split_inline(line)
-            if args:
-                return args
-
-    def _check_growth(self) -> None:
-        if self._buffered > self.max_bulk + MAX_INLINE:
-            raise ProtocolError("invalid bulk length")
-
-    def _check_header(self, data: bytes) -> None:
-        """Refuse absurd lengths before hiredis waits for them, as Redis does.
-
-        Only the headers of a request that starts this chunk are read (cheap and
-        exact for the usual case); a request that grows past the limits over many
-        chunks is caught by the buffered-bytes check in `get`."""
-        nl = data.find(CRLF)
-        if nl < 0:
-            return
-        n = _redis_int(data[1:nl])
-        if n is None or n > 1024 * 1024 * 1024:
-            raise ProtocolError("invalid multibulk length")
-        p = nl + 2
-        for _ in range(min(n, 8)):
-            if data[p:p + 1] != b"$":
-                if p < len(data):  # hiredis would take `+x` as a string; Redis wants `$`
-                    raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
-                return  # incomplete
-            nl = data.find(CRLF, p)
-            if nl < 0:
-                return
-            size = _redis_int(data[p + 1:nl])
-            if size is None or size > self.max_bulk or size < 0:
-                raise ProtocolError("invalid bulk length")
-            p = nl + 2 + size + 2
