@@ -205,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
             log.warning("route %s: client %s does not read its replies: %d bytes held, over the output "
                         "limit of %d ([limits] %s); disconnecting it", self.route.name, _peer(self.peer), held,
                         limit, setting, extra={"event": "output_limit", "route": self.route.name})
-            self.stats.errors["output_limit"] = self.stats.errors.get("output_limit", 0) + 1
+            self.stats.errors["output_limit"] += 1
             self.transport.abort()  # what it holds is dropped now, not written out first
             self.close("output_limit")
 
@@ -447,7 +447,7 @@ class SharedLink(asyncio.Protocol):
         except (ProtocolError, UnexpectedReply) as e:
             self.buf = b""
             if isinstance(e, UnexpectedReply) or str(e) == "a reply nobody asked for":
-                self.stats.errors["unexpected_reply"] = self.stats.errors.get("unexpected_reply", 0) + 1
+                self.stats.errors["unexpected_reply"] += 1
                 e = "the server sent a reply no request was waiting for"
             self.fail(str(e))
             return

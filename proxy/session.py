@@ -375,7 +375,7 @@ class Session:
         except Exception as e:  # a bug here must cost this client alone, never the process
             log.exception("route %s: internal error handling %s", self.route.name,
                           args[0][:32].decode("latin-1", "replace"))
-            self.stats.errors["internal"] = self.stats.errors.get("internal", 0) + 1
+            self.stats.errors["internal"] += 1
             self._fault_now(f"ERR proxy internal error ({e.__class__.__name__}); closing the connection")
 
     def handle(self, args: list[bytes]) -> None:
@@ -742,7 +742,7 @@ class Session:
             self.partial = None
             return self.upstream_lost(f"upstream sent bytes that are not RESP: {e}")
         except UnexpectedReply:
-            self.stats.errors["unexpected_reply"] = self.stats.errors.get("unexpected_reply", 0) + 1
+            self.stats.errors["unexpected_reply"] += 1
             return self.upstream_lost("the server sent a reply no request was waiting for")
         if self.partial is None and pos < len(buf):
             self._buf = buf[pos:]
