@@ -743,6 +743,9 @@ class Session:
             return self.upstream_lost(f"upstream sent bytes that are not RESP: {e}")
         except UnexpectedReply:
             self.stats.errors["unexpected_reply"] += 1
+            log.warning("route %s: the server sent a reply no request was waiting for; closing the client "
+                        "and its upstream connection", self.route.name,
+                        extra={"event": "upstream_error", "route": self.route.name})
             return self.upstream_lost("the server sent a reply no request was waiting for")
         if self.partial is None and pos < len(buf):
             self._buf = buf[pos:]

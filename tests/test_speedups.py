@@ -298,3 +298,63 @@ def test_metrics_count_requests_of_both_paths():
     assert stats.commands(TABLE.commands) == {"get": 4}
     assert stats.keys_rewritten == 4
     assert s.plans[b"GET"].fast.count == 3
+
+
+# ------------------------------------------------------------------ replies framed across reads
+
+
+def _feed_in_chunks(raw: bytes, cuts: list[int], trailing: bytes = b"") -> list[bytes]:
+    """Feed `raw` + `trailing` to a PartialReply as the session does (a held-back header line
+    is handed in again with the next bytes); the slices it consumed, and what is left."""
+    data = raw + trailing
+    points = sorted({min(c, len(data)) for c in cuts} | {len(data)})
+    chunks = [data[a:b] for a, b in zip([0] + points, points) if b > a]
+    p = resp.PartialReply()
+    consumed, held = [], b""
+    for i, chunk in enumerate(chunks):
+        buf = held + chunk
+        end, done = p.feed(buf, 0)
+        consumed.append(buf[:end])
+        held = buf[end:]
+        if done:
+            return consumed, held + b"".join(chunks[i + 1:])
+    raise AssertionError("never done")
+
+
+@FAST
+@given(_reply, st.lists(st.integers(0, 400), max_size=8))
+def test_partial_reply_frames_exactly_one_reply_however_chunked(reply, cuts):
+    raw = _enc(reply)
+    consumed, rest = _feed_in_chunks(raw, cuts, b"+next\r\n")
+    assert b"".join(consumed) == raw
+    assert rest == b"+next\r\n"
+
+
+def test_partial_reply_every_cut_of_nested_replies():
+    raw = (b"|1\r\n+a\r\n:1\r\n*3\r\n$5\r\nhello\r\n%1\r\n+k\r\n*2\r\n$3\r\nabc\r\n_\r\n"
+           b">2\r\n$0\r\n\r\n=7\r\ntxt:abc\r\n")
+    for k in range(len(raw)):
+        for j in range(k, len(raw)):
+            consumed, rest = _feed_in_chunks(raw, [k, j], b":9\r\n")
+            assert b"".join(consumed) == raw and rest == b":9\r\n", (k, j)
+
+
+def test_partial_reply_costs_the_bytes_of_a_big_bulk():
+    # 8 MB in 64 KB reads: each read is consumed in a step or two (no re-scan of what came before)
+    body = b"x" * (8 << 20)
+    raw = b"$%d\r\n" % len(body) + body + b"\r\n"
+    p = resp.PartialReply()
+    steps = 0
+    for pos in range(0, len(raw), 65536):
+        chunk = raw[pos:pos + 65536]
+        end, done = p.feed(chunk, 0)
+        steps += 1
+        assert end == len(chunk)
+    assert done and steps == -(-len(raw) // 65536)
+
+
+def test_partial_reply_refuses_garbage():
+    with pytest.raises(ProtocolError):
+        resp.PartialReply().feed(b"*2\r\n?x\r\n", 0)
+    with pytest.raises(ProtocolError):
+        resp.PartialReply().feed(b"$" + b"9" * 70000, 0)
