@@ -257,14 +257,25 @@ def _run(proxy_port: int, a: redis.Redis, b: redis.Redis, b_port: int, proto: in
                         and i > 0:
                     flush_batch(batch[:i])
                     return flush_batch(batch[i:])
-            unordered = False
-            if batch[0][0].upper() in (b"SORT", b"SORT_RO") and b"BY" in [c.upper() for c in batch[0][2:]]:
+            unordered = subset = False
+            first = [c.upper() for c in batch[0]]
+            if first[0] in (b"SORT", b"SORT_RO") and b"BY" in first[2:]:
                 unordered = d.call(b"TYPE", batch[0][1]) in (b"+set\r\n", b"$3\r\nset\r\n")
+                # with LIMIT, *which* elements of such a set come back is not defined either
+                # (each server process keeps its own subset): only how many is
+                subset = unordered and b"LIMIT" in first
             p.send(batch)
             d.send(batch)
             for j, cmd in enumerate(batch):
                 got, want = p.frame(), d.frame()
                 log.append((cmd, want))
+                if j == 0 and subset:
+                    assert got[:1] == want[:1] and len(split(got)[1]) == len(split(want)[1]), (
+                        f"command {b' '.join(cmd)!r}: proxy replied {got!r}, direct server {want!r}")
+                    if b"STORE" in first:  # the stored subset differs too: the same (empty) on both
+                        dest = batch[0][first.index(b"STORE") + 1]
+                        assert p.call(b"DEL", dest) == d.call(b"DEL", dest)
+                    continue
                 if j == 0 and unordered:
                     got, want = (_sorted_items(got), _sorted_items(want))
                 assert _normalise(cmd, got) == _normalise(cmd, want), (
@@ -311,6 +322,8 @@ def test_proxy_matches_private_server(server, server_b, fresh_db, start_proxy, p
     @settings(max_examples=100, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(seq=sequences)
+    @example(seq=[["SADD", "b", "1", "2", "3", "4", "5", "6", "7", "8"], ["SORT", "b", "BY", "nosort", "LIMIT", "0", "2"],
+                  ["SORT", "b", "BY", "nosort", "LIMIT", "0", "2", "STORE", "a"], ["LRANGE", "a", "0", "-1"]])
     @example(seq=[["RPUSH", "a", "3", "1", "2", "10"], ["SET", "w2", "9"], ["SORT", "a", "BY", "w*"],
                   ["SORT", "a", "BY", "w*", "GET", "#", "GET", "w*", "STORE", "b"], ["LRANGE", "b", "0", "-1"]])
     @example(seq=[["SET", "a", "1"], ["SET", "x*", "2"], ["KEYS", "*"], ["KEYS", "x\\*"], ["SCAN*"],
