@@ -40,18 +40,33 @@ typedef struct {
     Py_ssize_t step;
 } SpecObject;
 
+/* Spec_init checks every invariant the rewrite loop relies on (issue 11), so a
+ * wrong Spec is refused where it is built, with the rule it breaks, instead of
+ * reading past a request's arguments later:
+ *   - min_argc >= 1 (a request has at least its name);
+ *   - fixed positions: at most MAX_FIXED, each >= 1, strictly increasing, and
+ *     each below min_argc (a request the Spec takes has that argument);
+ *   - a range: first >= 1, first below min_argc, lastkey < 0 (last is counted
+ *     from the end, so it is below argc), step >= 1; not both forms at once.
+ * The values are checked before any is stored, so a failed re-init (Spec.__init__
+ * called again) leaves the previous, valid Spec as it was. */
 static int
 Spec_init(SpecObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fixed", "min_argc", "first", "lastkey", "step", NULL};
     PyObject *fixed;
     Py_ssize_t min_argc = 1, first = 0, lastkey = 0, step = 1;
+    int pos[MAX_FIXED];
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|nnnn", kwlist, &PyTuple_Type, &fixed,
                                      &min_argc, &first, &lastkey, &step))
         return -1;
     Py_ssize_t n = PyTuple_GET_SIZE(fixed);
     if (n > MAX_FIXED) {
         PyErr_SetString(PyExc_ValueError, "too many fixed key positions");
+        return -1;
+    }
+    if (min_argc < 1) {
+        PyErr_SetString(PyExc_ValueError, "min_argc must be >= 1 (the command name is an argument)");
         return -1;
     }
     if (n && first) {
@@ -62,18 +77,27 @@ Spec_init(SpecObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "a range needs first >= 1, lastkey < 0, step >= 1");
         return -1;
     }
+    if (first && first >= min_argc) {
+        PyErr_Format(PyExc_ValueError, "a range's first key (%zd) must be below min_argc (%zd)", first, min_argc);
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         long v = PyLong_AsLong(PyTuple_GET_ITEM(fixed, i));
         if (v == -1 && PyErr_Occurred())
             return -1;
-        if (v < 1 || v > MAX_ARGS || (i && v <= self->fixed[i - 1])) {
+        if (v < 1 || v > MAX_ARGS || (i && v <= pos[i - 1])) {
             PyErr_SetString(PyExc_ValueError, "fixed positions must be increasing and >= 1");
             return -1;
         }
-        self->fixed[i] = (int)v;
+        if (v >= min_argc) {
+            PyErr_Format(PyExc_ValueError, "fixed key position %ld must be below min_argc (%zd)", v, min_argc);
+            return -1;
+        }
+        pos[i] = (int)v;
     }
+    memcpy(self->fixed, pos, n * sizeof(int));
     self->nfixed = (int)n;
-    self->min_argc = min_argc < 1 ? 1 : min_argc;
+    self->min_argc = min_argc;
     self->first = first;
     self->lastkey = lastkey;
     self->step = step;
