@@ -578,7 +578,12 @@ frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_ssize_t start = pos, m = 0;
     if (pos >= 0) {
         /* pending[0] and `del pending[0]` are O(1) for a deque, with no method look-up */
-        while (m < limit && pos < len && PySequence_Size(pending) > 0) {
+        while (m < limit && pos < len) {
+            Py_ssize_t size = PySequence_Size(pending);
+            if (size < 0)  /* not a sequence: its TypeError, not a result with an error set */
+                return NULL;
+            if (size == 0)
+                break;
             PyObject *head = PySequence_GetItem(pending, 0);
             if (head == NULL)
                 return NULL;
