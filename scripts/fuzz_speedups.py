@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the C hot path (proxy/_speedups.c) with atheris.
 
     scripts/fuzz.sh [SECONDS] [RUNS]        # the long run: ASan build, libFuzzer, see docs/fuzzing.md
@@ -57,6 +58,11 @@ SPEC_PARAMS = {
 LIMITS = [1, 2, 3, 5, 100, sys.maxsize]
 MAX_BULKS = [0, 1, 3, 16, 512 * 1024 * 1024]
 PREFIXES = [b"", b"a", b"app:", b"\r\n$", b"*1\r\n"]
+REPEATS = [1, 1, 1, 1, 2, 9, 40, 140]
+
+def _encode(args):
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
 
 SEEDS = [
     b"\x00\x01\x04\x04" + b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" * 3,
@@ -79,6 +85,13 @@ SEEDS = [
     b"\x02\x0e\x03\x0a" + b"~2\r\n:1\r\n(123\r\n,1.5\r\n",
     b"\x00\x05\x05\x04" + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*3\r\n$4\r\nHSET\r\n$1\r\nh\r\n$1\r\nf\r\n",
     b"\x00\x01\x04\x04" + b"*2\r\n$4\r\nMGET\r\n$1\r\na\r\n*1\r\n$4\r\nMGET\r\n*2\r\n$3\r\nGET\r\n",
+    # wider than the stack arrays (32 arguments, 128 keys): MSET of 100, A of 40, 140 GETs
+    b"\x00\x01\x04\x04" + _encode([b"MSET"] + [b"k", b"v"] * 50),
+    b"\x00\x01\x04\x04" + _encode([b"A"] + [b"x"] * 39) + _encode([b"MGET"] + [b"y"] * 60),
+    b"\x00\x01\x04\xe4" + b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+    b"\x00\x06\x04\xc4" + _encode([b"MSET"] + [b"app:k", b"v"] * 5),
+    # a fuzzed Spec with 17 positions: too many
+    b"\x03\x01\x04\x04" + b"\x11\x02\x07\x00\x00\x02" + b"*2\r\n$1\r\nF\r\n$1\r\nk\r\n",
     b"\x00\x01\x04\x04" + b"*3\r\n$1\r\nE\r\n$1\r\na\r\n$1\r\nb\r\n*6\r\n$1\r\nE\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n",
 ]
 
@@ -175,10 +188,6 @@ def model_rewrite(data, params_by_name, mode, prefix, limit, max_bulk):
     return b"".join(_encode(a) for a in out), p, n, nkeys
 
 
-def _encode(args):
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
 # ------------------------------------------------------------------ checks
 
 def _check_rewrite(C, data, specs, params, mode, prefix, limit, max_bulk):
@@ -266,7 +275,7 @@ def check_one(buf: bytes) -> None:
                 return
             d, data = data[:6], data[6:]
             # small signed values around the edges Spec_init checks
-            fixed = tuple(range(d[1] % 8 - 1, 20, d[2] % 3 + 1))[:d[0] % 4]
+            fixed = tuple(range(d[1] % 8 - 1, 60, d[2] % 3 + 1))[:d[0] % 20]  # up to 19: MAX_FIXED is 16
             if d[0] & 0x80:
                 fixed = fixed[::-1]
             p = (fixed, d[2] % 8 - 1, d[3] % 6 - 1 if not fixed or d[3] & 0x80 else 0,
@@ -283,7 +292,10 @@ def check_one(buf: bytes) -> None:
             specs[b"F"] = spec
             params = dict(SPEC_PARAMS)
             params[b"F"] = p
-        _check_rewrite(C, data, specs, params, a % 4, PREFIXES[(a >> 2) % len(PREFIXES)],
+        # the top bits of c repeat the data: long pipelines and more keys than the
+        # scratch arrays hold on the stack (their heap path) from short inputs
+        reps = max(1, min(REPEATS[c >> 5], 64 * 1024 // max(1, len(data))))
+        _check_rewrite(C, data * reps, specs, params, a % 4, PREFIXES[(a >> 2) % len(PREFIXES)],
                        LIMITS[b % len(LIMITS)], MAX_BULKS[c % len(MAX_BULKS)])
     elif sel == 1:
         _check_frame_end(C, data, a if a < 200 else len(data) + a - 200)
