@@ -4,6 +4,7 @@
     scripts/fuzz.sh [SECONDS] [RUNS]        # the long run: ASan build, libFuzzer, see docs/fuzzing.md
     python3 scripts/fuzz_speedups.py CORPUS_DIR [libFuzzer flags]   # as fuzz.sh runs it
     python3 scripts/fuzz_speedups.py --replay DIR_OR_FILE...         # the checks alone, no fuzzer
+    python3 scripts/fuzz_speedups.py --store MINIMISED_CORPUS_DIR     # -> tests/data/fuzz_speedups_corpus.txt
 
 Each input drives one of rewrite_plain, frame_end or frame_run and checks more
 than "no crash": the C answer against a reference computed in Python on the
@@ -320,6 +321,15 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         for i, data in enumerate(stored_inputs()):
             (d / f"seed-{i:04d}").write_bytes(data)
+        return
+    if sys.argv[1:2] == ["--store"]:  # a minimised corpus dir -> CORPUS_FILE (docs/fuzzing.md)
+        files = sorted(pathlib.Path(sys.argv[2]).iterdir(), key=lambda p: (p.stat().st_size, p.name))
+        lines = [f"# {len(files)} inputs: the minimised corpus of the fuzz run in docs/fuzzing.md, one base64",
+                 "# line each. scripts/fuzz_speedups.py reads it: fuzz.sh's seeds and the bounded replay",
+                 "# in tests/test_speedups_invariants.py (CI)."]
+        lines += [base64.b64encode(p.read_bytes()).decode() for p in files if p.is_file()]
+        CORPUS_FILE.write_text("\n".join(lines) + "\n")
+        print(f"{CORPUS_FILE}: {len(files)} inputs", file=sys.stderr)
         return
     if sys.argv[1:2] == ["--replay"]:  # fuzz_coverage.sh, or a crash file: the checks, no fuzzer
         from proxy import _speedups

@@ -98,8 +98,9 @@ def _traced(fn):
 
 
 def test_a_declared_count_allocates_nothing():
-    # 13 bytes used to grow the argument array to 16M entries (384 MB of address
-    # space on the first call, kept for good); now it grows as arguments arrive
+    # `*1048576\r\n` (11 bytes; larger counts go to Python) used to grow a static
+    # argument array to 2^20 entries, 24 MB kept for good; now it grows as
+    # arguments arrive
     specs = {b"GET": C.Spec((1,), 2)}
     for header in (b"*16000000\r\n", b"*1048576\r\n$3\r\nGET\r\n", b"*1048576\r\n" + b"$1\r\na\r\n" * 100):
         kept, peak = _traced(lambda: C.rewrite_plain(header, specs, 1, b"p:", 10, BIG))
