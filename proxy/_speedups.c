@@ -40,18 +40,33 @@ typedef struct {
     Py_ssize_t step;
 } SpecObject;
 
+/* Spec_init checks every invariant the rewrite loop relies on (issue 11), so a
+ * wrong Spec is refused where it is built, with the rule it breaks, instead of
+ * reading past a request's arguments later:
+ *   - min_argc >= 1 (a request has at least its name);
+ *   - fixed positions: at most MAX_FIXED, each >= 1, strictly increasing, and
+ *     each below min_argc (a request the Spec takes has that argument);
+ *   - a range: first >= 1, first below min_argc, lastkey < 0 (last is counted
+ *     from the end, so it is below argc), step >= 1; not both forms at once.
+ * The values are checked before any is stored, so a failed re-init (Spec.__init__
+ * called again) leaves the previous, valid Spec as it was. */
 static int
 Spec_init(SpecObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fixed", "min_argc", "first", "lastkey", "step", NULL};
     PyObject *fixed;
     Py_ssize_t min_argc = 1, first = 0, lastkey = 0, step = 1;
+    int pos[MAX_FIXED];
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|nnnn", kwlist, &PyTuple_Type, &fixed,
                                      &min_argc, &first, &lastkey, &step))
         return -1;
     Py_ssize_t n = PyTuple_GET_SIZE(fixed);
     if (n > MAX_FIXED) {
         PyErr_SetString(PyExc_ValueError, "too many fixed key positions");
+        return -1;
+    }
+    if (min_argc < 1) {
+        PyErr_SetString(PyExc_ValueError, "min_argc must be >= 1 (the command name is an argument)");
         return -1;
     }
     if (n && first) {
@@ -62,18 +77,27 @@ Spec_init(SpecObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "a range needs first >= 1, lastkey < 0, step >= 1");
         return -1;
     }
+    if (first && first >= min_argc) {
+        PyErr_Format(PyExc_ValueError, "a range's first key (%zd) must be below min_argc (%zd)", first, min_argc);
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         long v = PyLong_AsLong(PyTuple_GET_ITEM(fixed, i));
         if (v == -1 && PyErr_Occurred())
             return -1;
-        if (v < 1 || v > MAX_ARGS || (i && v <= self->fixed[i - 1])) {
+        if (v < 1 || v > MAX_ARGS || (i && v <= pos[i - 1])) {
             PyErr_SetString(PyExc_ValueError, "fixed positions must be increasing and >= 1");
             return -1;
         }
-        self->fixed[i] = (int)v;
+        if (v >= min_argc) {
+            PyErr_Format(PyExc_ValueError, "fixed key position %ld must be below min_argc (%zd)", v, min_argc);
+            return -1;
+        }
+        pos[i] = (int)v;
     }
+    memcpy(self->fixed, pos, n * sizeof(int));
     self->nfixed = (int)n;
-    self->min_argc = min_argc < 1 ? 1 : min_argc;
+    self->min_argc = min_argc;
     self->first = first;
     self->lastkey = lastkey;
     self->step = step;
@@ -144,26 +168,58 @@ typedef struct {
     Py_ssize_t len;
 } Arg;
 
-/* Scratch arrays reused between calls (the GIL is held): the arguments of the
- * request being read, and the key arguments of every request taken so far. */
-static Arg *args_buf = NULL, *keys_buf = NULL;
-static Py_ssize_t args_cap = 0, keys_cap = 0;
+/* Scratch arrays of one call: the arguments of the request being read, and the
+ * key arguments of every request taken so far. They start on the C stack and move
+ * to the heap only when a call needs more, doubling as arguments are actually
+ * parsed (never sized from a declared count: `*16000000\r\n` alone costs nothing,
+ * as in Redis, which also allocates a request's argv as its arguments arrive),
+ * and the heap copy is freed when the call returns, so one large request does not
+ * pin memory for good. Per-call rather than static also keeps a re-entrant call
+ * (the specs dict's look-up can run Python code) from freeing the caller's
+ * arrays. */
+#define STACK_ARGS 32
+#define STACK_KEYS 128
 
-static int
-grow(Arg **buf, Py_ssize_t *cap, Py_ssize_t need)
+typedef struct {
+    Arg *a;                /* stack[] or a PyMem block */
+    Py_ssize_t cap;
+    Arg *stack;
+} Scratch;
+
+static void
+scratch_free(Scratch *s)
 {
-    if (need <= *cap)
+    if (s->a != s->stack)
+        PyMem_Free(s->a);
+    s->a = s->stack;
+}
+
+/* Room for `need` entries: doubles, but to no more than `most` (need <= most,
+ * and both stay far below PY_SSIZE_T_MAX / sizeof(Arg): they count parsed args). */
+static int
+grow(Scratch *s, Py_ssize_t need, Py_ssize_t most)
+{
+    if (need <= s->cap)
         return 0;
-    Py_ssize_t c = *cap ? *cap : 64;
-    while (c < need)
-        c *= 2;
-    Arg *b = PyMem_Realloc(*buf, c * sizeof(Arg));
+    Py_ssize_t c = s->cap * 2;
+    if (c > most)
+        c = most;
+    if (c < need)
+        c = need;
+    Arg *b;
+    if (s->a == s->stack) {
+        b = PyMem_Malloc(c * sizeof(Arg));
+        if (b != NULL)
+            memcpy(b, s->a, s->cap * sizeof(Arg));
+    }
+    else
+        b = PyMem_Realloc(s->a, c * sizeof(Arg));
     if (b == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    *buf = b;
-    *cap = c;
+    s->a = b;
+    s->cap = c;
     return 0;
 }
 
@@ -194,14 +250,18 @@ typedef struct {
 } CacheEntry;
 static CacheEntry name_cache[NAME_CACHE];
 
-static PyObject *  /* borrowed; NULL with no error set: no Spec for this name */
+/* A new reference (the caller holds it while it uses the Spec, whatever a later
+ * look-up evicts); NULL with no error set: no Spec for this name. */
+static PyObject *
 find_spec(PyObject *specs, const char *name, Py_ssize_t len)
 {
     unsigned slot = (unsigned)(len * 31 + (len ? (unsigned char)name[0] * 7 + (unsigned char)name[len - 1] : 0))
                     % NAME_CACHE;
     CacheEntry *e = &name_cache[slot];
-    if (e->dict == specs && PyBytes_GET_SIZE(e->name) == len && memcmp(PyBytes_AS_STRING(e->name), name, len) == 0)
+    if (e->dict == specs && PyBytes_GET_SIZE(e->name) == len && memcmp(PyBytes_AS_STRING(e->name), name, len) == 0) {
+        Py_INCREF(e->spec);
         return e->spec;
+    }
     PyObject *key = PyBytes_FromStringAndSize(name, len);
     if (key == NULL)
         return NULL;
@@ -210,14 +270,18 @@ find_spec(PyObject *specs, const char *name, Py_ssize_t len)
         Py_DECREF(key);
         return NULL;
     }
+    /* the entry is filled before the old one is released: releasing it may run
+     * Python code (a dict's last reference), which may look a name up again */
+    PyObject *old_dict = e->dict, *old_name = e->name, *old_spec = e->spec;
     Py_INCREF(specs);
-    Py_INCREF(found);
-    Py_XDECREF(e->dict);
-    Py_XDECREF(e->name);
-    Py_XDECREF(e->spec);
+    Py_INCREF(found);  /* the cache's */
+    Py_INCREF(found);  /* the caller's */
     e->dict = specs;
     e->name = key;
     e->spec = found;
+    Py_XDECREF(old_dict);
+    Py_XDECREF(old_name);
+    Py_XDECREF(old_spec);
     return found;
 }
 
@@ -253,6 +317,9 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     const char *end = base + PyBytes_GET_SIZE(data);
     const char *p = base;            /* start of the next request */
     Py_ssize_t n = 0, nkeys = 0, grow_by = 0;
+    PyObject *result = NULL;
+    Arg args_stack[STACK_ARGS], keys_stack[STACK_KEYS];
+    Scratch av = {args_stack, STACK_ARGS, args_stack}, keys = {keys_stack, STACK_KEYS, keys_stack};
 
     /* pass 1: which requests are taken, where their keys are, how long the result is */
     while (n < limit && p < end && *p == '*') {
@@ -260,8 +327,6 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         Py_ssize_t count = read_len(p + 1, end, &q);
         if (count < 1 || count > MAX_ARGS)
             break;
-        if (grow(&args_buf, &args_cap, count) < 0)
-            return NULL;
         int complete = 1;
         for (Py_ssize_t i = 0; i < count; i++) {
             if (q >= end || *q != '$') {
@@ -274,57 +339,78 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
                 complete = 0;
                 break;
             }
-            args_buf[i].hdr = q;
-            args_buf[i].data = s;
-            args_buf[i].len = len;
+            /* room for this argument only now that it is here: the array doubles,
+             * up to the declared count, as arguments arrive */
+            if (i >= av.cap && grow(&av, i + 1, count) < 0)
+                goto fail;
+            av.a[i].hdr = q;
+            av.a[i].data = s;
+            av.a[i].len = len;
             q = s + len + 2;
         }
         if (!complete)
             break;
-        SpecObject *spec = (SpecObject *)find_spec(specs, args_buf[0].data, args_buf[0].len);
+        SpecObject *spec = (SpecObject *)find_spec(specs, av.a[0].data, av.a[0].len);
         if (spec == NULL) {
             if (PyErr_Occurred())
-                return NULL;
+                goto fail;
             break;
         }
         /* which arguments are keys (the same checks as keyspecs.py; a failing one
-         * means an arity error, which the Python path reports) */
-        Py_ssize_t first = 1, last = 0, step = 1;
-        if (spec->first) {
+         * means an arity error, which the Python path reports). Spec_init already
+         * guarantees every key index is below min_argc; the index checks below
+         * repeat it so that no Spec, however built, makes this read past argv. */
+        Py_ssize_t first = 1, last = 0, step = 1, here;
+        int fits = count >= spec->min_argc, range = spec->first != 0;
+        if (range) {
             first = spec->first;
             last = count + spec->lastkey;
             step = spec->step;
-            if (last >= count || last < first || first >= count)
-                break;
+            fits = fits && first >= 1 && step >= 1 && last < count && last >= first && first < count;
+            here = fits ? (last - first) / step + 1 : 0;
         }
-        else if (count < spec->min_argc)
+        else {
+            here = spec->nfixed;
+            fits = fits && here >= 0 && here <= MAX_FIXED && (here == 0 || spec->fixed[here - 1] < count);
+        }
+        if (!fits) {
+            Py_DECREF(spec);
             break;
-        Py_ssize_t here = spec->nfixed ? spec->nfixed : (last >= first ? (last - first) / step + 1 : 0);
-        if (grow(&keys_buf, &keys_cap, nkeys + here) < 0)
-            return NULL;
+        }
+        if (grow(&keys, nkeys + here, PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(Arg)) < 0) {
+            Py_DECREF(spec);
+            goto fail;
+        }
         int ok = 1;
         for (Py_ssize_t k = 0; k < here && ok; k++) {
-            const Arg *a = &args_buf[spec->nfixed ? spec->fixed[k] : first + k * step];
+            Py_ssize_t at = range ? first + k * step : spec->fixed[k];
+            if (at < 1 || at >= count) {  /* cannot happen with a checked Spec; never read past argv */
+                ok = 0;
+                break;
+            }
+            const Arg *a = &av.a[at];
             if (mode == 2)  /* strip: every key must carry the prefix, or Python refuses the request */
                 ok = a->len >= plen && memcmp(a->data, prefix, plen) == 0;
-            keys_buf[nkeys + k] = *a;
+            keys.a[nkeys + k] = *a;
         }
-        if (!ok)
+        if (!ok) {
+            Py_DECREF(spec);
             break;
+        }
         if (mode == 1 || mode == 2) {
             for (Py_ssize_t k = 0; k < here; k++) {
-                Py_ssize_t len = keys_buf[nkeys + k].len, now = mode == 1 ? len + plen : len - plen;
+                Py_ssize_t len = keys.a[nkeys + k].len, now = mode == 1 ? len + plen : len - plen;
                 grow_by += (now - len) + (digits(now) - digits(len));
             }
         }
         nkeys += here;
         spec->count++;
+        Py_DECREF(spec);
         n++;
         p = q;
     }
 
     /* pass 2: the server bytes */
-    PyObject *result;
     Py_ssize_t taken = p - base;
     if ((mode != 1 && mode != 2) || nkeys == 0) {
         if (taken == PyBytes_GET_SIZE(data)) {
@@ -337,11 +423,11 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     else {
         result = PyBytes_FromStringAndSize(NULL, taken + grow_by);
         if (result == NULL)
-            return NULL;
+            goto fail;
         char *o = PyBytes_AS_STRING(result);
         const char *copied = base;
         for (Py_ssize_t k = 0; k < nkeys; k++) {
-            const Arg *a = &keys_buf[k];
+            const Arg *a = &keys.a[k];
             memcpy(o, copied, a->hdr - copied);
             o += a->hdr - copied;
             if (mode == 1) {
@@ -359,6 +445,8 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         }
         memcpy(o, copied, p - copied);
     }
+    scratch_free(&av);
+    scratch_free(&keys);
     if (result == NULL)
         return NULL;
     PyObject *t = PyTuple_New(4);
@@ -375,6 +463,11 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     }
     return t;
+
+fail:
+    scratch_free(&av);
+    scratch_free(&keys);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ replies */
@@ -485,7 +578,12 @@ frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_ssize_t start = pos, m = 0;
     if (pos >= 0) {
         /* pending[0] and `del pending[0]` are O(1) for a deque, with no method look-up */
-        while (m < limit && pos < len && PySequence_Size(pending) > 0) {
+        while (m < limit && pos < len) {
+            Py_ssize_t size = PySequence_Size(pending);
+            if (size < 0)  /* not a sequence: its TypeError, not a result with an error set */
+                return NULL;
+            if (size == 0)
+                break;
             PyObject *head = PySequence_GetItem(pending, 0);
             if (head == NULL)
                 return NULL;

@@ -148,4 +148,7 @@ def fast_spec(plan: Plan):
     if form[0] == "fixed":
         return C.Spec(form[1], form[2]) if len(form[1]) <= 16 else None
     _, first, lastkey, step = form
-    return C.Spec((), 1, first, lastkey, step)
+    # keyspecs' range check (last = argc + lastkey; last >= first and first < argc)
+    # holds exactly when argc >= first - lastkey: that is the Spec's min_argc, which
+    # Spec_init requires to be above `first` (lastkey < 0, so it is).
+    return C.Spec((), first - lastkey, first, lastkey, step)

@@ -261,7 +261,7 @@ def test_c_path_and_reader_agree_where_the_old_reader_was_lenient(monkeypatch, b
 
 
 def test_rewrite_plain_takes_a_pipeline_in_one_call():
-    specs = {b"GET": C.Spec((1,), 2), b"MSET": C.Spec((), 1, 1, -1, 2), b"PING": C.Spec(())}
+    specs = {b"GET": C.Spec((1,), 2), b"MSET": C.Spec((), 2, 1, -1, 2), b"PING": C.Spec(())}
     data = (encode_command([b"GET", b"k"]) + encode_command([b"MSET", b"a", b"1", b"b", b"2"])
             + encode_command([b"PING"]) + encode_command([b"HGET", b"h", b"f"]))
     out, end, n, keys = C.rewrite_plain(data, specs, 1, b"ns:", 100, 1 << 29)
