@@ -32,6 +32,7 @@ import logging
 import random
 import sys
 from collections import deque
+from time import monotonic
 from itertools import repeat
 
 import hiredis
@@ -228,7 +229,13 @@ class Session:
             self.out_client.append(reply)
 
     def _refuse(self, message: str, show: bool = True) -> None:
-        self.stats.refused_command(self._label)
+        stats = self.stats
+        stats.refused_command(self._label)
+        quiet = stats.may_log_refusal(monotonic())
+        if quiet is not None:
+            log.info("route %s: refused %s: %s%s", self.route.name, self._label.upper().replace("|", " "),
+                     message, f" ({quiet} more refusals not logged)" if quiet else "",
+                     extra={"event": "refused", "route": self.route.name, "command": self._label})
         if self.tx is not None:
             self.tx_failed = True  # as Redis does for a command rejected while queueing
         self._local(error(message), show)

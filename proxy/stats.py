@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+REFUSAL_LOG_BURST = 10     # refusal log lines per route ...
+REFUSAL_LOG_WINDOW = 10.0  # ... per this many seconds
 DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -107,6 +109,9 @@ class RouteStats:
         self._plans: dict = {}
         self._fast: dict = {}        # per target: command name as sent -> C Spec (speedups)
         self.uncached_commands = 0
+        self._refusal_window = float("-inf")  # start of the current log window (monotonic seconds)
+        self._refusal_lines = 0
+        self._refusals_quiet = 0
 
     def plans_for(self, target) -> dict:
         """The plan cache of one keyspace target (plans depend on the namespace)."""
@@ -128,6 +133,19 @@ class RouteStats:
     def refused_command(self, name: str) -> None:
         self.refused[name] = self.refused.get(name, 0) + 1  # bounded to known names when read
         self.errors["refused"] += 1
+
+    def may_log_refusal(self, now: float) -> int | None:
+        """Rate limit for refusal log lines: None to stay quiet, else how many refusals
+        went unlogged before this one. A misbehaving client cannot flood the log: at most
+        REFUSAL_LOG_BURST lines per REFUSAL_LOG_WINDOW seconds per route."""
+        if now - self._refusal_window >= REFUSAL_LOG_WINDOW:
+            self._refusal_window, self._refusal_lines = now, 0
+        if self._refusal_lines >= REFUSAL_LOG_BURST:
+            self._refusals_quiet += 1
+            return None
+        self._refusal_lines += 1
+        quiet, self._refusals_quiet = self._refusals_quiet, 0
+        return quiet
 
     def commands(self, known) -> dict[str, int]:
         """Commands by lowercase name; names the command table does not know are "other"."""

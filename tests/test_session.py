@@ -717,3 +717,23 @@ def test_shared_run_passes_plain_replies_as_one_slice_and_stops_at_a_transform()
     # an incomplete reply is left for the next read
     s.client_data(c("GET", "d"))
     assert s.shared_run(b"$5\r\nhel", 0, 1) == (0, 0)
+
+
+def test_refusals_are_logged_at_info_and_rate_limited(caplog):
+    import logging
+    from proxy.stats import REFUSAL_LOG_BURST
+    d = Drive()
+    with caplog.at_level(logging.INFO, logger="keyspace-proxy"):
+        d.client(*[c("FLUSHALL")] * (REFUSAL_LOG_BURST + 5), c("CONFIG", "GET", "x"))
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "refused"]
+    assert len(lines) == REFUSAL_LOG_BURST  # the rest of the window stays quiet
+    first = lines[0]
+    assert first.levelno == logging.INFO and first.route == "r" and first.command == "flushall"
+    assert "route r: refused FLUSHALL: ERR command 'FLUSHALL' is refused on namespace 'app'" in first.getMessage()
+    assert d.s.stats.errors["refused"] == REFUSAL_LOG_BURST + 6  # every refusal is counted
+    # the next window says how many went unlogged
+    d.s.stats._refusal_window -= 60
+    with caplog.at_level(logging.INFO, logger="keyspace-proxy"):
+        caplog.clear()
+        d.client(c("FLUSHALL"))
+    assert "(6 more refusals not logged)" in caplog.records[-1].getMessage()
