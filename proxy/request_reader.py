@@ -253,6 +253,20 @@ class RequestReader:
             self._error = ProtocolError(f"unreadable request ({type(e).__name__})")
             raise self._error from e
 
+    def take_rest(self) -> bytes:
+        """Between two requests (nothing read ahead, no error): hand back the bytes not read
+        yet and forget them, so the caller's C path can read them; b"" otherwise. A read
+        that began inside a request is finished here and the rest of it need not be."""
+        if self._type != _NONE or self._ready or self._error is not None:
+            return b""
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            return b""
+        rest = bytes(buf[pos:])
+        self._buf, self._pos, self._exact_until = b"", 0, 0
+        self.idle = True
+        return rest
+
     def _get(self) -> list[bytes] | None:
         while True:
             buf = self._buf

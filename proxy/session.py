@@ -303,51 +303,62 @@ class Session:
         if self.input_closed:
             return
         depth = 0
-        if self.fast_blocked:
-            self.fast_blocked = not self._plain()
-        if not self.fast_blocked and self.reader.idle and data[:1] == b"*":
-            # The C path takes the leading requests whose commands have a Spec (see
-            # rewrite.fast_spec), exactly as `handle` would; the rest go on below.
-            pending = self.pending
-            limit = SHARED_MAX_OWED - len(pending) if self.shared else sys.maxsize
-            if limit > 0:
-                out, end, depth, keys = _rewrite_plain(data, self.fast_specs, self.fast_mode, self.fast_prefix,
-                                                       limit, self.max_bulk)
-                if depth:
-                    self.out_upstream.append(out)
-                    if depth == 1:
-                        pending.append(None)
-                    else:
-                        pending.extend(repeat(None, depth))
-                    self.owed_sent += depth
-                    stats = self.stats
-                    stats.keys_rewritten += keys
-                    if end == len(data):
-                        stats.depth.observe(depth)
-                        return
-                    data = data[end:]
-        self.reader.feed(data)
         while True:
-            try:
-                args = self.reader.get()
-            except Exception as e:
-                if not isinstance(e, ProtocolError):  # a bug in the reader: this client alone pays
-                    log.exception("route %s: the request reader failed", self.route.name)
-                    e = f"unreadable request ({e.__class__.__name__})"
-                args = Fault(f"ERR Protocol error: {e}")
-            if args is None or type(args) is Fault:
-                if depth:
-                    self.stats.depth.observe(depth)
-                if args is not None:
-                    self._input_fault(args.message)
-                return
-            depth += 1
-            if self._waiting():
-                self.held.append(args)
-            else:
-                self._handle_safely(args)
-            if self.input_closed:
-                return
+            if self.fast_blocked:
+                self.fast_blocked = not self._plain()
+            if not self.fast_blocked and self.reader.idle and data[:1] == b"*":
+                # The C path takes the leading requests whose commands have a Spec (see
+                # rewrite.fast_spec), exactly as `handle` would; the rest go on below.
+                pending = self.pending
+                limit = SHARED_MAX_OWED - len(pending) if self.shared else sys.maxsize
+                if limit > 0:
+                    out, end, n, keys = _rewrite_plain(data, self.fast_specs, self.fast_mode, self.fast_prefix,
+                                                       limit, self.max_bulk)
+                    if n:
+                        self.out_upstream.append(out)
+                        if n == 1:
+                            pending.append(None)
+                        else:
+                            pending.extend(repeat(None, n))
+                        self.owed_sent += n
+                        depth += n
+                        self.stats.keys_rewritten += keys
+                        if end == len(data):
+                            self.stats.depth.observe(depth)
+                            return
+                        data = data[end:]
+            # A read that began inside a request: once the reader has finished that
+            # request, what follows may go back to the C path.
+            resume = _rewrite_plain is not None and not self.reader.idle
+            self.reader.feed(data)
+            data = b""
+            while True:
+                try:
+                    args = self.reader.get()
+                except Exception as e:
+                    if not isinstance(e, ProtocolError):  # a bug in the reader: this client alone pays
+                        log.exception("route %s: the request reader failed", self.route.name)
+                        e = f"unreadable request ({e.__class__.__name__})"
+                    args = Fault(f"ERR Protocol error: {e}")
+                if args is None or type(args) is Fault:
+                    if depth:
+                        self.stats.depth.observe(depth)
+                    if args is not None:
+                        self._input_fault(args.message)
+                    return
+                depth += 1
+                if self._waiting():
+                    self.held.append(args)
+                else:
+                    self._handle_safely(args)
+                if self.input_closed:
+                    return
+                if resume:
+                    resume = False
+                    if self._plain():
+                        data = self.reader.take_rest()
+                        if data:
+                            break  # to the C path with the rest of this read
 
     def _waiting(self) -> bool:
         """Must the next request wait? (for a connection, a link, a confirmation, an emulation)"""
