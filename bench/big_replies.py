@@ -375,6 +375,14 @@ class Target:
         return self.proc.pid if self.proc else None
 
 
+def proxy_code(d: str) -> str:
+    """The last commit that changed proxy/ (or setup.py) in checkout d: what actually runs."""
+    r = subprocess.run(["git", "-C", d, "log", "-1", "--format=%h %s", "--", "proxy", "setup.py"],
+                       capture_output=True, text=True)
+    line = r.stdout.strip()
+    return (line[:90] + "...") if len(line) > 90 else (line or "unknown")
+
+
 def proxy_label(d: str) -> str:
     sha = subprocess.run(["git", "-C", d, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     label = sha.stdout.strip() or os.path.basename(os.path.abspath(d))
@@ -626,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
                 t = Target(f"proxy {label} {mode}" if len(dirs) > 1 else f"proxy {mode}", 0, "", src=d, mode=mode)
                 start_proxy(t)
                 targets.append(t)
-            hot.append(f"- `{d}` ({label}): hot path {br.hot_path(targets[-1].proc)}")
+            hot.append(f"- `{d}` (HEAD {label}; proxy/ last changed in {proxy_code(d)}): "
+                       f"hot path {br.hot_path(targets[-1].proc)}")
 
         # The values, SET directly on Redis under the namespace the proxies add.
         for label, size in sizes:
@@ -686,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"every 10 ms on the same route; RSS sampled every 20 ms (medians over rounds, max in "
                       f"brackets):", ""]
                 L += [x.replace("{after}", f"{after:g}") for x in slow_table(targets, clients, load)] + [""]
-        L += ["Machine and versions:", ""] + br.machine_info() + \
+        mach = [x.split("; load average at start")[0] for x in br.machine_info()]  # ours: in the run line
+        L += ["Machine and versions:", ""] + mach + \
              [f"- Python {platform.python_version()}; redis-server: {redis.version}"] + hot
         text = "\n".join(L) + "\n"
         print(text)
