@@ -149,6 +149,9 @@ class Limits:
     # client is disconnected; the other clients of its shared link are not delayed.
     output_limit: int = 64 * 1024 * 1024          # normal clients
     pubsub_output_limit: int = 32 * 1024 * 1024   # subscribed clients (Redis: 32mb)
+    # All such clients together: past this, the one holding the most is disconnected,
+    # so twenty non-readers cannot add up to twenty limits (a sidecar has 256Mi).
+    output_total_limit: int = 256 * 1024 * 1024
 
 
 @dataclass

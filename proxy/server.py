@@ -197,17 +197,31 @@ class ClientConnection(asyncio.Protocol):
     def _check_output_limit(self) -> None:
         """A client that does not read its replies: past its output limit it is
         disconnected (as Redis's client-output-buffer-limit does), so what the proxy
-        holds for it stays bounded and its shared link never waits for it."""
+        holds for it stays bounded and its shared link never waits for it. All such
+        clients together are held to `output_total_limit`: past it, the one holding
+        the most goes first."""
         limit = self.session.output_limit
         held = self.transport.get_write_buffer_size()
         if limit and held > limit and not self.closed:
             setting = "pubsub_output_limit" if self.session._subscribed() else "output_limit"
-            log.warning("route %s: client %s does not read its replies: %d bytes held, over the output "
-                        "limit of %d ([limits] %s); disconnecting it", self.route.name, _peer(self.peer), held,
-                        limit, setting, extra={"event": "output_limit", "route": self.route.name})
-            self.stats.errors["output_limit"] += 1
-            self.transport.abort()  # what it holds is dropped now, not written out first
-            self.close("output_limit")
+            return self.drop_for_output(held, limit, setting)
+        total_limit = self.proxy.config.limits.output_total_limit
+        if total_limit and len(self.proxy.paused) > 1:
+            sizes = [(c.transport.get_write_buffer_size(), c) for c in self.proxy.paused if not c.closed]
+            total = sum(n for n, _ in sizes)
+            while total > total_limit and sizes:
+                n, worst = max(sizes, key=lambda x: x[0])
+                sizes.remove((n, worst))
+                total -= n
+                worst.drop_for_output(n, total_limit, "output_total_limit, all clients together")
+
+    def drop_for_output(self, held: int, limit: int, setting: str) -> None:
+        log.warning("route %s: client %s does not read its replies: %d bytes held, over the output "
+                    "limit of %d ([limits] %s); disconnecting it", self.route.name, _peer(self.peer), held,
+                    limit, setting, extra={"event": "output_limit", "route": self.route.name})
+        self.stats.errors["output_limit"] += 1
+        self.transport.abort()  # what it holds is dropped now, not written out first
+        self.close("output_limit")
 
     def _maybe_close(self) -> None:
         s = self.session
@@ -238,6 +252,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.proxy.clients.discard(self)
+        self.proxy.paused.discard(self)
         if self.link is not None:
             self.link.clients.discard(self)
         self.stats.clients -= 1
@@ -252,10 +267,12 @@ class ClientConnection(asyncio.Protocol):
     # shared connection (which other clients need) we stop reading its requests instead.
     def pause_writing(self) -> None:
         self.client_paused = True
+        self.proxy.paused.add(self)
         self.apply_backpressure()
 
     def resume_writing(self) -> None:
         self.client_paused = False
+        self.proxy.paused.discard(self)
         self.apply_backpressure()
 
     def apply_backpressure(self) -> None:
@@ -589,6 +606,7 @@ class Proxy:
         self.table = self.rules.table
         self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
+        self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
         self.links: dict[tuple, SharedLink] = {}
         # Latency histograms cost a clock read or two per batch; without an admin port
         # nobody can read them, so they are not kept. Counters are kept either way.
@@ -808,7 +826,22 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
     log.info("stopped")
 
 
+def fixed_mmap_threshold(size: int = 128 * 1024) -> bool:
+    """Large buffers (a client's unread replies, a big value) come from mmap and go back
+    to the system when freed. glibc raises its mmap threshold after such frees, so
+    later large buffers come from the heap and stay with the process after a burst
+    (1.15 GB held two seconds after twenty slow readers left, bench/big_replies.py);
+    a fixed threshold turns that off. False where there is no glibc mallopt."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run(config: Config, load_config=None, worker: bool = False) -> None:
+    fixed_mmap_threshold()
     try:
         import uvloop
         uvloop.run(serve(config, load_config=load_config, worker=worker))
