@@ -28,7 +28,6 @@ below plus tests/data/fuzz_speedups_corpus.txt): the bounded check CI runs.
 from __future__ import annotations
 
 import base64
-import os
 import pathlib
 import sys
 from collections import deque

@@ -53,6 +53,17 @@ def server(request):
     return get_server(request.param)
 
 
+@pytest.fixture(scope="module")
+def reference_server(server):
+    """A second, separate server of the same kind: a private reference to compare with."""
+    try:
+        s = start_server(server.kind)
+    except ServerStartError as e:
+        pytest.fail(f"cannot start a second {server.kind}: {e}")
+    yield s
+    s.stop()
+
+
 class ProxyProcess:
     """A `python -m proxy ...` process listening on a free port."""
 

@@ -19,7 +19,6 @@ import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.embedded import ServerStartError, start_server
 from proxy.resp import frame_end, split
 
 # ---------------------------------------------------------------- raw RESP client
@@ -181,14 +180,8 @@ FOREIGN = [
 
 
 @pytest.fixture(scope="module")
-def server_b(server):
-    """A second, separate server of the same kind: the reference."""
-    try:
-        s = start_server(server.kind)
-    except ServerStartError as e:
-        pytest.fail(f"cannot start a second {server.kind}: {e}")
-    yield s
-    s.stop()
+def server_b(reference_server):
+    return reference_server
 
 
 def _put_foreign(r: redis.Redis) -> dict[bytes, bytes]:

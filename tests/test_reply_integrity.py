@@ -20,7 +20,7 @@ import redis
 
 import reply_integrity as ri
 from integration_helpers import proxy_toml
-from proxy.embedded import ServerStartError, free_port, start_server
+from proxy.embedded import free_port
 
 CLIENTS = 12
 STEPS = 200
@@ -35,14 +35,8 @@ def seeds() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(server):
-    """A second, separate server of the same kind: the private reference."""
-    try:
-        s = start_server(server.kind)
-    except ServerStartError as e:
-        pytest.fail(f"cannot start a reference {server.kind}: {e}")
-    yield s
-    s.stop()
+def reference(reference_server):
+    return reference_server
 
 
 class Clients:
