@@ -22,6 +22,10 @@ from proxy.stats import RouteStats
 
 log = logging.getLogger("keyspace-proxy")
 
+# A client read at least this big yields to the other connections before the next one
+# (see ClientConnection._take_turns).
+FAIR_READ = 64 * 1024
+
 
 def _nodelay(transport) -> None:
     sock = transport.get_extra_info("socket")
@@ -157,6 +161,20 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
         if not s.pending:
             self.t_request = 0.0  # answered locally (or nothing owed): not a round trip
+        if len(data) >= FAIR_READ and self.reading_client and not self.closed:
+            self._take_turns()
+
+    def _take_turns(self) -> None:
+        """A full read: more is probably waiting, and libuv would go on reading this
+        socket (up to 32 reads) before any other connection gets a turn. Pause until the
+        next loop iteration so one client's megabytes cost others one read, not all of them."""
+        self.transport.pause_reading()
+        self.reading_client = False
+        asyncio.get_running_loop().call_soon(self._turn_over)
+
+    def _turn_over(self) -> None:
+        if not self.closed and not self.reading_client:
+            self.apply_backpressure()  # resumes reading, unless backpressure holds it
 
     def flush(self) -> None:
         """Send what the session has for either side (runs after every event)."""
@@ -277,7 +295,7 @@ class ClientConnection(asyncio.Protocol):
 
     def apply_backpressure(self) -> None:
         shared = self.session.shared
-        read_client = not (self.client_paused and shared) and not self.link_paused
+        read_client = not (self.client_paused and shared) and not self.link_paused and not self.closed
         if read_client != self.reading_client and not self.closed:
             self.reading_client = read_client
             (self.transport.resume_reading if read_client else self.transport.pause_reading)()

@@ -632,26 +632,32 @@ def test_client_reply_off_inside_multi(server, fresh_db, start_proxy):
     Directly (redis 7.0.15 and valkey 8.1.8) the bytes are
     `+OK\\r\\n+QUEUED\\r\\n+QUEUED\\r\\n*2\\r\\n+OK\\r\\n+PONG\\r\\n`: EXEC's array header is
     written, then its elements are suppressed (replies went off inside EXEC), and the
-    `+OK` of CLIENT REPLY ON and the `+PONG` follow. The proxy passes the same bytes."""
+    `+OK` of CLIENT REPLY ON and the `+PONG` become its elements: after that no client
+    can pair replies with requests. The proxy refuses CLIENT REPLY inside MULTI (a
+    queue-time error, so EXEC answers EXECABORT, as Redis does for a command it rejects
+    while queueing; README "Protocol"), and every reply stays in its place."""
     k = uniq("k")
     seq = lambda key: [("MULTI",), ("CLIENT", "REPLY", "OFF"), ("SET", key, "v"), ("EXEC",),
                        ("CLIENT", "REPLY", "ON"), ("PING",)]
-    expected = server_bytes(server, b"".join(encode(*x) for x in seq(f"app:{k}")),
-                            prelude=encode("SELECT", fresh_db))
+    broken = server_bytes(server, b"".join(encode(*x) for x in seq(f"app:{k}")),
+                          prelude=encode("SELECT", fresh_db))
     d = direct(server, fresh_db)
-    assert d.get(f"app:{k}") == b"v"
+    assert broken == OK + b"+QUEUED\r\n+QUEUED\r\n*2\r\n" + OK + PONG, broken  # what the proxy must not pass
     d.delete(f"app:{k}")
-    assert expected == OK + b"+QUEUED\r\n+QUEUED\r\n*2\r\n" + OK + PONG, expected
 
     proxy = start_route(start_proxy, f"redis://{server.host}:{server.port}/{fresh_db}", "app")
     by = Bystander(proxy.port)
     c = Conn(proxy.port)
     assert c.call("PING") == PONG
     c.send(*seq(k))
-    got = c.read_bytes(len(expected))
-    assert got == expected
+    frames = c.frames(6)
+    assert frames[0] == OK
+    assert frames[1].startswith(b"-ERR CLIENT REPLY inside MULTI is refused by the proxy")
+    assert frames[2] == b"+QUEUED\r\n"
+    assert frames[3] == b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    assert frames[4:] == [OK, PONG]
     assert c.nothing_pending(0.2), c.buf[:200]
-    assert d.get(f"app:{k}") == b"v"
+    assert d.get(f"app:{k}") is None  # the transaction did not run
     assert c.call("PING") == PONG
     c.close()
     by.check()
@@ -938,17 +944,22 @@ def test_clients_that_never_read_are_bounded(own_server, start_proxy, upstream_m
     same route gets PING replies promptly, and -- in shared mode -- those clients end up
     disconnected.
 
-    Relies on the DEFAULT per-client output limit that the issue-11 fix adds (a client
-    whose unsent replies pass it is disconnected; no option is given here, so the
-    default must be well below 200 MB). In dedicated mode a non-reading client is held
-    back by backpressure on its own upstream connection instead, so being disconnected
-    is not required there. Runs on its own server: the server itself buffers up to 1 GB
-    for the proxy's connections."""
+    The proxy runs with `[limits] output_limit = 16 MiB` (a client whose unsent replies
+    pass it is disconnected). With the defaults (64 MiB each, 256 MiB for all together)
+    a client holding 64 replies of 1 MB (the owed cap of a shared link) stays just under
+    its own limit, and only the total budget cuts clients, until the others fit: the
+    memory stays bounded either way, but which clients go is then not fixed. In dedicated
+    mode a non-reading client is held back by backpressure on its own upstream
+    connection instead, so being disconnected is not required there. Runs on its own
+    server: the server itself buffers up to 1 GB for the proxy's connections."""
     s = own_server()
     d = redis.Redis(host=s.host, port=s.port, socket_timeout=30)
     value = random.Random(8).randbytes(1 << 20)
     d.set("app:big", value)
-    proxy = start_route(start_proxy, f"redis://{s.host}:{s.port}/0", "app")
+    port = free_port()
+    entry = {"name": "r11", "listen": f"127.0.0.1:{port}", "upstream": f"redis://{s.host}:{s.port}/0",
+             "namespace": "app"}
+    proxy = start_proxy(config_text=proxy_toml([entry]) + "\n[limits]\noutput_limit = 16777216\n", port=port)
     by = Bystander(proxy.port)
     mon = PingMonitor(proxy.port).start()
     base = _rss_mb(proxy.process.pid)
