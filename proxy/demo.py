@@ -122,8 +122,8 @@ def _route(listen: tuple[str, int], namespace: str, server_port: int):
                            f"redis://127.0.0.1:{server_port}/0", ":", 0)
     except ConfigError as e:
         # build_route names fields as a config file would (listener[0]...): say the flag
-        msg = re.sub(r"^listener\[0\]\.listen", "--listen", str(e))
-        msg = re.sub(r"^listener\[0\]", "--namespace", msg)
+        msg = re.sub(r"^listener\[0\]\.listen\b", "--listen", str(e))
+        msg = re.sub(r"^listener\[0\](\.namespace\b)?", "--namespace", msg)
         raise DemoError(msg, USAGE) from None
 
 
