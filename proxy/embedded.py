@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -76,6 +78,29 @@ class RunningServer:
         self.stop()
 
 
+def _die_with_parent():
+    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG),
+    so a server outlives no one, even a SIGKILLed parent; None where that does not exist.
+
+    The kernel sends the signal when the *thread* that forked the child ends, so only
+    callers that start servers from a thread that lives as long as they need the server
+    (the demo: its main thread) should ask for it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
 def _ping(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
@@ -86,8 +111,12 @@ def _ping(host: str, port: int) -> bool:
 
 
 def start_server(kind: str = "valkey", port: int | None = None, host: str = "127.0.0.1",
-                 extra: list[str] | None = None, timeout: float = 10.0) -> RunningServer:
-    """Start a server with no persistence on a free port; raise ServerStartError if it cannot."""
+                 extra: list[str] | None = None, timeout: float = 10.0, *,
+                 die_with_parent: bool = False) -> RunningServer:
+    """Start a server with no persistence on a free port; raise ServerStartError if it cannot.
+
+    `die_with_parent`: the server gets SIGTERM when the calling thread ends, however it
+    ends (Linux; see _die_with_parent)."""
     binary = server_binary(kind)
     if not binary:
         raise ServerStartError(f"no {kind}-server binary found")
@@ -99,18 +128,27 @@ def start_server(kind: str = "valkey", port: int | None = None, host: str = "127
             "--enable-debug-command", "local"]
     args += extra or []
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            log = open(log_path).read() if os.path.exists(log_path) else ""
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise ServerStartError(f"{kind}-server exited with {process.returncode}: {err}{log[-2000:]}")
-        if _ping(host, port):
-            version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
-            return RunningServer(kind, host, port, process, workdir, version, log_path)
-        time.sleep(0.02)
+                               start_new_session=True,
+                               preexec_fn=_die_with_parent() if die_with_parent else None)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                log = open(log_path).read() if os.path.exists(log_path) else ""
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise ServerStartError(f"{kind}-server exited with {process.returncode}: {err}{log[-2000:]}")
+            if _ping(host, port):
+                version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+                return RunningServer(kind, host, port, process, workdir, version, log_path)
+            time.sleep(0.02)
+    except BaseException:  # Ctrl-C (or a signal turned into an exception) while waiting
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     process.kill()
+    process.wait(5)
     shutil.rmtree(workdir, ignore_errors=True)
     raise ServerStartError(f"{kind}-server did not answer PING on {host}:{port} within {timeout}s")
