@@ -512,6 +512,7 @@ class Results:
     admin: bool = True
     sidekiq_shape: "sidekiq_load.Shape | None" = None
     sidekiq: dict[str, list[dict]] = field(default_factory=dict)                 # target -> per round
+    load_start: tuple[float, ...] | None = None                                  # os.getloadavg() at start
 
 
 def flushall(redis_port: int) -> None:
@@ -933,7 +934,7 @@ def pkg_version(name: str) -> str:
         return "not installed"
 
 
-def machine_info() -> list[str]:
+def machine_info(load_start: tuple[float, ...] | None = None) -> list[str]:
     model = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -954,7 +955,7 @@ def machine_info() -> list[str]:
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [f"- CPUs usable (nproc): {nproc}; CPU model: {model}",
             f"- Memory: {mem}; kernel {platform.release()}; load average at start: "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+            f"{' '.join(f'{x:.2f}' for x in (load_start or os.getloadavg()))}"]
 
 
 def versions(redis_version: str, proxy_desc: str) -> list[str]:
@@ -1053,8 +1054,10 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
               "",
               "Saturated part: jobs/s counts jobs pushed straight to a queue, first push to last fetch; CPU per job "
               "is CPU seconds over the whole part (scheduled and retried jobs, heartbeats, the scheduler's "
-              "polls included) divided by the jobs pushed; *Redis connections held* is `connected_clients` at the "
-              "end of the part, every connection of the load open. The load generator is one Python process "
+              "polls included) divided by the jobs pushed; *Redis commands/job* is from Redis's INFO "
+              "(`total_commands_processed`); *Redis connections held* is what the target (directly: the load "
+              "itself) holds to Redis at the end of the part, every connection of the load open, counted "
+              "from /proc (the other targets' idle connections to the same Redis left out). The load generator is one Python process "
               "(asyncio, hiredis): at this size it, not Redis or the proxy, sets the pace, so read CPU per job "
               "first. Medians over rounds.", ""]
         L += sidekiq_tables(res) + [""]
@@ -1118,7 +1121,7 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
           "- Ratios: for each round, keyspace-proxy's figure divided by the other target's in the same round; "
           "the table shows the median of these per-round ratios.",
           ""]
-    L += ["## Machine and versions", ""] + machine_info() + versions(redis_version, proxy_desc)
+    L += ["## Machine and versions", ""] + machine_info(res.load_start) + versions(redis_version, proxy_desc)
     if res.baseline:
         L.append(f"- {res.baseline}: {res.baseline_desc}")
     L.append("")
@@ -1189,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = sidekiq_load.Shape.quick() if args.quick else sidekiq_load.Shape(jobs=20000)
     res = Results(rounds, phases, targets=targets, baseline=baseline, admin=admin,
                   sidekiq_shape=None if args.skip_sidekiq else shape)
+    res.load_start = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="ksp-bench-")
     procs: list[Proc] = []
     redis = None

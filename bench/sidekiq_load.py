@@ -85,6 +85,8 @@ class Shape:
     poll_interval: float = 0.1
     beat_interval: float = 2.0
     timeout: float = 60.0          # per part: LoadError if the jobs are not all fetched by then
+    push_style: str = "mixed"      # mixed: even pushers pipeline (Sidekiq 7), odd ones MULTI (Sidekiq 6);
+                                   # or every pusher "pipeline" / "multi" (to see what each costs)
 
     @classmethod
     def quick(cls) -> "Shape":
@@ -92,7 +94,9 @@ class Shape:
                    beat_interval=0.5, timeout=20.0)
 
     def describe(self) -> str:
-        return (f"{self.pushers} pusher connections (half Sidekiq 7 pipelines, half Sidekiq 6 MULTI), "
+        style = {"mixed": "half Sidekiq 7 pipelines, half Sidekiq 6 MULTI", "pipeline": "Sidekiq 7 pipelines",
+                 "multi": "Sidekiq 6 MULTI"}[self.push_style]
+        return (f"{self.pushers} pusher connections ({style}), "
                 f"{self.processes} worker processes x {self.threads} threads blocked in BRPOP over "
                 f"{len(QUEUES)} queues, 1 scheduler (EVALSHA every {self.poll_interval:g} s), "
                 f"{self.processes} heartbeat connections (every {self.beat_interval:g} s); 1 job in "
@@ -210,7 +214,8 @@ class Load:
     async def pusher(self, n: int, conn: Conn, part: Part, rate: float | None) -> None:
         s = self.s
         t0 = time.perf_counter()
-        multi = n % 2 == 1           # odd pushers: Sidekiq 6 (MULTI); even: Sidekiq 7 (pipeline)
+        # odd pushers: Sidekiq 6 (MULTI); even: Sidekiq 7 (pipeline)
+        multi = {"mixed": n % 2 == 1, "pipeline": False, "multi": True}[s.push_style]
         for i in range(n, part.jobs, s.pushers):
             if rate:
                 wait = t0 + i / rate - time.perf_counter()
@@ -434,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--prefix", default="", help="namespace the load applies itself (direct to Redis)")
     ap.add_argument("--quick", action="store_true", help="tiny counts")
+    ap.add_argument("--push-style", choices=["mixed", "pipeline", "multi"], default=None,
+                    help="mixed (default): even pushers send Sidekiq 7 pipelines, odd ones Sidekiq 6 MULTI")
     for name in ("jobs", "pushers", "processes", "threads", "scheduled_every", "fail_every"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("paced_rate", "paced_seconds", "delay", "poll_interval", "beat_interval", "timeout"):
