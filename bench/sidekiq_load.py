@@ -85,13 +85,14 @@ class Shape:
     poll_interval: float = 0.1
     beat_interval: float = 2.0
     timeout: float = 60.0          # per part: LoadError if the jobs are not all fetched by then
+    settle: float = 0.3            # after connecting: first heartbeats written, workers blocked in BRPOP
     push_style: str = "mixed"      # mixed: even pushers pipeline (Sidekiq 7), odd ones MULTI (Sidekiq 6);
                                    # or every pusher "pipeline" / "multi" (to see what each costs)
 
     @classmethod
     def quick(cls) -> "Shape":
-        return cls(jobs=300, paced_rate=500.0, paced_seconds=0.4, pushers=4, processes=2, threads=3,
-                   beat_interval=0.5, timeout=20.0)
+        return cls(jobs=300, paced_rate=500.0, paced_seconds=0.2, pushers=4, processes=2, threads=3,
+                   beat_interval=0.5, timeout=20.0, settle=0.1)
 
     def describe(self) -> str:
         style = {"mixed": "half Sidekiq 7 pipelines, half Sidekiq 6 MULTI", "pipeline": "Sidekiq 7 pipelines",
@@ -395,7 +396,7 @@ async def run(host: str, port: int, prefix: str, shape: Shape,
         for p, c in enumerate(beats):
             ld.spawn(ld.heartbeat(p, c))
         ld.spawn(ld.scheduler(sched))
-        await asyncio.sleep(0.3)        # first heartbeats written, every worker blocked in BRPOP
+        await asyncio.sleep(shape.settle)   # first heartbeats written, every worker blocked in BRPOP
         ld.check()
         out = {"connections": len(ld.conns)}
         sat = Part("saturated", shape.jobs, expected_executions(shape.jobs, shape.fail_every))
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="mixed (default): even pushers send Sidekiq 7 pipelines, odd ones Sidekiq 6 MULTI")
     for name in ("jobs", "pushers", "processes", "threads", "scheduled_every", "fail_every"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("paced_rate", "paced_seconds", "delay", "poll_interval", "beat_interval", "timeout"):
+    for name in ("paced_rate", "paced_seconds", "delay", "poll_interval", "beat_interval", "timeout", "settle"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     a = ap.parse_args(argv)
     shape = Shape.quick() if a.quick else d
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(shape, k, v)
     try:
         out = asyncio.run(run(a.host, a.port, a.prefix, shape))
-    except LoadError as e:
+    except (LoadError, OSError) as e:
         print(f"sidekiq_load: {e}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=1, default=str))
