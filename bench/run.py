@@ -7,6 +7,9 @@
     python bench/run.py --skip-scaling       # only the P=1 / P=16 / latency phases (faster iteration)
     python bench/run.py --proxy-args "--workers 2"   # extra arguments for `python -m proxy`
     python bench/run.py --proxy-rev HEAD     # benchmark proxy/ as committed (default: the working tree)
+    python bench/run.py --baseline-rev 823b3b3   # also proxy/ as of 823b3b3, side by side: same-run ratios
+    python bench/run.py --no-admin-port      # keyspace-proxy without --metrics-listen (default: on, as the image)
+    python bench/run.py --no-dedicated --skip-sidekiq   # only the shared-mode redis-benchmark figures
 
 Needs `redis-server`, `redis-benchmark` (Debian: redis-server, redis-tools) and
 `nutcracker` (Debian: nutcracker) on PATH; it installs nothing and says what is
@@ -17,6 +20,19 @@ interleaved rounds (direct, twemproxy, keyspace-proxy, direct, twemproxy, ...)
 and reads each process's CPU time from /proc/<pid>/stat around every run.
 The proxy's code is copied (working tree, or `git archive` of --proxy-rev) into
 a temp dir at the start, so edits made to proxy/ during a run do not mix in.
+
+keyspace-proxy runs with its admin port on (`--metrics-listen` on a free local
+port; the Docker image sets PROXY_METRICS_LISTEN=0.0.0.0:9121), unless
+--no-admin-port. Besides it, in the same interleaved rounds: "keyspace-proxy
+dedicated" (the same snapshot with `--upstream-mode dedicated`; --no-dedicated
+drops it) and, with --baseline-rev REV, "keyspace-proxy@REV" (proxy/ as of REV,
+its own snapshot, its C hot path compiled from its own source), so that "did
+not regress" is a same-run ratio. After the redis-benchmark phases each round
+runs a Sidekiq-shaped load (bench/sidekiq_load.py: pipelines and MULTI of
+SADD + LPUSH, BRPOP over three queues, EVALSHA of the scheduler's script,
+heartbeats in MULTI) against direct Redis (the load adds the namespace itself)
+and every keyspace-proxy target (--skip-sidekiq drops it). twemproxy is not in
+it: it refuses MULTI and blocking commands.
 
 Exit status: 0 when the benchmark ran (whatever the figures: targets are
 reported, never enforced), 1 when something is broken (a process does not
@@ -50,11 +66,15 @@ if ROOT not in sys.path:
 
 from proxy.embedded import ServerStartError, free_port, start_server  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sidekiq_load  # noqa: E402  (bench/sidekiq_load.py)
+
 ALL_TESTS = ["set", "get", "incr", "lpush", "rpop", "sadd", "hset", "zadd", "mset"]
 NAMESPACE = "bench"
 HOST = "127.0.0.1"
 TARGETS = ["direct", "twemproxy", "keyspace-proxy"]
 PROXIES = ["twemproxy", "keyspace-proxy"]
+DEDICATED = "keyspace-proxy dedicated"   # the same proxy/ snapshot with --upstream-mode dedicated
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NOTES_RE = re.compile(r"^<!-- notes: (?P<name>[^>\n]+?) -->[ \t]*$.*?^<!-- /notes: (?P=name) -->[ \t]*$",
                       re.S | re.M)
@@ -165,6 +185,36 @@ def rss_kb(pid: int) -> int:
     return total
 
 
+def tcp_conns(pid: int, remote_port: int, descendants: bool = True) -> int:
+    """Established TCP connections from pid (and its descendants) to 127.0.0.1:remote_port, from
+    /proc/<pid>/fd and /proc/net/tcp: what one process holds to Redis, whoever else is connected."""
+    inodes = set()
+    for p in (proc_tree(pid) if descendants else [pid]):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[9] in inodes:
+                n += 1
+    return n
+
+
 # --------------------------------------------------------------------------- tiny RESP client
 
 def resp_cmd(port: int, *args: str, timeout: float = 5.0):
@@ -267,15 +317,15 @@ def start_twemproxy(redis_port: int, tmp: str) -> tuple[Proc, str]:
     return proc, text
 
 
-def snapshot_proxy(tmp: str, rev: str | None) -> tuple[str, str]:
-    """Copy the proxy package (working tree, or `rev` from git) to tmp/src; return (src dir, description)."""
-    src = os.path.join(tmp, "src")
+def snapshot_proxy(tmp: str, rev: str | None, subdir: str = "src", flag: str = "--proxy-rev") -> tuple[str, str]:
+    """Copy the proxy package (working tree, or `rev` from git) to tmp/<subdir>; return (src dir, description)."""
+    src = os.path.join(tmp, subdir)
     os.makedirs(src)
     if rev:
         sha = subprocess.run(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=ROOT,
                              capture_output=True, text=True)
         if sha.returncode != 0:
-            raise BenchError(f"--proxy-rev {rev}: not a commit: {sha.stderr.strip()}")
+            raise BenchError(f"{flag} {rev}: not a commit: {sha.stderr.strip()}")
         has_setup = subprocess.run(["git", "cat-file", "-e", f"{sha.stdout.strip()}:setup.py"], cwd=ROOT,
                                    capture_output=True).returncode == 0
         archive = subprocess.run(["git", "archive", sha.stdout.strip(), "proxy"] + (["setup.py"] if has_setup else []),
@@ -284,7 +334,7 @@ def snapshot_proxy(tmp: str, rev: str | None) -> tuple[str, str]:
             raise BenchError(f"git archive {rev} proxy failed: {archive.stderr.decode(errors='replace')}")
         subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
         build_speedups(src)
-        return src, f"{sha.stdout.strip()} (`--proxy-rev {rev}`: proxy/ as committed)"
+        return src, f"{sha.stdout.strip()} (`{flag} {rev}`: proxy/ as committed)"
     shutil.copytree(os.path.join(ROOT, "proxy"), os.path.join(src, "proxy"),
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     shutil.copy(os.path.join(ROOT, "setup.py"), src)
@@ -312,17 +362,23 @@ def hot_path(proc: "Proc") -> str:
     return m.group(1).strip() if m else "pure Python (a revision before the C hot path)"
 
 
-def start_keyspace_proxy(redis_port: int, tmp: str, extra: list[str], src: str) -> tuple[Proc, list[str]]:
+def start_keyspace_proxy(redis_port: int, tmp: str, extra: list[str], src: str, name: str = "keyspace-proxy",
+                         admin: bool = True) -> tuple[Proc, list[str]]:
+    """`python -m proxy` from the snapshot `src`; with `admin`, the admin port on as the Docker image runs
+    it (PROXY_METRICS_LISTEN=0.0.0.0:9121 there: latency histograms kept), here on a free local port."""
     port = free_port()
     argv = [sys.executable, "-m", "proxy", "--listen", f"{HOST}:{port}",
-            "--upstream", f"redis://{HOST}:{redis_port}/0", "--namespace", NAMESPACE] + extra
+            "--upstream", f"redis://{HOST}:{redis_port}/0", "--namespace", NAMESPACE]
+    if admin:
+        argv += ["--metrics-listen", f"{HOST}:{free_port()}"]
+    argv += extra
     log = os.path.join(tmp, f"keyspace-proxy-{port}.log")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("REDIS_URL", None)
     with open(log, "w") as lf:
         p = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=src,
                              start_new_session=True)
-    proc = Proc("keyspace-proxy", port, p, log)
+    proc = Proc(name, port, p, log)
     wait_ping(proc)
     return proc, argv
 
@@ -450,6 +506,13 @@ class Results:
     runs: dict[tuple[str, str], list[RunResult]] = field(default_factory=dict)   # (phase, target) -> per round
     refused: dict[str, dict[str, str]] = field(default_factory=dict)            # target -> test -> error
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))           # in interleaving order
+    baseline: str | None = None                                                  # "keyspace-proxy@REV"
+    baseline_desc: str = ""
+    admin: bool = True
+    sidekiq_shape: "sidekiq_load.Shape | None" = None
+    sidekiq: dict[str, list[dict]] = field(default_factory=dict)                 # target -> per round
+    load_start: tuple[float, ...] | None = None                                  # os.getloadavg() at start
 
 
 def flushall(redis_port: int) -> None:
@@ -471,6 +534,44 @@ def run_one(bench: Bench, phase: Phase, target: str, port: int, redis_pid: int, 
     r_cpu = cpu_seconds(redis_pid) - r_cpu0
     p_cpu = (cpu_seconds(proxy.pid) - p_cpu0) if proxy else None
     return RunResult(rows, phase.n * len(tests), p_cpu, r_cpu, wall)
+
+
+def run_sidekiq(target: str, port: int, prefix: str, redis_port: int, redis_pid: int, proxy: Proc | None,
+                shape: "sidekiq_load.Shape") -> dict:
+    """One run of bench/sidekiq_load.py against a target, in this process (its CPU is the load
+    generator's). Per part: jobs/s, latency, CPU per job pushed of the proxy, Redis and the load
+    generator, Redis commands per job (INFO stats) and the connections to Redis the target holds at the
+    end of the part, while every connection of the load is open (the proxy's, or directly the load's own,
+    from /proc: the other targets' idle connections to the same Redis are not counted)."""
+    import asyncio
+
+    def probe() -> dict:
+        # directly: this process's own sockets only (its children are the proxies and twemproxy)
+        held = tcp_conns(proxy.pid, redis_port) if proxy else tcp_conns(os.getpid(), redis_port, False)
+        info = resp_cmd(redis_port, "INFO", "stats").decode()
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        return {"proxy": cpu_seconds(proxy.pid) if proxy else None, "redis": cpu_seconds(redis_pid),
+                "gen": time.process_time(), "clients": held, "cmds": int(fields["total_commands_processed"])}
+
+    try:
+        out = asyncio.run(sidekiq_load.run(HOST, port, prefix, shape, probe))
+    except (sidekiq_load.LoadError, OSError) as e:
+        dead = f"\n{proxy.name} is no longer running:\n{proxy.log_tail()}" if proxy and not proxy.alive() else ""
+        raise BenchError(f"sidekiq load against {target}: {e}{dead}") from None
+    res = {"connections": out["connections"]}
+    for part in ("saturated", "paced"):
+        o = out[part]
+        b, a, n = o["before"], o["after"], o["jobs"]
+        res[part] = {
+            "jobs": n, "executions": o["executions"], "jobs_per_s": o["jobs_per_s"],
+            "p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"], "avg_ms": o["avg_ms"],
+            "proxy_us": (a["proxy"] - b["proxy"]) / n * 1e6 if proxy else None,
+            "redis_us": (a["redis"] - b["redis"]) / n * 1e6,
+            "gen_us": (a["gen"] - b["gen"]) / n * 1e6,
+            "cmds_per_job": (a["cmds"] - b["cmds"] - 1) / n,   # minus the probe's own INFO
+            "clients": a["clients"],
+        }
+    return res
 
 
 def idle_memory(target: str, port: int, proc_pid: int | None, redis_port: int, redis_pid: int,
@@ -625,13 +726,122 @@ def memory_table(res: Results, count: int) -> list[str]:
     lines = [f"| target | proxy RSS KB per idle connection | redis-server RSS KB per connection | "
              f"redis-server connections for {count:,} clients | proxy RSS before (KB) |",
              "|---|---:|---:|---:|---:|"]
-    for x in TARGETS:
+    for x in res.targets:
         m = res.memory.get(x)
         if not m:
             continue
         pk = "-" if x == "direct" else f"{m['proxy_kb']:.1f}"
         before = "-" if x == "direct" else f"{m['proxy_rss_before_kb']:,}"
         lines.append(f"| {x} | {pk} | {m['redis_kb']:.1f} | {m['upstream_conns']:,} | {before} |")
+    return lines
+
+
+def test_ratios(res: Results, phase: str, a: str, b: str) -> dict[str, float]:
+    """{test: median over rounds of a's req/s / b's in the same round}."""
+    ph = next((p for p in res.phases if p.key == phase), None)
+    out = {}
+    for t in (ph.tests if ph else []):
+        m = med(paired(rps(res, phase, a, t), rps(res, phase, b, t), lambda x, y: x / y))
+        if m is not None:
+            out[t] = m
+    return out
+
+
+def fmt_over_tests(r: dict[str, float]) -> str:
+    if not r:
+        return "n/a"
+    lo = min(r, key=r.get)
+    return f"**{statistics.median(r.values()):.2f}** (lowest {r[lo]:.2f} {lo}, highest {max(r.values()):.2f})"
+
+
+def total_cpu(res: Results, phase: str, target: str) -> list[float | None]:
+    return [p + r if p is not None and r is not None else None
+            for p, r in zip(cpu_per_req(res, phase, target, "proxy"), cpu_per_req(res, phase, target, "redis"))]
+
+
+def pair_table(res: Results, a: str, b: str) -> list[str]:
+    """Per redis-benchmark phase: a against b (both keyspace-proxy targets), CPU and throughput."""
+    lines = [f"| phase | proxy µs/req: {a} | {b} | proxy {a} / {b} | redis-server µs/req via {a} | via {b} "
+             f"| proxy+redis {a} / {b} | req/s {a} / {b}: median of tests |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for ph in res.phases:
+        pa, pb = cpu_per_req(res, ph.key, a, "proxy"), cpu_per_req(res, ph.key, b, "proxy")
+        ra, rb = cpu_per_req(res, ph.key, a, "redis"), cpu_per_req(res, ph.key, b, "redis")
+        lines.append(f"| {ph.title} | {fmt_us(med(pa))} | {fmt_us(med(pb))} | {fmt_ratio(paired(pa, pb, lambda x, y: x / y))} "
+                     f"| {fmt_us(med(ra))} | {fmt_us(med(rb))} "
+                     f"| {fmt_ratio(paired(total_cpu(res, ph.key, a), total_cpu(res, ph.key, b), lambda x, y: x / y))} "
+                     f"| {fmt_over_tests(test_ratios(res, ph.key, a, b))} |")
+    return lines
+
+
+def pair_tests_table(res: Results, ph: Phase, a: str, b: str) -> list[str]:
+    lines = [f"| test | {a} req/s | {b} req/s | {a} / {b} |", "|---|---:|---:|---:|"]
+    for t in ph.tests:
+        x, y = rps(res, ph.key, a, t), rps(res, ph.key, b, t)
+        lines.append(f"| {t} | {fmt_num(med(x))} | {fmt_num(med(y))} | {fmt_ratio(paired(x, y, lambda p, q: p / q))} |")
+    return lines
+
+
+def sk_series(res: Results, target: str, part: str, key: str) -> list[float | None]:
+    return [r[part][key] for r in res.sidekiq.get(target, [])]
+
+
+def sidekiq_tables(res: Results) -> list[str]:
+    lines = ["| target | jobs/s | jobs/s vs direct | proxy CPU µs/job | Redis CPU µs/job | proxy+Redis µs/job "
+             "| Redis commands/job | Redis connections held | load generator CPU µs/job |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    d_rate = sk_series(res, "direct", "saturated", "jobs_per_s")
+    for t in res.sidekiq:
+        rate = sk_series(res, t, "saturated", "jobs_per_s")
+        p = sk_series(res, t, "saturated", "proxy_us")
+        r = sk_series(res, t, "saturated", "redis_us")
+        tot = [x + y if x is not None else y for x, y in zip(p, r)]
+        lines.append(f"| {t} | {fmt_num(med(rate))} | {'-' if t == 'direct' else fmt_ratio(paired(rate, d_rate, lambda a, b: a / b))} "
+                     f"| {fmt_num(med(p), 1)} | {fmt_num(med(r), 1)} | {fmt_num(med(tot), 1)} "
+                     f"| {fmt_num(med(sk_series(res, t, 'saturated', 'cmds_per_job')), 2)} "
+                     f"| {fmt_num(med(sk_series(res, t, 'saturated', 'clients')))} "
+                     f"| {fmt_num(med(sk_series(res, t, 'saturated', 'gen_us')), 1)} |")
+    shape = res.sidekiq_shape
+    rate = f"{shape.paced_rate:,.0f} jobs/s" if shape else "paced"
+    lines += ["", f"Paced part ({rate}): latency per job, enqueue to dequeue (jobs pushed to a queue directly; "
+              "p50/p99 over all jobs of a round, medians over rounds; *added* = target minus direct in the same "
+              "round, median over rounds), and CPU per job at that rate.", "",
+              "| target | p50 / p99 / avg ms | added p50 ms | added p99 ms | proxy CPU µs/job | Redis CPU µs/job "
+              "| Redis connections held |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in res.sidekiq:
+        vals = " / ".join(fmt_num(med(sk_series(res, t, "paced", k)), 3) for k in ("p50_ms", "p99_ms", "avg_ms"))
+        added = []
+        for k in ("p50_ms", "p99_ms"):
+            added.append("-" if t == "direct" else fmt_num(med(paired(sk_series(res, t, "paced", k),
+                                                                      sk_series(res, "direct", "paced", k),
+                                                                      lambda a, b: a - b)), 3))
+        lines.append(f"| {t} | {vals} | {added[0]} | {added[1]} "
+                     f"| {fmt_num(med(sk_series(res, t, 'paced', 'proxy_us')), 1)} "
+                     f"| {fmt_num(med(sk_series(res, t, 'paced', 'redis_us')), 1)} "
+                     f"| {fmt_num(med(sk_series(res, t, 'paced', 'clients')))} |")
+    return lines
+
+
+def baseline_summary(res: Results) -> list[str]:
+    """The issue-11 check: the proxy against the baseline at P=1 and P=16 (and the Sidekiq load)."""
+    a, b = "keyspace-proxy", res.baseline
+    lines = [f"| figure | {a} / {b} (median of per-round ratios; min-max) |", "|---|---|"]
+    for key in ("p1", "p16"):
+        ph = next((p for p in res.phases if p.key == key), None)
+        if not ph:
+            continue
+        lines.append(f"| {ph.title}: req/s, median over the {len(ph.tests)} tests | "
+                     f"{fmt_over_tests(test_ratios(res, key, a, b))} |")
+        lines.append(f"| {ph.title}: proxy CPU per request | "
+                     f"{fmt_ratio(paired(cpu_per_req(res, key, a, 'proxy'), cpu_per_req(res, key, b, 'proxy'), lambda x, y: x / y))} |")
+        lines.append(f"| {ph.title}: redis-server CPU per request | "
+                     f"{fmt_ratio(paired(cpu_per_req(res, key, a, 'redis'), cpu_per_req(res, key, b, 'redis'), lambda x, y: x / y))} |")
+    if a in res.sidekiq and b in res.sidekiq:
+        lines.append(f"| Sidekiq-shaped, saturated: jobs/s | "
+                     f"{fmt_ratio(paired(sk_series(res, a, 'saturated', 'jobs_per_s'), sk_series(res, b, 'saturated', 'jobs_per_s'), lambda x, y: x / y))} |")
+        lines.append(f"| Sidekiq-shaped, saturated: proxy CPU per job | "
+                     f"{fmt_ratio(paired(sk_series(res, a, 'saturated', 'proxy_us'), sk_series(res, b, 'saturated', 'proxy_us'), lambda x, y: x / y))} |")
     return lines
 
 
@@ -724,7 +934,7 @@ def pkg_version(name: str) -> str:
         return "not installed"
 
 
-def machine_info() -> list[str]:
+def machine_info(load_start: tuple[float, ...] | None = None) -> list[str]:
     model = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -745,7 +955,7 @@ def machine_info() -> list[str]:
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [f"- CPUs usable (nproc): {nproc}; CPU model: {model}",
             f"- Memory: {mem}; kernel {platform.release()}; load average at start: "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+            f"{' '.join(f'{x:.2f}' for x in (load_start or os.getloadavg()))}"]
 
 
 def versions(redis_version: str, proxy_desc: str) -> list[str]:
@@ -786,13 +996,19 @@ def existing_notes(path: str) -> list[str]:
 
 def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str, ksp_argv: list[str],
            started: str, elapsed: float, mem_count: int, fd_limit: int, notes: list[str],
-           proxy_desc: str) -> str:
+           proxy_desc: str, ksp_argvs: dict[str, list[str]] | None = None) -> str:
     L = [HEADER]
     if args.quick:
         L += ["**QUICK SMOKE RUN (`--quick`): 1 round, tiny request counts. These figures mean nothing; "
               "run `python bench/run.py` for real ones.**", ""]
     L += [f"Run {started} with `{cmdline}`: {res.rounds} interleaved round(s) "
-          f"(direct, twemproxy, keyspace-proxy, repeated), {elapsed:.0f} s in total.", ""]
+          f"({', '.join(res.targets)}, repeated), {elapsed:.0f} s in total; load average at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (redis-benchmark, the load generator, the proxies "
+          f"and redis-server share the machine's CPUs, see \"Machine and versions\").", "",
+          f"keyspace-proxy targets run with the admin port {'ON (`--metrics-listen`, as the Docker image runs: latency histograms kept)' if res.admin else 'OFF (`--no-admin-port`)'}; "
+          f"`{DEDICATED}` is the same code with `--upstream-mode dedicated`"
+          + (f"; `{res.baseline}` is proxy/ as of that commit, in its own snapshot with its C hot path compiled "
+             f"from its own source." if res.baseline else "."), ""]
     L += ["## CPU per request (read this first)", "",
           "CPU seconds (utime+stime from `/proc/<pid>/stat`, all of a process's descendants included) "
           "spent by each process during a phase, divided by the requests redis-benchmark sent in it "
@@ -800,6 +1016,51 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
           "the median of per-round ratios (min-max in brackets). On a shared machine this is steadier "
           "than throughput: it does not depend on who else got the CPU.", ""]
     L += cpu_table(res) + [""]
+    if res.baseline and any((ph.key, res.baseline) in res.runs for ph in res.phases):
+        L += [f"## keyspace-proxy against {res.baseline} (same rounds)", "",
+              f"`keyspace-proxy` (the code under test) and `{res.baseline}` run one after the other in every "
+              f"phase of every round, so each ratio is a same-run ratio: per round, the first's figure divided by "
+              f"the second's, median over rounds (min-max in brackets). Throughput: per test the median of "
+              f"per-round ratios, then the median over tests. Below 1.00 is less CPU (better) in the CPU columns, "
+              f"fewer requests per second (worse) in the last.", ""]
+        L += baseline_summary(res) + [""]
+        L += pair_table(res, "keyspace-proxy", res.baseline) + [""]
+        for ph in res.phases:
+            if ph.key in ("p1", "p16"):
+                L += [f"### {ph.title}: `redis-benchmark -t {','.join(ph.tests)} {ph.flags()}`", ""]
+                L += pair_tests_table(res, ph, "keyspace-proxy", res.baseline) + [""]
+    if any((ph.key, DEDICATED) in res.runs for ph in res.phases):
+        L += ["## Dedicated upstream connections (`--upstream-mode dedicated`) against shared (the default)", "",
+              "Same rounds, same method as above: every redis-benchmark client gets its own upstream connection, "
+              "so Redis reads and writes once per request instead of once per batch of all clients' requests.", ""]
+        L += pair_table(res, DEDICATED, "keyspace-proxy") + [""]
+        L += ["Throughput of each target against direct, median over tests (per test the median of per-round "
+              "ratios):", "",
+              "| phase | " + " | ".join(f"{x} / direct" for x in res.targets if x != "direct") + " |",
+              "|---|" + "---|" * (len(res.targets) - 1)]
+        for ph in res.phases:
+            L.append(f"| {ph.title} | " + " | ".join(fmt_over_tests(test_ratios(res, ph.key, x, "direct"))
+                                                     for x in res.targets if x != "direct") + " |")
+        L.append("")
+    if res.sidekiq:
+        sh = res.sidekiq_shape
+        L += ["## Sidekiq-shaped load (`bench/sidekiq_load.py`)", "",
+              f"What Sidekiq 6.4 / 7.3 send (the docstring of `bench/sidekiq_load.py` lists each command): "
+              f"{sh.describe()}. {next(iter(res.sidekiq.values()))[0]['connections']} client connections in all. "
+              f"Through keyspace-proxy the load sends unprefixed keys and the proxy adds `{NAMESPACE}:`; "
+              f"directly, the load adds `{NAMESPACE}:` itself, so Redis does the same work. twemproxy is left out "
+              f"(it refuses MULTI and blocking commands). Every job is fetched exactly once per attempt (checked "
+              f"per job id) and nothing is left in any queue, `schedule` or `retry` afterwards, or the run fails.",
+              "",
+              "Saturated part: jobs/s counts jobs pushed straight to a queue, first push to last fetch; CPU per job "
+              "is CPU seconds over the whole part (scheduled and retried jobs, heartbeats, the scheduler's "
+              "polls included) divided by the jobs pushed; *Redis commands/job* is from Redis's INFO "
+              "(`total_commands_processed`); *Redis connections held* is what the target (directly: the load "
+              "itself) holds to Redis at the end of the part, every connection of the load open, counted "
+              "from /proc (the other targets' idle connections to the same Redis left out). The load generator is one Python process "
+              "(asyncio, hiredis): at this size it, not Redis or the proxy, sets the pace, so read CPU per job "
+              "first. Medians over rounds.", ""]
+        L += sidekiq_tables(res) + [""]
     for ph in res.phases:
         if ph.scaling:
             continue
@@ -842,20 +1103,28 @@ def render(res: Results, args, cmdline: str, redis_version: str, twem_conf: str,
                  "every test before the rounds; redis-benchmark stops at the first error reply).")
     L.append("")
     L += targets_section(res) + [""]
+    other_argvs = [f"  - {name}: `{shlex.join(['python' if a == sys.executable else a for a in av])}`"
+                   for name, av in (ksp_argvs or {}).items() if name != "keyspace-proxy"]
     L += ["## Method", "",
           f"- Command: `{cmdline}`",
           "- redis-server started by `proxy.embedded.start_server(\"redis\")` (no persistence) on 127.0.0.1; "
           "FLUSHALL before each redis-benchmark run.",
           f"- keyspace-proxy: `{shlex.join(['python' if a == sys.executable else a for a in ksp_argv])}` "
-          f"(add mode: every key gets the prefix `{NAMESPACE}:`).",
+          f"(add mode: every key gets the prefix `{NAMESPACE}:`)" + ("; the other keyspace-proxy targets:"
+                                                                    if other_argvs else "."), *other_argvs,
           "- twemproxy (nutcracker), validated with `nutcracker -t`:", "", "```yaml", twem_conf.rstrip(), "```", "",
-          "- Each phase runs direct, twemproxy, keyspace-proxy in turn, then the next phase; one round is all "
-          "phases; rounds repeat. redis-benchmark, the proxy and redis-server share the machine's CPUs.",
+          f"- Each phase runs {', '.join(res.targets)} in turn, then the next phase; one round is all "
+          "phases (then the Sidekiq-shaped load against direct and every keyspace-proxy target); rounds "
+          "repeat. redis-benchmark (or the load generator), the proxies and redis-server share the machine's "
+          "CPUs.",
           f"- File-descriptor limit raised to {fd_limit} (RLIMIT_NOFILE, inherited by every process started).",
           "- Ratios: for each round, keyspace-proxy's figure divided by the other target's in the same round; "
           "the table shows the median of these per-round ratios.",
           ""]
-    L += ["## Machine and versions", ""] + machine_info() + versions(redis_version, proxy_desc) + [""]
+    L += ["## Machine and versions", ""] + machine_info(res.load_start) + versions(redis_version, proxy_desc)
+    if res.baseline:
+        L.append(f"- {res.baseline}: {res.baseline_desc}")
+    L.append("")
     L += notes or [DEFAULT_NOTES]
     return "\n".join(L).rstrip() + "\n"
 
@@ -882,6 +1151,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-args", default="", help="extra arguments for `python -m proxy`, one string")
     ap.add_argument("--proxy-rev", default=None, metavar="REV",
                     help="benchmark proxy/ as of this git commit (default: the working tree as it is at the start)")
+    ap.add_argument("--baseline-rev", default=None, metavar="REV",
+                    help="also measure proxy/ as of this commit (its own snapshot, C hot path compiled from its "
+                         "source) as target keyspace-proxy@REV in the same interleaved rounds")
+    ap.add_argument("--no-admin-port", action="store_true",
+                    help="run keyspace-proxy without --metrics-listen (default: admin port on, as the Docker "
+                         "image runs it)")
+    ap.add_argument("--no-dedicated", action="store_true",
+                    help="skip the keyspace-proxy target with --upstream-mode dedicated")
+    ap.add_argument("--skip-sidekiq", action="store_true", help="skip the Sidekiq-shaped phase")
     ap.add_argument("--idle-connections", type=int, default=None,
                     help="connections for the memory-per-idle-connection figure (default 1000; 100 with --quick)")
     args = ap.parse_args(argv)
@@ -907,34 +1185,56 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.monotonic()
     extra = shlex.split(args.proxy_args)
-    res = Results(rounds, phases)
+    admin = not args.no_admin_port
+    baseline = f"keyspace-proxy@{args.baseline_rev}" if args.baseline_rev else None
+    # Interleaving order: the baseline right after the proxy it is compared with.
+    targets = TARGETS + ([baseline] if baseline else []) + ([] if args.no_dedicated else [DEDICATED])
+    shape = sidekiq_load.Shape.quick() if args.quick else sidekiq_load.Shape(jobs=20000)
+    res = Results(rounds, phases, targets=targets, baseline=baseline, admin=admin,
+                  sidekiq_shape=None if args.skip_sidekiq else shape)
+    res.load_start = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="ksp-bench-")
     procs: list[Proc] = []
     redis = None
     try:
         src, proxy_desc = snapshot_proxy(tmp, args.proxy_rev)
+        # name -> (snapshot, extra arguments): every keyspace-proxy target
+        ksp_spec = {"keyspace-proxy": (src, extra), DEDICATED: (src, extra + ["--upstream-mode", "dedicated"])}
+        if baseline:
+            bsrc, base_desc = snapshot_proxy(tmp, args.baseline_rev, "src-baseline", "--baseline-rev")
+            ksp_spec[baseline] = (bsrc, extra)
         try:
             redis = start_server("redis")
         except ServerStartError as e:
             raise BenchError(f"redis-server did not start: {e}") from None
         twem, twem_conf = start_twemproxy(redis.port, tmp)
         procs.append(twem)
-        ksp, ksp_argv = start_keyspace_proxy(redis.port, tmp, extra, src)
-        procs.append(ksp)
-        proxy_desc += f"; hot path: {hot_path(ksp)}"
+        ports = {"direct": redis.port, "twemproxy": twem.port}
+        front: dict[str, Proc | None] = {"direct": None, "twemproxy": twem}
+        ksp_argvs = {}
+        for name in targets:
+            if name in ksp_spec:
+                p, ksp_argvs[name] = start_keyspace_proxy(redis.port, tmp, ksp_spec[name][1], ksp_spec[name][0],
+                                                          name, admin)
+                procs.append(p)
+                ports[name], front[name] = p.port, p
+        ksp_argv = ksp_argvs["keyspace-proxy"]
+        proxy_desc += f"; hot path: {hot_path(front['keyspace-proxy'])}"
+        if baseline:
+            base_desc += f"; hot path: {hot_path(front[baseline])}"
+            res.baseline_desc = base_desc
         bench = Bench(shutil.which("redis-benchmark"))
-        ports = {"direct": redis.port, "twemproxy": twem.port, "keyspace-proxy": ksp.port}
-        front = {"direct": None, "twemproxy": twem, "keyspace-proxy": ksp}
 
         all_tests = sorted({t for p in phases for t in p.tests}, key=ALL_TESTS.index)
-        for target in TARGETS:
+        for target in targets:
             res.refused[target] = probe(bench, ports[target], all_tests)
             for t, msg in res.refused[target].items():
                 print(f"note: {target} refuses {t}: {msg} (reported as n/a)", file=sys.stderr)
 
+        sk_targets = ["direct"] + [t for t in targets if t in ksp_spec]
         for rnd in range(1, rounds + 1):
             for ph in phases:
-                for target in TARGETS:
+                for target in targets:
                     tests = [t for t in ph.tests if t not in res.refused[target]]
                     if not tests:
                         res.runs.setdefault((ph.key, target), []).append(RunResult({}, 0, None, 0.0, 0.0))
@@ -944,7 +1244,20 @@ def main(argv: list[str] | None = None) -> int:
                     res.runs.setdefault((ph.key, target), []).append(rr)
                     summary = ", ".join(f"{t} {rr.rows[t].get('rps', 0):,.0f}" for t in tests)
                     cpu = f"; proxy {rr.proxy_cpu / rr.requests * 1e6:.2f} µs/req" if rr.proxy_cpu is not None else ""
-                    print(f"round {rnd}/{rounds} {ph.key:6} {target:15} {rr.wall:5.1f}s  {summary}{cpu}",
+                    print(f"round {rnd}/{rounds} {ph.key:6} {target:24} {rr.wall:5.1f}s  {summary}{cpu}",
+                          flush=True)
+            if not args.skip_sidekiq:
+                for target in sk_targets:
+                    flushall(redis.port)
+                    t0 = time.monotonic()
+                    sk = run_sidekiq(target, ports[target], "" if front[target] else NAMESPACE + ":",
+                                     redis.port, redis.process.pid, front[target], shape)
+                    res.sidekiq.setdefault(target, []).append(sk)
+                    s, p = sk["saturated"], sk["paced"]
+                    cpu = f", proxy {s['proxy_us']:.1f} µs/job" if s["proxy_us"] is not None else ""
+                    print(f"round {rnd}/{rounds} sidekiq {target:24} {time.monotonic() - t0:5.1f}s  "
+                          f"{s['jobs_per_s']:,.0f} jobs/s{cpu}, redis {s['redis_us']:.1f} µs/job, "
+                          f"{s['clients']} redis conns; paced p50/p99 {p['p50_ms']:.3f}/{p['p99_ms']:.3f} ms",
                           flush=True)
             for p in procs:
                 if not p.alive():
@@ -953,7 +1266,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scaling:
             # Fresh instances (redis-server too) so memory freed by the benchmark runs or by the previous
             # measurement does not hide the cost of a connection.
-            for target in TARGETS:
+            for target in targets:
                 try:
                     r2 = start_server("redis")
                 except ServerStartError as e:
@@ -962,8 +1275,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if target == "twemproxy":
                         p2, _ = start_twemproxy(r2.port, tempfile.mkdtemp(dir=tmp))
-                    elif target == "keyspace-proxy":
-                        p2, _ = start_keyspace_proxy(r2.port, tmp, extra, src)
+                    elif target in ksp_spec:
+                        p2, _ = start_keyspace_proxy(r2.port, tmp, ksp_spec[target][1], ksp_spec[target][0],
+                                                     target, admin)
                     if p2:
                         procs.append(p2)
                     res.memory[target] = idle_memory(target, p2.port if p2 else r2.port, p2.pid if p2 else None,
@@ -973,12 +1287,12 @@ def main(argv: list[str] | None = None) -> int:
                         p2.stop()
                     r2.stop()
             for x, m in res.memory.items():
-                print(f"idle connections {x:15} proxy {m['proxy_kb']:.1f} KB/conn, redis-server "
+                print(f"idle connections {x:24} proxy {m['proxy_kb']:.1f} KB/conn, redis-server "
                       f"{m['redis_kb']:.1f} KB/conn, {m['upstream_conns']} upstream connections", flush=True)
 
         notes = existing_notes(args.out)
         text = render(res, args, cmdline, redis.version, twem_conf, ksp_argv, started,
-                      time.monotonic() - t_start, mem_count, fd_limit, notes, proxy_desc)
+                      time.monotonic() - t_start, mem_count, fd_limit, notes, proxy_desc, ksp_argvs)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp_out = args.out + ".tmp"
         with open(tmp_out, "w") as f:
@@ -986,9 +1300,13 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp_out, args.out)
         print(f"wrote {args.out}")
         print("\n".join(cpu_table(res)))
+        if baseline:
+            print("\n".join(baseline_summary(res)))
+        if res.sidekiq:
+            print("\n".join(sidekiq_tables(res)))
         print("\n".join(targets_section(res)[2:]))
         return 0
-    except BenchError as e:
+    except (BenchError, sidekiq_load.LoadError) as e:
         print(f"bench/run.py: BROKEN: {e}", file=sys.stderr)
         return 1
     finally:

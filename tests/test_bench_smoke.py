@@ -37,6 +37,11 @@ def test_bench_quick(tmp_path):
     assert "keyspace-proxy µs/req" in text
     assert "## Targets" in text
     assert "## Machine and versions" in text
+    # issue 12 item 6: admin port on as the image runs it, dedicated-mode figures, the Sidekiq-shaped load
+    assert "--metrics-listen 127.0.0.1:" in text
+    assert "## Dedicated upstream connections" in text and "| keyspace-proxy dedicated |" in text
+    assert "## Sidekiq-shaped load" in text
+    assert "| keyspace-proxy | " in text.split("## Sidekiq-shaped load", 1)[1]
     assert "<!-- notes: profile -->\n## Mine\nkeep me\n<!-- /notes: profile -->" in text
     assert text.count("<!-- notes: profile -->") == 1
     assert "old\n" not in text and "trailing" not in text
