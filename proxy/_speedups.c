@@ -609,6 +609,94 @@ frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return t;
 }
 
+/* ------------------------------------------------------------------ read_plain */
+
+/* read_plain(data, pos, max_bulk, limit) -> (requests, end)
+ *
+ * The request reader's fast path (proxy/request_reader.py): the whole, canonically
+ * encoded requests at data[pos:] (`*N` then N times `$L` and L bytes, each line
+ * ending in CRLF, no sign or leading zero, 1 <= N, L <= max_bulk), at most `limit`
+ * of them, as lists of bytes. It stops at the first request that is anything else
+ * (incomplete, inline, non-canonical, too long: the Python reader then reads it by
+ * Redis's rules, errors included), so it never decides anything differently.
+ * A request's list is made only once all of its arguments are in the buffer, so
+ * memory follows the bytes received, never a declared count. */
+static PyObject *
+read_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4 || !PyBytes_CheckExact(argv[0])) {
+        PyErr_SetString(PyExc_TypeError, "read_plain(data: bytes, pos: int, max_bulk: int, limit: int)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(argv[1]);
+    Py_ssize_t max_bulk = PyLong_AsSsize_t(argv[2]);
+    Py_ssize_t limit = PyLong_AsSsize_t(argv[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    const char *base = PyBytes_AS_STRING(argv[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(argv[0]);
+    if (pos < 0 || pos > size) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    const char *end = base + size, *p = base + pos;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    while (PyList_GET_SIZE(out) < limit && p < end && *p == '*') {
+        const char *q;
+        Py_ssize_t count = read_len(p + 1, end, &q);
+        if (count < 1 || count > MAX_ARGS)
+            break;
+        /* walk first: is the whole request here, canonical? (no allocation yet) */
+        const char *first = q;
+        int complete = 1;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const char *s;
+            Py_ssize_t len;
+            if (q >= end || *q != '$' || (len = read_len(q + 1, end, &s)) < 0 || len > max_bulk
+                    || end - s < len + 2 || s[len] != '\r' || s[len + 1] != '\n') {
+                complete = 0;
+                break;
+            }
+            q = s + len + 2;
+        }
+        if (!complete)
+            break;
+        /* every argument is in the buffer (at least 6 bytes each): build the list */
+        PyObject *req = PyList_New(count);
+        if (req == NULL)
+            goto fail;
+        q = first;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const char *s;
+            Py_ssize_t len = read_len(q + 1, end, &s);
+            PyObject *arg = PyBytes_FromStringAndSize(s, len);
+            if (arg == NULL) {
+                Py_DECREF(req);
+                goto fail;
+            }
+            PyList_SET_ITEM(req, i, arg);
+            q = s + len + 2;
+        }
+        int r = PyList_Append(out, req);
+        Py_DECREF(req);
+        if (r < 0)
+            goto fail;
+        p = q;
+    }
+    PyObject *end_obj = PyLong_FromSsize_t(p - base);
+    if (end_obj == NULL)
+        goto fail;
+    PyObject *t = PyTuple_Pack(2, out, end_obj);
+    Py_DECREF(end_obj);
+    Py_DECREF(out);
+    return t;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -618,6 +706,8 @@ static PyMethodDef methods[] = {
      "frame_end(buf, pos) -> end of the reply at pos, -1 incomplete, -2 ask the Python framer"},
     {"frame_run", (PyCFunction)(void (*)(void))frame_run, METH_FASTCALL,
      "frame_run(buf, pos, limit, stop_at_push, pending) -> (end, m)"},
+    {"read_plain", (PyCFunction)(void (*)(void))read_plain, METH_FASTCALL,
+     "read_plain(data, pos, max_bulk, limit) -> (requests, end): whole canonical requests, as lists"},
     {NULL, NULL, 0, NULL}
 };
 

@@ -33,6 +33,12 @@ from functools import lru_cache
 from itertools import chain
 from operator import itemgetter
 
+from proxy.speedups import C
+
+# The C fast path (proxy/_speedups.c read_plain): whole canonical requests as lists,
+# the same reading as `_batch` below, in C. None on the pure-Python path.
+_read_plain = C.read_plain if C is not None else None
+
 
 DEFAULT_MAX_BULK = 512 * 1024 * 1024       # proto-max-bulk-len
 DEFAULT_MAX_QUERY = 1024 * 1024 * 1024     # client-query-buffer-limit
@@ -279,9 +285,20 @@ class RequestReader:
                 return None
             if self._type == _NONE and pos >= self._exact_until and buf[pos] == 0x2A and type(buf) is bytes \
                     and self.fast:
-                ready = self._batch(buf, pos, end)
-                if ready:
-                    return ready.popleft()
+                if _read_plain is not None:
+                    reqs, stop = _read_plain(buf, pos, self.max_bulk, 4096)
+                    if reqs:
+                        self._pos = stop
+                        ready = self._ready
+                        ready.extend(reqs)
+                        return ready.popleft()
+                    # not whole or not canonical here: the exact reader takes it, and
+                    # the fast path waits until it is past these bytes (no re-walk)
+                    self._exact_until = end
+                else:
+                    ready = self._batch(buf, pos, end)
+                    if ready:
+                        return ready.popleft()
             args = self._step(buf, end)
             if args is None:
                 self.idle = False
