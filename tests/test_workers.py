@@ -167,7 +167,7 @@ def test_workers_refuse_port_zero_and_bad_counts():
     assert r.returncode == 2 and "listen port 0" in r.stderr
     r = subprocess.run([sys.executable, "-m", "proxy", "--listen", "127.0.0.1:1", "--workers", "0"],
                        capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 2 and "--workers: expected 1 to 256" in r.stderr
+    assert r.returncode == 2 and "--workers: expected an integer 1 to 256, got '0'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "proxy", "--listen", "127.0.0.1:1"],
                        capture_output=True, text=True, env=dict(env, PROXY_WORKERS="two"), timeout=60)
     assert r.returncode == 2 and "PROXY_WORKERS" in r.stderr
