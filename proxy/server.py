@@ -14,7 +14,7 @@ from collections import deque
 from time import perf_counter
 
 from proxy.rules import default_rules
-from proxy.config import Config, ConfigError, Route
+from proxy.config import Config, ConfigError, Route, format_addr
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
 from proxy.session import Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
@@ -614,7 +614,8 @@ class Proxy:
                                           reuse_port=self.reuse_port or None)
         self.servers.append(server)
         self.listeners[listen] = server
-        log.info("listening on %s", route.describe())
+        sockets = server.sockets or ()  # the bound address: port 0 becomes the port the system chose
+        log.info("listening on %s", route.describe(sockets[0].getsockname() if sockets else None))
 
     async def reload(self, new: Config) -> str:
         """Apply a new configuration: listeners added and removed, routes changed.
@@ -774,7 +775,7 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
         admin = AdminServer(proxy, *config.metrics_listen,
                             reload=lambda: asyncio.run_coroutine_threadsafe(reload(), loop).result(30))
         admin.start()
-        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", config.metrics_listen[0], admin.port)
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz)", format_addr(config.metrics_listen[0], admin.port))
     if IMPLEMENTATION == "c":
         log.info("hot path: C (proxy._speedups)")
     else:

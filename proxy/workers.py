@@ -32,10 +32,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, ConfigError, format_addr
+from proxy.logs import WORKER_ENV  # noqa: F401  set in a worker: its index (its log lines say worker=N)
 
 log = logging.getLogger("keyspace-proxy")
 
-WORKER_ENV = "KEYSPACE_PROXY_WORKER"          # set in a worker: its index
 REPORT_FD_ENV = "KEYSPACE_PROXY_REPORT_FD"    # where a worker writes its admin port once listening
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
