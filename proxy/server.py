@@ -14,7 +14,7 @@ from collections import deque
 from time import perf_counter
 
 from proxy.rules import default_rules
-from proxy.config import Config, ConfigError, Route, format_addr
+from proxy.config import Config, ConfigError, Route, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
 from proxy.session import Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
@@ -676,13 +676,17 @@ class Proxy:
         seen = set()
         for route in self.config.routes:
             up = route.upstream
-            if (up.host, up.port) in seen:
+            if up in seen:
                 continue
-            seen.add((up.host, up.port))
+            seen.add(up)
             try:
                 names = await asyncio.wait_for(_command_list(up), self.config.limits.connect_timeout)
+            except HandshakeError as e:  # AUTH or SELECT refused: so will every client of the route be
+                log.error("route %s: upstream %s: %s", route.name, up.masked(), e, extra={"event": "upstream_error"})
+                continue
             except Exception as e:  # the check is advisory: an unreachable upstream is reported per request
-                log.warning("upstream %s: could not list its commands (%s)", up.masked(), e)
+                log.warning("route %s: upstream %s: could not list its commands (%s)", route.name, up.masked(),
+                            e or type(e).__name__)
                 continue
             unknown = sorted(n for n in names if n not in self.table)
             if unknown:
@@ -727,13 +731,22 @@ class Proxy:
             await s.wait_closed()
 
 
+class HandshakeError(RuntimeError):
+    """The upstream refused a command of the handshake (AUTH, SELECT) or the check."""
+
+    @classmethod
+    def of(cls, cmd: list, error: str) -> Exception:
+        why = handshake_failure(cmd, error)
+        return cls(why) if why else RuntimeError(error)
+
+
 async def _command_list(up) -> list[str]:
     import hiredis
 
     from proxy.resp import encode_command
     reader, writer = await asyncio.open_connection(up.host, up.port)
     try:
-        cmds = up.handshake(0) + [[b"COMMAND", b"LIST"]]
+        cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
         writer.write(b"".join(encode_command(c) for c in cmds))
         parser = hiredis.Reader()
         replies = []
@@ -744,10 +757,10 @@ async def _command_list(up) -> list[str]:
             parser.feed(data)
             while (r := parser.gets()) is not False:
                 replies.append(r)
-        last = replies[-1]
-        if isinstance(last, hiredis.ReplyError):
-            raise RuntimeError(str(last))
-        return [n.decode().lower() for n in last]
+        for cmd, reply in zip(cmds, replies):
+            if isinstance(reply, hiredis.ReplyError):
+                raise HandshakeError.of(cmd, str(reply))
+        return [n.decode().lower() for n in replies[-1]]
     finally:
         writer.close()
 
