@@ -42,7 +42,8 @@ def _clean(value):
     if isinstance(value, (bool, int, float)) or value is None:
         return value
     if isinstance(value, (tuple, list)) and len(value) >= 2 and isinstance(value[1], int):
-        value = f"{value[0]}:{value[1]}"  # a (host, port) peer
+        host = str(value[0])  # a (host, port) peer; IPv6 in brackets
+        value = f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
     elif isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return mask_credentials(str(value))

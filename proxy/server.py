@@ -577,7 +577,7 @@ class SharedLink(asyncio.Protocol):
 
 def _peer(peer) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
+        return format_addr(str(peer[0]), peer[1])  # [::1]:PORT for IPv6
     return str(peer)
 
 
