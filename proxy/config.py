@@ -132,9 +132,6 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}{':***' if colon else ''}@{rest[at + 1:]}"
 
 
-_mask = mask_url
-
-
 def parse_listen(value, field_name: str = "listen", text: bool = True) -> tuple[str, int]:
     return _value("listener[].listen", value, field_name, text)
 

@@ -4,6 +4,7 @@ naming the route; the effective configuration is printed with credentials masked
 Also the proxy's own start-up check names the route whose password is wrong."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -32,7 +33,7 @@ def check(args, env=None, config_text=None, tmp_path=None):
 @pytest.fixture(scope="module")
 def locked():
     """A server that wants a password (set after start: start_server pings without one)."""
-    s = start_server("redis" if os.path.exists("/usr/bin/redis-server") else "valkey", port=free_port())
+    s = start_server("redis" if shutil.which("redis-server") else "valkey", port=free_port())
     redis.Redis(host=s.host, port=s.port).config_set("requirepass", SECRET)
     yield s
     try:
@@ -57,7 +58,7 @@ def test_good_configuration_exits_0_and_prints_it_masked(server, locked, tmp_pat
     assert out.rstrip().endswith("keyspace-proxy check: ok")
     for line in ("route app (", "client db 0 -> db 0: ok", "client db 1 -> db 3: ok", "client db 2 -> db 4: ok"):
         assert line in out
-    assert f"route locked (127.0.0.1:" in out and f"redis://:***@{locked.host}:{locked.port}, client db 0 -> db 2: ok" in out
+    assert "route locked (127.0.0.1:" in out and f"redis://:***@{locked.host}:{locked.port}, client db 0 -> db 2: ok" in out
     # the effective configuration: TOML that gives the same routes, the flag applied
     toml_text = out.split("\nroute ")[0]
     cfg = from_dict(tomllib.loads(toml_text))
