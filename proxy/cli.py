@@ -1,4 +1,6 @@
-"""Command line: `keyspace-proxy [options]` runs the proxy; `keyspace-proxy demo` tries it out."""
+"""Command line: `keyspace-proxy [options]` runs the proxy; `demo`, `migrate` and `check`
+are subcommands. Flags, their environment variables and the TOML fields they match
+are proxy/schema.py's."""
 
 from __future__ import annotations
 
@@ -8,120 +10,132 @@ import os
 import sys
 
 from proxy import __version__
-from proxy.config import (DEFAULT_UPSTREAM, Config, ConfigError, Limits, build_route, load_toml,
-                          parse_listen)
-from proxy.logs import FORMATS, LEVELS, setup_logging
+from proxy.config import Config, ConfigError, build_route, format_addr, load_toml, parse_url
+from proxy.logs import mask_credentials, setup_logging
+from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invalid, env_help,
+                          section_fields)
 
 # Flags fall back to these environment variables (containers); a flag given wins.
-# REDIS_URL is the fallback of --upstream (see config_from_args).
-ENV_FALLBACKS = {
-    "listen": "PROXY_LISTEN", "namespace": "PROXY_NAMESPACE", "strip_namespace": "PROXY_STRIP_NAMESPACE",
-    "separator": "PROXY_SEPARATOR", "config": "PROXY_CONFIG", "metrics_listen": "PROXY_METRICS_LISTEN",
-    "log_level": "PROXY_LOG_LEVEL", "log_format": "PROXY_LOG_FORMAT", "upstream_mode": "PROXY_UPSTREAM_MODE",
-    "workers": "PROXY_WORKERS",
-}
+# REDIS_URL is the fallback of --upstream.
+ENV_FALLBACKS = {f.attr: f.env for f in FIELDS if f.flag and f.env and f.env.startswith("PROXY_")}
+# Variables that shape the single route of the flags; with a config file they do not apply
+# (the image sets PROXY_LISTEN; the listeners come from the file).
+ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator")
 
 log = logging.getLogger("keyspace-proxy")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="keyspace-proxy",
-        description="A RESP proxy that adds or strips a key namespace and routes client dbs "
-                    "to backend dbs. `keyspace-proxy demo` starts an embedded Valkey with a proxy in front.")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address to accept clients on (e.g. 127.0.0.1:6380)")
-    p.add_argument("--upstream", metavar="URL",
-                   help=f"redis://[user:password@]host:port/db (default: $REDIS_URL, else {DEFAULT_UPSTREAM})")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, credentials masked (argparse repeats what it could not use)
+        self.exit(2, f"{self.prog}: error: {mask_credentials(message)} (see {self.prog} --help)\n")
+
+
+def build_parser(prog: str = "keyspace-proxy", subcommands: bool = True) -> argparse.ArgumentParser:
+    epilog = ""
+    if subcommands:
+        width = max(len(s) for s, _ in SUBCOMMANDS)
+        epilog += "subcommands (each has --help):\n" + "\n".join(
+            f"  {prog} {s:<{width}}  {what}" for s, what in SUBCOMMANDS) + "\n\n"
+    epilog += ("environment variables (a flag given wins; an empty variable counts as unset; with a config\n"
+               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE and PROXY_SEPARATOR do not\n"
+               "apply, and the others override the file):\n" + env_help() + "\n\n"
+               "Configuration errors exit 2 with one line naming the flag, variable or TOML field.")
+    p = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+               description="A RESP proxy that adds or strips a key namespace and routes client dbs "
+                           "to backend dbs." if subcommands else
+               "Validate the configuration given as to the proxy (flags, variables or --config), "
+               "connect to every route's upstream and db, print the effective configuration with "
+               "credentials masked; exit 0 if all is well, else 2.")
     ns = p.add_mutually_exclusive_group()
-    ns.add_argument("--namespace", metavar="NS", help="add mode: client `foo` <-> server `NS:foo`")
-    ns.add_argument("--strip-namespace", metavar="NS", help="strip mode: client `NS:foo` <-> server `foo`")
-    p.add_argument("--separator", default=None, help="between namespace and key (default ':')")
-    p.add_argument("--config", metavar="FILE", help="TOML file with one [[listener]] per route")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics endpoint (see README)")
-    p.add_argument("--max-bulk-len", type=int, default=None,
-                   help="largest bulk string a client may send (default 512 MB, as Redis)")
-    p.add_argument("--max-query-len", type=int, default=None,
-                   help="largest unfinished request buffered per client (default 1 GB, as Redis)")
-    p.add_argument("--upstream-mode", choices=["shared", "dedicated"], default=None,
-                   help="shared (default): clients in plain request/reply state share one upstream "
-                        "connection per route and db, and move to their own on MULTI, WATCH, SELECT, "
-                        "blocking commands, SUBSCRIBE, ...; dedicated: one upstream connection per client")
-    p.add_argument("--drain-timeout", type=float, default=None,
-                   help="seconds to let owed replies finish on SIGTERM (default 10)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="N processes sharing the listeners (SO_REUSEPORT) under one supervisor that "
-                        "also serves the admin port for all; default 1 (see README)")
-    p.add_argument("--log-level", default=None, choices=list(LEVELS), help="default info")
-    p.add_argument("--log-format", default=None, choices=list(FORMATS),
-                   help="text (default) or json: one JSON object per line")
+    for f in FIELDS:
+        if not f.flag:
+            continue
+        d = f.default_text()
+        default = "" if d in ("", "required") else f" (default {d})"
+        where = f"; env {f.env}" + (f", TOML {f.key}" if f.toml else "")
+        (ns if f.attr in ("namespace", "strip_namespace") else p).add_argument(
+            f.flag, metavar=f.metavar, default=None, help=f"{f.help}{default}{where}".replace("%", "%%"))
     p.add_argument("--version", action="version", version=f"keyspace-proxy {__version__}")
     return p
 
 
+def _source(a: argparse.Namespace, attr: str) -> str:
+    """How the user gave `attr`: its flag, or the variable it came from."""
+    return getattr(a, "_sources", {}).get(attr) or BY_ATTR[attr].flag
+
+
+def _parse(a: argparse.Namespace, attr: str):
+    """The value of `attr` (a flag or variable string) checked by the schema, or None."""
+    value = getattr(a, attr)
+    if value is None:
+        return None
+    try:
+        return BY_ATTR[attr].kind.parse(value, True)
+    except Invalid as e:
+        raise ConfigError(f"{_source(a, attr)}: {e}") from None
+
+
 def apply_env(a: argparse.Namespace, environ=None) -> argparse.Namespace:
     """Fill flags not given from PROXY_* variables; empty variables count as unset.
+    Checks the settings needed before logging (level, format, workers).
 
-    PROXY_LISTEN yields to a config file (the image sets it by default; listeners come
-    from the file), while a --listen flag with a config file is still an error."""
+    PROXY_LISTEN (and the other route-shaping variables) yield to a config file, while
+    the flags --listen, --namespace, --strip-namespace and --separator with a config
+    file are errors."""
     environ = os.environ if environ is None else environ
+    sources: dict[str, str] = {}
     env = {attr: environ.get(var) or None for attr, var in ENV_FALLBACKS.items()}
     if a.namespace is None and a.strip_namespace is None:
         if env["namespace"] and env["strip_namespace"]:
             raise ConfigError("PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE: give one of them, not both")
-        a.namespace, a.strip_namespace = env["namespace"], env["strip_namespace"]
-    for attr in ("config", "separator", "metrics_listen", "log_level", "log_format", "upstream_mode"):
-        if getattr(a, attr) is None and env[attr] is not None:
-            setattr(a, attr, env[attr])
-    if a.listen is None and not a.config:
-        a.listen = env["listen"]
-    if a.workers is None and env["workers"] is not None:
-        try:
-            a.workers = int(env["workers"])
-        except ValueError:
-            raise ConfigError(f"PROXY_WORKERS: expected a number, got {env['workers']!r}") from None
-    if a.workers is not None and not 1 <= a.workers <= 256:
-        raise ConfigError(f"--workers: expected 1 to 256, got {a.workers}")
-    if a.log_level is not None and a.log_level not in LEVELS:
-        raise ConfigError(f"PROXY_LOG_LEVEL: expected one of {', '.join(LEVELS)}, got {a.log_level!r}")
-    if a.log_format is not None and a.log_format not in FORMATS:
-        raise ConfigError(f"PROXY_LOG_FORMAT: expected one of {', '.join(FORMATS)}, got {a.log_format!r}")
+    else:
+        env["namespace"] = env["strip_namespace"] = None  # a flag chose the mode
+    if a.config is None and env["config"] is not None:
+        a.config, sources["config"] = env["config"], "PROXY_CONFIG"
+    for attr, value in env.items():
+        if getattr(a, attr) is None and value is not None and not (a.config and attr in ROUTE_ONLY):
+            setattr(a, attr, value)
+            sources[attr] = ENV_FALLBACKS[attr]
+    a._sources = sources
+    a.log_level, a.log_format, a.workers = _parse(a, "log_level"), _parse(a, "log_format"), _parse(a, "workers")
     return a
 
 
-def config_from_args(a: argparse.Namespace) -> Config:
-    if a.config:
-        cfg = load_toml(a.config, upstream_override=a.upstream)
-        if a.listen:
-            raise ConfigError("--listen: give listeners in the config file, or flags without --config")
+def config_from_args(a: argparse.Namespace, environ=None) -> Config:
+    environ = os.environ if environ is None else environ
+    if a.upstream is not None:
+        upstream, upstream_label = a.upstream, "--upstream"
     else:
-        if not a.listen:
-            raise ConfigError("--listen: required (or --config FILE)")
-        entry = {"listen": a.listen}
-        if a.namespace is not None:
-            entry["namespace"] = a.namespace
-            if not a.namespace:
-                raise ConfigError("--namespace: must not be empty")
-        if a.strip_namespace is not None:
-            entry["strip_namespace"] = a.strip_namespace
-            if not a.strip_namespace:
-                raise ConfigError("--strip-namespace: must not be empty")
-        upstream = a.upstream or os.environ.get("REDIS_URL") or DEFAULT_UPSTREAM
-        route = build_route(entry, upstream, a.separator if a.separator is not None else ":", 0)
-        route.name = a.listen
-        cfg = Config([route], None, Limits())
-    if a.separator is not None and a.config:
-        raise ConfigError("--separator: set `separator` in the config file when using --config")
-    if a.metrics_listen:
-        cfg.metrics_listen = parse_listen(a.metrics_listen, "--metrics-listen")
-    if a.max_bulk_len is not None:
-        cfg.limits.max_bulk = a.max_bulk_len
-    if a.max_query_len is not None:
-        cfg.limits.max_query = a.max_query_len
-    if a.upstream_mode is not None:
-        cfg.limits.upstream_mode = a.upstream_mode
-    if a.drain_timeout is not None:
-        cfg.limits.drain_timeout = a.drain_timeout
+        upstream, upstream_label = environ.get("REDIS_URL") or None, "REDIS_URL"
+    if a.config:
+        for attr in ROUTE_ONLY:
+            if getattr(a, attr) is not None and _source(a, attr).startswith("--"):
+                raise ConfigError(f"{_source(a, attr)}: give `{attr}` in the config file's listeners, "
+                                  "or flags without --config")
+        cfg = load_toml(a.config, upstream_override=upstream, upstream_label=upstream_label, environ=environ)
+    else:
+        if a.listen is None:
+            raise ConfigError("--listen: required (or --config FILE); HOST:PORT, e.g. 127.0.0.1:6380")
+        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace") if getattr(a, k) is not None}
+        labels = {k: _source(a, k) for k in entry}
+        default_upstream = parse_url(upstream, upstream_label) if upstream else DEFAULT_UPSTREAM
+        sep = _parse(a, "separator")
+        route = build_route(entry, default_upstream, ":" if sep is None else sep, 0, labels=labels, text=True)
+        cfg = Config([route])
+    metrics = _parse(a, "metrics_listen")
+    if metrics is not None:
+        cfg.metrics_listen = metrics
+    for name in section_fields("limits"):
+        attr = next(f.attr for f in FIELDS if f.key == f"limits.{name}")
+        value = _parse(a, attr)
+        if value is not None:
+            setattr(cfg.limits, name, value)
     return cfg
+
+
+def _config_error(e: Exception) -> int:
+    log.error("configuration error: %s", e, extra={"event": "config_error"})
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,18 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["migrate"]:
         from proxy.migrate import main as migrate_main
         return migrate_main(argv[1:])
+    if argv[:1] == ["check"]:
+        from proxy.check import main as check_main
+        return check_main(argv[1:])
     a = build_parser().parse_args(argv)
     try:
         apply_env(a)
     except ConfigError as e:
-        print(f"keyspace-proxy: configuration error: {e}", file=sys.stderr)
-        return 2
+        # the log settings themselves may be what is wrong: this one line is plain text
+        setup_logging("info", a.log_format if a.log_format in ("text", "json") else "text")
+        return _config_error(e)
     setup_logging(a.log_level or "info", a.log_format or "text")
     try:
         cfg = config_from_args(a)
     except ConfigError as e:
-        log.error("configuration error: %s", e, extra={"event": "config_error"})
-        return 2
+        return _config_error(e)
     if (a.log_level is None and cfg.log_level) or (a.log_format is None and cfg.log_format):
         setup_logging(a.log_level or cfg.log_level or "info", a.log_format or cfg.log_format or "text")
     from proxy.workers import WORKER_ENV, run_workers
@@ -152,14 +169,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_workers(cfg, a.workers, argv, load_config=lambda: config_from_args(a))
         except ConfigError as e:
-            log.error("configuration error: %s", e, extra={"event": "config_error"})
+            return _config_error(e)
+        except OSError as e:
+            log.error("%s", bind_error(e, cfg), extra={"event": "start_error"})
             return 2
     from proxy.commands import default_table
     default_table()  # load the command table before accepting anyone
     from proxy.server import run
     try:
         run(cfg, load_config=lambda: config_from_args(a), worker=worker)  # SIGHUP, POST /-/reload re-read it
-    except OSError as e:
-        print(f"keyspace-proxy: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # an address that cannot be had: taken, not local, not resolvable
+        log.error("%s", bind_error(e, cfg), extra={"event": "start_error"})
+        return 2
     return 0
+
+
+def bind_error(e: OSError, cfg: Config) -> str:
+    """An OSError from opening the listeners, as one line naming the address."""
+    import re
+    text = e.strerror or str(e)
+    if text.startswith("cannot listen on metrics port"):
+        return text
+    m = re.search(r"bind on address \('([^']*)', (\d+)[^)]*\): (.*)", text)
+    if m:  # asyncio and uvloop: 'error while attempting to bind on address ('h', 1): address already in use'
+        return f"cannot listen on {format_addr(m.group(1), int(m.group(2)))}: {m.group(3)}"
+    addrs = ", ".join(format_addr(*r.listen) for r in cfg.routes)
+    return f"cannot listen on {addrs}: {text[:1].lower() + text[1:]}"

@@ -5,18 +5,23 @@ Records may carry extra fields (`log.info("client closed", extra={"route": r, "p
 `key=value`, the JSON format as members. Credentials in `redis://user:password@host`
 URLs are masked in every message and field, whatever the caller passed: values and
 passwords are never logged.
+
+In a worker of several (`--workers N`), every line says which one wrote it: the text
+format puts `worker=N` after the logger name, the JSON format a `"worker": N` member.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
 
-LEVELS = ("debug", "info", "warning", "error")
-FORMATS = ("text", "json")
+from proxy.schema import FORMATS, LEVELS  # noqa: F401  (re-exported)
+
+WORKER_ENV = "KEYSPACE_PROXY_WORKER"   # set in a worker of several (proxy/workers.py): its index
 
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -37,17 +42,24 @@ def _clean(value):
     if isinstance(value, (bool, int, float)) or value is None:
         return value
     if isinstance(value, (tuple, list)) and len(value) >= 2 and isinstance(value[1], int):
-        value = f"{value[0]}:{value[1]}"  # a (host, port) peer
+        host = str(value[0])  # a (host, port) peer; IPv6 in brackets
+        value = f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
     elif isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return mask_credentials(str(value))
 
 
 class TextFormatter(logging.Formatter):
-    """`2024-05-01T12:00:00.123Z INFO keyspace-proxy: message key=value ...`"""
+    """`2024-05-01T12:00:00.123Z INFO keyspace-proxy: message key=value ...`; in worker 1
+    of several, `... INFO keyspace-proxy worker=1: message ...`."""
+
+    def __init__(self, worker: int | None = None):
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name}: {mask_credentials(record.getMessage())}"
+        who = record.name if self.worker is None else f"{record.name} worker={self.worker}"
+        line = f"{_timestamp(record)} {record.levelname} {who}: {mask_credentials(record.getMessage())}"
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={_quote(_clean(v))}" for k, v in extras.items())
@@ -62,11 +74,17 @@ def _quote(v) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, then the record's extra fields."""
+    """One JSON object per line: ts, level, logger, (worker,) msg, then the record's extra fields."""
+
+    def __init__(self, worker: int | None = None):
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
-               "msg": mask_credentials(record.getMessage())}
+        out = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
+        if self.worker is not None:
+            out["worker"] = self.worker
+        out["msg"] = mask_credentials(record.getMessage())
         for k, v in _extras(record).items():
             if k not in out:
                 out[k] = _clean(v)
@@ -79,8 +97,15 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream=None) -> logging.Handler:
-    """Configure the root logger: one stderr handler with the chosen format. Idempotent."""
+def current_worker() -> int | None:
+    """This process's worker index under a supervisor, or None."""
+    value = os.environ.get(WORKER_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream=None, worker: int | None = None) -> logging.Handler:
+    """Configure the root logger: one stderr handler with the chosen format. Idempotent.
+    `worker` (default: from the environment a supervisor sets) tags every line."""
     if level not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
     if fmt not in FORMATS:
@@ -90,7 +115,8 @@ def setup_logging(level: str = "info", fmt: str = "text", stream=None) -> loggin
         if getattr(h, "_keyspace_proxy", False):
             root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    worker = current_worker() if worker is None else worker
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     handler._keyspace_proxy = True
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))

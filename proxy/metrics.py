@@ -137,7 +137,7 @@ class AdminServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
         self.metrics_app = make_wsgi_app(self.registry)
-        self.httpd = make_server(host, port, self.app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.httpd = admin_httpd(host, port, self.app)
         self.port = self.httpd.server_port
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True)
 
@@ -180,6 +180,28 @@ class AdminServer:
             status = "200 OK" if all(ok for _, ok in results) else "503 Service Unavailable"
             return _text(start_response, status, body)
         return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz, POST /-/reload\n")
+
+
+class _ThreadingWSGIServer6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+def admin_httpd(host: str, port: int, app):
+    """The admin port's HTTP server (IPv6 too); an address that cannot be had raises an
+    OSError naming it."""
+    cls = _ThreadingWSGIServer6 if ":" in host else ThreadingWSGIServer
+    try:
+        return make_server(host, port, app, cls, handler_class=_QuietHandler)
+    except OSError as e:
+        raise admin_bind_error(e, host, port) from None
+
+
+def admin_bind_error(e: OSError, host: str, port: int) -> OSError:
+    """The admin port cannot be had: say which address (errno 98 alone does not)."""
+    from proxy.config import format_addr
+    why = (e.strerror or str(e)).lower()
+    return OSError(e.errno, f"cannot listen on metrics port {format_addr(host, port)} "
+                            f"(--metrics-listen / [metrics] listen): {why}")
 
 
 def _text(start_response, status: str, body: str):

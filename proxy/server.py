@@ -14,7 +14,7 @@ from collections import deque
 from time import perf_counter
 
 from proxy.rules import default_rules
-from proxy.config import Config, ConfigError, Route
+from proxy.config import Config, ConfigError, Route, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
 from proxy.session import Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
@@ -612,7 +612,7 @@ class SharedLink(asyncio.Protocol):
 
 def _peer(peer) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
+        return format_addr(str(peer[0]), peer[1])  # [::1]:PORT for IPv6
     return str(peer)
 
 
@@ -650,7 +650,8 @@ class Proxy:
                                           reuse_port=self.reuse_port or None)
         self.servers.append(server)
         self.listeners[listen] = server
-        log.info("listening on %s", route.describe())
+        sockets = server.sockets or ()  # the bound address: port 0 becomes the port the system chose
+        log.info("listening on %s", route.describe(sockets[0].getsockname() if sockets else None))
 
     async def reload(self, new: Config) -> str:
         """Apply a new configuration: listeners added and removed, routes changed.
@@ -711,13 +712,17 @@ class Proxy:
         seen = set()
         for route in self.config.routes:
             up = route.upstream
-            if (up.host, up.port) in seen:
+            if up in seen:
                 continue
-            seen.add((up.host, up.port))
+            seen.add(up)
             try:
                 names = await asyncio.wait_for(_command_list(up), self.config.limits.connect_timeout)
+            except HandshakeError as e:  # AUTH or SELECT refused: so will every client of the route be
+                log.error("route %s: upstream %s: %s", route.name, up.masked(), e, extra={"event": "upstream_error"})
+                continue
             except Exception as e:  # the check is advisory: an unreachable upstream is reported per request
-                log.warning("upstream %s: could not list its commands (%s)", up.masked(), e)
+                log.warning("route %s: upstream %s: could not list its commands (%s)", route.name, up.masked(),
+                            e or type(e).__name__)
                 continue
             unknown = sorted(n for n in names if n not in self.table)
             if unknown:
@@ -762,13 +767,22 @@ class Proxy:
             await s.wait_closed()
 
 
+class HandshakeError(RuntimeError):
+    """The upstream refused a command of the handshake (AUTH, SELECT) or the check."""
+
+    @classmethod
+    def of(cls, cmd: list, error: str) -> Exception:
+        why = handshake_failure(cmd, error)
+        return cls(why) if why else RuntimeError(error)
+
+
 async def _command_list(up) -> list[str]:
     import hiredis
 
     from proxy.resp import encode_command
     reader, writer = await asyncio.open_connection(up.host, up.port)
     try:
-        cmds = up.handshake(0) + [[b"COMMAND", b"LIST"]]
+        cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
         writer.write(b"".join(encode_command(c) for c in cmds))
         parser = hiredis.Reader()
         replies = []
@@ -779,10 +793,10 @@ async def _command_list(up) -> list[str]:
             parser.feed(data)
             while (r := parser.gets()) is not False:
                 replies.append(r)
-        last = replies[-1]
-        if isinstance(last, hiredis.ReplyError):
-            raise RuntimeError(str(last))
-        return [n.decode().lower() for n in last]
+        for cmd, reply in zip(cmds, replies):
+            if isinstance(reply, hiredis.ReplyError):
+                raise HandshakeError.of(cmd, str(reply))
+        return [n.decode().lower() for n in replies[-1]]
     finally:
         writer.close()
 
@@ -810,7 +824,7 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
         admin = AdminServer(proxy, *config.metrics_listen,
                             reload=lambda: asyncio.run_coroutine_threadsafe(reload(), loop).result(30))
         admin.start()
-        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", config.metrics_listen[0], admin.port)
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz)", format_addr(config.metrics_listen[0], admin.port))
     if IMPLEMENTATION == "c":
         log.info("hot path: C (proxy._speedups)")
     else:

@@ -24,19 +24,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, ThreadingWSGIServer
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, ConfigError
+from proxy.config import Config, ConfigError, format_addr
+from proxy.logs import WORKER_ENV  # noqa: F401  set in a worker: its index (its log lines say worker=N)
 
 log = logging.getLogger("keyspace-proxy")
 
-WORKER_ENV = "KEYSPACE_PROXY_WORKER"          # set in a worker: its index
 REPORT_FD_ENV = "KEYSPACE_PROXY_REPORT_FD"    # where a worker writes its admin port once listening
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
@@ -93,6 +92,7 @@ class Supervisor:
         self.load_config = load_config
         self.workers = [Worker(i) for i in range(workers)]
         self.restarts = 0
+        self.exit_code = 1          # what the start's failure exits with: a worker's configuration error is 2
         self.httpd = None
         self.admin_port: int | None = None
 
@@ -131,6 +131,7 @@ class Supervisor:
                 if not w.alive():
                     log.error("worker %d exited while starting (exit code %s)", w.index, w.proc.returncode,
                               extra={"event": "worker_exit"})
+                    self.exit_code = 2 if w.proc.returncode == 2 else 1
                     return False
             time.sleep(0.05)
         log.error("workers did not start within %.0f s", START_TIMEOUT, extra={"event": "worker_exit"})
@@ -243,12 +244,12 @@ class Supervisor:
 
     def serve_admin(self) -> None:
         host, port = self.config.metrics_listen
-        from proxy.metrics import _QuietHandler
-        self.httpd = make_server(host, port, self.app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        from proxy.metrics import admin_httpd
+        self.httpd = admin_httpd(host, port, self.app)
         self.admin_port = self.httpd.server_port
         threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True).start()
-        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz), summed over %d workers",
-                 host, self.admin_port, len(self.workers))
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz), summed over %d workers",
+                 format_addr(host, self.admin_port), len(self.workers))
 
 
 def _reply(start_response, status: str, body: bytes, ctype: str = "text/plain; charset=utf-8"):
@@ -275,7 +276,7 @@ def run_workers(config: Config, workers: int, argv: list[str], load_config=None)
         sup.serve_admin()
     if not sup.start():
         sup.stop(config.limits.drain_timeout + 5)
-        return 1
+        return sup.exit_code
     log.info("%d workers listening; supervisor pid %d", workers, os.getpid(), extra={"event": "ready"})
     while True:
         while events:

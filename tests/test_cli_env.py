@@ -79,9 +79,9 @@ def test_bad_env_is_named(env, message):
 
 def test_bad_env_listen_is_named(monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
-    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+    with pytest.raises(ConfigError, match="PROXY_LISTEN: expected HOST:PORT"):
         cfg([], {"PROXY_LISTEN": "nope"})
-    with pytest.raises(ConfigError, match="--metrics-listen"):
+    with pytest.raises(ConfigError, match="PROXY_METRICS_LISTEN: expected HOST:PORT"):
         cfg([], {"PROXY_LISTEN": "h:1", "PROXY_METRICS_LISTEN": "nope"})
 
 

@@ -51,13 +51,14 @@ def test_toml_routes_and_db_map():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"listener": [{"listen": "1.2.3.4:1", "namespace": "a*b"}]}, r"listener\[0\]: namespace 'a\*b' must not contain '\*'"),
+    ({"listener": [{"listen": "1.2.3.4:1", "namespace": "a*b"}]},
+     r"listener\[0\].namespace: \"a\*b\" must not contain '\*': it breaks SORT BY/GET patterns"),
     ({"listener": [{"listen": "nope"}]}, r"listener\[0\].listen: expected HOST:PORT"),
     ({"listener": [{"listen": "h:1", "namespace": "a", "strip_namespace": "b"}]}, "either namespace or strip_namespace"),
     ({"listener": [{"listen": "h:1", "bogus": 1}]}, r"listener\[0\].bogus: unknown field"),
     ({"listener": [{"listen": "h:1", "databases": {"x": {"db": 1}}}]}, r"databases.x: client db must be a number"),
-    ({"listener": [{"listen": "h:1", "databases": {"1": {"db": -1}}}]}, r"databases.1: expected"),
-    ({"listener": [{"listen": "h:1"}, {"listen": "h:1"}]}, "used twice"),
+    ({"listener": [{"listen": "h:1", "databases": {"1": {"db": -1}}}]}, r"databases.1.db: expected an integer >= 0"),
+    ({"listener": [{"listen": "h:1"}, {"listen": "h:1"}]}, r"listener\[1\].listen: h:1 is already listener\[0\]'s"),
     ({"listener": []}, "at least one"),
     ({"lisener": []}, "lisener: unknown top-level field"),
 ])
@@ -93,6 +94,72 @@ def test_cli_exits_2_with_named_field(tmp_path):
     f.write_text('[[listener]]\nlisten = "127.0.0.1:7000"\nnamespace = "x*"\n')
     p = subprocess.run([sys.executable, "-m", "proxy", "--config", str(f)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
-    assert "listener[0]: namespace 'x*' must not contain '*'" in p.stderr
+    assert "listener[0].namespace: \"x*\" must not contain '*': it breaks" in p.stderr
     p = subprocess.run([sys.executable, "-m", "proxy"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "--listen: required" in p.stderr
+
+
+def test_url_db_from_path_or_query():
+    assert parse_url("redis://h:1/3").db == 3
+    assert parse_url("redis://h:1?db=3").db == 3           # as redis-py reads it
+    assert parse_url("redis://h:1/?db=3").db == 3
+    assert parse_url("redis://h:1/3?db=3").db == 3         # both, agreeing
+    assert parse_url("redis://h").port == 6379 and parse_url("redis://h/").db == 0
+    u = parse_url("redis://u:p%23w@[::1]:6390/2")
+    assert (u.host, u.port, u.db, u.password) == ("::1", 6390, 2, "p#w")
+    assert u.masked() == "redis://u:***@[::1]:6390/2"
+
+
+def test_ipv6_and_old_address_forms():
+    from proxy.config import parse_listen
+    assert parse_listen("[::1]:6380") == ("::1", 6380)
+    assert parse_listen("::1:6380") == ("::1", 6380)            # accepted before brackets were documented
+    assert parse_listen(":6380") == ("0.0.0.0", 6380)
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    cfg = from_dict({"listener": [{"listen": "[::1]:7000", "upstream": "redis://[::1]:6379/1"}]})
+    r = cfg.routes[0]
+    assert r.name == "[::1]:7000"
+    assert r.describe() == "[::1]:7000 -> redis://[::1]:6379/1 (no namespace)"
+    assert r.describe(("::1", 41234, 0, 0)) == "[::1]:41234 -> redis://[::1]:6379/1 (no namespace)"
+
+
+def test_old_syntax_still_works():
+    cfg = from_dict({"upstream": "redis://127.0.0.1:6379/0", "separator": "/",
+                     "listener": [{"listen": "127.0.0.1:7000", "namespace": "a", "name": "x",
+                                   "databases": {"1": 4, "2": {"db": 5, "strip_namespace": "b", "separator": ":"}}}],
+                     "limits": {"reload_grace": 10, "drain_timeout": 0, "connect_timeout": 1,
+                                "max_bulk": 1000, "output_limit": 0, "upstream_mode": "dedicated"},
+                     "log": {"level": "debug", "format": "json"}, "metrics": {}})
+    r = cfg.routes[0]
+    assert r.target(1).db == 4 and r.target(1).keyspace.prefix == b"a/"
+    assert r.target(2).keyspace.mode == "strip" and r.target(2).keyspace.prefix == b"b:"
+    assert cfg.limits.reload_grace == 10.0 and isinstance(cfg.limits.reload_grace, float)
+    assert (cfg.limits.drain_timeout, cfg.limits.max_bulk, cfg.limits.output_limit) == (0.0, 1000, 0)
+    assert cfg.metrics_listen is None and (cfg.log_level, cfg.log_format) == ("debug", "json")
+
+
+def test_limits_defaults_are_the_schema_and_the_parser():
+    from proxy.config import Limits
+    from proxy.resp import DEFAULT_MAX_BULK, DEFAULT_MAX_QUERY
+    from proxy.schema import BY_KEY
+    lim = Limits()
+    assert (lim.max_bulk, lim.max_query) == (DEFAULT_MAX_BULK, DEFAULT_MAX_QUERY)
+    for name in vars(lim):
+        assert getattr(lim, name) == BY_KEY[f"limits.{name}"].default
+
+
+def test_effective_configuration_round_trips():
+    import tomllib
+
+    from proxy.config import render_toml
+    cfg = from_dict({"listener": [
+        {"listen": "127.0.0.1:7000", "namespace": "a", "upstream": "redis://u:secret@h:1/2",
+         "databases": {"1": {"db": 3, "namespace": ""}, "2": 4}},
+        {"listen": "[::1]:7001", "strip_namespace": "s", "separator": "/"}],
+        "metrics": {"listen": "127.0.0.1:9121"}, "limits": {"max_bulk": 1000}})
+    text = render_toml(cfg)
+    assert "secret" not in text and "u:***@h:1/2" in text
+    again = from_dict(tomllib.loads(text))
+    assert [(r.name, r.listen, r.default, r.databases) for r in again.routes] == \
+        [(r.name, r.listen, r.default, r.databases) for r in cfg.routes]
+    assert again.limits == cfg.limits and again.metrics_listen == cfg.metrics_listen

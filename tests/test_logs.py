@@ -163,3 +163,61 @@ def test_running_proxy_never_prints_the_password(server, fresh_db, fmt):
             p.stop()
         admin.execute_command("ACL", "DELUSER", "ksp-logtest")
         admin.close()
+
+
+# -- which worker wrote a line; the real port for port 0
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_worker_lines_name_the_worker(capture, monkeypatch, fmt):
+    from proxy.logs import WORKER_ENV
+    monkeypatch.setenv(WORKER_ENV, "3")
+    out = capture("info", fmt)
+    logging.getLogger("keyspace-proxy").info("listening", extra={"route": "app"})
+    line = out.getvalue().strip()
+    if fmt == "json":
+        rec = json.loads(line)
+        assert rec["worker"] == 3 and rec["msg"] == "listening" and rec["route"] == "app"
+    else:
+        assert line.endswith(" INFO keyspace-proxy worker=3: listening route=app")
+
+
+def test_ipv6_peers_in_brackets(capture):
+    out = capture("info", "text")
+    logging.getLogger("keyspace-proxy").info("x", extra={"peer": ("::1", 5000, 0, 0), "other": ("10.0.0.1", 1)})
+    assert out.getvalue().rstrip().endswith("x peer=[::1]:5000 other=10.0.0.1:1")
+
+
+def test_no_worker_field_outside_workers(capture, monkeypatch):
+    from proxy.logs import WORKER_ENV
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    out = capture("info", "json")
+    logging.getLogger("keyspace-proxy").info("x")
+    assert "worker" not in json.loads(out.getvalue())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_port_0_logs_the_real_port_and_ipv6_in_brackets(host):
+    import re
+    import socket
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("PROXY_") or k == "REDIS_URL")}
+    shown = f"[{host}]" if ":" in host else host
+    p = subprocess.Popen([sys.executable, "-m", "proxy", "--listen", f"{shown}:0", "--upstream",
+                          "redis://[::1]:1/0", "--metrics-listen", f"{shown}:0", "--log-level", "debug"],
+                         stderr=subprocess.PIPE, text=True, env=dict(env, PYTHONPATH=ROOT), cwd=ROOT)
+    try:
+        lines = []
+        while not any("listening on" in ln for ln in lines):
+            lines.append(p.stderr.readline())
+            assert lines[-1], "".join(lines)
+        text = "".join(lines)
+        m = re.search(rf"listening on {re.escape(shown)}:(\d+) -> redis://\[::1\]:1/0 \(no namespace\)", text)
+        assert m and int(m.group(1)) != 0, text
+        assert re.search(rf"metrics on http://{re.escape(shown)}:[1-9]\d*/metrics", text), text
+        socket.create_connection((host, int(m.group(1))), timeout=5).close()  # that is where it listens
+        while "client connected" not in lines[-1]:
+            lines.append(p.stderr.readline())
+            assert lines[-1], "".join(lines)
+        assert re.search(rf" peer={re.escape(shown)}:[1-9]\d*$", lines[-1].rstrip()), lines[-1]
+    finally:
+        p.terminate()
+        p.wait(15)

@@ -113,6 +113,28 @@ def test_workers_share_the_listener_and_the_admin_port_sums_them(server, fresh_d
         assert get(p.admin + "/readyz")[0] == 200 and get(p.admin + "/healthz")[0] == 200
         for c in clients:
             c.sock.close()
+        # every line a worker writes names it; the supervisor's do not
+        out = p.output()
+        for n in (0, 1):
+            assert f" INFO keyspace-proxy worker={n}: listening on 127.0.0.1:{p.port} -> " in out
+        assert " INFO keyspace-proxy: 2 workers listening" in out
+        assert all("worker=" in ln for ln in out.splitlines() if "hot path" in ln or "listening on" in ln)
+    finally:
+        assert p.stop() == 0
+
+
+def test_worker_json_lines_carry_the_worker(server, fresh_db):
+    import json
+    p = start_workers(server, fresh_db, extra=["--log-format", "json"])
+    try:
+        recs = [json.loads(ln) for ln in p.output().splitlines() if ln.startswith("{")]
+        listening = [r for r in recs if r["msg"].startswith("listening on")]
+        assert sorted(r["worker"] for r in listening) == [0, 1]
+        workers = [r for r in recs if r["msg"].startswith("hot path") or
+                   (r["msg"].startswith("metrics on") and "summed" not in r["msg"])]
+        assert len(workers) == 4 and all(r["worker"] in (0, 1) for r in workers)
+        supervisor = [r for r in recs if "workers listening" in r["msg"] or "summed over" in r["msg"]]
+        assert len(supervisor) == 2 and not any("worker" in r for r in supervisor)
     finally:
         assert p.stop() == 0
 
@@ -167,7 +189,7 @@ def test_workers_refuse_port_zero_and_bad_counts():
     assert r.returncode == 2 and "listen port 0" in r.stderr
     r = subprocess.run([sys.executable, "-m", "proxy", "--listen", "127.0.0.1:1", "--workers", "0"],
                        capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 2 and "--workers: expected 1 to 256" in r.stderr
+    assert r.returncode == 2 and "--workers: expected an integer 1 to 256, got '0'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "proxy", "--listen", "127.0.0.1:1"],
                        capture_output=True, text=True, env=dict(env, PROXY_WORKERS="two"), timeout=60)
     assert r.returncode == 2 and "PROXY_WORKERS" in r.stderr

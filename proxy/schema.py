@@ -1,0 +1,391 @@
+"""Every setting of the proxy, in one place: its type and range, its default, and the
+TOML path, command-line flag and environment variable that set it.
+
+config.py validates TOML with it, cli.py builds its flags, its environment fallbacks
+and the --help text from it, `keyspace-proxy check` prints the effective configuration
+in its terms, and README's configuration reference is generated from it
+(`python -m proxy.schema`; tests/test_schema.py keeps the two equal).
+
+A value that does not fit raises Invalid with what is allowed; the caller prefixes
+the name the user wrote it under (`--max-bulk-len`, `PROXY_UPSTREAM_MODE`,
+`limits.max_bulk`, `listener[0].upstream`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("text", "json")
+UPSTREAM_MODES = ("shared", "dedicated")
+DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
+_SSIZE_MAX = 2 ** 63 - 1   # the C hot path reads max_bulk as a Py_ssize_t
+
+
+class Invalid(ValueError):
+    """A value that does not fit its field; the message says what is allowed."""
+
+
+def show(value, text: bool) -> str:
+    """A value as the user wrote it: a flag or variable as a quoted string, a TOML value
+    in TOML syntax (`"lots"`, `true`, `1.5`)."""
+    if text:
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+# -- kinds of value: each parses a flag/variable string (text=True) or a TOML value
+
+class Kind:
+    doc = ""
+
+    def parse(self, value, text: bool):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    lo: int
+    hi: int | None = None
+    unit: str = ""
+
+    @property
+    def doc(self) -> str:
+        r = f"integer {self.lo} to {self.hi}" if self.hi is not None else f"integer >= {self.lo}"
+        return r + (f" ({self.unit})" if self.unit else "")
+
+    def parse(self, value, text: bool) -> int:
+        wanted = f"expected an {self.doc}"
+        if text:
+            try:
+                n = int(value.strip())
+            except ValueError:
+                raise Invalid(f"{wanted}, got {show(value, text)}") from None
+        else:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise Invalid(f"{wanted}, got {show(value, text)}")
+            n = value
+        if n < self.lo or n > (self.hi if self.hi is not None else _SSIZE_MAX):
+            raise Invalid(f"{wanted}, got {show(value, text)}")
+        return n
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    lo: float = 0.0
+    inclusive: bool = True
+
+    @property
+    def doc(self) -> str:
+        return f"seconds {'>=' if self.inclusive else '>'} {self.lo:g}"
+
+    def parse(self, value, text: bool) -> float:
+        wanted = f"expected a number of {self.doc}"
+        if text:
+            try:
+                x = float(value.strip())
+            except ValueError:
+                raise Invalid(f"{wanted}, got {show(value, text)}") from None
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise Invalid(f"{wanted}, got {show(value, text)}")
+            x = float(value)
+        if not math.isfinite(x) or x < self.lo or (x == self.lo and not self.inclusive):
+            raise Invalid(f"{wanted}, got {show(value, text)}")
+        return x
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    choices: tuple[str, ...]
+
+    @property
+    def doc(self) -> str:
+        return ", ".join(f"`{c}`" for c in self.choices[:-1]) + f" or `{self.choices[-1]}`"
+
+    def parse(self, value, text: bool) -> str:
+        if not isinstance(value, str) or value not in self.choices:
+            raise Invalid(f"expected one of {', '.join(self.choices)}, got {show(value, text)}")
+        return value
+
+
+class Text(Kind):
+    doc = "string"
+
+    def __init__(self, nonempty: bool = False):
+        self.nonempty = nonempty
+
+    def parse(self, value, text: bool) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"expected a string, got {show(value, text)}")
+        if self.nonempty and not value:
+            raise Invalid("must not be empty")
+        return value
+
+
+class Namespace(Kind):
+    """A namespace: no `*` (Redis substitutes the first `*` of a SORT BY/GET pattern, so a
+    prefixed pattern would break) and no control characters. Empty in TOML means none;
+    a flag must not be empty (leave it out instead)."""
+    doc = "string without `*`, CR, LF"
+
+    def parse(self, value, text: bool) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"expected a string, got {show(value, text)}")
+        if text and not value:
+            raise Invalid("must not be empty (leave it out for no namespace)")
+        if "*" in value:
+            raise Invalid(f"{show(value, text)} must not contain '*': it breaks SORT BY/GET patterns, "
+                          "where Redis substitutes the first '*'")
+        if "\r" in value or "\n" in value:
+            raise Invalid(f"{show(value, text)} must not contain control characters (CR, LF)")
+        return value
+
+
+class Separator(Text):
+    doc = "string without `*`"
+
+    def parse(self, value, text: bool) -> str:
+        value = super().parse(value, text)
+        if "*" in value:
+            raise Invalid(f"{show(value, text)} must not contain '*'")
+        return value
+
+
+class Address(Kind):
+    """HOST:PORT; [::1]:PORT for IPv6 (a bare ::1:PORT is read the same way); an empty
+    HOST is 0.0.0.0; port 0 lets the system choose."""
+    doc = "`HOST:PORT`"
+
+    def parse(self, value, text: bool) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise Invalid(f'expected "HOST:PORT" as a string, e.g. "127.0.0.1:6380", got {show(value, text)}')
+        s = value.strip()
+        if s.isdigit():
+            raise Invalid(f"expected HOST:PORT, got a port alone ({show(value, text)}): give the host too, "
+                          f"e.g. 127.0.0.1:{s} (this machine only) or 0.0.0.0:{s} (every interface)")
+        host, sep, port = s.rpartition(":")
+        if not sep:
+            raise Invalid(f"expected HOST:PORT, e.g. 127.0.0.1:6380, got {show(value, text)}")
+        if not port.isdigit():
+            raise Invalid(f"expected HOST:PORT with a numeric port, got {show(value, text)}")
+        if int(port) > 65535:
+            raise Invalid(f"port {int(port)} is out of range (0 to 65535) in {show(value, text)}")
+        if host.startswith("[") != host.endswith("]"):
+            raise Invalid(f"unbalanced brackets in {show(value, text)}: write IPv6 as [::1]:6380")
+        host = host[1:-1] if host.startswith("[") else host
+        if any(c.isspace() for c in host):
+            raise Invalid(f"expected HOST:PORT, got {show(value, text)}")
+        return (host or "0.0.0.0"), int(port)
+
+
+class Url(Kind):
+    doc = "`redis://[USER:PASSWORD@]HOST[:PORT][/DB]`"
+
+    def parse(self, value, text: bool):
+        from proxy.config import parse_upstream
+        if not isinstance(value, str):
+            raise Invalid(f"expected a URL string, redis://HOST:PORT/DB, got {show(value, text)}")
+        return parse_upstream(value)
+
+
+class Path(Text):
+    doc = "file path"
+
+
+# -- the fields
+
+@dataclass(frozen=True)
+class Field:
+    key: str                  # TOML path ("limits.max_bulk", "listener[].listen"), or a name for flag-only
+    kind: Kind
+    default: object = None    # None: no default (or described in `default_doc`)
+    flag: str | None = None
+    env: str | None = None
+    help: str = ""
+    default_doc: str | None = None
+    toml: bool = True         # False: flag and variable only
+    metavar: str | None = None
+
+    @property
+    def attr(self) -> str:
+        """The argparse destination of its flag."""
+        return self.flag[2:].replace("-", "_") if self.flag else self.key.rsplit(".", 1)[-1]
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit(".", 1)[-1]
+
+    def default_text(self) -> str:
+        if self.default_doc is not None:
+            return self.default_doc
+        if self.default is None:
+            return ""
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
+        if isinstance(self.default, int) and self.default >= 1024 * 1024:
+            return f"{self.default} ({_human(self.default)})"
+        return str(self.default)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n % size == 0:
+            return f"{n // size} {unit}"
+    return str(n)
+
+
+MiB = 1 << 20
+
+FIELDS: tuple[Field, ...] = (
+    Field("config", Path(nonempty=True), flag="--config", env="PROXY_CONFIG", toml=False, metavar="FILE",
+          help="TOML file with one `[[listener]]` per route; listeners then come from the file only"),
+    Field("upstream", Url(), DEFAULT_UPSTREAM, "--upstream", "REDIS_URL", metavar="URL",
+          help="where routes without their own `upstream` forward; the path is the backend db "
+               "(`?db=N` works too); a flag or REDIS_URL wins over the file"),
+    Field("separator", Separator(), ":", "--separator", "PROXY_SEPARATOR", metavar="SEP",
+          help="between namespace and key"),
+    Field("listener[].name", Text(nonempty=True), default_doc="the address",
+          help="the route's name in logs, metrics and errors; unique"),
+    Field("listener[].listen", Address(), None, "--listen", "PROXY_LISTEN", default_doc="required",
+          metavar="HOST:PORT",
+          help="where clients connect (port 0: any free port, logged); PROXY_LISTEN is ignored with a config file"),
+    Field("listener[].upstream", Url(), default_doc="top-level `upstream`",
+          help="this route's server and db"),
+    Field("listener[].namespace", Namespace(), None, "--namespace", "PROXY_NAMESPACE", metavar="NS",
+          help="add mode: client `foo` <-> server `NS:foo`"),
+    Field("listener[].strip_namespace", Namespace(), None, "--strip-namespace", "PROXY_STRIP_NAMESPACE",
+          metavar="NS", help="strip mode: client `NS:foo` <-> server `foo` (not with namespace)"),
+    Field("listener[].separator", Separator(), default_doc="top-level `separator`",
+          help="this route's separator"),
+    Field("listener[].databases.N.db", Int(0), default_doc="required",
+          help="client `SELECT N` goes to this backend db (`N = M` is short for `N = { db = M }`)"),
+    Field("listener[].databases.N.namespace", Namespace(), default_doc="the listener's",
+          help="add mode in this db (`\"\"`: none)"),
+    Field("listener[].databases.N.strip_namespace", Namespace(), default_doc="the listener's",
+          help="strip mode in this db"),
+    Field("listener[].databases.N.separator", Separator(), default_doc="the listener's",
+          help="separator in this db"),
+    Field("metrics.listen", Address(), None, "--metrics-listen", "PROXY_METRICS_LISTEN", metavar="HOST:PORT",
+          default_doc="off", help="admin port: /metrics, /healthz, /readyz, POST /-/reload"),
+    Field("limits.max_bulk", Int(1, unit="bytes"), 512 * MiB, "--max-bulk-len", "PROXY_MAX_BULK_LEN",
+          metavar="N", help="largest bulk string a client may send (Redis's proto-max-bulk-len)"),
+    Field("limits.max_query", Int(1, unit="bytes"), 1024 * MiB, "--max-query-len", "PROXY_MAX_QUERY_LEN",
+          metavar="N", help="largest unfinished request buffered per client (Redis's client-query-buffer-limit)"),
+    Field("limits.connect_timeout", Seconds(0.0, inclusive=False), 5.0, "--connect-timeout",
+          "PROXY_CONNECT_TIMEOUT", metavar="S", help="to open an upstream connection"),
+    Field("limits.drain_timeout", Seconds(0.0), 10.0, "--drain-timeout", "PROXY_DRAIN_TIMEOUT", metavar="S",
+          help="on SIGTERM/SIGINT, how long owed replies may take to finish"),
+    Field("limits.reload_grace", Seconds(0.0), 30.0, "--reload-grace", "PROXY_RELOAD_GRACE", metavar="S",
+          help="after a reload, how long a changed route's busy connections may finish"),
+    Field("limits.upstream_mode", Choice(UPSTREAM_MODES), "shared", "--upstream-mode", "PROXY_UPSTREAM_MODE",
+          metavar="MODE", help="shared: plain clients share an upstream connection per route and db "
+                               "(their own on MULTI, WATCH, blocking commands, SUBSCRIBE, ...); "
+                               "dedicated: one upstream connection per client"),
+    Field("limits.output_limit", Int(0, unit="bytes"), 64 * MiB, "--output-limit", "PROXY_OUTPUT_LIMIT",
+          metavar="N", help="replies held for a client that does not read them before it is "
+                            "disconnected (0: no limit)"),
+    Field("limits.pubsub_output_limit", Int(0, unit="bytes"), 32 * MiB, "--pubsub-output-limit",
+          "PROXY_PUBSUB_OUTPUT_LIMIT", metavar="N", help="the same for a subscribed client (0: no limit)"),
+    Field("limits.output_total_limit", Int(0, unit="bytes"), 256 * MiB, "--output-total-limit",
+          "PROXY_OUTPUT_TOTAL_LIMIT", metavar="N", help="all such clients together: past it the one holding "
+                                                         "the most is disconnected first (0: no limit)"),
+    Field("log.level", Choice(LEVELS), "info", "--log-level", "PROXY_LOG_LEVEL", metavar="LEVEL",
+          help="least severe level logged"),
+    Field("log.format", Choice(FORMATS), "text", "--log-format", "PROXY_LOG_FORMAT", metavar="FORMAT",
+          help="text, or json: one JSON object per line"),
+    Field("workers", Int(1, 256), 1, "--workers", "PROXY_WORKERS", toml=False, metavar="N",
+          help="proxy processes sharing the listeners (SO_REUSEPORT) under one supervisor"),
+)
+
+BY_KEY = {f.key: f for f in FIELDS}
+BY_ATTR = {f.attr: f for f in FIELDS if f.flag}
+
+
+def section_fields(section: str) -> dict[str, Field]:
+    """The TOML fields directly under `section` ("" for top level), by key."""
+    out = {}
+    for f in FIELDS:
+        if not f.toml:
+            continue
+        head, _, name = f.key.rpartition(".")
+        if head == section:
+            out[name] = f
+    return out
+
+
+def known(section: str, extra: tuple[str, ...] = ()) -> str:
+    return ", ".join(sorted(set(section_fields(section)) | set(extra)))
+
+
+SUBCOMMANDS = (
+    ("demo [--listen HOST:PORT] [--namespace NS]", "an embedded Valkey with a proxy in front, to try it out"),
+    ("migrate --from URL --to URL [...]", "copy or move one keyspace's keys into another"),
+    ("check [--config FILE | flags]", "validate the configuration, connect to every upstream and db, "
+                                      "print the effective configuration (credentials masked)"),
+)
+
+
+def env_help() -> str:
+    """The environment variables and what they set, for --help."""
+    lines = []
+    for f in FIELDS:
+        if f.env:
+            lines.append(f"  {f.env:<27} {f.flag}" + (f" / {f.key}" if f.toml else ""))
+    return "\n".join(lines)
+
+
+# -- README's reference tables (generated; tests/test_schema.py compares)
+
+def markdown_flags() -> str:
+    rows = ["| flag | environment | TOML | type | default | meaning |", "|---|---|---|---|---|---|"]
+    for f in FIELDS:
+        if not f.flag:
+            continue
+        rows.append(f"| `{f.flag} {f.metavar}` | `{f.env}` | {f'`{f.key}`' if f.toml else ''} | "
+                    f"{f.kind.doc} | {_md_default(f)} | {f.help} |")
+    rows.append("| `--version` | | | | | print the version and exit |")
+    rows.append("| `-h`, `--help` | | | | | flags, subcommands and environment variables |")
+    return "\n".join(rows)
+
+
+def markdown_toml() -> str:
+    rows = ["| TOML | type | default | flag / environment | meaning |", "|---|---|---|---|---|"]
+    for f in FIELDS:
+        if not f.toml:
+            continue
+        via = f"`{f.flag}` / `{f.env}`" if f.flag else ""
+        rows.append(f"| `{f.key}` | {f.kind.doc} | {_md_default(f)} | {via} | {f.help} |")
+    return "\n".join(rows)
+
+
+def _md_default(f: Field) -> str:
+    d = f.default_text()
+    if not d:
+        return ""
+    return d if f.default_doc is not None else f"`{d.split(' (')[0]}`" + (
+        f" ({d.split(' (')[1]}" if " (" in d else "")
+
+
+if __name__ == "__main__":  # python -m proxy.schema: the README tables
+    print("<!-- flags: generated by python -m proxy.schema -->")
+    print(markdown_flags())
+    print()
+    print("<!-- toml: generated by python -m proxy.schema -->")
+    print(markdown_toml())
+    sys.exit(0)
