@@ -155,8 +155,12 @@ OVERLAY: dict[str, dict] = {
     "client|help": O(policy=PASS, effect=PLAIN, why="no keys"),
     "client|id": O(policy=PASS, effect=PIN, why=_CONNECTION),
     "client|info": O(policy=PASS, effect=PIN, why=_CONNECTION),
-    "client|getname": O(policy=PASS, effect=PIN, why=_CONNECTION),
-    "client|setname": O(policy=PASS, effect=STATE, why="names the connection"),
+    "client|getname": O(policy=PASS, effect=STATE, session="client_getname",
+                        why="on a shared link the proxy holds the name and answers (a named client keeps "
+                            "the shared link); on a connection of its own the server does"),
+    "client|setname": O(policy=PASS, effect=STATE, session="client_setname",
+                        why="names the connection; held by the proxy on a shared link, set again on the "
+                            "client's own connection if it moves to one"),
     "client|no-evict": O(policy=PASS, effect=STATE, why="a flag of the connection"),
     "client|no-touch": O(policy=PASS, effect=STATE, why="a flag of the connection"),
     "client|getredir": O(policy=PASS, effect=PIN, why=_CONNECTION),

@@ -147,6 +147,8 @@ class Session:
         self.confirming = 0            # state changes sent, not yet confirmed
         self.valid_dbs: set[int] = set()   # backend dbs the server accepted (SELECT in MULTI)
         self.probed = False            # the mapped dbs were tried (before the first MULTI)
+        self.client_name: bytes | None = None   # CLIENT SETNAME, held here while on a shared link
+        self._in_block = False         # handling a whole MULTI ... EXEC block on a shared link
         self.input_closed = False      # a malformed request or QUIT: read no more
         self.close_when_done = False   # close the client once pending replies are out
         self.protocol_error = False
@@ -404,7 +406,9 @@ class Session:
         rule = plan.rule
         if plan.kind == SLOW and rule.name in self.rules.containers and len(args) > 1:
             rule = self.rules.lookup(args)
-        if self.shared and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
+        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
+            if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
+                return self._shared_block(args)
             where = self._where_on_shared(rule, args)
             if where is not None:
                 if where == "dedicated":
@@ -454,7 +458,7 @@ class Session:
         else "dedicated"."""
         if len(self.pending) >= SHARED_MAX_OWED:
             return "dedicated"
-        if rule.session in ("client_reply", "quit"):
+        if rule.session in ("client_reply", "quit", "client_setname", "client_getname"):
             return None
         if rule.session == "hello" and self.tx is None and len(args) == 2 and args[1] in (b"2", b"3"):
             version = int(args[1])
@@ -467,6 +471,66 @@ class Session:
             except Refused:
                 return None
         return "dedicated"
+
+    def _shared_block(self, args: list[bytes]) -> None:
+        """MULTI on a shared link. If this read holds the whole block up to EXEC or DISCARD
+        (as redis-py, redis-rb and redis-client send it: pipelined) and every command in it
+        may share a connection, the block goes to the shared link in one write, so no
+        other client's command can fall inside it, and its replies come back as from a
+        connection of its own. Otherwise (typed command by command, split over reads,
+        WATCH, a command with connection state inside) the client moves to a connection
+        of its own, with what was read of the block held in order."""
+        block: list = []
+        complete = False
+        held = self.held  # when replayed, the rest of the block waits there, then in the reader
+        while len(self.pending) + len(block) + 2 < SHARED_MAX_OWED:
+            if held:
+                nxt = held.popleft()
+            else:
+                try:
+                    nxt = self.reader.get()
+                except Exception as e:
+                    msg = e if isinstance(e, ProtocolError) else f"unreadable request ({e.__class__.__name__})"
+                    nxt = Fault(f"ERR Protocol error: {msg}")
+                    self.stats.errors["protocol"] += 1
+                    self.input_closed = True
+                if nxt is None:
+                    break
+            block.append(nxt)
+            if type(nxt) is Fault:
+                break
+            name = nxt[0].lower()
+            if name in (b"exec", b"discard"):
+                complete = True
+                break
+            rule = self.rules.lookup(nxt)
+            if not (rule.shareable or self._answered_here(rule, nxt)):
+                break
+        if not complete:
+            self.need_dedicated = True
+            held.extendleft(reversed([args] + block))  # in order, ahead of anything held
+            return
+        self._in_block = True
+        try:
+            self.handle(args)
+            for a in block:
+                self.handle(a)
+        finally:
+            self._in_block = False
+
+    def _answered_here(self, rule, args) -> bool:
+        """Inside MULTI on a shared link: a command the proxy answers itself (a refusal,
+        CLIENT REPLY, which is refused inside MULTI, QUIT), so nothing reaches the link."""
+        if rule.session in ("client_reply", "quit") or rule.everywhere:
+            return True
+        if rule.policy == "refuse" and self.ctx.ks.mode != "none":
+            return True
+        if rule.rewrite is not None:
+            try:
+                rule.rewrite(list(args), self.ctx)
+            except Refused:
+                return True
+        return False
 
     def _plan(self, raw_name: bytes) -> Plan:
         plan = compile_plan(raw_name, self.ctx)
@@ -560,6 +624,7 @@ class Session:
         def done(raw: bytes) -> bytes:
             if raw.startswith(b"+RESET"):
                 self.monitor = False
+                self.client_name = None
                 self.proto = 2
                 for s in self.subs.values():
                     s.clear()
@@ -575,8 +640,8 @@ class Session:
     def _cmd_multi(self, args, show) -> None:
         if self.tx is not None:
             return self._send(args, self._entry(None, show))  # nested MULTI: the server's error
-        if not self.probed and self.route.databases:
-            self._probe_dbs()
+        if not self.probed and self.route.databases and not self.shared:
+            self._probe_dbs()  # (a SELECT inside MULTI pins: never on a shared link)
         self._send(args, self._entry(None, show))
         self.tx, self.tx_failed = [], False
 
@@ -630,6 +695,33 @@ class Session:
             self.reply_on, self.skip = False, False
         elif self.reply_on:
             self.skip = True
+
+    def _cmd_client_setname(self, args, show) -> None:
+        if len(args) != 3 or self.tx is not None or not self.shared:
+            # the server's own arity error, queued in MULTI, or a connection of its own:
+            # the server names it, and the proxy keeps the name once it says +OK
+            name = args[2] if len(args) == 3 else None
+
+            def done(raw: bytes) -> bytes:
+                if name is not None and not is_error(raw):
+                    self.client_name = name or None
+                return raw
+            if self.tx is not None:
+                return self._queue_or_send(args, None, show, done)
+            return self._send(args, Req(XFORM, done, show=show))
+        name = args[2]
+        if any(c < 0x21 or c > 0x7E for c in name):  # as Redis validates it (networking.c)
+            return self._local(error("ERR Client names cannot contain spaces, newlines or special characters."),
+                               show)
+        self.client_name = name or None
+        self._local(OK, show)
+
+    def _cmd_client_getname(self, args, show) -> None:
+        if len(args) != 2 or self.tx is not None or not self.shared:
+            return self._queue_or_send(args, None, show)
+        name = self.client_name
+        nil = b"_\r\n" if self.link_proto == 3 else b"$-1\r\n"
+        self._local(nil if name is None else b"$%d\r\n%s\r\n" % (len(name), name), show)
 
     def _cmd_subscribe(self, args, show) -> None:
         which, adding = self.rules.get(args[0].lower().decode("latin-1")).subscribe
@@ -706,6 +798,8 @@ class Session:
         self.need_link = None
         # the client said HELLO 3 on a shared link: its own connection speaks RESP3 too
         self.handshake(self.link_proto)
+        if self.client_name is not None:  # the name the proxy held goes to the server
+            self._send([b"CLIENT", b"SETNAME", self.client_name], Req(INTERNAL, lambda raw: None))
         self._replay_held()
 
     def switch_link(self) -> None:

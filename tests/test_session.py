@@ -607,7 +607,7 @@ def test_shared_session_sends_no_handshake_and_plain_commands_stay_shared():
 
 @pytest.mark.parametrize("cmd", [("MULTI",), ("WATCH", "k"), ("SELECT", "1"), ("BLPOP", "q", "0"),
                                  ("SUBSCRIBE", "ch"), ("HELLO", "3", "SETNAME", "n"), ("HELLO",),
-                                 ("CLIENT", "SETNAME", "n")])
+                                 ("CLIENT", "NO-EVICT", "on")])
 def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
     s = Session(make_route(db=3), shared=True)
     s.client_data(c("GET", "a") + c(*cmd) + c("GET", "b"))
@@ -737,3 +737,68 @@ def test_refusals_are_logged_at_info_and_rate_limited(caplog):
         caplog.clear()
         d.client(c("FLUSHALL"))
     assert "(6 more refusals not logged)" in caplog.records[-1].getMessage()
+
+
+# ---------------------------------------------------------------- issue 16: named clients and transactions share
+
+
+def test_client_name_is_held_by_the_proxy_on_a_shared_link():
+    s = Session(make_route(db=3), shared=True)
+    s.client_data(c("CLIENT", "SETNAME", "worker-1") + c("GET", "a") + c("CLIENT", "GETNAME"))
+    assert s.take_upstream() == c("GET", "app:a")  # the name never reaches the shared connection
+    assert s.shared and not s.need_dedicated
+    assert shared_replies(s, enc("1")) == b"+OK\r\n" + enc("1") + enc("worker-1")
+    s.client_data(c("CLIENT", "SETNAME", "has space"))
+    assert s.take_client() == b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+    s.client_data(c("CLIENT", "SETNAME", "") + c("CLIENT", "GETNAME"))
+    assert s.take_client() == b"+OK\r\n$-1\r\n"
+    # a later move to a connection of its own takes the name along
+    s.client_data(c("CLIENT", "SETNAME", "w2") + c("BLPOP", "q", "0"))
+    assert s.take_client() == b"+OK\r\n" and s.need_dedicated
+    s.switch_to_dedicated()
+    assert s.take_upstream() == c("SELECT", "3") + c("CLIENT", "SETNAME", "w2") + c("BLPOP", "app:q", "0")
+
+
+def test_a_whole_multi_block_goes_to_the_shared_link_in_one_piece():
+    s = Session(make_route(db=3), shared=True)
+    block = c("MULTI") + c("SADD", "queues", "default") + c("LPUSH", "queue:default", "job") + c("EXEC")
+    s.client_data(c("GET", "a") + block + c("GET", "b"))
+    assert s.take_upstream() == (c("GET", "app:a") + c("MULTI") + c("SADD", "app:queues", "default")
+                                 + c("LPUSH", "app:queue:default", "job") + c("EXEC") + c("GET", "app:b"))
+    assert s.shared and not s.need_dedicated and s.tx is None
+    out = shared_replies(s, enc("1"), b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n", b"*2\r\n:1\r\n:1\r\n", enc("2"))
+    assert out == enc("1") + b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n:1\r\n" + enc("2")
+    assert not s.pending
+
+
+def test_a_shared_multi_block_with_a_refused_command_ends_in_execabort():
+    s = Session(make_route(), shared=True)
+    s.client_data(c("MULTI") + c("SET", "k", "v") + c("FLUSHALL") + c("EXEC"))
+    assert s.take_upstream() == c("MULTI") + c("SET", "app:k", "v") + c("DISCARD")
+    out = shared_replies(s, b"+OK\r\n", b"+QUEUED\r\n", b"+OK\r\n")
+    assert out.startswith(b"+OK\r\n+QUEUED\r\n-ERR command 'FLUSHALL' is refused")
+    assert out.endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+    assert s.shared and not s.need_dedicated
+
+
+@pytest.mark.parametrize("sent, replayed", [
+    # the rest of the block is not here yet (typed, or split over reads)
+    (c("MULTI") + c("SET", "k", "v"), c("MULTI") + c("SET", "app:k", "v")),
+    # WATCH pins
+    (c("WATCH", "k") + c("MULTI") + c("SET", "k", "v") + c("EXEC"),
+     c("WATCH", "app:k") + c("MULTI") + c("SET", "app:k", "v") + c("EXEC")),
+    # connection state inside the block (GET b then waits for EXEC's confirmation of the name)
+    (c("MULTI") + c("CLIENT", "SETNAME", "x") + c("EXEC"), c("MULTI") + c("CLIENT", "SETNAME", "x") + c("EXEC")),
+])
+def test_a_multi_block_that_cannot_share_moves_in_order(sent, replayed):
+    waits = b"SETNAME" in sent
+    s = Session(make_route(databases={}), shared=True)
+    s.client_data(c("GET", "a") + sent + c("GET", "b"))
+    assert s.take_upstream() == c("GET", "app:a")
+    assert s.need_dedicated
+    shared_replies(s, enc("1"))
+    s.switch_to_dedicated()
+    assert s.take_upstream() == replayed + (b"" if waits else c("GET", "app:b"))
+    if waits:
+        s.upstream_data(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n")
+        assert s.client_name == b"x" and s.take_upstream() == c("GET", "app:b")
