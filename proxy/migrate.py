@@ -168,10 +168,24 @@ local function put(tgt, C, t, mode, ttl, items, first)
         if mode == 'copy' then redis.call('HINCRBY', C, v, 1) end
       end
     end
-  elseif t == 'zset' then
-    for i = first, #items, 2 do added = added + redis.call('ZADD', tgt, 'NX', items[i + 1], items[i]) end
-  elseif t == 'set' then
-    for i = first, #items do added = added + redis.call('SADD', tgt, items[i]) end
+  elseif t == 'zset' or t == 'set' then
+    local step = 1
+    if t == 'zset' then step = 2 end
+    for i = first, #items, step do
+      local m = items[i]
+      if redis.call('HEXISTS', C, m) == 1 then
+        -- a copy delivered it already (it may have been consumed since): never again
+        if mode == 'move' then redis.call('HDEL', C, m) end
+        dropped = dropped + 1
+      else
+        if t == 'zset' then
+          added = added + redis.call('ZADD', tgt, 'NX', items[i + 1], m)
+        else
+          added = added + redis.call('SADD', tgt, m)
+        end
+        if mode == 'copy' then redis.call('HSET', C, m, 1) end
+      end
+    end
   elseif t == 'hash' then
     for i = first, #items, 2 do added = added + redis.call('HSETNX', tgt, items[i], items[i + 1]) end
   end
@@ -263,7 +277,7 @@ class Summary:
                    f"conflicts {len(self.conflicts)}, skipped {self.skipped}, elements {self.elements}, "
                    f"bytes {self.bytes}"]
             if self.dropped:
-                out.append(f"{self.dropped} list element(s) not added again: an earlier copy had delivered them")
+                out.append(f"{self.dropped} element(s) not added again: an earlier copy had delivered them")
             if self.recovered:
                 out.append(f"{self.recovered} in-flight chunk(s) of an interrupted run finished")
         out += [f"conflict: {k} ({why})" for k, why in self.conflicts[:50]]
@@ -425,8 +439,8 @@ class Migration:
             size = Client.check(src.call({b"list": "LLEN", b"zset": "ZCARD", b"set": "SCARD",
                                           b"hash": "HLEN"}[kind], key))
             what = {b"list": "element(s)", b"zset": "member(s)", b"set": "member(s)", b"hash": "field(s)"}[kind]
-            if kind == b"list" and journaled:
-                copied = sum(int(c) for c in Client.check(dst.call("HVALS", self.journal(key)))[:10**6])
+            if journaled and kind != b"hash":
+                copied = sum(int(c) for c in Client.check(dst.call("HVALS", self.journal(key))))
                 what += f", {copied} delivered by an earlier copy and not added again"
             if tkind != b"none":
                 s.merged += 1
@@ -606,11 +620,13 @@ def _multiset(c: Side, key: bytes, kind: bytes) -> Counter:
     return Counter()
 
 
-def _compare(name: str, s: Counter, t: Counter, kind: bytes) -> str | None:
-    """Losses: elements fewer times in the target than in the source. Duplicates (lists):
-    elements more times in the target than in the source, or more than once when the source
-    does not have them. Elements only the target has are the live side's and not reported."""
-    lost = sum((s - t).values())
+def _compare(name: str, s: Counter, t: Counter, kind: bytes, delivered: Counter = Counter()) -> str | None:
+    """Losses: elements fewer times in the target than in the source, not counting what the copy
+    journal says a copy delivered (a consumer on the target may have taken it since).
+    Duplicates (lists): elements more times in the target than in the source, or more than once
+    when the source does not have them. Elements only the target has are the live side's."""
+    missing = {e: n - max(t[e], delivered[e]) for e, n in s.items() if n > max(t[e], delivered[e])}
+    lost = sum(missing.values())
     dup = sum(max(0, n - max(s[e], 1)) for e, n in t.items()) if kind == b"list" else 0
     if not lost and not dup:
         return None
@@ -620,7 +636,7 @@ def _compare(name: str, s: Counter, t: Counter, kind: bytes) -> str | None:
         parts.append(f"{dup} duplicate {what}(s) in the target")
     if lost:
         parts.append(f"{lost} {what}(s) of the source missing in the target")
-    example = next(iter((t - s) if dup else (s - t)))
+    example = next(e for e, n in t.items() if n > max(s[e], 1)) if dup else next(iter(missing))
     return f"{name}: " + ", ".join(parts) + f" (e.g. {example[:60]!r})"
 
 
@@ -656,7 +672,9 @@ def verify(src: Upstream, dst: Upstream, src_ns: str, dst_ns: str, sep=":", matc
                     if a.call("GET", key) != b.call("GET", tgt):
                         problems.append(f"{name}: values differ")
                 elif kind in COLLECTIONS:
-                    p = _compare(name, _multiset(a, key, kind), _multiset(b, tgt, kind), kind)
+                    done = Client.check(b.call("HGETALL", m.journal(key))) if kind != b"hash" else []
+                    delivered = Counter({e: int(n) for e, n in zip(done[0::2], done[1::2])})
+                    p = _compare(name, _multiset(a, key, kind), _multiset(b, tgt, kind), kind, delivered)
                     if p:
                         problems.append(p)
                 elif a.call("DUMP", key) != b.call("DUMP", tgt):
