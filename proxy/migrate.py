@@ -508,7 +508,6 @@ class Migration:
                 return
 
     def _move_remote(self, src, dst, key, tgt, kind, ttl) -> None:
-        s = self.summary
         journal = self.journal(key)
         rec = json.dumps({"to": self.dst_id.decode(), "tgt": tgt.decode("latin-1"), "type": kind.decode(),
                           "journal": journal.decode("latin-1"), "ttl": ttl, "last": 0})
