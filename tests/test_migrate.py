@@ -28,6 +28,11 @@ def dbs(server):
     b.flushdb()
 
 
+def data_keys(r) -> list:
+    """The keys, without migrate's journal (keyspace-proxy:migrate:*)."""
+    return sorted(k for k in r.keys() if not k.startswith(b"keyspace-proxy:migrate:"))
+
+
 def sidekiq6_data(a):
     a.zadd("sidekiq:schedule", {"job1": 100, "job2": 200})
     a.zadd("sidekiq:retry", {"r1": 5})
@@ -45,7 +50,7 @@ def test_copy_keeps_ttls_and_strips_the_namespace(dbs):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "keys seen 6, copied 6, moved 0, merged 0, conflicts 0" in r.stdout
     assert "verify: 0 difference(s)" in r.stdout
-    assert sorted(b.keys()) == [b"queue:default", b"queues", b"retry", b"schedule", b"stat:processed", b"stat:x"]
+    assert data_keys(b) == [b"queue:default", b"queues", b"retry", b"schedule", b"stat:processed", b"stat:x"]
     assert b.zrange("schedule", 0, -1, withscores=True) == [(b"job1", 100.0), (b"job2", 200.0)]
     assert b.lrange("queue:default", 0, -1) == [b"j1", b"j2"]
     assert 0 < b.pttl("stat:processed") <= 600_000 and b.ttl("schedule") == -1
@@ -81,7 +86,9 @@ def test_dry_run_changes_nothing_and_match_limits(dbs):
     sidekiq6_data(a)
     r = migrate("--from", f"{base}/14", "--from-namespace", "sidekiq", "--to", f"{base}/15",
                 "--match", "schedule", "--dry-run", "--move")
-    assert r.returncode == 0 and "dry run: keys seen 1," in r.stdout and "skipped 1" in r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dry run: keys seen 1, would copy 0, would move 1, would merge 0, conflicts 0" in r.stdout
+    assert "would move zset sidekiq:schedule -> schedule: 2 member(s)" in r.stdout
     assert b.keys() == [] and a.exists("sidekiq:schedule")
     r = migrate("--from", f"{base}/14", "--from-namespace", "sidekiq", "--to", f"{base}/15",
                 "--match", "schedule", "--move")
@@ -98,11 +105,12 @@ def test_into_a_namespace_on_another_server_and_verify_finds_differences(dbs, se
         o = redis.Redis(port=other.port)
         assert o.zrange("app:sidekiq:schedule", 0, -1) == [b"job1", b"job2"]
         assert verify(parse_url(f"{base}/14"), parse_url(other.url), "", "app", match="sidekiq:*") == []
-        o.zrem("app:sidekiq:schedule", "job1")
+        o.zrem("app:sidekiq:schedule", "job1")   # consumed on the target: delivered, not lost
+        a.zadd("sidekiq:schedule", {"job3": 300})  # new in the source, not copied yet: missing
         o.srem("app:sidekiq:queues", "default")  # its only member: the set is gone
         problems = verify(parse_url(f"{base}/14"), parse_url(other.url), "", "app", match="sidekiq:*")
         assert sorted(problems) == ["sidekiq:queues: set in the source, none in the target",
-                                    "sidekiq:schedule: 1 members missing in the target"]
+                                    "sidekiq:schedule: 1 member(s) of the source missing in the target (e.g. b'job3')"]
     finally:
         other.stop()
 
@@ -130,3 +138,102 @@ def test_same_keyspace_and_bad_urls_are_refused(dbs):
     assert r.returncode == 2 and "same keyspace" in r.stderr
     r = migrate("--from", "http://x/0", "--to", f"{base}/14")
     assert r.returncode == 2 and "--from: scheme must be redis://" in r.stderr
+
+
+def test_rerun_copy_and_copy_then_move_never_duplicate(dbs):
+    """The issue's case: a copy run twice gave 1, 2, 1, 2 and said 0 differences; copy then --move
+    gave j0 j1 j2 j1 j2."""
+    a, b, base = dbs
+    a.rpush("sidekiq:queue:default", "j1", "j2")
+    a.zadd("sidekiq:schedule", {"s1": 1})
+    args = ["--from", f"{base}/14", "--from-namespace", "sidekiq", "--to", f"{base}/15"]
+    for _ in range(2):
+        r = migrate(*args, "--verify")
+        assert r.returncode == 0 and "verify: 0 difference(s)" in r.stdout, r.stdout + r.stderr
+    assert b.lrange("queue:default", 0, -1) == [b"j1", b"j2"]
+    a.rpush("sidekiq:queue:default", "j3")  # new since the copy: a rerun copies only this one
+    b.lpush("queue:default", "j0")          # a live client on the target
+    r = migrate(*args)
+    assert b.lrange("queue:default", 0, -1) == [b"j0", b"j1", b"j2", b"j3"]
+    r = migrate(*args, "--move", "--verify")
+    assert r.returncode == 0 and "verify: 0 difference(s)" in r.stdout, r.stdout + r.stderr
+    assert "4 element(s) not added again" in r.stdout  # 3 jobs, 1 schedule member
+    assert b.lrange("queue:default", 0, -1) == [b"j0", b"j1", b"j2", b"j3"]
+    assert a.keys() == [] and data_keys(b) == [b"queue:default", b"schedule"]
+    assert b.keys("keyspace-proxy:*") == []  # the copy journal went with the moved list
+
+
+def test_verify_finds_duplicates_and_losses_per_key(dbs):
+    a, b, base = dbs
+    a.rpush("ns:q", "1", "2", "3")
+    b.rpush("q", "1", "2", "1", "2")  # 1 and 2 twice, 3 lost
+    a.rpush("ns:ok", "x", "x")
+    b.rpush("ok", "x", "x", "live")
+    a.sadd("ns:s", "m1", "m2")
+    b.sadd("s", "m1")
+    problems = verify(parse_url(f"{base}/14"), parse_url(f"{base}/15"), "ns", "")
+    assert sorted(problems) == [
+        "ns:q: 2 duplicate element(s) in the target, 1 element(s) of the source missing in the target (e.g. b'1')",
+        "ns:s: 1 member(s) of the source missing in the target (e.g. b'm2')"]
+    a.delete("ns:q", "ns:ok", "ns:s")  # as after a move: target lists must not hold an element twice
+    problems = verify(parse_url(f"{base}/14"), parse_url(f"{base}/15"), "ns", "", moved=True)
+    assert sorted(problems) == ["ok: 1 duplicate element(s) in the target (e.g. b'x')",
+                                "q: 2 duplicate element(s) in the target (e.g. b'1')"]
+
+
+def test_move_across_dbs_with_a_live_target_is_element_by_element(dbs):
+    a, b, base = dbs
+    a.rpush("sidekiq:queue:default", *[f"j{i}" for i in range(25)])
+    a.zadd("sidekiq:retry", {f"r{i}": i for i in range(25)})
+    a.pexpire("sidekiq:retry", 600_000)
+    b.rpush("queue:default", "n1")
+    r = migrate("--from", f"{base}/14", "--from-namespace", "sidekiq", "--to", f"{base}/15", "--move",
+                "--batch", "4", "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "moved 1, merged 1," in r.stdout and "elements 50" in r.stdout
+    assert b.lrange("queue:default", 0, -1) == [b"n1"] + [f"j{i}".encode() for i in range(25)]
+    assert b.zcard("retry") == 25 and 0 < b.pttl("retry") <= 600_000  # the TTL of a key created here
+    assert a.keys() == []
+
+
+def test_dry_run_reports_copy_move_merge_and_verify_runs(dbs):
+    a, b, base = dbs
+    sidekiq6_data(a)
+    b.rpush("queue:default", "n1")
+    b.set("stat:processed", "42")
+    r = migrate("--from", f"{base}/14", "--from-namespace", "sidekiq", "--to", f"{base}/15", "--dry-run",
+                "--verify")
+    assert r.returncode == 1, r.stdout + r.stderr  # the target lacks what would be copied
+    assert "dry run: keys seen 6, would copy 4, would move 0, would merge 1, conflicts 0, already there 1" \
+        in r.stdout
+    assert "would merge (copy) list sidekiq:queue:default -> queue:default: 2 element(s)" in r.stdout
+    assert "would skip string sidekiq:stat:processed -> stat:processed: already there" in r.stdout
+    assert "verify: 5 difference(s) (dry run: the sides as they are now, nothing was changed)" in r.stdout
+    assert data_keys(b) == [b"queue:default", b"stat:processed"] and b.llen("queue:default") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch must be a positive number, got 0"),
+    (["--batch", "x"], "argument --batch: invalid int value: 'x'"),
+    (["--match", ""], "--match must not be empty"),
+    (["--state", "/nonexistent/dir/s.json"], "--state /nonexistent/dir/s.json: folder /nonexistent/dir does not exist"),
+])
+def test_bad_arguments_are_refused_on_one_line_before_anything_moves(dbs, args, message):
+    a, b, base = dbs
+    a.rpush("ns:q", "1")
+    r = migrate("--from", f"{base}/14", "--from-namespace", "ns", "--to", f"{base}/15", "--move", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert a.lrange("ns:q", 0, -1) == [b"1"] and b.keys() == []
+
+
+def test_unreachable_servers_are_named_and_state_mentioned_only_when_given(dbs, tmp_path):
+    from proxy.embedded import free_port
+    _, _, base = dbs
+    dead = f"redis://127.0.0.1:{free_port()}/3"
+    r = migrate("--from", f"{base}/14", "--to", dead)
+    assert r.returncode == 1 and "cannot connect to the target redis://127.0.0.1:" in r.stderr, r.stderr
+    assert "--state" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = migrate("--from", dead, "--to", f"{base}/14", "--state", str(tmp_path / "s.json"))
+    assert r.returncode == 1 and f"cannot connect to the source {dead}" in r.stderr
+    assert "rerun with the same --state to resume" in r.stderr
