@@ -132,6 +132,10 @@ class Session:
         self.partial: PartialReply | None = None   # a reply arriving over several reads
         self.partial_chunks: list | None = None     # its bytes, when it must be held whole
         self.proto = 2                 # confirmed by the server
+        # Channels: messages and confirmations arrive whenever the server sends them,
+        # so they are named by the db and keyspace the server confirmed, never by a
+        # SELECT still queued in MULTI (`_use`).
+        self.cmap = ChannelMap(route, route.default)
         self.target = route.default    # confirmed by the server (db + keyspace)
         self._use(route.default)
         self.tx: list[TxItem] | None = None   # commands queued in MULTI
@@ -148,6 +152,8 @@ class Session:
         self.valid_dbs: set[int] = set()   # backend dbs the server accepted (SELECT in MULTI)
         self.probed = False            # the mapped dbs were tried (before the first MULTI)
         self.client_name: bytes | None = None   # CLIENT SETNAME, held here while on a shared link
+        self.tx_open = None            # the MULTI sent whose answer is not in yet (its tx list)
+        self.tx_waiting = False        # a request waits for that answer
         self._in_block = False         # handling a whole MULTI ... EXEC block on a shared link
         self.input_closed = False      # a malformed request or QUIT: read no more
         self.close_when_done = False   # close the client once pending replies are out
@@ -182,10 +188,12 @@ class Session:
         self.fast_specs = self.stats.fast_for(target)
         ks = target.keyspace
         self.fast_mode, self.fast_prefix = FAST_MODES[ks.mode], ks.prefix
-        if getattr(self, "cmap", None) is None:
-            self.cmap = ChannelMap(self.route, target)
-        else:
-            self.cmap.target = target
+
+    def _confirmed(self, target) -> None:
+        """The server confirmed a db change (SELECT's +OK, its element of EXEC, RESET)."""
+        self.target = target
+        self.cmap.target = target
+        self.valid_dbs.add(target.db)
 
     def take_upstream(self) -> bytes:
         out = b"".join(self.out_upstream)
@@ -417,6 +425,9 @@ class Session:
                     self.need_link = where
                 self.held.appendleft(args)  # replayed first once the connection is there
                 return
+        if self.tx_open is not None and rule.session in ("select", "hello", "client_setname") \
+                and self._multi_unconfirmed(args):
+            return
         plan.count += 1
         self._label = plan.label
         show = self._show()
@@ -582,14 +593,12 @@ class Session:
 
             def confirm(raw: bytes) -> None:
                 if not is_error(raw):
-                    self.target = target
-                    self.valid_dbs.add(target.db)
+                    self._confirmed(target)
             return self._queue_or_send(server_args, None, show, confirm)
 
         def done(raw: bytes) -> bytes:
             if not is_error(raw):
-                self.target = target
-                self.valid_dbs.add(target.db)
+                self._confirmed(target)
                 self._use(target)
             return raw
         # What follows waits for the server's answer, so that outside MULTI `target` is
@@ -629,7 +638,7 @@ class Session:
                 for s in self.subs.values():
                     s.clear()
                 self.cmap.patterns.clear()
-                self.target = self.route.default
+                self._confirmed(self.route.default)
                 self._use(self.target)
             return raw
         self._send(args, Req(XFORM, self._hold_until(done)))
@@ -642,8 +651,34 @@ class Session:
             return self._send(args, self._entry(None, show))  # nested MULTI: the server's error
         if not self.probed and self.route.databases and not self.shared:
             self._probe_dbs()  # (a SELECT inside MULTI pins: never on a shared link)
-        self._send(args, self._entry(None, show))
-        self.tx, self.tx_failed = [], False
+        tx: list = []
+
+        def done(raw: bytes) -> bytes:
+            # The server may refuse MULTI (ACL, a RESP2 subscriber): then nothing after
+            # it is queued. Commands whose queueing changes the proxy's picture (SELECT,
+            # HELLO in MULTI) wait for this answer (_multi_unconfirmed).
+            self.tx_open = None
+            if is_error(raw) and self.tx is tx:
+                self.tx, self.tx_failed = None, False
+                self._use(self.target)
+            if self.tx_waiting:
+                self.tx_waiting = False
+                self.confirming -= 1
+            return raw
+        self._send(args, Req(XFORM, done, show=show))
+        self.tx, self.tx_failed = tx, False
+        self.tx_open = tx
+
+    def _multi_unconfirmed(self, args) -> bool:
+        """Inside MULTI before the server's +OK for it: hold `args` (a command that
+        changes the proxy's picture when queued) until that answer is in."""
+        if self.tx_open is None:
+            return False
+        if not self.tx_waiting:
+            self.tx_waiting = True
+            self.confirming += 1
+        self.held.appendleft(args)
+        return True
 
     def _cmd_exec(self, args, show) -> None:
         items, failed = self.tx, self.tx_failed

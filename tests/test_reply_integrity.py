@@ -24,7 +24,9 @@ from proxy.embedded import free_port
 
 CLIENTS = 12
 STEPS = 200
-FIXED_SEEDS = [1, 2]
+# 529485032: UNSUBSCRIBE confirmed after a later MULTI + SELECT was queued (channel named by the
+# queued SELECT's namespace); found by the random seed in CI-like runs
+FIXED_SEEDS = [1, 2, 529485032]
 
 
 def seeds() -> list[int]:

@@ -123,9 +123,13 @@ def test_refused_select_in_multi_restores_db():
     # SELECT queued in MULTI can be checked against what the server accepts
     assert up == c("SELECT", "7") + c("SELECT", "0") + c("MULTI")
     assert d.server(b"+OK\r\n+OK\r\n") == b""
+    # a SELECT queued in MULTI also waits for MULTI's +OK (a MULTI the server refused
+    # would make it run at once)
+    assert d.s.take_upstream() == b""
+    assert d.server(b"+OK\r\n") == b"+OK\r\n"
     assert d.s.take_upstream() == c("SELECT", "7") + c("DISCARD")
-    out = d.server(b"+OK\r\n+QUEUED\r\n+OK\r\n")
-    assert out == b"+OK\r\n+QUEUED\r\n-ERR db 9 is not mapped on route r\r\n" \
+    out = d.server(b"+QUEUED\r\n+OK\r\n")
+    assert out == b"+QUEUED\r\n-ERR db 9 is not mapped on route r\r\n" \
                   b"-EXECABORT Transaction discarded because of previous errors.\r\n"
     assert d.s.target == d.s.route.default
     assert d.client(c("GET", "k")) == c("GET", "app:k")
@@ -798,7 +802,28 @@ def test_a_multi_block_that_cannot_share_moves_in_order(sent, replayed):
     assert s.need_dedicated
     shared_replies(s, enc("1"))
     s.switch_to_dedicated()
-    assert s.take_upstream() == replayed + (b"" if waits else c("GET", "app:b"))
-    if waits:
-        s.upstream_data(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n")
+    if waits:  # CLIENT SETNAME waits for MULTI's +OK, GET b for EXEC's confirmation of the name
+        assert s.take_upstream() == c("MULTI")
+        s.upstream_data(b"+OK\r\n")
+        assert s.take_upstream() == c("CLIENT", "SETNAME", "x") + c("EXEC")
+        s.upstream_data(b"+QUEUED\r\n*1\r\n+OK\r\n")
         assert s.client_name == b"x" and s.take_upstream() == c("GET", "app:b")
+    else:
+        assert s.take_upstream() == replayed + c("GET", "app:b")
+
+
+def test_a_select_queued_behind_a_multi_the_server_refuses_changes_nothing():
+    # RESP2 subscriber: the server refuses MULTI; the SELECT after it must not be taken
+    # as queued (the server would run it at once), so it waits for MULTI's answer
+    d = Drive(make_route("add", {}))
+    d.client(c("SUBSCRIBE", "ch"))
+    d.server(enc(["subscribe", "app:ch", 1]))
+    up = d.client(c("MULTI"), c("SELECT", "0"), c("PING"))
+    assert up == c("MULTI")
+    err = b"-ERR Can't execute 'multi': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed\r\n"
+    assert d.server(err) == err
+    assert d.s.tx is None
+    assert d.s.take_upstream() == c("SELECT", "0")  # a plain SELECT now, waiting for its answer
+    err = b"-ERR Can't execute 'select': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed\r\n"
+    assert d.server(err) == err
+    assert d.s.take_upstream() == c("PING")
