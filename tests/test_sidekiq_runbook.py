@@ -133,6 +133,13 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
             return [shutil.which("sidekiq") if version == 6 else SIDEKIQ7_BIN,
                     "-r", os.path.join(JOBS, "jobs.rb"), "-c", "3", "-t", "8", "-q", "default"]
 
+        def wait_for(cond, what, timeout=30):
+            deadline = time.monotonic() + timeout
+            while not cond():
+                check_alive()
+                assert time.monotonic() < deadline, f"no {what} after {timeout} s\n{tails()}"
+                time.sleep(0.5)
+
         def check_alive():
             dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None and n != "worker6"}
             assert not dead, f"processes exited early: {dead}\n{tails()}"
@@ -154,6 +161,7 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
             check_alive()
             time.sleep(0.5)
         assert old_db.keys("sidekiq:j|*"), (sorted(old_db.keys("*")), tails())
+        wait_for(lambda: old_db.zcard("sidekiq:dead") > 0, "a job in the old dead set")
         assert old_db.keys("sidekiq:*") and not new_db.keys("*"), new_db.keys("*")  # one keyspace, under sidekiq:
         stray = [k for k in old_db.keys("*") if not k.startswith(b"sidekiq:")]
         assert not stray, f"Sidekiq 7 wrote outside the namespace: {stray}"
@@ -174,6 +182,7 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
         assert b"2 route(s) changed" in urllib.request.urlopen(req, timeout=30).read()
         time.sleep(5)  # the old routes' connections drain (grace 4 s in this test)
         check_alive()
+        wait_for(lambda: new_db.zcard("retry") > 0 and new_db.zcard("dead") > 0, "jobs in the new retry and dead sets")
 
         # Step 3: move the old keyspace's jobs over while both sides keep working. Both keyspaces
         # hold live retry and dead sets here (jobs failed on both sides of the flip): a merge.
