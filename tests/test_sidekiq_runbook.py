@@ -1,12 +1,20 @@
-"""The Sidekiq 6 -> 7 runbook of the README, walked end to end with real Sidekiq 6.4 and
-redis-namespace (Debian's ruby-sidekiq and ruby-redis-namespace), under continuous enqueueing.
+"""The Sidekiq 6 -> 7 runbook of the README, walked end to end with real Sidekiq on both sides,
+under continuous enqueueing:
 
-Namespaced Sidekiq processes (redis-namespace, `sidekiq:*`) and un-namespaced ones (as
-Sidekiq 7 is) run side by side through the proxy; the route flip is a reload; the old
-keyspace's jobs (queues, schedule) are moved with `keyspace-proxy migrate` while jobs keep
-arriving. At the end every job ran exactly once, no enqueue was refused, and no key is left
-in the old keyspace."""
+- the namespaced side is Sidekiq 6.4 with redis-namespace (Debian's ruby-sidekiq and
+  ruby-redis-namespace), `sidekiq:*` keys;
+- the un-namespaced side is Sidekiq 7.3 (RESP3 through redis-client), loaded from the isolated
+  gem home `.ci/run` fills from ../shared/gems ($SIDEKIQ7_GEM_HOME, default .gems/sidekiq7).
 
+Clients (perform_async and perform_in) and workers of both versions run side by side through
+the proxy; the route flip is a reload; the old keyspace's jobs (queues, schedule, retry and dead
+sets) are moved with `keyspace-proxy migrate` while jobs keep arriving; then the namespaced
+worker is replaced by a second Sidekiq 7 one. At the end every job ran exactly as often as it
+should (once; twice for the ones that fail once and are retried), no enqueue was refused, the
+jobs that always fail are in the dead set once each, and no key is left in the old keyspace."""
+
+import collections
+import json
 import os
 import shutil
 import subprocess
@@ -23,21 +31,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNBOOK = os.path.join(ROOT, "deploy", "runbook")
 JOBS = os.path.join(ROOT, "tests", "sidekiq")
 CI = os.environ.get("CI", "").lower() == "true"
+SIDEKIQ7_HOME = os.environ.get("SIDEKIQ7_GEM_HOME") or os.path.join(ROOT, ".gems", "sidekiq7")
+SIDEKIQ7_BIN = os.path.join(SIDEKIQ7_HOME, "bin", "sidekiq")
 
 
-def have_sidekiq() -> bool:
+def ruby_env(version: int) -> dict:
+    """Sidekiq 6: Debian's gems (no GEM_HOME/GEM_PATH); Sidekiq 7: the isolated gem home only."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GEM_HOME", "GEM_PATH", "RUBYOPT", "BUNDLE_GEMFILE")}
+    if version == 7:
+        env.update(GEM_HOME=SIDEKIQ7_HOME, GEM_PATH=SIDEKIQ7_HOME)
+    return env
+
+
+def sidekiq_version(version: int, requires: str) -> str:
+    r = subprocess.run(["ruby", "-e", f'{requires}; print Sidekiq::VERSION'], capture_output=True, text=True,
+                       env=ruby_env(version), timeout=60)
+    return r.stdout if r.returncode == 0 else ""
+
+
+def missing() -> str:
     if not shutil.which("ruby") or not shutil.which("sidekiq"):
-        return False
-    r = subprocess.run(["ruby", "-e", 'require "sidekiq"; require "redis-namespace"'], capture_output=True)
-    return r.returncode == 0
+        return "ruby and Sidekiq 6 (ruby-sidekiq, ruby-redis-namespace) are not installed"
+    if not sidekiq_version(6, 'require "sidekiq"; require "redis-namespace"').startswith("6."):
+        return "Sidekiq 6 / redis-namespace (ruby-sidekiq, ruby-redis-namespace) do not load"
+    if not os.access(SIDEKIQ7_BIN, os.X_OK) or \
+            not sidekiq_version(7, 'require "sidekiq"; require "redis_client"').startswith("7."):
+        return (f"Sidekiq 7 is not in the gem home {SIDEKIQ7_HOME} (.ci/run installs it: "
+                f"sh ../shared/gems/install.sh {SIDEKIQ7_HOME})")
+    return ""
 
 
-if not have_sidekiq():
+_missing = missing()
+if _missing:
     if CI:
-        pytest.fail("CI=true but Sidekiq 6 / redis-namespace (ruby-sidekiq, ruby-redis-namespace) are missing",
-                    pytrace=False)
-    pytest.skip("ruby-sidekiq and ruby-redis-namespace are not installed (.ci/run installs them)",
-                allow_module_level=True)
+        pytest.fail(f"CI=true but {_missing}", pytrace=False)
+    pytest.skip(_missing, allow_module_level=True)
 
 
 def step_config(name: str, upstream: str, new: int, old: int, metrics: int) -> str:
@@ -51,12 +79,34 @@ def step_config(name: str, upstream: str, new: int, old: int, metrics: int) -> s
             .replace("reload_grace = 10.0", "reload_grace = 4.0"))
 
 
+def expected_runs(job_id: str) -> int:
+    """As tests/sidekiq/jobs.rb fails them: ids ending in 3 once (then the retry succeeds),
+    ids ending in 7 always (one retry, then the dead set)."""
+    return 2 if job_id.endswith(("3", "7")) else 1
+
+
+def sidekiq_job(job_id: str) -> str:
+    return json.dumps({"class": "CountJob", "args": [job_id], "jid": os.urandom(12).hex(), "retry": 1,
+                       "queue": "default", "created_at": time.time()})
+
+
 def test_sidekiq_runbook_end_to_end(tmp_path):
     """Walked once, with the default (shared) upstream mode: it is the slowest test."""
     from conftest import ProxyProcess
     proxy = None
     srv = start_server("redis" if shutil.which("redis-server") else "valkey")
-    procs = []
+    procs = {}
+    logs = []
+
+    def tails() -> str:
+        out = []
+        for name in logs:
+            with open(name, errors="replace") as f:
+                out.append(f"--- {os.path.basename(name)}:\n{f.read()[-1500:]}")
+        if proxy is not None:
+            out.append(f"--- proxy:\n{proxy.output()[-1500:]}")
+        return "\n".join(out)
+
     try:
         upstream = f"redis://127.0.0.1:{srv.port}"
         results_url = f"{upstream}/9"
@@ -68,32 +118,62 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
                              port=old_port)
         cfg = tmp_path.__class__(os.path.join(proxy.tmp, "proxy.toml"))
         stop = tmp_path / "stop"
-        logs = []
 
-        def ruby(args, namespace, port, tag=""):
-            env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{port}/0", RESULTS_URL=results_url,
-                       SIDEKIQ_NAMESPACE=namespace, TAG=tag, STOP_FILE=str(stop))
-            log = open(tmp_path / f"{tag or 'worker'}-{namespace or 'plain'}-{len(procs)}.log", "w")
+        def start(name, version, args, tag=""):
+            """Sidekiq 6 processes use listener `old` with the namespace; Sidekiq 7 ones listener `new`."""
+            env = dict(ruby_env(version), RESULTS_URL=results_url, TAG=tag, STOP_FILE=str(stop),
+                       REDIS_URL=f"redis://127.0.0.1:{old_port if version == 6 else new_port}/0",
+                       SIDEKIQ_NAMESPACE="sidekiq" if version == 6 else "")
+            log = open(tmp_path / f"{name}.log", "w")
             logs.append(log.name)
-            p = subprocess.Popen(args, env=env, cwd=JOBS, stdout=log, stderr=subprocess.STDOUT)
-            procs.append(p)
-            return p
+            procs[name] = subprocess.Popen(args, env=env, cwd=JOBS, stdout=log, stderr=subprocess.STDOUT)
+            return procs[name]
 
-        worker = ["sidekiq", "-r", os.path.join(JOBS, "jobs.rb"), "-c", "3", "-t", "8", "-q", "default"]
-        # Step 1: old (namespaced) and new (plain) clients and workers, all on the old data.
-        enq_old = ruby(["ruby", "enqueue.rb"], "sidekiq", old_port, "old")
-        enq_new = ruby(["ruby", "enqueue.rb"], "", new_port, "new")
-        ruby(worker, "sidekiq", old_port)
-        ruby(worker, "", new_port)
-        time.sleep(5)
-        assert results.scard("enqueued") > 20, [open(f).read()[-2000:] for f in logs]
-        assert old_db.keys("sidekiq:*") and not new_db.keys("*")  # one keyspace, under sidekiq:
+        def worker(version):
+            return [shutil.which("sidekiq") if version == 6 else SIDEKIQ7_BIN,
+                    "-r", os.path.join(JOBS, "jobs.rb"), "-c", "3", "-t", "8", "-q", "default"]
 
-        # Jobs waiting for a retry an hour from now, as Sidekiq 6 keeps them: they must survive the move.
-        import json
+        def wait_for(cond, what, timeout=30):
+            deadline = time.monotonic() + timeout
+            while not cond():
+                check_alive()
+                assert time.monotonic() < deadline, f"no {what} after {timeout} s\n{tails()}"
+                time.sleep(0.5)
+
+        def check_alive():
+            dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None and n != "worker6"}
+            assert not dead, f"processes exited early: {dead}\n{tails()}"
+
+        # Step 1: namespaced Sidekiq 6 and plain Sidekiq 7, clients and workers, all on the old data.
+        start("enqueue6", 6, ["ruby", "enqueue.rb"], "old")
+        start("enqueue7", 7, ["ruby", "enqueue.rb"], "new")
+        start("worker6", 6, worker(6))
+        start("worker7", 7, worker(7))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (results.hlen("runs:6") > 10 and results.hlen("runs:7") > 10):
+            check_alive()
+            time.sleep(0.5)
+        assert results.hlen("runs:6") > 10 and results.hlen("runs:7") > 10, tails()
+        # Sidekiq 7 flushes its metrics (`j|...` hashes, BITFIELD histograms) on its 10 s heartbeat:
+        # wait for them, so keys only Sidekiq 7 writes are in the old keyspace too.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not old_db.keys("sidekiq:j|*"):
+            check_alive()
+            time.sleep(0.5)
+        assert old_db.keys("sidekiq:j|*"), (sorted(old_db.keys("*")), tails())
+        wait_for(lambda: old_db.zcard("sidekiq:dead") > 0, "a job in the old dead set")
+        assert old_db.keys("sidekiq:*") and not new_db.keys("*"), new_db.keys("*")  # one keyspace, under sidekiq:
+        stray = [k for k in old_db.keys("*") if not k.startswith(b"sidekiq:")]
+        assert not stray, f"Sidekiq 7 wrote outside the namespace: {stray}"
+
+        # Jobs in the old keyspace the new side must pick up after the move: scheduled a few
+        # seconds ahead, and waiting for a retry an hour from now (these must just survive it).
+        sched_at = time.time() + 8
+        scheduled = {sidekiq_job(f"sched-{i}"): sched_at for i in range(5)}
+        old_db.zadd("sidekiq:schedule", scheduled)
+        results.sadd("enqueued", *(f"sched-{i}" for i in range(5)))
         later = time.time() + 3600
-        retries = {json.dumps({"class": "CountJob", "args": [f"retry-{i}"], "jid": f"r{i}", "retry": True,
-                               "queue": "default"}): later + i for i in range(5)}
+        retries = {sidekiq_job(f"later-{i}"): later + i for i in range(5)}
         old_db.zadd("sidekiq:retry", retries)
 
         # Step 2: flip both routes to the new keyspace with a reload.
@@ -101,8 +181,16 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
         req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST")
         assert b"2 route(s) changed" in urllib.request.urlopen(req, timeout=30).read()
         time.sleep(5)  # the old routes' connections drain (grace 4 s in this test)
+        check_alive()
+        wait_for(lambda: new_db.zcard("retry") > 0 and new_db.zcard("dead") > 0, "jobs in the new retry and dead sets")
 
-        # Step 3: move the old keyspace's jobs over while both sides keep working.
+        # Step 3: move the old keyspace's jobs over while both sides keep working. Both keyspaces
+        # hold live retry and dead sets here (jobs failed on both sides of the flip): a merge.
+        print("old keyspace before migrate:", sorted(old_db.keys("*")))
+        before = {k: (old_db.zcard(f"sidekiq:{k}"), new_db.zcard(k)) for k in ("schedule", "retry", "dead")}
+        print("zcard old/new before migrate:", before)
+        assert all(o > 0 for o, _ in before.values()), before
+        assert before["retry"][1] > 0 and before["dead"][1] > 0, before
         migrate = [sys.executable, "-m", "proxy", "migrate", "--from", f"{upstream}/0", "--from-namespace",
                    "sidekiq", "--to", f"{upstream}/1", "--move"]
         r = subprocess.run(migrate, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -114,44 +202,69 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
                            cwd=ROOT)
         assert r.returncode == 0, r.stdout + r.stderr
         print("migrate --move --overwrite --verify:", r.stdout)
-        time.sleep(3)
+        assert old_db.keys("sidekiq:*") == [], old_db.keys("sidekiq:*")
+        assert set(new_db.zrange("retry", 0, -1)) >= {m.encode() for m in retries}
 
-        # Stop enqueueing; wait until every job ran.
+        # Then the namespaced worker moves to Sidekiq 7 (the namespaced client keeps enqueueing
+        # through listener `old`): a graceful stop, a second Sidekiq 7 worker.
+        procs["worker6"].terminate()
+        procs["worker6"].wait(30)
+        start("worker7b", 7, worker(7))
+        time.sleep(4)
+        check_alive()
+
+        # Stop enqueueing; wait until every job ran as often as it should.
         stop.write_text("")
-        for p in (enq_old, enq_new):
-            p.wait(30)
+        for name in ("enqueue6", "enqueue7"):
+            procs[name].wait(30)
         enqueued = {x.decode() for x in results.smembers("enqueued")}
+
+        def state():
+            ran = {k.decode(): int(v) for k, v in results.hgetall("runs").items()}
+            dead = collections.Counter(json.loads(m)["args"][0] for m in new_db.zrange("dead", 0, -1))
+            return ran, dead
+
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            ran = {k.decode(): int(v) for k, v in results.hgetall("runs").items()}
-            if enqueued <= set(ran):
+            ran, dead = state()
+            if all(ran.get(i, 0) >= expected_runs(i) for i in enqueued) and \
+                    sum(1 for i in enqueued if i.endswith("7")) <= len(dead):
                 break
             time.sleep(0.5)
-        ran = {k.decode(): int(v) for k, v in results.hgetall("runs").items()}
-        missing = enqueued - set(ran)
-        assert not missing, f"{len(missing)} of {len(enqueued)} jobs never ran, e.g. {sorted(missing)[:5]}"
-        twice = {k: v for k, v in ran.items() if v != 1}
-        assert not twice, f"jobs ran more than once: {twice}"
-        assert set(ran) <= enqueued
+        time.sleep(2)  # anything run twice shows up now
+        ran, dead = state()
+        done = {k.decode(): int(v) for k, v in results.hgetall("done").items()}
+        short = {i: ran.get(i, 0) for i in enqueued if ran.get(i, 0) < expected_runs(i)}
+        assert not short, f"{len(short)} of {len(enqueued)} jobs did not run (enough), e.g. {sorted(short.items())[:5]}"
+        extra = {i: n for i, n in ran.items() if i not in enqueued or n != expected_runs(i)}
+        assert not extra, f"jobs ran too often: {sorted(extra.items())[:20]}"
+        assert all(done.get(i) == 1 for i in enqueued if not i.endswith("7")), "a job succeeded twice or never"
+        assert not any(i.endswith("7") for i in done)
         assert results.lrange("enqueue_errors", 0, -1) == []
-        assert {i.split("-")[0] for i in enqueued} == {"old", "new"} and len(enqueued) > 100
+        failed = {i for i in enqueued if i.endswith("7")}
+        assert failed and set(dead) == failed, (len(failed), len(dead), sorted(failed ^ set(dead))[:10])
+        assert max(dead.values()) == 1, [i for i, n in dead.items() if n > 1]  # dead once each
+        assert {i.split("-")[0] for i in enqueued} == {"old", "new", "sched"} and len(enqueued) > 100
+        by6 = results.hlen("runs:6")
+        by7 = results.hlen("runs:7")
+        assert by6 > 10 and by7 > 10  # both versions ran jobs
         assert old_db.keys("sidekiq:*") == [], old_db.keys("sidekiq:*")  # nothing left in the old keyspace
-        print(f"{len(enqueued)} jobs enqueued ({sum(1 for i in enqueued if i.startswith('old'))} by namespaced "
-              f"clients), each ran once")
         assert new_db.exists("queues")
         assert set(new_db.zrange("retry", 0, -1)) >= {m.encode() for m in retries}
-        failed = {i for i in enqueued if i.endswith("7")}
-        dead = {json.loads(m)["args"][0] for m in new_db.zrange("dead", 0, -1)}
-        assert failed and failed == dead, (len(failed), len(dead))  # old side's dead jobs moved, none lost
+        print(f"{len(enqueued)} jobs enqueued ({sum(1 for i in enqueued if i.startswith('old'))} by Sidekiq 6 "
+              f"with redis-namespace, {sum(1 for i in enqueued if i.startswith('new'))} by Sidekiq 7); "
+              f"{sum(ran.values())} runs ({by6} ids run by Sidekiq 6, {by7} by Sidekiq 7), each as expected; "
+              f"{len(dead)} in the dead set once each")
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.terminate()
-        for p in procs:
+        for p in procs.values():
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         if proxy is not None:
             proxy.stop()
         srv.stop()

@@ -1,6 +1,6 @@
 # Enqueues CountJob continuously (perform_async and perform_in) until STOP_FILE exists.
 # Every id is recorded in the results db only once Sidekiq accepted it; a refused
-# enqueue is recorded as an error.
+# enqueue is recorded as an error. Runs under Sidekiq 6 (namespaced) or 7 (see jobs.rb).
 require_relative "jobs"
 
 tag = ENV.fetch("TAG")
@@ -15,9 +15,9 @@ until File.exist?(stop)
     else
       CountJob.perform_async(id)
     end
-    RESULTS.sadd("enqueued", id)
+    RESULTS.call("SADD", "enqueued", id)
   rescue => e
-    RESULTS.rpush("enqueue_errors", "#{id}: #{e.class}: #{e.message}")
+    RESULTS.call("RPUSH", "enqueue_errors", "#{id}: #{e.class}: #{e.message}")
   end
   sleep 0.02
 end
