@@ -48,7 +48,8 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
     except ConnectionResetError as e:
         return connect_failure(up.host, up.port, e, up.tls) if up.tls else f"unreachable: {e.strerror.lower()}"
     except (socket.timeout, TimeoutError):
-        return f"unreachable: no answer within {timeout:g} s"
+        return f"unreachable: no answer within {timeout:g} s" + (
+            " (a TLS handshake: is the server speaking TLS on that port?)" if up.tls else "")
     except OSError as e:
         return f"unreachable: {(e.strerror or str(e)).lower()}"
     for cmd, reply in zip(cmds, replies):

@@ -139,6 +139,9 @@ def connect_failure(host: str, port: int, e: BaseException, tls: UpstreamTLS | N
         return f"TLS handshake with {addr} failed: {e.reason or e}" + (
             " (is the server speaking TLS on that port?)" if e.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
             else "")
+    if tls is not None and isinstance(e, TimeoutError):  # asyncio's too (3.11)
+        return (f"no TLS handshake with {addr} within the connect timeout (unreachable, or not speaking TLS "
+                "on that port?)")
     if tls is not None and isinstance(e, ConnectionResetError):
         return f"TLS handshake with {addr} failed: connection reset (is the server speaking TLS on that port?)"
     return f"cannot connect to {addr}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}"

@@ -282,6 +282,13 @@ def test_plain_redis_url_to_a_tls_port_fails_without_hanging(tls_server, tdb, ce
     print(e.value)
 
 
+def test_rediss_url_to_a_plain_port_says_so(tls_server, tdb, start_proxy):
+    p = start_proxy(["--upstream", f"rediss://127.0.0.1:{tls_server.port}/{tdb}", "--connect-timeout", "1"])
+    with pytest.raises(redis.ResponseError) as e:
+        proxy_client(p).get("k")
+    assert "no TLS handshake with 127.0.0.1:" in str(e.value) and "not speaking TLS on that port?" in str(e.value)
+
+
 def test_mutual_tls_and_an_auth_token_to_the_upstream(mtls_server, certs, start_proxy):
     mtls_server.direct(3, password=TOKEN).flushdb()
     url = mtls_server.url(3, auth=f":{TOKEN}@")
