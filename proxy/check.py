@@ -11,11 +11,13 @@ line per route and db, and exits 0 when every check passed, else 2.
 from __future__ import annotations
 
 import socket
+import ssl
 import sys
 
 import hiredis
 
-from proxy.config import Config, ConfigError, Upstream, format_addr, handshake_failure, render_toml
+from proxy.config import (Config, ConfigError, Upstream, connect_failure, format_addr, handshake_failure,
+                          render_toml)
 from proxy.resp import encode_command
 
 PROG = "keyspace-proxy check"
@@ -26,7 +28,7 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
     cmds = up.handshake(db) + [[b"PING"]]
     replies: list = []
     try:
-        with socket.create_connection((up.host, up.port), timeout=timeout) as s:
+        with up.open_socket(timeout) as s:  # TLS for rediss://
             s.settimeout(timeout)
             s.sendall(b"".join(encode_command(c) for c in cmds))
             reader = hiredis.Reader()
@@ -41,8 +43,13 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
         return "not a Redis server: its reply is not RESP"
     except socket.gaierror as e:
         return f"unreachable: cannot resolve {up.host!r} ({e.strerror})"
+    except ssl.SSLError as e:
+        return connect_failure(up.host, up.port, e, up.tls)
+    except ConnectionResetError as e:
+        return connect_failure(up.host, up.port, e, up.tls) if up.tls else f"unreachable: {e.strerror.lower()}"
     except (socket.timeout, TimeoutError):
-        return f"unreachable: no answer within {timeout:g} s"
+        return f"unreachable: no answer within {timeout:g} s" + (
+            " (a TLS handshake: is the server speaking TLS on that port?)" if up.tls else "")
     except OSError as e:
         return f"unreachable: {(e.strerror or str(e)).lower()}"
     for cmd, reply in zip(cmds, replies):

@@ -10,7 +10,8 @@ import os
 import sys
 
 from proxy import __version__
-from proxy.config import Config, ConfigError, build_route, format_addr, load_toml, parse_url
+from proxy.config import (Config, ConfigError, build_route, check_upstream_tls_used, format_addr, load_toml,
+                          parse_url)
 from proxy.logs import mask_credentials, setup_logging
 from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invalid, env_help,
                           section_fields)
@@ -20,7 +21,11 @@ from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invali
 ENV_FALLBACKS = {f.attr: f.env for f in FIELDS if f.flag and f.env and f.env.startswith("PROXY_")}
 # Variables that shape the single route of the flags; with a config file they do not apply
 # (the image sets PROXY_LISTEN; the listeners come from the file).
-ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator")
+ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "tls_cert_file", "tls_key_file", "tls_ca_file")
+# [listener.tls] of the flags' single route: flag attribute -> field
+LISTENER_TLS = {"tls_cert_file": "cert_file", "tls_key_file": "key_file", "tls_ca_file": "ca_file"}
+# top-level [upstream_tls]: flag attribute -> field (flags and variables win over the file's)
+UPSTREAM_TLS = {f.attr: f.name for f in FIELDS if f.key.startswith("upstream_tls.")}
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -112,15 +117,26 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
             if getattr(a, attr) is not None and _source(a, attr).startswith("--"):
                 raise ConfigError(f"{_source(a, attr)}: give `{attr}` in the config file's listeners, "
                                   "or flags without --config")
-        cfg = load_toml(a.config, upstream_override=upstream, upstream_label=upstream_label, environ=environ)
+        tls_override = {name: (getattr(a, attr), _source(a, attr)) for attr, name in UPSTREAM_TLS.items()
+                        if getattr(a, attr) is not None}
+        cfg = load_toml(a.config, upstream_override=upstream, upstream_label=upstream_label, environ=environ,
+                        upstream_tls_override=tls_override)
     else:
         if a.listen is None:
             raise ConfigError("--listen: required (or --config FILE); HOST:PORT, e.g. 127.0.0.1:6380")
         entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace") if getattr(a, k) is not None}
         labels = {k: _source(a, k) for k in entry}
+        tls = {name: getattr(a, attr) for attr, name in LISTENER_TLS.items() if getattr(a, attr) is not None}
+        if tls:
+            entry["tls"] = tls
+            labels.update({f"tls.{name}": _source(a, attr) for attr, name in LISTENER_TLS.items()})
+        up_tls = {name: (_parse(a, attr), _source(a, attr)) for attr, name in UPSTREAM_TLS.items()
+                  if getattr(a, attr) is not None}
         default_upstream = parse_url(upstream, upstream_label) if upstream else DEFAULT_UPSTREAM
         sep = _parse(a, "separator")
-        route = build_route(entry, default_upstream, ":" if sep is None else sep, 0, labels=labels, text=True)
+        route = build_route(entry, default_upstream, ":" if sep is None else sep, 0, labels=labels, text=True,
+                            upstream_tls=up_tls)
+        check_upstream_tls_used([route], up_tls)
         cfg = Config([route])
     metrics = _parse(a, "metrics_listen")
     if metrics is not None:

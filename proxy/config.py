@@ -7,8 +7,11 @@ Everything is validated at start; an error names the field as the user wrote it
 from __future__ import annotations
 
 import os
+import re
+import socket
+import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from proxy.keyspace import Keyspace
@@ -24,6 +27,126 @@ def format_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class TLSFileError(ValueError):
+    """A certificate, key or CA that cannot be used; `field` names the setting it came from."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+
+
+def _load(field_name: str, path: str | None, what: str, fn) -> None:
+    try:
+        fn()
+    except FileNotFoundError:
+        raise TLSFileError(field_name, f"cannot read {path!r}: no such file") from None
+    except PermissionError:
+        raise TLSFileError(field_name, f"cannot read {path!r}: permission denied") from None
+    except IsADirectoryError:
+        raise TLSFileError(field_name, f"{path!r} is a directory, not a file") from None
+    except (ssl.SSLError, OSError, ValueError) as e:
+        detail = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        detail = re.sub(r"^\[SSL\] |\s*\(_ssl\.c:\d+\)$", "", detail)
+        raise TLSFileError(field_name, f"{path!r} is not {what} (OpenSSL: {detail})") from None
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """TLS to a `rediss://` upstream: whom to trust, which certificate to show, which
+    name to expect. Equal settings compare equal; the SSLContext is built once per
+    object (at configuration load, so unreadable files are configuration errors) and
+    is not part of the comparison."""
+    ca_file: str | None = None       # PEM bundle of CAs to trust (instead of the system's)
+    ca_dir: str | None = None        # a c_rehash'ed directory of CAs (instead of the system's)
+    cert_file: str | None = None     # client certificate (mutual TLS), PEM; may hold the key too
+    key_file: str | None = None      # its private key, PEM
+    server_name: str | None = None   # SNI and the name verified; None: the URL's host
+    verify: bool = True              # verify the server's certificate and name
+    _ctx: list = field(default_factory=list, compare=False, hash=False, repr=False)
+
+    def context(self) -> ssl.SSLContext:
+        """The SSLContext, built on first use and kept. Raises TLSFileError."""
+        if not self._ctx:
+            self._ctx.append(self.build())
+        return self._ctx[0]
+
+    def build(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # TLS 1.2+, hostname checked, CERT_REQUIRED
+        if self.ca_file or self.ca_dir:
+            if self.ca_file:
+                _load("ca_file", self.ca_file, "a PEM file of CA certificates",
+                      lambda: ctx.load_verify_locations(cafile=self.ca_file))
+            if self.ca_dir:
+                if not os.path.isdir(self.ca_dir):
+                    raise TLSFileError("ca_dir", f"{self.ca_dir!r} is not a directory")
+                ctx.load_verify_locations(capath=self.ca_dir)
+        else:
+            ctx.load_default_certs()  # the system's CAs (SSL_CERT_FILE / SSL_CERT_DIR are honoured)
+        if self.cert_file:
+            _load("cert_file" if not self.key_file else "cert_file, key_file", self.cert_file,
+                  "a PEM certificate with its key", lambda: ctx.load_cert_chain(self.cert_file, self.key_file))
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def server_hostname(self, host: str) -> str:
+        return self.server_name or host
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    """TLS for a listener's clients: the proxy's certificate and key, and optionally the
+    CAs whose client certificates it requires (mutual TLS). Re-read on reload."""
+    cert_file: str
+    key_file: str | None = None
+    ca_file: str | None = None       # given: clients must present a certificate signed by one of these
+    _ctx: list = field(default_factory=list, compare=False, hash=False, repr=False)
+
+    def context(self) -> ssl.SSLContext:
+        """The SSLContext built from the files when the configuration was loaded."""
+        if not self._ctx:
+            self._ctx.append(self.build())
+        return self._ctx[0]
+
+    def build(self) -> ssl.SSLContext:
+        """A new SSLContext from the files as they are now. Raises TLSFileError."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _load("cert_file" if not self.key_file else "cert_file, key_file", self.cert_file,
+              "a PEM certificate with its key", lambda: ctx.load_cert_chain(self.cert_file, self.key_file))
+        if self.ca_file:
+            _load("ca_file", self.ca_file, "a PEM file of CA certificates",
+                  lambda: ctx.load_verify_locations(cafile=self.ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+
+def connect_failure(host: str, port: int, e: BaseException, tls: UpstreamTLS | None = None) -> str:
+    """Why a connection to an upstream could not be opened, as one line for the log and
+    the client: a TLS verification failure names what failed and the settings to look at."""
+    addr = format_addr(host, port)
+    if isinstance(e, ssl.SSLCertVerificationError):
+        why = (e.verify_message or e.reason or str(e)).rstrip(".")
+        if "ostname" in why or "IP address" in why:
+            name = tls.server_hostname(host) if tls is not None else host
+            hint = f"the name checked is {name!r}: see upstream_tls.server_name"
+        elif "issuer" in why or "self-signed" in why or "self signed" in why:
+            hint = "is the CA that signed it in upstream_tls.ca_file / ca_dir?"
+        else:
+            hint = "see [upstream_tls]"
+        return f"TLS handshake with {addr} failed: certificate verify failed: {why} ({hint})"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS handshake with {addr} failed: {e.reason or e}" + (
+            " (is the server speaking TLS on that port?)" if e.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
+            else "")
+    if tls is not None and isinstance(e, TimeoutError):  # asyncio's too (3.11)
+        return (f"no TLS handshake with {addr} within the connect timeout (unreachable, or not speaking TLS "
+                "on that port?)")
+    if tls is not None and isinstance(e, ConnectionResetError):
+        return f"TLS handshake with {addr} failed: connection reset (is the server speaking TLS on that port?)"
+    return f"cannot connect to {addr}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}"
+
+
 @dataclass(frozen=True)
 class Upstream:
     host: str
@@ -31,13 +154,37 @@ class Upstream:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    tls: UpstreamTLS | None = None   # rediss://
+
+    @property
+    def scheme(self) -> str:
+        return "rediss" if self.tls is not None else "redis"
 
     def masked(self) -> str:
         """The URL with credentials hidden, for logs."""
         auth = ""
         if self.username or self.password:
             auth = (self.username or "") + ":***@"
-        return f"redis://{auth}{format_addr(self.host, self.port)}/{self.db}"
+        return f"{self.scheme}://{auth}{format_addr(self.host, self.port)}/{self.db}"
+
+    def ssl_args(self) -> dict:
+        """Keyword arguments for loop.create_connection / asyncio.open_connection."""
+        if self.tls is None:
+            return {}
+        return {"ssl": self.tls.context(), "server_hostname": self.tls.server_hostname(self.host)}
+
+    def open_socket(self, timeout: float) -> socket.socket:
+        """A blocking socket to the upstream, TLS when rediss:// (handshake done, within
+        `timeout`). For the readiness check, `check` and `migrate`."""
+        s = socket.create_connection((self.host, self.port), timeout=timeout)
+        if self.tls is None:
+            return s
+        try:
+            s.settimeout(timeout)
+            return self.tls.context().wrap_socket(s, server_hostname=self.tls.server_hostname(self.host))
+        except BaseException:
+            s.close()
+            raise
 
     def handshake(self, db: int | None = None, proto: int = 2) -> list[list[bytes]]:
         """The commands that set up one upstream connection, in order: AUTH with the URL's
@@ -71,8 +218,10 @@ URL_FORM = "redis://HOST:PORT/DB"
 
 
 def parse_upstream(url: str) -> Upstream:
-    """A redis:// URL, strictly: the db in the path or as `?db=N` (as redis-py reads it;
-    both must agree), no other query parameters. Raises Invalid (credentials masked)."""
+    """A redis:// URL (rediss:// for TLS), strictly: the db in the path or as `?db=N` (as
+    redis-py reads it; both must agree), no other query parameters. Raises Invalid
+    (credentials masked). A rediss:// upstream gets the default TLS settings (the
+    system's CAs, verification on); [upstream_tls] settings are applied by the caller."""
     shown = repr(mask_url(url))
     if "://" not in url:
         hint = f" (e.g. redis://{url}/0)" if ":" in url and url.rpartition(":")[2].isdigit() else ""
@@ -81,9 +230,8 @@ def parse_upstream(url: str) -> Upstream:
         u = urlsplit(url)
     except ValueError as e:
         raise Invalid(f"invalid URL {shown} ({e})") from None
-    if u.scheme != "redis":
-        raise Invalid(f"scheme must be redis:// (got {u.scheme or 'none'}://)"
-                      + ("; TLS (rediss://) is not supported yet" if u.scheme == "rediss" else ""))
+    if u.scheme not in ("redis", "rediss"):
+        raise Invalid(f"scheme must be redis:// or rediss:// (TLS) (got {u.scheme or 'none'}://)")
     try:
         port = u.port
     except ValueError:
@@ -112,7 +260,8 @@ def parse_upstream(url: str) -> Upstream:
         db = int(v)
     user = unquote(u.username) if u.username else None
     password = unquote(u.password) if u.password else None
-    return Upstream(u.hostname, port or 6379, db or 0, user or None, password)
+    return Upstream(u.hostname, port or 6379, db or 0, user or None, password,
+                    UpstreamTLS() if u.scheme == "rediss" else None)
 
 
 def parse_url(url: str, field_name: str = "upstream") -> Upstream:
@@ -167,6 +316,9 @@ class Route:
     upstream: Upstream
     default: DbTarget                     # what client db 0 means
     databases: dict[int, DbTarget] = field(default_factory=dict)  # explicit client db map
+    # TLS for clients. Not part of the comparison: new certificates (or new paths) are
+    # taken by new connections on reload, and existing connections need not be drained.
+    tls: ListenerTLS | None = field(default=None, compare=False)
 
     def target(self, client_db: int) -> DbTarget | None:
         if client_db in self.databases:
@@ -186,7 +338,10 @@ class Route:
                 "strip": f"namespace '{ks.namespace.decode()}' stripped", "none": "no namespace"}[ks.mode]
         extra = f", client dbs {sorted(set(self.databases) | {0})} mapped" if self.databases else ""
         host, port = (bound or self.listen)[:2]
-        return f"{format_addr(host, port)} -> {self.upstream.masked()} ({mode}{extra})"
+        tls = ""
+        if self.tls is not None:
+            tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
+        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra})"
 
     def dbs(self) -> list[tuple[int, int]]:
         """(client db, backend db) for every client db this route serves."""
@@ -227,11 +382,79 @@ class Config:
     log_format: str | None = None         # [log] format: text or json
 
 
+SUBTABLES = ("databases", "tls", "upstream_tls")  # [listener.X] tables
+
+
+def sub_table(entry: dict, key: str, section: str, where: str, labels: dict[str, str] | None = None,
+              text: bool = False) -> dict[str, tuple]:
+    """The fields of the table `entry[key]` checked by the schema's `section`, as
+    {name: (value, label)}; {} when absent."""
+    labels = labels or {}
+    t = entry.get(key)
+    if t is None:
+        return {}
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}{key}: expected a table of settings, got {show(t, text)}")
+    fields = section_fields(section)
+    out = {}
+    for k, v in t.items():
+        lab = labels.get(f"{key}.{k}", f"{where}{key}.{k}")
+        if k not in fields:
+            raise ConfigError(f"{lab}: unknown field (known: {known(section)})")
+        out[k] = (_value(f"{section}.{k}", v, lab, text), lab)
+    return out
+
+
+def _tls_error(vals: dict[str, tuple], e: TLSFileError) -> ConfigError:
+    names = [n for n in e.field.split(", ") if n in vals] or list(vals)[:1]
+    return ConfigError(f"{', '.join(vals[n][1] for n in names)}: {e}")
+
+
+def make_upstream_tls(vals: dict[str, tuple], cache: dict | None = None) -> UpstreamTLS:
+    """UpstreamTLS from {name: (value, label)}, its context built now (so an unreadable
+    file is a configuration error naming the setting). `cache`: equal settings share one
+    object, hence one SSLContext."""
+    if "key_file" in vals and "cert_file" not in vals:
+        raise ConfigError(f"{vals['key_file'][1]}: given without cert_file (the client certificate)")
+    tls = UpstreamTLS(**{k: v for k, (v, _) in vals.items()})
+    if cache is not None:
+        tls = cache.setdefault(tls, tls)
+    try:
+        tls.context()
+    except TLSFileError as e:
+        raise _tls_error(vals, e) from None
+    return tls
+
+
+def make_listener_tls(vals: dict[str, tuple], cert_label: str) -> ListenerTLS | None:
+    if not vals:
+        return None
+    if "cert_file" not in vals:
+        raise ConfigError(f"{cert_label}: required for TLS (the proxy's certificate, PEM)")
+    tls = ListenerTLS(**{k: v for k, (v, _) in vals.items()})
+    try:
+        tls.context()
+    except TLSFileError as e:
+        raise _tls_error(vals, e) from None
+    return tls
+
+
+def check_upstream_tls_used(routes: list, vals: dict[str, tuple]) -> None:
+    """Top-level upstream TLS settings apply to rediss:// upstreams: some route must have one."""
+    if vals and not any(r.upstream.tls is not None for r in routes):
+        first = next(iter(vals.values()))[1]
+        raise ConfigError(f"{first}: no upstream is rediss:// (TLS settings apply to rediss:// upstreams; "
+                          "redis:// stays plain TCP)")
+
+
 def build_route(entry: dict, default_upstream, default_sep: str, index: int,
-                labels: dict[str, str] | None = None, text: bool = False) -> Route:
+                labels: dict[str, str] | None = None, text: bool = False,
+                upstream_tls: dict[str, tuple] | None = None, tls_cache: dict | None = None) -> Route:
     """One route from a [[listener]] table (or from flags: `labels` names each key as the
     user gave it, `text` says the values are strings from flags or variables).
-    `default_upstream`: a URL string or an Upstream, for a listener without its own."""
+    `default_upstream`: a URL string or an Upstream, for a listener without its own.
+    `upstream_tls`: the top-level [upstream_tls] as {name: (value, label)}, for a
+    rediss:// upstream; the listener's own [listener.upstream_tls] fields win over it."""
     where = f"listener[{index}]"
     labels = labels or {}
 
@@ -240,11 +463,11 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
 
     fields = section_fields("listener[]")
     for k in entry:
-        if k not in fields and k != "databases":
-            raise ConfigError(f"{label(k)}: unknown field (known: {known('listener[]', ('databases',))})")
+        if k not in fields and k not in SUBTABLES:
+            raise ConfigError(f"{label(k)}: unknown field (known: {known('listener[]', SUBTABLES)})")
     if "listen" not in entry:
         raise ConfigError(f"{label('listen')}: required")
-    vals = {k: _value(f"listener[].{k}", v, label(k), text) for k, v in entry.items() if k != "databases"}
+    vals = {k: _value(f"listener[].{k}", v, label(k), text) for k, v in entry.items() if k not in SUBTABLES}
     listen = vals["listen"]
     name = vals.get("name") or format_addr(*listen)
     if "upstream" in vals:
@@ -253,6 +476,14 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         upstream = default_upstream
     else:
         upstream = parse_url(str(default_upstream or DEFAULT_UPSTREAM), "upstream")
+    own_tls = sub_table(entry, "upstream_tls", "listener[].upstream_tls", f"{where}.", labels, text)
+    if own_tls and upstream.tls is None:
+        raise ConfigError(f"{where}.upstream_tls: the upstream is {upstream.masked()}, plain TCP; "
+                          "write rediss:// to connect with TLS")
+    if upstream.tls is not None:
+        upstream = replace(upstream, tls=make_upstream_tls({**(upstream_tls or {}), **own_tls}, tls_cache))
+    listener_tls = make_listener_tls(sub_table(entry, "tls", "listener[].tls", f"{where}.", labels, text),
+                                     labels.get("tls.cert_file", f"{where}.tls.cert_file"))
     sep = vals.get("separator", default_sep)
     ns, strip = vals.get("namespace"), vals.get("strip_namespace")
     if ns is not None and strip is not None:
@@ -287,11 +518,11 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         else:
             dks = ks  # the listener's fence holds in every db unless a db says otherwise
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
-    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases)
+    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls)
 
 
 def load_toml(path: str, upstream_override: str | None = None, upstream_label: str = "--upstream",
-              environ=None) -> Config:
+              environ=None, upstream_tls_override: dict[str, tuple] | None = None) -> Config:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -299,7 +530,7 @@ def load_toml(path: str, upstream_override: str | None = None, upstream_label: s
         raise ConfigError(f"config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    return from_dict(data, upstream_override, upstream_label, environ)
+    return from_dict(data, upstream_override, upstream_label, environ, upstream_tls_override)
 
 
 def _table(data: dict, key: str) -> dict:
@@ -311,16 +542,24 @@ def _table(data: dict, key: str) -> dict:
     return v
 
 
+TOP_TABLES = ("listener", "metrics", "limits", "log", "upstream_tls")
+
+
 def from_dict(data: dict, upstream_override: str | None = None, upstream_label: str = "--upstream",
-              environ=None) -> Config:
+              environ=None, upstream_tls_override: dict[str, tuple] | None = None) -> Config:
     """A Config from a parsed TOML document. The default upstream is, first to last:
-    `upstream_override` (named `upstream_label` in errors), $REDIS_URL, the file's."""
+    `upstream_override` (named `upstream_label` in errors), $REDIS_URL, the file's.
+    `upstream_tls_override`: [upstream_tls] fields from flags or variables, as
+    {name: (string, label)}; they win over the file's."""
     environ = os.environ if environ is None else environ
     top = section_fields("")
     for k in data:
-        if k not in top and k not in ("listener", "metrics", "limits", "log"):
-            raise ConfigError(f"{k}: unknown top-level field "
-                              f"(known: {known('', ('listener', 'metrics', 'limits', 'log'))})")
+        if k not in top and k not in TOP_TABLES:
+            raise ConfigError(f"{k}: unknown top-level field (known: {known('', TOP_TABLES)})")
+    up_tls = sub_table(data, "upstream_tls", "upstream_tls", "")
+    for k, (raw, lab) in (upstream_tls_override or {}).items():
+        up_tls[k] = (_value(f"upstream_tls.{k}", raw, lab, True), lab)
+    tls_cache: dict = {}
     default_upstream = parse_url(DEFAULT_UPSTREAM)
     if "upstream" in data:
         default_upstream = _value("upstream", data["upstream"], "upstream")
@@ -338,7 +577,8 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
     for i, e in enumerate(listeners):
         if not isinstance(e, dict):
             raise ConfigError(f"listener[{i}]: expected a [[listener]] table, got {show(e, False)}")
-        routes.append(build_route(e, default_upstream, sep, i))
+        routes.append(build_route(e, default_upstream, sep, i, upstream_tls=up_tls, tls_cache=tls_cache))
+    check_upstream_tls_used(routes, up_tls)
     addresses: dict[tuple, int] = {}
     names: dict[str, int] = {}
     for i, r in enumerate(routes):
@@ -396,6 +636,17 @@ def render_toml(cfg: Config) -> str:
         lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}",
                   f"upstream = {_toml_str(r.upstream.masked())}"]
         lines += _keyspace_toml(r.default.keyspace)
+        if r.tls is not None:
+            lines.append("[listener.tls]")
+            lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")
+                      if getattr(r.tls, k) is not None]
+        t = r.upstream.tls
+        if t is not None:
+            lines.append("[listener.upstream_tls]")
+            lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
+                      if getattr(t, k) is not None]
+            lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
+            lines.append(f"verify = {'true' if t.verify else 'false'}")
         if r.databases:
             lines.append("[listener.databases]")
             for c, t in sorted(r.databases.items()):

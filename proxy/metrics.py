@@ -30,7 +30,7 @@ def ping(upstream, timeout: float = 1.0) -> bool:
     """True if the upstream answers PING (after AUTH with the URL's credentials)."""
     cmds = upstream.handshake(0) + [[b"PING"]]
     try:
-        with socket.create_connection((upstream.host, upstream.port), timeout=timeout) as s:
+        with upstream.open_socket(timeout) as s:  # TLS for rediss://
             s.settimeout(timeout)
             s.sendall(b"".join(encode_command(c) for c in cmds))
             data = b""

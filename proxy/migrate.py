@@ -60,7 +60,7 @@ class Client:
 
     def __init__(self, up: Upstream, timeout: float = 30.0):
         self.up = up
-        self.sock = socket.create_connection((up.host, up.port), timeout=timeout)
+        self.sock = up.open_socket(timeout)  # TLS for rediss://
         self.reader = hiredis.Reader()
         for args in up.handshake():
             self.check(self.call(*args))

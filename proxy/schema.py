@@ -136,6 +136,22 @@ class Text(Kind):
         return value
 
 
+class Bool(Kind):
+    doc = "`true` or `false`"
+    TRUE = ("true", "yes", "on", "1")
+    FALSE = ("false", "no", "off", "0")
+
+    def parse(self, value, text: bool) -> bool:
+        if text and isinstance(value, str):
+            v = value.strip().lower()
+            if v in self.TRUE or v in self.FALSE:
+                return v in self.TRUE
+            raise Invalid(f"expected true or false, got {show(value, text)}")
+        if not isinstance(value, bool):
+            raise Invalid(f"expected true or false, got {show(value, text)}")
+        return value
+
+
 class Namespace(Kind):
     """A namespace: no `*` (Redis substitutes the first `*` of a SORT BY/GET pattern, so a
     prefixed pattern would break) and no control characters. Empty in TOML means none;
@@ -193,17 +209,21 @@ class Address(Kind):
 
 
 class Url(Kind):
-    doc = "`redis://[USER:PASSWORD@]HOST[:PORT][/DB]`"
+    doc = "`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`"
 
     def parse(self, value, text: bool):
         from proxy.config import parse_upstream
         if not isinstance(value, str):
-            raise Invalid(f"expected a URL string, redis://HOST:PORT/DB, got {show(value, text)}")
+            raise Invalid(f"expected a URL string, redis://HOST:PORT/DB or rediss://..., got {show(value, text)}")
         return parse_upstream(value)
 
 
 class Path(Text):
     doc = "file path"
+
+
+class DirPath(Text):
+    doc = "directory path"
 
 
 # -- the fields
@@ -234,6 +254,8 @@ class Field:
             return self.default_doc
         if self.default is None:
             return ""
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
         if isinstance(self.default, str):
             return f'"{self.default}"'
         if isinstance(self.default, float):
@@ -252,6 +274,32 @@ def _human(n: int) -> str:
 
 MiB = 1 << 20
 
+
+def _upstream_tls(prefix: str, top: bool) -> tuple[Field, ...]:
+    """TLS to rediss:// upstreams: top-level [upstream_tls] (flags, variables) and each
+    listener's [listener.upstream_tls] (field by field over the top-level one)."""
+    def f(name, kind, default, metavar, help, default_doc=None):
+        if top:
+            return Field(f"{prefix}.{name}", kind, default, f"--upstream-tls-{name.replace('_', '-')}",
+                         f"PROXY_UPSTREAM_TLS_{name.upper()}", metavar=metavar, help=help, default_doc=default_doc)
+        return Field(f"{prefix}.{name}", kind, None, help=help, default_doc=f"top-level `upstream_tls.{name}`")
+    return (
+        f("ca_file", Path(nonempty=True), None, "FILE",
+          "rediss:// upstreams: CA certificates (PEM) to verify the server with, instead of the system's",
+          "the system's CAs"),
+        f("ca_dir", DirPath(nonempty=True), None, "DIR",
+          "rediss://: a directory of CA certificates (c_rehash layout), instead of the system's"),
+        f("cert_file", Path(nonempty=True), None, "FILE",
+          "rediss://: client certificate (PEM, may hold the key too) for servers that require one (mutual TLS)",
+          "none"),
+        f("key_file", Path(nonempty=True), None, "FILE", "rediss://: the client certificate's private key (PEM)",
+          "in cert_file"),
+        f("server_name", Text(nonempty=True), None, "NAME",
+          "rediss://: the name sent as SNI and verified against the server's certificate", "the URL's host"),
+        f("verify", Bool(), True, "BOOL",
+          "rediss://: verify the server's certificate and name; false is logged as a warning at start"),
+    )
+
 FIELDS: tuple[Field, ...] = (
     Field("config", Path(nonempty=True), flag="--config", env="PROXY_CONFIG", toml=False, metavar="FILE",
           help="TOML file with one `[[listener]]` per route; listeners then come from the file only"),
@@ -260,6 +308,7 @@ FIELDS: tuple[Field, ...] = (
                "(`?db=N` works too); a flag or REDIS_URL wins over the file"),
     Field("separator", Separator(), ":", "--separator", "PROXY_SEPARATOR", metavar="SEP",
           help="between namespace and key"),
+    *_upstream_tls("upstream_tls", top=True),
     Field("listener[].name", Text(nonempty=True), default_doc="the address",
           help="the route's name in logs, metrics and errors; unique"),
     Field("listener[].listen", Address(), None, "--listen", "PROXY_LISTEN", default_doc="required",
@@ -273,6 +322,16 @@ FIELDS: tuple[Field, ...] = (
           metavar="NS", help="strip mode: client `NS:foo` <-> server `foo` (not with namespace)"),
     Field("listener[].separator", Separator(), default_doc="top-level `separator`",
           help="this route's separator"),
+    Field("listener[].tls.cert_file", Path(nonempty=True), None, "--tls-cert-file", "PROXY_TLS_CERT_FILE",
+          metavar="FILE", default_doc="no TLS",
+          help="clients must connect with TLS: the proxy's certificate (PEM, may hold the key too); "
+               "re-read on reload"),
+    Field("listener[].tls.key_file", Path(nonempty=True), None, "--tls-key-file", "PROXY_TLS_KEY_FILE",
+          metavar="FILE", default_doc="in cert_file", help="its private key (PEM); re-read on reload"),
+    Field("listener[].tls.ca_file", Path(nonempty=True), None, "--tls-ca-file", "PROXY_TLS_CA_FILE",
+          metavar="FILE", default_doc="not asked for",
+          help="clients must present a certificate signed by one of these CAs (PEM): mutual TLS"),
+    *_upstream_tls("listener[].upstream_tls", top=False),
     Field("listener[].databases.N.db", Int(0), default_doc="required",
           help="client `SELECT N` goes to this backend db (`N = M` is short for `N = { db = M }`)"),
     Field("listener[].databases.N.namespace", Namespace(), default_doc="the listener's",

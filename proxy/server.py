@@ -10,11 +10,12 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections import deque
 from time import perf_counter
 
 from proxy.rules import default_rules
-from proxy.config import Config, ConfigError, Route, format_addr, handshake_failure
+from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
 from proxy.session import Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
@@ -82,11 +83,11 @@ class ClientConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             _, self.upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), up.host, up.port),
+                loop.create_connection(lambda: UpstreamConnection(self), up.host, up.port, **up.ssl_args()),
                 self.proxy.config.limits.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.stats.upstream_failures += 1
-            reason = f"cannot connect to {up.host}:{up.port}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}"
+            reason = connect_failure(up.host, up.port, e, up.tls)
             log.warning("route %s: %s", self.route.name, reason,
                         extra={"event": "upstream_error", "route": self.route.name})
             self.close_reason = "upstream_error"
@@ -394,12 +395,11 @@ class SharedLink(asyncio.Protocol):
         up = self.route.upstream
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: self, up.host, up.port),
+            await asyncio.wait_for(loop.create_connection(lambda: self, up.host, up.port, **up.ssl_args()),
                                    self.proxy.config.limits.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.stats.upstream_failures += 1
-            self.fail(f"cannot connect to {up.host}:{up.port}: {e.__class__.__name__}"
-                      f"{': ' + str(e) if str(e) else ''}")
+            self.fail(connect_failure(up.host, up.port, e, up.tls))
             return
         self.stats.upstream_opened += 1
 
@@ -610,6 +610,14 @@ class SharedLink(asyncio.Protocol):
             c.apply_backpressure()
 
 
+def _warn_unverified(route: Route) -> None:
+    up = route.upstream
+    if up.tls is not None and not up.tls.verify:
+        log.warning("route %s: upstream %s: TLS certificate verification is off (upstream_tls.verify = false): "
+                    "the connection is encrypted but the server is not authenticated", route.name, up.masked(),
+                    extra={"event": "tls_unverified", "route": route.name})
+
+
 def _peer(peer) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return format_addr(str(peer[0]), peer[1])  # [::1]:PORT for IPv6
@@ -632,6 +640,10 @@ class Proxy:
         self.servers: list[asyncio.AbstractServer] = []
         self.routes: dict[tuple, Route] = {}               # listen address -> its current route
         self.listeners: dict[tuple, asyncio.AbstractServer] = {}
+        # TLS listeners: listen address -> [the SSLContext new connections switch to,
+        # the context the listening socket was made with]. A reload puts freshly read
+        # certificates in the first slot (see _listener_ssl).
+        self.tls: dict[tuple, list] = {}
         self.generation = 1
         self._stopping = False
         self._idle = None
@@ -647,11 +659,51 @@ class Proxy:
         # the factory reads the current route, so a reload changes it for new connections
         server = await loop.create_server(lambda: ClientConnection(self, self.routes[listen]),
                                           listen[0], listen[1], reuse_address=True,
-                                          reuse_port=self.reuse_port or None)
+                                          reuse_port=self.reuse_port or None, ssl=self._listener_ssl(route))
         self.servers.append(server)
         self.listeners[listen] = server
         sockets = server.sockets or ()  # the bound address: port 0 becomes the port the system chose
         log.info("listening on %s", route.describe(sockets[0].getsockname() if sockets else None))
+        _warn_unverified(route)
+
+    def _listener_ssl(self, route: Route) -> ssl.SSLContext | None:
+        """The SSLContext a TLS listener is created with. asyncio fixes it for the life of
+        the listening socket, so it only dispatches: its SNI callback (run for every
+        handshake, with or without SNI) moves the connection to the current context,
+        which a reload replaces with one built from the files as they are then."""
+        if route.tls is None:
+            return None
+        current = route.tls.context()
+        outer = route.tls.build()
+        outer.verify_mode = current.verify_mode
+        holder = self.tls[route.listen] = [current, outer]
+
+        def switch(conn, server_name, ctx) -> None:
+            if holder[0] is not ctx:
+                conn.context = holder[0]
+        outer.sni_callback = switch
+        return outer
+
+    def _reload_tls(self, new_routes: dict) -> None:
+        """Before a reload changes anything: a listener cannot go from plain to TLS or
+        back (its socket is one or the other); refused, nothing changed."""
+        for listen, r in new_routes.items():
+            old = self.routes.get(listen)
+            if old is not None and (old.tls is None) != (r.tls is None):
+                raise ConfigError(f"listener {r.name}: TLS turned {'on' if r.tls else 'off'}; a listener is plain or "
+                                  "TLS for the life of its socket: restart the proxy (or use a new address)")
+
+    def _take_tls(self, new_routes: dict) -> int:
+        """New connections of each TLS listener use the certificates read by this reload."""
+        n = 0
+        for listen, r in new_routes.items():
+            holder = self.tls.get(listen)
+            if holder is not None and r.tls is not None:
+                current = r.tls.context()
+                holder[0] = current
+                holder[1].verify_mode = current.verify_mode  # the mode is taken from the first context
+                n += 1
+        return n
 
     async def reload(self, new: Config) -> str:
         """Apply a new configuration: listeners added and removed, routes changed.
@@ -662,6 +714,7 @@ class Proxy:
         the rest are closed too."""
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
+        self._reload_tls(new_routes)
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
@@ -672,8 +725,15 @@ class Proxy:
             server.close()
             self.servers.remove(server)
             del self.routes[route.listen]
+            self.tls.pop(route.listen, None)
         for route in changed:
             self.routes[route.listen] = route
+            _warn_unverified(route)
+        for listen, route in new_routes.items():
+            # unchanged routes too: their equal settings carry the TLS contexts this
+            # reload built from the files as they are now (for new connections)
+            self.routes[listen] = route
+        tls_listeners = self._take_tls(new_routes)
         for route in new.routes:
             self.stats.setdefault(route.name, RouteStats(route.name))
         if new.metrics_listen != self.config.metrics_listen:
@@ -689,7 +749,8 @@ class Proxy:
         asyncio.get_running_loop().call_later(grace, self._end_grace, draining)
         summary = (f"generation {self.generation}: {len(added)} listener(s) added, {len(removed)} removed, "
                    f"{len(changed)} route(s) changed; draining {len(draining)} connection(s) "
-                   f"(grace {grace:g}s)")
+                   f"(grace {grace:g}s)" + (f"; TLS certificates re-read for {tls_listeners} listener(s)"
+                                            if tls_listeners else ""))
         log.info("reload: %s", summary, extra={"event": "reload"})
         return summary
 
@@ -721,6 +782,8 @@ class Proxy:
                 log.error("route %s: upstream %s: %s", route.name, up.masked(), e, extra={"event": "upstream_error"})
                 continue
             except Exception as e:  # the check is advisory: an unreachable upstream is reported per request
+                if isinstance(e, OSError):
+                    e = connect_failure(up.host, up.port, e, up.tls)
                 log.warning("route %s: upstream %s: could not list its commands (%s)", route.name, up.masked(),
                             e or type(e).__name__)
                 continue
@@ -780,7 +843,7 @@ async def _command_list(up) -> list[str]:
     import hiredis
 
     from proxy.resp import encode_command
-    reader, writer = await asyncio.open_connection(up.host, up.port)
+    reader, writer = await asyncio.open_connection(up.host, up.port, **up.ssl_args())
     try:
         cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
         writer.write(b"".join(encode_command(c) for c in cmds))

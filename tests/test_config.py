@@ -21,7 +21,7 @@ def test_parse_url_password_only_and_defaults():
 
 
 @pytest.mark.parametrize("url, field", [
-    ("http://x:1/0", "scheme"), ("rediss://x:1/0", "TLS"), ("redis://x:1/abc", "db must be a number"),
+    ("http://x:1/0", "scheme"), ("unix:///tmp/r.sock", "rediss://"), ("redis://x:1/abc", "db must be a number"),
     ("redis://:1/0", "missing host"),
 ])
 def test_bad_urls_are_named(url, field):

@@ -45,9 +45,9 @@ ROWS = [
     ([], {}, BASE + '[metrics]\nlisten = "127.0.0.1:9121"\nport = 9121\n', "metrics.port: unknown field (known: listen)"),
     ([], {}, BASE + '[log]\ncolour = true\n', "log.colour: unknown field (known: format, level)"),
     ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, name, "
-                                        "namespace, separator, strip_namespace, upstream)"),
+                                        "namespace, separator, strip_namespace, tls, upstream, upstream_tls)"),
     ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: limits, listener, log, metrics, "
-                                        "separator, upstream)"),
+                                        "separator, upstream, upstream_tls)"),
     ([], {}, BASE + '[listener.databases]\n1 = { db = 2, prefix = "x" }\n',
      "listener[0].databases.1.prefix: unknown field (known: db, namespace, separator, strip_namespace)"),
     # -- listeners
@@ -94,8 +94,16 @@ ROWS = [
      "--upstream: db given twice, /1 and ?db=3, in 'redis://127.0.0.1:6379/1?db=3': give one"),
     (["--upstream", "redis://u:secret@h:1/0?password=x"], {}, None,
      "--upstream: query parameter 'password' is not supported in 'redis://u:***@h:1/0?password=x' (only ?db=N)"),
-    (["--upstream", "rediss://h:1/0"], {}, None,
-     "--upstream: scheme must be redis:// (got rediss://); TLS (rediss://) is not supported yet"),
+    (["--upstream", "http://h:1/0"], {}, None,
+     "--upstream: scheme must be redis:// or rediss:// (TLS) (got http://)"),
+    (["--upstream", "rediss://h:1/0", "--upstream-tls-verify", "maybe"], {}, None,
+     "--upstream-tls-verify: expected true or false, got 'maybe'"),
+    (["--upstream-tls-server-name", "redis.example"], {}, None,
+     "--upstream-tls-server-name: no upstream is rediss:// (TLS settings apply to rediss:// upstreams; "
+     "redis:// stays plain TCP)"),
+    (["--upstream", "rediss://h:1/0"], {"PROXY_UPSTREAM_TLS_CA_FILE": "/no/such/ca.pem"}, None,
+     "PROXY_UPSTREAM_TLS_CA_FILE: cannot read '/no/such/ca.pem': no such file"),
+    (["--tls-key-file", "/no/such.key"], {}, None, "--tls-cert-file: required for TLS (the proxy's certificate, PEM)"),
     (["--listen", "26396"], {}, None,
      "--listen: expected HOST:PORT, got a port alone ('26396'): give the host too, e.g. 127.0.0.1:26396 "
      "(this machine only) or 0.0.0.0:26396 (every interface)"),

@@ -49,7 +49,9 @@ def test_every_toml_field_is_documented_with_type_and_default():
             row = next(ln for ln in table.splitlines() if ln.startswith(f"| `{f.key}` |"))
             cells = [c.strip() for c in row.split("|")[1:-1]]
             assert cells[1] == f.kind.doc and cells[4] == f.help
-            if f.default is not None:
+            if isinstance(f.default, bool):
+                assert f"`{str(f.default).lower()}`" in cells[2]
+            elif f.default is not None:
                 assert str(f.default if not isinstance(f.default, float) else f"{f.default:g}") in cells[2]
 
 
