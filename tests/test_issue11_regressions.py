@@ -16,7 +16,6 @@ Every read has a timeout, so a proxy that hangs fails the test instead of hangin
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import threading
