@@ -17,7 +17,7 @@ from time import perf_counter
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
-from proxy.session import Session, UnexpectedReply
+from proxy.session import STREAM_AFTER, Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
 from proxy.stats import RouteStats
 
@@ -25,7 +25,7 @@ log = logging.getLogger("keyspace-proxy")
 
 # A client read at least this big yields to the other connections before the next one
 # (see ClientConnection._take_turns).
-FAIR_READ = 64 * 1024
+FAIR_READ = 256000  # uvloop reads at most 256,000 bytes at a time: a full read means more is waiting
 
 
 def _nodelay(transport) -> None:
@@ -271,7 +271,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.proxy.clients.discard(self)
-        self.proxy.paused.discard(self)
+        if self in self.proxy.paused or self.close_reason == "output_limit":
+            self.proxy.paused.discard(self)
+            self.proxy.trim_soon()
         if self.link is not None:
             self.link.clients.discard(self)
         self.stats.clients -= 1
@@ -519,12 +521,15 @@ class SharedLink(asyncio.Protocol):
                 touched.append(conn)
 
     def _start_partial(self, buf: bytes, pos: int, touched: list) -> int:
-        """The frame at `pos` is not whole: a reply that needs nothing is forwarded to its
-        client as its bytes arrive; one that must be rewritten (or the link's own) is
-        collected whole; a push or a reply for a client that left is skipped."""
+        """The frame at `pos` is not whole: a reply that needs nothing is collected up to
+        session.STREAM_AFTER bytes, then forwarded to its client as its bytes arrive; one
+        that must be rewritten (or the link's own) is collected whole; a push or a reply
+        for a client that left is skipped."""
         self.partial = PartialReply()
         self.p_chunks = []
+        self.p_size = 0
         self.p_conn = None
+        self.p_pass = False
         if buf[pos] == 0x3E:
             self.p_mode = "discard"
         else:
@@ -532,32 +537,39 @@ class SharedLink(asyncio.Protocol):
                 raise UnexpectedReply()
             conn = self.owners[0][0]
             self.p_conn = conn
-            if conn is None:
-                self.p_mode = "collect"
-            elif conn.closed:
+            if conn is not None and conn.closed:
                 self.p_mode = "discard"
             else:
-                self.p_mode = "stream" if conn.session.shared_streams() else "collect"
+                self.p_mode = "collect"
+                self.p_pass = conn is not None and conn.session.shared_streams()
         return self._feed_partial(buf, pos, touched)
 
     def _feed_partial(self, buf: bytes, pos: int, touched: list) -> int:
         end, done = self.partial.feed(buf, pos)
-        conn, mode = self.p_conn, self.p_mode
+        conn = self.p_conn
+        if self.p_mode != "discard" and conn is not None and conn.closed:
+            self.p_mode = "discard"
+        mode = self.p_mode
         if mode == "stream":
-            if conn.closed:
-                self.p_mode = mode = "discard"
-            elif end > pos:
+            if end > pos:
                 conn.session.out_client.append(buf[pos:end])
                 if not touched or touched[-1] is not conn:
                     touched.append(conn)
         elif mode == "collect":
             self.p_chunks.append(buf[pos:end])
+            self.p_size += end - pos
+            if self.p_pass and self.p_size >= STREAM_AFTER:  # large: stream it from here on
+                conn.session.out_client.extend(self.p_chunks)
+                self.p_chunks = []
+                self.p_mode = mode = "stream"
+                if not touched or touched[-1] is not conn:
+                    touched.append(conn)
         if not done:
             self.buf = buf[end:]  # at most an unfinished header line
             return len(buf)
         self.partial = None
-        if self.p_mode == "discard":
-            if self.p_conn is not None:  # a reply for a client that left (None: a push)
+        if mode == "discard":
+            if conn is not None:  # a reply for a client that left (None: a push)
                 self._pop_owner()
         elif mode == "stream":
             self._pop_owner()
@@ -633,6 +645,7 @@ class Proxy:
         self.stats = {r.name: RouteStats(r.name) for r in config.routes}
         self.clients: set[ClientConnection] = set()
         self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
+        self._trim_scheduled = False
         self.links: dict[tuple, SharedLink] = {}
         # Latency histograms cost a clock read or two per batch; without an admin port
         # nobody can read them, so they are not kept. Counters are kept either way.
@@ -801,6 +814,20 @@ class Proxy:
             asyncio.ensure_future(link.connect())
         return link
 
+    def trim_soon(self) -> None:
+        """A client that held a lot of memory (it did not read its replies) is gone: give the
+        heap's free memory back to the system a moment later (once for a burst of them).
+        glibc keeps freed buffers otherwise: 1.15 GB two seconds after twenty slow readers
+        left (bench/big_replies.py). Not done on every free: glibc's own reuse of the heap
+        is what keeps large values cheap (a fixed mmap threshold cost 100 KB values 1.3x)."""
+        if not self._trim_scheduled and MALLOC_TRIM is not None:
+            self._trim_scheduled = True
+            asyncio.get_running_loop().call_later(1.0, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_scheduled = False
+        MALLOC_TRIM(0)
+
     def forget_link(self, link: SharedLink) -> None:
         key = (link.route.name, link.db, link.route.upstream, link.proto)
         if self.links.get(key) is link:
@@ -921,26 +948,19 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
     log.info("stopped")
 
 
-def fixed_mmap_threshold(size: int = 128 * 1024, keep: int = 64 * 1024 * 1024) -> bool:
-    """Large buffers (a client's unread replies, a big value) come from mmap and go back
-    to the system when freed. glibc raises its mmap threshold after such frees, so
-    later large buffers come from the heap and stay with the process after a burst
-    (1.15 GB held two seconds after twenty slow readers left, bench/big_replies.py);
-    a fixed threshold turns that off. The heap's trim threshold goes up with it (up to
-    `keep` bytes of free heap are kept): a fixed mmap threshold alone leaves it at
-    128 KB, and the heap is then given back and faulted in again around every buffer
-    of 100 KB (hiredis.pack_command of a 100 KB value: 8 -> 78 us).
-    False where there is no glibc mallopt."""
+def _malloc_trim():
+    """glibc's malloc_trim, or None: gives the free parts of the heap back to the system."""
     try:
         import ctypes
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, size)) and bool(libc.mallopt(-1, keep))  # M_MMAP_ / M_TRIM_THRESHOLD
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
 
 
 def run(config: Config, load_config=None, worker: bool = False) -> None:
-    fixed_mmap_threshold()
     try:
         import uvloop
         uvloop.run(serve(config, load_config=load_config, worker=worker))

@@ -60,6 +60,10 @@ _rewrite_plain = C.rewrite_plain if C is not None else None
 # replies a client moves to a dedicated connection, where backpressure is its own.
 SHARED_MAX_OWED = 64
 EXECABORT = error("EXECABORT Transaction discarded because of previous errors.")
+# A reply that needs no rewriting and is still arriving is collected up to this many bytes
+# (then written at once, as a whole reply is) and forwarded as it arrives beyond that, so
+# a 512 MB value costs its bytes and a 100 KB one costs one write, not one per read.
+STREAM_AFTER = 256 * 1024
 
 
 class UnexpectedReply(Exception):
@@ -130,7 +134,9 @@ class Session:
         self.out_client: list[bytes] = []
         self._buf = b""
         self.partial: PartialReply | None = None   # a reply arriving over several reads
-        self.partial_chunks: list | None = None     # its bytes, when it must be held whole
+        self.partial_chunks: list | None = None     # its bytes so far (None: being streamed)
+        self.partial_size = 0
+        self.partial_pass = False                   # it needs no rewriting: it may be streamed
         self.proto = 2                 # confirmed by the server
         # Channels: messages and confirmations arrive whenever the server sends them,
         # so they are named by the db and keyspace the server confirmed, never by a
@@ -908,19 +914,28 @@ class Session:
             and not (self.proto == 2 and self._subscribed())
 
     def _start_partial(self, buf: bytes, pos: int) -> int:
-        """The reply at `pos` is not whole yet: frame it across reads from here on."""
+        """The reply at `pos` is not whole yet: frame it across reads from here on. A reply
+        that needs nothing is collected up to STREAM_AFTER bytes (one write, as a whole
+        reply), then forwarded as its bytes arrive; one that must be rewritten is held whole."""
         self.partial = PartialReply()
-        self.partial_chunks = None if self._streams() else []
+        self.partial_chunks = []
+        self.partial_size = 0
+        self.partial_pass = self._streams()
         return self._feed_partial(buf, pos)
 
     def _feed_partial(self, buf: bytes, pos: int) -> int:
         end, done = self.partial.feed(buf, pos)
         chunk = buf[pos:end]
-        if self.partial_chunks is None:
+        chunks = self.partial_chunks
+        if chunks is None:
             if chunk:
                 self.out_client.append(chunk)  # streamed: the client gets the bytes now
         else:
-            self.partial_chunks.append(chunk)
+            chunks.append(chunk)
+            self.partial_size += len(chunk)
+            if self.partial_pass and self.partial_size >= STREAM_AFTER:
+                self.out_client.extend(chunks)  # large: stream it from here on
+                self.partial_chunks = None
         if not done:
             self._buf = buf[end:]  # at most an unfinished header line
             return len(buf)
