@@ -105,7 +105,7 @@ def run_proxy(args, env_extra=None):
 @pytest.mark.parametrize("url", [
     f"redis://user:{SECRET}@h:1/abc",          # bad db
     f"redis://user:{SECRET}@:1/0",             # missing host
-    f"rediss://user:{SECRET}@h:1/0",           # TLS
+    f"rediss://user:{SECRET}@h:1/abc",         # TLS URL, bad db (rediss:// itself is valid now)
     f"http://user:{SECRET}@h:1/0",             # scheme
     f"redis://user:{SECRET}@h:notaport/0",     # port
     f"redis://user:{SECRET}@h:99999/0",        # port range
