@@ -19,13 +19,6 @@ def _t(fn, ks):
     return partial(fn, ks=ks)
 
 
-def _find_option(args: list[bytes], start: int, option: bytes) -> int:
-    for i in range(start, len(args) - 1):
-        if args[i].upper() == option:
-            return i
-    return -1
-
-
 def h_keys(args, ctx):
     # KEYS takes a glob, not a key: the namespace is escaped before it.
     if len(args) == 2:
