@@ -345,7 +345,13 @@ class Route:
         tls = ""
         if self.tls is not None:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
-        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra}, policy {self.policy})"
+        policy = f", policy {self.policy}" if self.namespaced else ""  # it changes nothing without a namespace
+        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra}{policy})"
+
+    @property
+    def namespaced(self) -> bool:
+        """Does some client db of this route have a namespace? (where the policy applies)"""
+        return self.default.keyspace.mode != "none" or any(t.keyspace.mode != "none" for t in self.databases.values())
 
     def dbs(self) -> list[tuple[int, int]]:
         """(client db, backend db) for every client db this route serves."""
@@ -524,7 +530,7 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
     # Fail closed: a namespace is a fence unless the operator says the code is trusted.
     namespaced = ks.mode != "none" or any(t.keyspace.mode != "none" for t in databases.values())
-    policy = vals.get("policy") or ("tenant" if namespaced else "app")
+    policy = vals.get("policy") or ("tenant" if namespaced else "app")  # (Route.namespaced)
     return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
                  label("policy"))
 

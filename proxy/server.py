@@ -723,7 +723,9 @@ class Proxy:
         try:
             fenced, detail = await asyncio.wait_for(_probe_fence(route), self.config.limits.connect_timeout)
         except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
-            if isinstance(e, OSError):
+            if isinstance(e, HandshakeError):  # AUTH or SELECT refused: logged as an error for the route
+                e = "the upstream refused the proxy's handshake"
+            elif isinstance(e, OSError):
                 e = connect_failure(route.upstream.host, route.upstream.port, e, route.upstream.tls)
             fenced, detail = False, f"could not check ({e or type(e).__name__})"
         st.upstream_fenced = 1 if fenced else 0
