@@ -864,11 +864,16 @@ class Session:
     def _feed_monitors(self, args: list[bytes], rule) -> None:
         """One MONITOR line for this request, in client terms (Redis's format), to the
         route's monitors. AUTH and commands Redis keeps out of MONITOR are left out."""
-        if "skip_monitor" in rule.flags or rule.name in ("auth", "hello", "migrate") or self.local_monitor:
+        if "skip_monitor" in rule.flags or rule.name in ("auth", "hello") or self.local_monitor:
             return
-        now = time()
-        line = b"+%.6f [%d %s] %s\r\n" % (now, self.db_index, self.facts.addr.encode(),
-                                            b" ".join(_repr(a) for a in args))
+        shown = [_repr(a) for a in args]
+        if rule.name == "migrate":  # its AUTH / AUTH2 arguments are passwords: redacted, as Redis does
+            for i, a in enumerate(args):
+                if a.upper() == b"AUTH" and i + 1 < len(args):
+                    shown[i + 1] = b'"(redacted)"'
+                elif a.upper() == b"AUTH2" and i + 2 < len(args):
+                    shown[i + 1] = shown[i + 2] = b'"(redacted)"'
+        line = b"+%.6f [%d %s] %s\r\n" % (time(), self.db_index, self.facts.addr.encode(), b" ".join(shown))
         self.view.feed(line)
 
     # ---- tenant emulations: what the server would answer about every route
@@ -925,12 +930,18 @@ class Session:
     def _cmd_client_info(self, args, show) -> None:
         if self.ctx.treat(self.rules.get("client|info")) != EMULATE or len(args) != 2:
             return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("client|info", "answered by the proxy, it cannot be "
+                                                                    "queued in MULTI")), show)
         self._label = "client|info"
         self._local(self._text(self.client_line(monotonic())), show)
 
     def _cmd_client_list(self, args, show) -> None:
         if self.ctx.treat(self.rules.get("client|list")) != EMULATE:
             return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("client|list", "answered by the proxy, it cannot be "
+                                                                    "queued in MULTI")), show)
         ids, kind = None, None
         i = 2
         while i < len(args):
