@@ -161,7 +161,7 @@ class Session:
                  stats: RouteStats | None = None, shared: bool = False, view: RouteView | None = None,
                  facts: ClientFacts | None = None):
         self.route = route
-        self.view = view or RouteView()
+        self.view = view if view is not None else RouteView()
         self.facts = facts or ClientFacts()
         self.db_index = 0              # the client db the server confirmed (CLIENT LIST says it)
         self.last_active = monotonic()
