@@ -242,6 +242,14 @@ redis.call('DEL', ARGV[2] .. ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
+# End of a run (source): with no chunk in flight the chunk counter goes too, so a finished
+# --move leaves no key of its own on the source server (a drained server is empty). Safe:
+# every run first drops stale applied marks, so a chunk id used again is never taken for done.
+LUA_TIDY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('DEL', KEYS[2]) end
+return 0
+"""
+
 # Compare-and-delete: delete the source key only if it is still what was copied.
 LUA_CAS_DEL = """
 if redis.call('DUMP', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -334,6 +342,8 @@ class Migration:
                 if self.progress:
                     self.progress(self.summary)
             self._save_cursor(None)
+            if not self.dry_run:
+                Client.check(src.call("EVAL", LUA_TIDY, 2, INFLIGHT, SEQ))
         finally:
             src.close()
             dst.close()
