@@ -72,8 +72,9 @@ def expected_runs(job_id: str) -> int:
 
 
 def sidekiq_job(job_id: str) -> str:
+    now = time.time()
     return json.dumps({"class": "CountJob", "args": [job_id], "jid": os.urandom(12).hex(), "retry": 1,
-                       "queue": "default", "created_at": time.time()})
+                       "queue": "default", "created_at": now, "enqueued_at": now})
 
 
 def reload(metrics_port: int) -> bytes:
