@@ -9,8 +9,8 @@ addresses, and gets the managed URL from REDIS_URL as docker-compose.yml gives i
 redis-namespace (listener `old`) and Sidekiq 7.3 (listener `new`), clients (perform_async and
 perform_in) and workers, run throughout. Each way: flip the routes by reload, check the old
 server has no connection left, wait for jobs failing into the new server's retry and dead sets,
-`migrate --move --state` across servers (merging a backlog of 600 jobs left in the old queue
-into the live one, and the live schedule, retry and dead sets),
+`migrate --move --state` across servers (merging 600 jobs left in the old queue into the live one,
+and the live schedule, retry and dead sets),
 then `--move --overwrite --verify`, and check the old server is empty (DBSIZE 0). At the end
 every job ran exactly as often as it should, no enqueue was refused, and the jobs that always
 fail are in the dead set once each (tests/runbook_helpers.py)."""
@@ -73,12 +73,15 @@ def test_server_move_there_and_back(tmp_path):
             assert b"2 route(s) changed" in reload(mport)
             fleet.wait_for(lambda: not others(old_server), "old server without connections (drained)")
 
-        def backlog(old_server: redis.Redis, queue: str, tag: str, n: int = 600) -> None:
-            """Jobs left in the old server's queue at the flip (enqueued just before it, not
-            fetched yet): migrate moves them in chunks into the live queue of the new one."""
+        def left_behind(old_server: redis.Redis, prefix: str, tag: str, n: int = 600) -> None:
+            """What the old server still holds after a flip, as nothing reads it any more: jobs
+            enqueued just before it and not fetched yet (migrate moves them in chunks into the
+            live queue of the new server), and jobs due in a few seconds in its schedule."""
             ids = [f"backlog-{tag}-{i}" for i in range(n)]
-            old_server.lpush(queue, *(sidekiq_job(i) for i in ids))
-            results.sadd("enqueued", *ids)
+            old_server.lpush(f"{prefix}queue:default", *(sidekiq_job(i) for i in ids))
+            due = [f"sched-{tag}-{i}" for i in range(5)]
+            old_server.zadd(f"{prefix}schedule", {sidekiq_job(i): time.time() + 3 for i in due})
+            results.sadd("enqueued", *ids, *due)
 
         # Step 1: everyone through the proxy, on the managed server: Sidekiq 6 + redis-namespace
         # on `old` (passed through), Sidekiq 7 on `new` (namespace added).
@@ -90,10 +93,7 @@ def test_server_move_there_and_back(tmp_path):
         fleet.wait_for(lambda: M.keys("sidekiq:j|*"), "Sidekiq 7 metrics on the managed server")
         fleet.wait_for(lambda: M.zcard("sidekiq:dead") > 0, "a job in the managed server's dead set")
         assert all(k.startswith(b"sidekiq:") for k in M.keys()) and S.dbsize() == 0
-        # jobs due in a few seconds, and retries due in an hour (they must just survive both moves)
-        scheduled = {sidekiq_job(f"sched-{i}"): time.time() + 8 for i in range(5)}
-        M.zadd("sidekiq:schedule", scheduled)
-        results.sadd("enqueued", *(f"sched-{i}" for i in range(5)))
+        # retries due in an hour: they must just survive both moves
         retries = {sidekiq_job(f"later-{i}"): time.time() + 3600 + i for i in range(5)}
         M.zadd("sidekiq:retry", retries)
         there = ["--from", managed_url, "--from-namespace", "sidekiq", "--to", self_url]
@@ -102,7 +102,7 @@ def test_server_move_there_and_back(tmp_path):
 
         # Step 2: flip both routes to the self-hosted server (namespace stripped) by reload.
         flip("step2-self-hosted.toml", M)
-        backlog(M, "sidekiq:queue:default", "there")
+        left_behind(M, "sidekiq:", "there")
         fleet.wait_for(lambda: S.zcard("retry") > 0 and S.zcard("dead") > 0,
                        "jobs in the self-hosted server's retry and dead sets")
 
@@ -122,7 +122,7 @@ def test_server_move_there_and_back(tmp_path):
         # The way back (or a rollback): step 1's file again, then migrate the other way, the
         # namespace added back.
         flip("step1-managed.toml", S)
-        backlog(S, "queue:default", "back")
+        left_behind(S, "", "back")
         fleet.wait_for(lambda: M.zcard("sidekiq:retry") > 0 and M.zcard("sidekiq:dead") > 0,
                        "jobs in the managed server's retry and dead sets again")
         back = ["--from", self_url, "--to", managed_url, "--to-namespace", "sidekiq"]
