@@ -17,12 +17,14 @@ fail are in the dead set once each (tests/runbook_helpers.py)."""
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import redis
 
 from proxy.embedded import free_port, start_server
-from runbook_helpers import (RUNBOOK, Fleet, account, migrate, reload, require_sidekiq, sidekiq_job,
+from runbook_helpers import (ROOT, RUNBOOK, Fleet, account, migrate, reload, require_sidekiq, sidekiq_job,
                              summary)
 
 require_sidekiq()
@@ -66,10 +68,20 @@ def test_server_move_there_and_back(tmp_path):
                                            port=old_port, env={"REDIS_URL": managed_url})
         cfg = tmp_path.__class__(os.path.join(proxy.tmp, "proxy.toml"))
 
+        def check() -> None:
+            """`keyspace-proxy check` on the step's file, beside the running proxy, as the runbook says."""
+            env = dict(os.environ, PYTHONPATH=ROOT, REDIS_URL=managed_url)
+            r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(cfg)], env=env, cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and "keyspace-proxy check: ok" in r.stdout, r.stdout + r.stderr
+
+        check()
+
         def flip(step: str, old_server: redis.Redis) -> None:
             """cp the step's file over proxy.toml, reload, and wait until the old server has no
             connection but the test's: every client and worker reconnected through the new routes."""
             cfg.write_text(step_config(step, self_url, new_port, old_port, mport))
+            check()
             assert b"2 route(s) changed" in reload(mport)
             fleet.wait_for(lambda: not others(old_server), "old server without connections (drained)")
 
