@@ -53,9 +53,15 @@ def others(r: redis.Redis) -> list:
 def test_server_move_there_and_back(tmp_path):
     from conftest import ProxyProcess
     kind = "redis" if shutil.which("redis-server") else "valkey"
-    managed = start_server(kind)
-    selfhosted = start_server(kind, extra=["--appendonly", "yes", "--maxmemory-policy", "noeviction"])
-    app = start_server(kind)
+    servers = []
+    try:
+        for extra in ([], ["--appendonly", "yes", "--maxmemory-policy", "noeviction"], []):  # as in the compose file
+            servers.append(start_server(kind, extra=extra))
+    except Exception:
+        for s in servers:
+            s.stop()
+        raise
+    managed, selfhosted, app = servers
     managed_url = f"redis://127.0.0.1:{managed.port}/0"
     self_url = f"redis://127.0.0.1:{selfhosted.port}/0"
     M = redis.Redis(port=managed.port, client_name=ME)
@@ -155,5 +161,5 @@ def test_server_move_there_and_back(tmp_path):
         fleet.close()
         if fleet.proxy is not None:
             fleet.proxy.stop()
-        for s in (managed, selfhosted, app):
+        for s in servers:
             s.stop()
