@@ -82,8 +82,8 @@ class ProxyProcess:
         argv += args
         self.log_path = os.path.join(self.tmp, "proxy.log")
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-        env.pop("REDIS_URL", None)
+        # REDIS_URL only when the test gives it (it would replace the file's upstream)
+        env = dict({k: v for k, v in os.environ.items() if k != "REDIS_URL"}, PYTHONPATH=ROOT, **(env or {}))
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.wait_ready()
 
