@@ -320,6 +320,12 @@ class Route:
     # taken by new connections on reload, and existing connections need not be drained.
     tls: ListenerTLS | None = field(default=None, compare=False)
 
+    @property
+    def slot(self) -> str:
+        """`pinned` when the route's namespaces are hash tags (pin_route), else `spread`."""
+        ks = [self.default.keyspace] + [t.keyspace for t in self.databases.values()]
+        return "pinned" if any(k.pinned for k in ks) else "spread"
+
     def target(self, client_db: int) -> DbTarget | None:
         if client_db in self.databases:
             return self.databases[client_db]
@@ -334,7 +340,8 @@ class Route:
     def describe(self, bound: tuple | None = None) -> str:
         """`127.0.0.1:6380 -> redis://...`; `bound`: the address the socket got (port 0)."""
         ks = self.default.keyspace
-        mode = {"add": f"namespace '{ks.namespace.decode()}' added",
+        mode = {"add": f"namespace '{ks.namespace.decode()}' added" + (
+                    f" as the hash tag {{{ks.namespace.decode()}}} (pinned to one slot)" if ks.pinned else ""),
                 "strip": f"namespace '{ks.namespace.decode()}' stripped", "none": "no namespace"}[ks.mode]
         extra = f", client dbs {sorted(set(self.databases) | {0})} mapped" if self.databases else ""
         host, port = (bound or self.listen)[:2]
@@ -518,7 +525,32 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         else:
             dks = ks  # the listener's fence holds in every db unless a db says otherwise
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
-    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls)
+    route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls)
+    return pin_route(route, vals.get("slot", "spread"), label("slot"))
+
+
+def pin_route(route: Route, slot: str, label: str) -> Route:
+    """`slot = "pinned"`: every add-mode keyspace of the route writes its namespace as the
+    keys' hash tag, `{NS}:key` (proxy/keyspace.py), so a namespace is one cluster slot.
+    Refused where that cannot hold: no namespace to pin, strip mode (the client's names
+    are the server's), a namespace with `}` (the tag would end inside it)."""
+    if slot != "pinned":
+        return route
+    targets = [("", route.default)] + [(f" (client db {c})", t) for c, t in sorted(route.databases.items())]
+    for where, t in targets:
+        ks = t.keyspace
+        if ks.mode == "strip":
+            raise ConfigError(f"{label}: pinned works with namespace (add mode), not strip_namespace "
+                              f"'{ks.namespace.decode()}'{where}")
+        if ks.mode == "add" and b"}" in ks.namespace:
+            raise ConfigError(f"{label}: namespace '{ks.namespace.decode()}'{where} contains '}}': pinned "
+                              "writes it as the hash tag {NS}, which would end at that brace")
+    if not any(t.keyspace.mode == "add" for _, t in targets):
+        raise ConfigError(f"{label}: pinned needs a namespace (it becomes every key's hash tag, {{NS}}:key)")
+
+    def pin(t: DbTarget) -> DbTarget:
+        return DbTarget(t.db, replace(t.keyspace, pinned=True)) if t.keyspace.mode == "add" else t
+    return replace(route, default=pin(route.default), databases={c: pin(t) for c, t in route.databases.items()})
 
 
 def load_toml(path: str, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -636,6 +668,7 @@ def render_toml(cfg: Config) -> str:
         lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}",
                   f"upstream = {_toml_str(r.upstream.masked())}"]
         lines += _keyspace_toml(r.default.keyspace)
+        lines.append(f"slot = {_toml_str(r.slot)}")
         if r.tls is not None:
             lines.append("[listener.tls]")
             lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")
