@@ -223,6 +223,8 @@ def parse_upstream(url: str) -> Upstream:
     (credentials masked). A rediss:// upstream gets the default TLS settings (the
     system's CAs, verification on); [upstream_tls] settings are applied by the caller."""
     shown = repr(mask_url(url))
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        refuse_cluster(parse_cluster_url(url))
     if "://" not in url:
         hint = f" (e.g. redis://{url}/0)" if ":" in url and url.rpartition(":")[2].isdigit() else ""
         raise Invalid(f"expected a URL, {URL_FORM}{hint}, got {shown}")
@@ -262,6 +264,69 @@ def parse_upstream(url: str) -> Upstream:
     password = unquote(u.password) if u.password else None
     return Upstream(u.hostname, port or 6379, db or 0, user or None, password,
                     UpstreamTLS() if u.scheme == "rediss" else None)
+
+
+# -- Redis Cluster upstreams: parsed, then refused until routing over a cluster exists
+# (docs/cluster.md says what is built and what is designed only).
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True)
+class ClusterUpstream:
+    seeds: tuple[tuple[str, int], ...]   # where to ask for the slot map, in the URL's order
+    username: str | None = None
+    password: str | None = None
+    tls: UpstreamTLS | None = None       # rediss+cluster://
+
+    def masked(self) -> str:
+        auth = (self.username or "") + ":***@" if (self.username or self.password) else ""
+        scheme = "rediss+cluster" if self.tls is not None else "redis+cluster"
+        return f"{scheme}://{auth}{','.join(format_addr(h, p) for h, p in self.seeds)}"
+
+
+def parse_cluster_url(url: str) -> ClusterUpstream:
+    """`redis+cluster://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/0]` (rediss+cluster://
+    for TLS): seed nodes, IPv6 in brackets, port 6379 when left out. A cluster has db 0
+    only, so a path is `/0` or nothing; no query. Raises Invalid (credentials masked)."""
+    shown = repr(mask_url(url))
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        raise Invalid(f"scheme must be redis+cluster:// or rediss+cluster:// (got {scheme}://)")
+    at = rest.rfind("@")
+    auth, rest = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
+    hosts, slash, path = rest.partition("/")
+    if "?" in hosts or "?" in path or "#" in rest:
+        raise Invalid(f"unexpected query or fragment in {shown} (a cluster URL takes none)")
+    if slash and path not in ("", "0"):
+        raise Invalid(f"a cluster has db 0 only, got /{path} in {shown}")
+    seeds = []
+    for part in hosts.split(","):
+        host, port = part, "6379"
+        if part.startswith("["):
+            end = part.find("]")
+            host, tail = part[1:end], part[end + 1:]
+            if end < 0 or (tail and not tail.startswith(":")):
+                raise Invalid(f"bad seed {part!r} in {shown}: write IPv6 as [::1]:7000")
+            port = tail[1:] or port
+        elif ":" in part:
+            host, _, port = part.rpartition(":")
+        if not host or ":" in host and not part.startswith("["):
+            raise Invalid(f"bad seed {part!r} in {shown}: expected HOST:PORT (IPv6 as [::1]:7000)")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise Invalid(f"port must be a number from 1 to 65535 in seed {part!r} of {shown}")
+        seeds.append((host, int(port)))
+    user, _, password = auth.partition(":")
+    return ClusterUpstream(tuple(seeds), unquote(user) or None, unquote(password) or None,
+                           UpstreamTLS() if scheme == "rediss+cluster" else None)
+
+
+def refuse_cluster(c: ClusterUpstream):
+    """Fail closed: a valid cluster URL is refused at start, so nothing claims to route
+    over a cluster before that is built."""
+    raise Invalid(f"{c.masked()}: Redis Cluster upstreams are not supported yet (routing over a cluster is "
+                  "designed in docs/cluster.md, not built); point the proxy at a single server or a "
+                  "cluster-mode-disabled primary with redis:// or rediss://")
 
 
 def parse_url(url: str, field_name: str = "upstream") -> Upstream:

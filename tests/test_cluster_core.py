@@ -282,3 +282,65 @@ def test_ipv6(cluster):
 
 def test_slots_constant():
     assert SLOTS == 16384 and key_slot(b"\xff" * 100) < SLOTS
+
+
+# -- redis+cluster:// URLs: parsed into seed nodes, refused at start until routing exists
+
+
+@pytest.mark.parametrize("url, seeds, user, password, tls", [
+    ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001", (("10.0.0.1", 7000), ("10.0.0.2", 7001)), None, None, False),
+    ("redis+cluster://cfg.example.cache.amazonaws.com", (("cfg.example.cache.amazonaws.com", 6379),),
+     None, None, False),
+    ("rediss+cluster://app:p%40ss%2Fw@[::1]:7000,[fe80::2],h:7002/0",
+     (("::1", 7000), ("fe80::2", 6379), ("h", 7002)), "app", "p@ss/w", True),
+    ("rediss+cluster://:secret@h:6380/", (("h", 6380),), None, "secret", True),
+])
+def test_cluster_url_parsed(url, seeds, user, password, tls):
+    from proxy.config import parse_cluster_url
+    c = parse_cluster_url(url)
+    assert (c.seeds, c.username, c.password, c.tls is not None) == (seeds, user, password, tls)
+    assert "secret" not in c.masked() and "p@ss" not in c.masked()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis+cluster://h:7000/2", "a cluster has db 0 only, got /2"),
+    ("redis+cluster://h:7000?db=0", "unexpected query"),
+    ("redis+cluster://::1:7000", "expected HOST:PORT (IPv6 as [::1]:7000)"),
+    ("redis+cluster://h:7000,,i:7001", "bad seed ''"),
+    ("redis+cluster://h:99999", "port must be a number from 1 to 65535 in seed 'h:99999'"),
+    ("redis+cluster://:secret@h:x", "in seed 'h:x' of 'redis+cluster://:***@h:x'"),
+])
+def test_cluster_url_mistakes(url, message):
+    from proxy.config import parse_cluster_url
+    from proxy.schema import Invalid
+    with pytest.raises(Invalid) as e:
+        parse_cluster_url(url)
+    assert message in str(e.value) and "secret" not in str(e.value)
+
+
+def _start_refused(args: list[str]) -> str:
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("REDIS_URL", None)
+    out = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60,
+                         env=env, cwd=ROOT)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    return out.stderr
+
+
+def test_cluster_upstream_refused_at_start(cluster, tmp_path):
+    """Even with a real cluster at the seeds: a clear refusal, not a proxy that half works."""
+    seeds = cluster.seeds()
+    err = _start_refused(["--listen", "127.0.0.1:0", "--namespace", "app",
+                          "--upstream", f"redis+cluster://:secret@{seeds}"])
+    assert f"--upstream: redis+cluster://:***@{seeds}: Redis Cluster upstreams are not supported yet" in err
+    assert "docs/cluster.md" in err and "secret" not in err
+    path = tmp_path / "p.toml"
+    path.write_text(f'[[listener]]\nlisten = "127.0.0.1:0"\nupstream = "rediss+cluster://{seeds}"\n')
+    err = _start_refused(["--config", str(path)])
+    assert f"listener[0].upstream: rediss+cluster://{seeds}: Redis Cluster upstreams are not supported yet" in err
+    err = _start_refused(["check", "--listen", "127.0.0.1:0", "--upstream", f"redis+cluster://{seeds}/3"])
+    assert "a cluster has db 0 only" in err
