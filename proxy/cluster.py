@@ -63,6 +63,15 @@ def key_slot(key: bytes) -> int:
     return crc16(hash_tag(key)) & (SLOTS - 1)
 
 
+def group_by_slot(keys) -> dict[int, list[int]]:
+    """Indexes of `keys` per slot, each list in order, slots in order of first appearance:
+    the parts a multi-key command is split into (one command per slot)."""
+    out: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(key_slot(k), []).append(i)
+    return out
+
+
 class CrossSlot(Exception):
     """Keys of one request in more than one slot. str(e): the slots seen."""
 
@@ -264,7 +273,9 @@ class SlotMap:
         return None if slot is None else self.primary(slot)
 
     def group_by_node(self, keys) -> dict[Node, list[int]]:
-        """Indexes of `keys` per serving primary, in order (to split MGET/DEL/...): a key
+        """Indexes of `keys` per serving primary, in order: which links a split request
+        (MGET, DEL, ...) touches. Each part sent must still be one slot (a node refuses
+        CROSSSLOT for two slots it serves both): split by `group_by_slot` first. A key
         whose slot is not served raises LookupError."""
         out: dict[Node, list[int]] = {}
         for i, k in enumerate(keys):

@@ -70,6 +70,14 @@ class ClusterNode:
         finally:
             r.close()
 
+    def blocked(self, cmd: str) -> bool:
+        """Whether a client of this node is blocked in `cmd` (lowercase)."""
+        r = self.client()
+        try:
+            return any(c.get("cmd") == cmd and "b" in c.get("flags", "") for c in r.client_list())
+        finally:
+            r.close()
+
     def info(self, section: str) -> dict:
         r = self.client()
         try:

@@ -12,7 +12,7 @@ import pytest
 
 from cluster_helpers import start_cluster, wait_until
 from integration_helpers import Raw
-from proxy.cluster import (SLOTS, CrossSlot, SlotMap, common_slot, crc16, hash_tag, key_slot,
+from proxy.cluster import (SLOTS, CrossSlot, SlotMap, common_slot, crc16, group_by_slot, hash_tag, key_slot,
                            parse_redirect)
 
 
@@ -131,6 +131,13 @@ def test_node_for_keys_is_where_the_server_takes_them(cluster):
         assert all(m.primary(key_slot(keys[i])) == node for i in idx)
     with pytest.raises(CrossSlot):
         m.node_for_keys([b"{a}1", b"{b}1"])
+    # split per slot, each part accepted by its node as one command (no CROSSSLOT)
+    parts = group_by_slot(keys)
+    assert sorted(i for idx in parts.values() for i in idx) == list(range(len(keys)))
+    for slot, idx in parts.items():
+        node = m.primary(slot)
+        reply = record(node, "MGET", *[keys[i] for i in idx])
+        assert reply.startswith(b"*%d\r\n" % len(idx)), reply
 
 
 def _slot_of(cluster, owner) -> tuple[int, bytes]:

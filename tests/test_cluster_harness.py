@@ -144,6 +144,25 @@ def test_ask_during_an_import(cluster):
     cluster.migrate_slot(slot, src)
 
 
+def test_blocked_client_answered_moved_when_its_slot_moves(cluster):
+    """What the blocking-command design (docs/cluster.md) stands on: the server ends a
+    BLPOP on a slot that moves away with -MOVED, so the proxy can block again on the new
+    owner."""
+    slot = cluster.ranges[cluster.primaries[0].id][0][0] + 200
+    src, dst = cluster.primary_for(slot), cluster.primaries[2]
+    key = cluster.keys_in_slot(slot, 1, prefix="blocked")[0]
+    s = Raw(src.host, src.port)
+    s.send(("BLPOP", key, "30"))
+    wait_until(lambda: src.blocked("blpop"), "BLPOP to block")
+    cluster.migrate_slot(slot, dst)
+    try:
+        r = parse_redirect(s.read(1)[0])
+        assert (r.kind, r.slot, r.port) == ("MOVED", slot, dst.port)
+    finally:
+        s.close()
+        cluster.migrate_slot(slot, src)
+
+
 @pytest.mark.parametrize("kind", ["valkey", "redis"])
 def test_primary_killed_replica_promoted(kind):
     from conftest import server_kinds
