@@ -138,6 +138,10 @@ def test_node_for_keys_is_where_the_server_takes_them(cluster):
         node = m.primary(slot)
         reply = record(node, "MGET", *[keys[i] for i in idx])
         assert reply.startswith(b"*%d\r\n" % len(idx)), reply
+    # why per slot and not per node: two slots of one node are still CROSSSLOT
+    lo = cluster.ranges[cluster.primaries[0].id][0][0]
+    a, b = cluster.keys_in_slot(lo, 1)[0], cluster.keys_in_slot(lo + 1, 1)[0]
+    assert record(cluster.primaries[0], "MGET", a, b).startswith(b"-CROSSSLOT")
 
 
 def _slot_of(cluster, owner) -> tuple[int, bytes]:

@@ -214,3 +214,24 @@ def test_check_shows_the_setting(server, fresh_db, tmp_path):
     assert 'slot = "pinned"' in out.stdout
     out = _check("--listen", "127.0.0.1:0", "--slot", "pinned", "--upstream", up)
     assert out.returncode == 2 and "--slot: pinned needs a namespace" in out.stderr, out.stderr
+
+
+def test_existing_namespace_moved_to_its_pinned_names(server, fresh_db, start_proxy, d):
+    """README: `migrate --to-namespace '{NS}'` moves a keyspace to the names a pinned
+    route uses (same server and db), and the pinned route then sees it."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    ns = uniq("old")
+    url = f"redis://{server.host}:{server.port}/{fresh_db}"
+    d.set(f"{ns}:a", "1")
+    d.rpush(f"{ns}:queue", "j1", "j2")
+    d.set("untouched", "x")
+    out = subprocess.run([sys.executable, "-m", "proxy", "migrate", "--from", url, "--from-namespace", ns,
+                          "--to", url, "--to-namespace", "{" + ns + "}", "--move", "--verify"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(d.keys("*")) == sorted([f"{{{ns}}}:a".encode(), f"{{{ns}}}:queue".encode(), b"untouched"])
+    p = start_proxy(["--upstream", url, "--namespace", ns, "--slot", "pinned"])
+    c = client(p)
+    assert c.get("a") == b"1" and c.lrange("queue", 0, -1) == [b"j1", b"j2"]
