@@ -22,6 +22,7 @@ reads a RESP2 or a RESP3 connection's replies.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 SLOTS = 16384
@@ -101,16 +102,15 @@ class Redirect:
     def address(self, origin_host: str, slot_map: "SlotMap | None" = None) -> tuple[str, int] | None:
         """Where to go: `origin_host` is the host of the node that sent the error. An
         empty host means that same host (a node behind an address it does not know); `?`
-        (hostnames preferred but the node announces none) is looked up by port in
-        `slot_map`; None when it cannot be known (refresh the map)."""
+        (hostnames preferred but the node announces none) is the one node of `slot_map`
+        with that port; None when it cannot be known (refresh the map)."""
         if self.host == "":
             return origin_host, self.port
         if self.host == "?":
-            if slot_map is not None:
-                for n in slot_map.nodes():
-                    if n.port == self.port and n.host not in ("", "?"):
-                        return n.host, n.port
-            return None
+            # only a node that alone has this port can be meant (nodes often share 6379)
+            found = {n.addr for n in (slot_map.nodes() if slot_map else [])
+                     if n.port == self.port and n.host not in ("", "?")}
+            return found.pop() if len(found) == 1 else None
         return self.host, self.port
 
 
@@ -247,8 +247,7 @@ class SlotMap:
             if not nodes:
                 continue
             key = nodes[0].id or "%s:%d" % nodes[0].addr
-            ranges, known = by_primary.setdefault(key, ([], nodes))
-            ranges.append((lo, hi))
+            by_primary.setdefault(key, ([], nodes))[0].append((lo, hi))
         shards = [_shard(nodes, tuple(sorted(ranges))) for ranges, nodes in by_primary.values()]
         return cls(shards)
 
@@ -326,7 +325,6 @@ class SlotMap:
 
 
 def _looks_ip(s: str) -> bool:
-    import ipaddress
     try:
         ipaddress.ip_address(s)
         return True

@@ -12,7 +12,7 @@ import pytest
 
 from cluster_helpers import start_cluster, wait_until
 from integration_helpers import Raw
-from proxy.cluster import (SLOTS, CrossSlot, SlotMap, common_slot, crc16, group_by_slot, hash_tag, key_slot,
+from proxy.cluster import (SLOTS, CrossSlot, Node, Shard, SlotMap, common_slot, crc16, group_by_slot, hash_tag, key_slot,
                            parse_redirect)
 
 
@@ -250,6 +250,10 @@ def test_question_mark_endpoint(cluster, hostnames):
     m = SlotMap.from_shards(parse(record(asker, "CLUSTER", "SHARDS")), asker.host)
     assert r.address(asker.host, m) == ("127.0.0.1", bare.port)
     assert r.address(asker.host) is None   # without a map it cannot be known
+    # nodes that share the port (6379 everywhere is common): no way to tell which
+    twin = SlotMap([Shard(Node("x", "10.0.0.9", bare.port, True), (), ((0, 0),))])
+    both = SlotMap(m.shards + twin.shards, [])
+    assert r.address(asker.host, both) is None
 
 
 @pytest.mark.parametrize("proto", [2, 3])

@@ -7,10 +7,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from integration_helpers import client, proxy_toml, uniq, wait_blocked
 from proxy.cluster import key_slot
 from proxy.config import ConfigError, from_dict, render_toml
+from proxy.keyspace import Keyspace
 
 
 @pytest.fixture
@@ -150,6 +153,31 @@ def test_cluster_takes_the_pinned_keys_as_one_slot(cluster):
         r.delete(*keys)
     finally:
         r.close()
+
+
+# -- why stripping stays unambiguous (no server involved: the mapping itself)
+
+_ns = st.text(st.characters(blacklist_characters="}*\r\n"), min_size=1, max_size=8).map(str.encode)
+_sep = st.sampled_from([b":", b"/", b"::", b"", b"}"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(a=_ns, b=_ns, sep_a=_sep, sep_b=_sep, key=st.binary(max_size=12), other=st.binary(max_size=20))
+def test_pinned_names_are_exact_and_never_nest(a, b, sep_a, sep_b, key, other):
+    """The namespace has no `}`, so `{A}` ends at its own brace: a pinned name maps back
+    to exactly the client's key, lies in A's slot, and belongs to no other pinned
+    namespace whatever the separators (unpinned `app` and `app:x` do overlap)."""
+    ka = Keyspace("add", a, sep_a, "r", pinned=True)
+    kb = Keyspace("add", b, sep_b, "r", pinned=True)
+    server = ka.key_in(key)
+    assert ka.key_out(server) == key
+    assert key_slot(server) == key_slot(a)
+    if a != b:
+        assert kb.key_out(server) is None
+    out = ka.key_out(other)
+    assert (out is None) == (not other.startswith(b"{" + a + b"}" + sep_a))
+    if out is not None:
+        assert ka.key_in(out) == other
 
 
 # -- configuration
