@@ -274,7 +274,10 @@ def start_cluster(kind: str = "valkey", primaries: int = 3, replicas_per_primary
         for _ in range(primaries * (1 + replicas_per_primary)):
             # the bus port given, not derived (port + 10000 may be taken, or above 65535)
             bus = free_port(host)
-            server = start_server(kind, host=host, extra=NODE_CONFIG + ["--cluster-port", str(bus)] + (extra or []))
+            # die_with_parent: a killed test run leaves no cluster behind (nodes are
+            # started from the thread that runs the tests, which lives as long as they)
+            server = start_server(kind, host=host, extra=NODE_CONFIG + ["--cluster-port", str(bus)] + (extra or []),
+                                  die_with_parent=True)
             started.append(ClusterNode(server, bus_port=bus))
         prims = started[:primaries]
         reps = started[primaries:]

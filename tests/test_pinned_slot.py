@@ -104,19 +104,29 @@ def test_pubsub_and_keyspace_notifications(pinned, d):
     sub = c.pubsub()
     sub.subscribe("chan", "__keyspace@0__:watched")
     sub.psubscribe("ch*")
-    for _ in range(3):
-        assert sub.get_message(timeout=5)["type"] in ("subscribe", "psubscribe")
+    confirmed = sorted((m["type"], m["channel"]) for m in (sub.get_message(timeout=5) for _ in range(3)))
+    assert confirmed == [("psubscribe", b"ch*"), ("subscribe", b"__keyspace@0__:watched"), ("subscribe", b"chan")]
     assert d.publish(f"{ns}:chan", "unpinned name") == 0     # the server channel is {NS}:chan
     assert d.publish(f"{{{ns}}}:chan", "hi") == 2
-    got = sorted((m["type"], m["channel"], m["data"]) for m in
+    got = sorted((m["type"], m["channel"], m["pattern"], m["data"]) for m in
                  (sub.get_message(timeout=5, ignore_subscribe_messages=True) for _ in range(2)))
-    assert got == [("message", b"chan", b"hi"), ("pmessage", b"chan", b"hi")]
+    assert got == [("message", b"chan", None, b"hi"), ("pmessage", b"chan", b"ch*", b"hi")]
     assert c.publish("chan", "via proxy") == 2
     for _ in range(2):
         sub.get_message(timeout=5, ignore_subscribe_messages=True)
     client(p).set("watched", "1")
     m = sub.get_message(timeout=5, ignore_subscribe_messages=True)
     assert (m["channel"], m["data"]) == (b"__keyspace@0__:watched", b"set")
+    sub.subscribe("__keyevent@0__:expire")
+    sub.get_message(timeout=5)
+    d.expire(f"{ns}:watched", 100)       # a lookalike outside the namespace: not delivered
+    d.set(f"{ns}:watched", "x")
+    d.expire(f"{ns}:watched", 100)
+    client(p).expire("watched", 100)
+    m = sub.get_message(timeout=5, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (b"__keyspace@0__:watched", b"expire")
+    m = sub.get_message(timeout=5, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (b"__keyevent@0__:expire", b"watched")   # payload stripped
     sub.close()
 
 
