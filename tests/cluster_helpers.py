@@ -265,10 +265,16 @@ NODE_CONFIG = [
 
 
 def start_cluster(kind: str = "valkey", primaries: int = 3, replicas_per_primary: int = 1,
-                  extra: list[str] | None = None, host: str = "127.0.0.1") -> Cluster:
-    """Start and join a cluster; the slots split evenly over the primaries
-    (CLUSTER ADDSLOTSRANGE). `host`: where every node listens (`::1` for IPv6).
-    Stops whatever it started if anything fails."""
+                  extra: list[str] | None = None, host: str = "127.0.0.1",
+                  slots: list[list[tuple[int, int]]] | None = None) -> Cluster:
+    """Start and join a cluster. `slots`: the inclusive slot ranges of each primary
+    (CLUSTER ADDSLOTSRANGE), all 16384 covered; default an even split. `host`: where
+    every node listens (`::1` for IPv6). Stops whatever it started if anything fails."""
+    if slots is None:
+        step = 16384 // primaries
+        slots = [[(i * step, 16383 if i == primaries - 1 else (i + 1) * step - 1)] for i in range(primaries)]
+    assert len(slots) == primaries and sorted(s for r in slots for lo, hi in r for s in range(lo, hi + 1)) == \
+        list(range(16384)), "slots must cover 0..16383 once"
     started: list[ClusterNode] = []
     try:
         for _ in range(primaries * (1 + replicas_per_primary)):
@@ -288,11 +294,9 @@ def start_cluster(kind: str = "valkey", primaries: int = 3, replicas_per_primary
         for i, n in enumerate(started):
             n.call("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
         cluster = Cluster(kind, prims, reps)
-        step = 16384 // primaries
-        for i, n in enumerate(prims):
-            lo, hi = i * step, (16383 if i == primaries - 1 else (i + 1) * step - 1)
-            n.call("CLUSTER", "ADDSLOTSRANGE", lo, hi)
-            cluster.ranges[n.id] = [(lo, hi)]
+        for n, ranges in zip(prims, slots):
+            n.call("CLUSTER", "ADDSLOTSRANGE", *[x for r in ranges for x in r])
+            cluster.ranges[n.id] = list(ranges)
         first = started[0]
         for n in started[1:]:
             first.call("CLUSTER", "MEET", n.host, n.port, n.bus_port)

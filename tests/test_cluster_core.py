@@ -281,7 +281,8 @@ def test_unknown_endpoint(cluster, proto):
 
 def test_ipv6(cluster):
     """A small cluster on ::1: MOVED and the map carry IPv6 addresses, unbracketed."""
-    c6 = start_cluster(cluster.kind, primaries=2, replicas_per_primary=0, host="::1")
+    c6 = start_cluster(cluster.kind, primaries=2, replicas_per_primary=0, host="::1",
+                       slots=[[(0, 99), (200, 16383)], [(100, 199)]])   # uneven, as a test may assign
     try:
         a, b = c6.primaries
         slot, key = _slot_of(c6, b)
@@ -290,6 +291,9 @@ def test_ipv6(cluster):
         assert (r.kind, r.slot, r.host, r.port) == ("MOVED", slot, "::1", b.port), raw
         m = SlotMap.from_shards(parse(record(a, "CLUSTER", "SHARDS")), "::1")
         assert m.primary(slot).addr == ("::1", b.port)
+        assert [m.primary(s).port for s in (0, 99, 100, 199, 200, 16383)] == [a.port, a.port, b.port, b.port,
+                                                                             a.port, a.port]
+        assert m.uncovered() == []
         assert SlotMap.from_slots(parse(record(a, "CLUSTER", "SLOTS")), "::1").primary(slot).addr == ("::1", b.port)
     finally:
         c6.stop()

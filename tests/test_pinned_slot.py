@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,7 +161,15 @@ def test_cluster_takes_the_pinned_keys_as_one_slot(cluster):
         with r.pipeline(transaction=True) as m:
             m.lpush(keys[3], "j").rpoplpush(keys[3], keys[0])
             assert m.execute() == [1, b"j"]
-        r.delete(*keys)
+        # SORT BY/GET patterns as a pinned route writes them ({NS}:w_*): Valkey 8 takes
+        # them on a cluster (same slot as the key); Redis 7.0 refuses BY/GET in cluster mode
+        r.rpush(keys[1], "1", "2")
+        r.mset({b"{app}:w_1": "9", b"{app}:w_2": "1", b"{app}:v_1": "a", b"{app}:v_2": "b"})
+        try:
+            assert r.sort(keys[1], by="{app}:w_*", get=["#", "{app}:v_*"]) == [b"2", b"b", b"1", b"a"]
+        except redis.ResponseError as e:
+            assert cluster.kind == "redis" and "option of SORT denied in Cluster mode" in str(e)
+        r.delete(*keys, b"{app}:w_1", b"{app}:w_2", b"{app}:v_1", b"{app}:v_2")
     finally:
         r.close()
 
