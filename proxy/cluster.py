@@ -204,7 +204,12 @@ class SlotMap:
     @classmethod
     def from_shards(cls, reply, origin_host: str = "") -> "SlotMap":
         """From CLUSTER SHARDS (RESP2 or RESP3). `origin_host`: the host the command was
-        sent to, for nodes whose endpoint is unknown."""
+        sent to, for nodes whose endpoint is unknown. ValueError for anything else (an
+        error reply: not a cluster, unknown subcommand)."""
+        return _built("CLUSTER SHARDS", reply, lambda: cls._from_shards(reply, origin_host))
+
+    @classmethod
+    def _from_shards(cls, reply, origin_host: str) -> "SlotMap":
         shards = []
         for raw in reply:
             sh = _pairs(raw)
@@ -230,7 +235,11 @@ class SlotMap:
     @classmethod
     def from_slots(cls, reply, origin_host: str = "") -> "SlotMap":
         """From CLUSTER SLOTS (RESP2 or RESP3): ranges listed one by one, each with its
-        primary first, then its replicas."""
+        primary first, then its replicas. ValueError as from_shards."""
+        return _built("CLUSTER SLOTS", reply, lambda: cls._from_slots(reply, origin_host))
+
+    @classmethod
+    def _from_slots(cls, reply, origin_host: str) -> "SlotMap":
         by_primary: dict[str, tuple[list, list[Node]]] = {}
         for entry in reply:
             lo, hi = int(entry[0]), int(entry[1])
@@ -322,6 +331,15 @@ class SlotMap:
             shards.append(Shard(Node("", addr[0], addr[1], True), (), ()))
             owners[r.slot] = len(shards) - 1
         return SlotMap(shards, owners)
+
+
+def _built(command: str, reply, build) -> "SlotMap":
+    if isinstance(reply, Exception) or not isinstance(reply, (list, tuple)):
+        raise ValueError(f"{command} answered {_text(reply)!r:.200}, not a slot map")
+    try:
+        return build()
+    except (TypeError, IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"{command}: a reply of an unknown shape ({e})") from None
 
 
 def _looks_ip(s: str) -> bool:

@@ -117,6 +117,19 @@ def test_slot_map_from_recorded_reply(cluster, command, proto):
     assert len(m.nodes()) == len(cluster.nodes)
 
 
+@pytest.mark.parametrize("command", ["SHARDS", "SLOTS"])
+def test_not_a_cluster(server, command):
+    """A server without cluster support answers with an error: a clear ValueError."""
+    raw = record(server, "CLUSTER", command)
+    assert raw.startswith(b"-ERR")
+    build = SlotMap.from_shards if command == "SHARDS" else SlotMap.from_slots
+    with pytest.raises(ValueError) as e:
+        build(parse(raw))
+    assert f"CLUSTER {command} answered" in str(e.value) and "cluster support disabled" in str(e.value)
+    with pytest.raises(ValueError):
+        build([[b"slots"]])   # a shape no server sends
+
+
 def test_node_for_keys_is_where_the_server_takes_them(cluster):
     m = SlotMap.from_shards(parse(record(cluster.primaries[0], "CLUSTER", "SHARDS")))
     keys = random_keys(200, seed=3) + EDGE_KEYS
