@@ -469,7 +469,8 @@ class Session:
         rule = plan.rule
         if plan.kind == SLOW and rule.name in self.rules.containers and len(args) > 1:
             rule = self.rules.lookup(args)
-        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
+        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED
+                                                   or rule.session == "info"):
             if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
                 return self._shared_block(args)
             where = self._where_on_shared(rule, args)
@@ -526,6 +527,8 @@ class Session:
         else "dedicated"."""
         if len(self.pending) >= SHARED_MAX_OWED:
             return "dedicated"
+        if rule.session == "info":  # counting another backend db's keys needs SELECT
+            return "dedicated" if self._info_selects(args) else None
         if rule.session in ("client_reply", "quit", "client_setname", "client_getname"):
             return None
         if rule.session == "hello" and self.tx is None and len(args) == 2 and args[1] in (b"2", b"3"):
@@ -898,15 +901,14 @@ class Session:
         if self.tx is not None:
             return self._refuse(str(self.ctx.refused("info", "its keyspace section is emulated with SCAN and "
                                                              "cannot run inside MULTI")), show)
-        dbs = self._client_dbs()
-        if self.shared and any(t.db != self.target.db for _, t in dbs):
-            # counting another backend db needs SELECT: a connection of its own
-            self.need_dedicated = True
-            self.held.appendleft(args)
-            return
-        gen = emulate.info(args, dbs, self.target.db, self._text)
+        gen = emulate.info(args, self._client_dbs(), self.target.db, self._text)
         self.emu = (gen, show)
         self._emu_step(None)
+
+    def _info_selects(self, args) -> bool:
+        """Would this INFO's emulation SELECT another backend db? (not on a shared link)"""
+        return self.tx is None and self.ctx.treat(self.rules.get("info")) == EMULATE \
+            and emulate.info_has_keyspace(args) and any(t.db != self.target.db for _, t in self._client_dbs())
 
     def _client_dbs(self) -> list:
         """(client db, DbTarget) for each client db of the route."""
