@@ -427,3 +427,19 @@ def test_app_session_passes_what_tenant_answers_itself():
     _, _, s = _session("app")
     s.client_data(_c("CLIENT", "LIST") + _c("CONFIG", "GET", "requirepass") + _c("MONITOR"))
     assert s.take_upstream() == _c("CLIENT", "LIST") + _c("CONFIG", "GET", "requirepass") + _c("MONITOR")
+
+
+def test_info_on_a_shared_link_moves_only_when_another_backend_db_is_counted():
+    from proxy.config import DbTarget, Route, Upstream
+    from proxy.keyspace import Keyspace
+    from proxy.session import Session
+    ks = Keyspace("add", b"ns", b":", "r")
+    same = Route("r", ("127.0.0.1", 1), Upstream("h", 1, 0), DbTarget(0, ks), {2: DbTarget(0, ks)})
+    other = Route("r", ("127.0.0.1", 1), Upstream("h", 1, 0), DbTarget(0, ks), {1: DbTarget(5, ks)})
+    s = Session(same, shared=True)
+    s.client_data(_c("INFO", "keyspace"))
+    assert not s.need_dedicated and s.take_upstream() == _c("INFO", "keyspace")
+    s = Session(other, shared=True)
+    s.client_data(_c("CLIENT", "REPLY", "SKIP") + _c("INFO", "keyspace") + _c("INFO", "server"))
+    assert s.need_dedicated and s.take_upstream() == b"" and len(s.held) == 2
+    assert s.skip  # not consumed: the INFO replayed on the connection of its own takes it
