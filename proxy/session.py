@@ -38,6 +38,7 @@ from itertools import repeat
 import hiredis
 
 from proxy import emulate
+from proxy.auth import HELLO_NOAUTH, NOAUTH, Login, parse_hello, routing
 from proxy.config import Limits, Route
 from proxy.keyspace import Refused
 from proxy.keyspecs import KeySpecError
@@ -71,6 +72,10 @@ class UnexpectedReply(Exception):
 
 
 # ------------------------------------------------------------------ requests
+
+# Commands a listener with users answers itself (Session._login); the rest wait for AUTH
+# after RESET.
+_LOGIN = ("auth", "hello", "reset")
 
 PASS, XFORM, LOCAL, INTERNAL, SUB = range(5)
 
@@ -121,8 +126,12 @@ class TxItem:
 
 class Session:
     def __init__(self, route: Route, rules: RuleBook | None = None, limits: Limits | None = None,
-                 stats: RouteStats | None = None, shared: bool = False):
+                 stats: RouteStats | None = None, shared: bool = False, login: Login | None = None):
         self.route = route
+        # A listener with users (proxy/auth.py): AUTH and HELLO ... AUTH are checked here,
+        # never forwarded; after RESET the client must authenticate again (`locked`).
+        self.login = login
+        self.locked = False
         self.stats = stats or RouteStats(route.name)
         self.rules = rules or default_rules()
         self.limits = limits or Limits()
@@ -401,7 +410,7 @@ class Session:
     def _plain(self) -> bool:
         """May the C path take the next requests? (no state a request would change)"""
         return _rewrite_plain is not None and self.tx is None and self.reply_on and not self.skip \
-            and not self._waiting() and self.upstream_error is None and not self.input_closed
+            and not self._waiting() and self.upstream_error is None and not self.input_closed and not self.locked
 
     def _handle_safely(self, args: list[bytes]) -> None:
         try:
@@ -420,6 +429,8 @@ class Session:
         rule = plan.rule
         if plan.kind == SLOW and rule.name in self.rules.containers and len(args) > 1:
             rule = self.rules.lookup(args)
+        if self.login is not None and (self.locked or rule.name in _LOGIN) and self._login(args, rule.name):
+            return
         if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
             if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
                 return self._shared_block(args)
@@ -467,6 +478,67 @@ class Session:
         except Refused as e:
             return self._refuse(str(e), show)
         self._queue_or_send(args, transform, show)
+
+    def start(self, first: list[bytes] | None, rest: bytes) -> None:
+        """The client authenticated at the gate (proxy/auth.py): `first`, a request to
+        handle before anything else (HELLO without its AUTH), then the bytes that followed."""
+        if first is not None:
+            self.fast_blocked = True
+            self._handle_safely(first)
+        if rest and not self.input_closed:
+            self.client_data(rest)
+
+    def _login(self, args: list[bytes], name: str) -> bool:
+        """AUTH, HELLO ... AUTH and RESET on a listener with users, and every command
+        while `locked` (after RESET): True if answered here. Never forwarded: the
+        upstream connection is authenticated with the route's own credentials."""
+        self._label = name
+        if name == "auth" or (name == "hello" and any(a.lower() == b"auth" for a in args[2:])):
+            if name == "auth":
+                if len(args) < 2 or len(args) > 3:
+                    err = "ERR wrong number of arguments for 'auth' command" if len(args) < 2 else "ERR syntax error"
+                    self._local(error(err), self._show())
+                    return True
+                creds, rest = (args[1] if len(args) == 3 else None, args[-1]), None
+            else:
+                err, creds, rest = parse_hello(args)
+                if err is not None:
+                    self._local(err, self._show())
+                    return True
+            if self.tx is not None:
+                self._refuse(f"ERR {name.upper()} inside MULTI is refused by the proxy: the proxy checks the "
+                             "password when it reads the command, not at EXEC", self._show())
+                return True
+            user, err = self.login.check(*creds)
+            if user is not None and routing(user.route) != routing(self.route):
+                err = error(f"ERR user '{user.name}' is on route {user.route.name} and this connection is on route "
+                            f"{self.route.name}: a connection's route cannot change; reconnect to authenticate "
+                            f"as {user.name} (nothing changed)")
+                user = None
+            if user is None:
+                self._local(err, self._show())  # the current user (and its route) stays
+                return True
+            self.login.user = user
+            self.locked = False
+            if rest is None:
+                self._local(OK, self._show())
+                return True
+            args[:] = rest  # HELLO <proto> [SETNAME n], answered by the server as always
+            return False
+        if name == "reset" and len(args) == 1:
+            # RESET logs the connection out, as Redis does when the default user has a
+            # password: what follows needs AUTH again. The server resets the upstream
+            # connection (the proxy authenticates it again with the route's credentials).
+            self.locked = True
+            return False
+        if not self.locked or name == "quit":
+            return False
+        if name == "hello":
+            err = parse_hello(args)[0]
+            self._local(err or HELLO_NOAUTH, self._show())
+        else:
+            self._local(NOAUTH, self._show())
+        return True
 
     def _where_on_shared(self, rule, args):
         """A request on a shared link whose Rule is not shareable (or past the owed cap):
