@@ -77,7 +77,9 @@ class ClientConnection(asyncio.Protocol):
                                              "peer": _peer(self.peer)})
         if self.session is None:
             listen = self.route.listen
-            login = Login(self.route.name, lambda: self.proxy.routes[listen].users, self.stats, _peer(self.peer))
+            # the listener's users as they are at each attempt: a reload applies to the next AUTH
+            login = Login(self.route.name, lambda: (self.proxy.routes.get(listen) or self.route).users, self.stats,
+                          _peer(self.peer))
             self.session = self.gate = Gate(login, self.proxy.config.limits, self.proxy.no_auth)
         else:
             self._begin()

@@ -493,51 +493,52 @@ class Session:
         while `locked` (after RESET): True if answered here. Never forwarded: the
         upstream connection is authenticated with the route's own credentials."""
         self._label = name
-        if name == "auth" or (name == "hello" and any(a.lower() == b"auth" for a in args[2:])):
-            if name == "auth":
-                if len(args) < 2 or len(args) > 3:
-                    err = "ERR wrong number of arguments for 'auth' command" if len(args) < 2 else "ERR syntax error"
-                    self._local(error(err), self._show())
-                    return True
-                creds, rest = (args[1] if len(args) == 3 else None, args[-1]), None
+        creds = rest = err = None
+        if name == "auth":
+            if len(args) < 2:
+                err = error("ERR wrong number of arguments for 'auth' command")
+            elif len(args) > 3:
+                err = error("ERR syntax error")
             else:
-                err, creds, rest = parse_hello(args)
-                if err is not None:
-                    self._local(err, self._show())
-                    return True
-            if self.tx is not None:
-                self._refuse(f"ERR {name.upper()} inside MULTI is refused by the proxy: the proxy checks the "
-                             "password when it reads the command, not at EXEC", self._show())
-                return True
-            user, err = self.login.check(*creds)
-            if user is not None and routing(user.route) != routing(self.route):
-                err = error(f"ERR user '{user.name}' is on route {user.route.name} and this connection is on route "
-                            f"{self.route.name}: a connection's route cannot change; reconnect to authenticate "
-                            f"as {user.name} (nothing changed)")
-                user = None
-            if user is None:
-                self._local(err, self._show())  # the current user (and its route) stays
-                return True
-            self.login.user = user
-            self.locked = False
-            if rest is None:
-                self._local(OK, self._show())
-                return True
-            args[:] = rest  # HELLO <proto> [SETNAME n], answered by the server as always
-            return False
-        if name == "reset" and len(args) == 1:
+                creds = (args[1] if len(args) == 3 else None, args[-1])
+        elif name == "hello":
+            err, creds, rest = parse_hello(args)
+            if err is None and creds is None:  # a plain HELLO: the server answers it
+                if not self.locked:
+                    return False
+                err = HELLO_NOAUTH
+        elif name == "reset" and len(args) == 1:
             # RESET logs the connection out, as Redis does when the default user has a
             # password: what follows needs AUTH again. The server resets the upstream
             # connection (the proxy authenticates it again with the route's credentials).
             self.locked = True
             return False
-        if not self.locked or name == "quit":
+        elif not self.locked or name in ("quit", "reset"):
             return False
-        if name == "hello":
-            err = parse_hello(args)[0]
-            self._local(err or HELLO_NOAUTH, self._show())
         else:
-            self._local(NOAUTH, self._show())
+            err = NOAUTH
+        if self.tx is not None and name in ("auth", "hello"):
+            # queued commands run at EXEC; a password is checked when read: refused, so
+            # EXEC answers EXECABORT as for any command rejected while queueing
+            self._refuse(f"ERR {name.upper()}{' ... AUTH' if name == 'hello' else ''} inside MULTI is refused "
+                         f"by the proxy on route {self.route.name}: it checks passwords as it reads them, "
+                         "not at EXEC", self._show())
+            return True
+        if err is None:
+            user, err = self.login.check(*creds)
+            if user is not None and routing(user.route) != routing(self.route):
+                err = error(f"ERR user '{user.name}' is on route {user.route.name} and this connection is on route "
+                            f"{self.route.name}: a connection's route cannot change; reconnect to authenticate "
+                            f"as {user.name} (nothing changed)")
+            elif user is not None:
+                self.login.user = user
+                self.locked = False
+                if rest is None:
+                    self._local(OK, self._show())
+                    return True
+                args[:] = rest  # HELLO <proto> [SETNAME n], answered by the server as always
+                return False
+        self._local(err, self._show())  # the current user (and its route) stays
         return True
 
     def _where_on_shared(self, rule, args):

@@ -232,8 +232,12 @@ def test_auth_again(server, fresh_db, start_proxy, ns):
     # inside MULTI: refused (EXEC answers EXECABORT), never queued upstream
     r.send(("MULTI",), ("AUTH", "alice", "apw"), ("EXEC",))
     m, refused, execabort = r.read(3)
-    assert m == b"+OK\r\n" and refused.startswith(b"-ERR AUTH inside MULTI is refused by the proxy")
+    assert m == b"+OK\r\n" and refused.startswith(b"-ERR AUTH inside MULTI is refused by the proxy on route main/alice")
     assert execabort.startswith(b"-EXECABORT")
+    # a HELLO whose client name is "auth" is a plain HELLO
+    r.send(("HELLO", "3", "SETNAME", "auth"), ("CLIENT", "GETNAME"))
+    hello, name = r.read(2)
+    assert decode(hello)[b"proto"] == 3 and name == b"$4\r\nauth\r\n"
 
 
 def test_reset_logs_the_connection_out(two_users, d, ns):
