@@ -813,7 +813,10 @@ class Proxy:
             new.metrics_listen = self.config.metrics_listen
         self.config = new
         self.generation += 1
-        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed}
+        # (a listener with users before and after: its connections on the listener's own
+        # route are those not authenticated yet; they stay, and AUTH with the new users)
+        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed
+                                            if old[r.listen].users is None or r.users is None}
         # A user's connections are drained when its listener is gone, or when the user
         # is removed or changed (route or password: a rotated password logs them out).
         for r in removed + changed:

@@ -309,6 +309,9 @@ def test_reload_applies_user_changes_to_new_connections(server, fresh_db, start_
     alice = raw(p)
     alice.send(("AUTH", "alice", "one"))
     assert alice.read() == [b"+OK\r\n"]
+    waiting = raw(p)  # connected, not authenticated yet
+    waiting.send(("PING",))
+    assert waiting.read() == [NOAUTH]
     pwfile.write_text("two")  # a rotated password, re-read on reload
     p.process.send_signal(signal.SIGHUP)
     wait_for(lambda: "generation 2" in p.output(), what="the reload")
@@ -319,6 +322,24 @@ def test_reload_applies_user_changes_to_new_connections(server, fresh_db, start_
     assert alice.sock.recv(10) == b""
     bob.send(("PING",))
     assert bob.read() == [b"+PONG\r\n"]
+    waiting.send(("AUTH", "alice", "one"), ("AUTH", "alice", "two"), ("PING",))
+    assert waiting.read(3) == [WRONGPASS, b"+OK\r\n", b"+PONG\r\n"]
+
+
+def test_readme_authentication_example_is_a_valid_configuration(tmp_path):
+    import tomllib
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Authentication at the proxy"):]
+    text = section[section.index("```toml\n") + 8:section.index("```\n", section.index("```toml\n") + 8)]
+    secret = tmp_path / "billing"
+    secret.write_text("b-secret\n")
+    cfg = from_dict(tomllib.loads(text.replace("/run/secrets/billing", str(secret))),
+                    environ={"SIDEKIQ_PROXY_PASSWORD": "s"})
+    users = cfg.routes[0].users
+    assert [r.name for r in cfg.traffic_routes()] == ["tenants/billing", "tenants/reports", "tenants/default"]
+    assert users["billing"].route.upstream.username == "billing"
+    assert users["reports"].route.default.db == 2 and users["reports"].digest == hashlib.sha256(b"password").digest()
+    assert users["default"].route.default.keyspace.namespace == b"shared"
 
 
 def test_check_shows_users_with_secrets_masked(server, tmp_path, monkeypatch):
