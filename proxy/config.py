@@ -348,8 +348,8 @@ class Route:
         tls = ""
         if self.tls is not None:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
-        if self.users is not None:
-            tls += f", {len(self.users)} user(s): clients must authenticate"
+        if self.users is not None:  # its clients take their user's route (logged under it)
+            return f"{format_addr(host, port)}{tls}, {len(self.users)} user(s): clients must authenticate"
         return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra})"
 
     def dbs(self) -> list[tuple[int, int]]:

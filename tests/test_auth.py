@@ -424,3 +424,40 @@ def test_a_user_inherits_the_listener_and_overrides_field_by_field():
     assert own.default.keyspace.mode == "strip" and own.upstream.username == "u" and own.default.db == 4
     assert set(own.databases) == {7} and own.databases[7].keyspace.mode == "strip"
     assert listener.users["same"].digest == hashlib.sha256(b"x").digest()
+
+
+def test_the_gate_reads_byte_by_byte_and_hands_the_rest_over():
+    """Sans-IO: the gate answers in order however the bytes are split, stops at the
+    request that authenticates, and hands over exactly the bytes after it."""
+    import tomllib
+    from integration_helpers import encode
+    from proxy.auth import Gate, Login, no_auth_commands
+    from proxy.commands import default_table
+    from proxy.config import Limits
+    from proxy.stats import RouteStats
+    cfg = from_dict(tomllib.loads(BASE + f'password_sha256 = "{sha("pw")}"\n'), environ={})
+    listener = cfg.routes[0]
+    stats = RouteStats(listener.name)
+    gate = Gate(Login(listener.name, lambda: listener.users, stats, "test"), Limits(),
+                no_auth_commands(default_table()))
+    after = encode("SET", "k", "v") + encode("GET", "k")[:5]  # the next request, and half of one
+    data = encode("GET", "k") + b"PING\r\n" + encode("HELLO", "3", "AUTH", "alice", "pw", "SETNAME", "n") + after
+    for i in range(len(data)):
+        gate.client_data(data[i:i + 1])
+        if gate.user is not None:
+            rest = data[i + 1:]
+            break
+    assert b"".join(gate.out_client) == NOAUTH + NOAUTH
+    assert gate.user.name == "alice" and gate.first == [b"HELLO", b"3", b"SETNAME", b"n"]
+    assert gate.rest + rest == after
+    assert stats.auth_successes == 1 and stats.auth_failures == 0
+    assert no_auth_commands(default_table()) == {"auth", "hello", "quit", "reset"}
+
+
+def test_a_listener_without_users_asks_nothing_and_forwards_auth(ns_proxy):
+    r = raw(ns_proxy)
+    r.send(("SET", "k", "v"), ("AUTH", "whatever"))
+    ok, auth = r.read(2)
+    assert ok == b"+OK\r\n"
+    # the server's own answer (it has no password): AUTH went upstream, as before
+    assert auth.startswith(b"-ERR AUTH <password> called without any password configured")
