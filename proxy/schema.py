@@ -351,17 +351,18 @@ FIELDS: tuple[Field, ...] = (
     Field("listener[].user[].name", Text(nonempty=True), default_doc="required",
           help="`[[listener.user]]`: clients must authenticate (AUTH name password, HELLO 3 AUTH name "
                "password) and the user selects the route; `default` is the user of a one-argument "
-               "AUTH password. The table may also set the listener's route fields for this user: namespace, "
-               "strip_namespace, separator, upstream (its own credentials), databases, upstream_tls"),
+               "AUTH password; exactly one of password_sha256, password_file, password_env. The table may also "
+               "set the listener's route fields for this user: namespace, strip_namespace, separator, upstream "
+               "(its own credentials), databases, upstream_tls"),
     Field("listener[].user[].password_sha256", Sha256(), None, "--password-sha256", "PROXY_PASSWORD_SHA256",
-          metavar="HEX", default_doc="one of the three",
+          metavar="HEX",
           help="the user's password as its SHA-256 (the flag and variable: the `default` user of the flags' "
                "listener)"),
     Field("listener[].user[].password_file", Path(nonempty=True), None, "--password-file", "PROXY_PASSWORD_FILE",
-          metavar="FILE", default_doc="one of the three",
+          metavar="FILE",
           help="a file holding the password (one trailing newline stripped); read at start and on reload"),
     Field("listener[].user[].password_env", Text(nonempty=True), None, "--password-env", "PROXY_PASSWORD_ENV",
-          metavar="VAR", default_doc="one of the three",
+          metavar="VAR",
           help="the name of an environment variable holding the password; with flags, PROXY_PASSWORD "
                "is read when no other password is given"),
     Field("listener[].databases.N.db", Int(0), default_doc="required",

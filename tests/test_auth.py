@@ -461,3 +461,23 @@ def test_a_listener_without_users_asks_nothing_and_forwards_auth(ns_proxy):
     assert ok == b"+OK\r\n"
     # the server's own answer (it has no password): AUTH went upstream, as before
     assert auth.startswith(b"-ERR AUTH <password> called without any password configured")
+
+
+def test_password_flags_belong_to_the_flags_listener(tmp_path):
+    from proxy.cli import apply_env, build_parser, config_from_args
+    path = tmp_path / "p.toml"
+    path.write_text('[[listener]]\nlisten = "127.0.0.1:6380"\n')
+    a = apply_env(build_parser().parse_args(["--config", str(path), "--password-file", "/x"]), environ={})
+    with pytest.raises(ConfigError, match="--password-file: give `password_file` in the config file"):
+        config_from_args(a, environ={})
+    # their variables (and PROXY_PASSWORD) yield to the file's listeners
+    env = {"PROXY_PASSWORD_FILE": "/x", "PROXY_PASSWORD": "pw"}
+    a = apply_env(build_parser().parse_args(["--config", str(path)]), environ=env)
+    assert config_from_args(a, environ=env).routes[0].users is None
+    # without a file: the default user of the single listener
+    a = apply_env(build_parser().parse_args(["--listen", "127.0.0.1:6380"]), environ={"PROXY_PASSWORD": "pw"})
+    users = config_from_args(a, environ={"PROXY_PASSWORD": "pw"}).routes[0].users
+    assert list(users) == ["default"] and users["default"].digest == hashlib.sha256(b"pw").digest()
+    a = apply_env(build_parser().parse_args(["--listen", "127.0.0.1:6380", "--password-sha256", "x"]), environ={})
+    with pytest.raises(ConfigError, match="--password-sha256: expected a SHA-256 digest"):
+        config_from_args(a, environ={})
