@@ -86,7 +86,7 @@ class ProxyCollector:
                                     labels=["route"])
         rtt = HistogramMetricFamily(PREFIX + "upstream_roundtrip_seconds",
                                     "Time from writing a batch upstream to the first reply bytes", labels=["route"])
-        auth_ok = family("counter", "auth_successes", "Clients authenticated at a listener with users", ["listener"])
+        auth_ok = family("counter", "auth_successes", "AUTH / HELLO AUTH with a right password at a listener with users", ["listener"])
         auth_failed = family("counter", "auth_failures",
                              "Failed AUTH / HELLO AUTH attempts at a listener with users (wrong password, no such "
                              "user)", ["listener"])

@@ -76,9 +76,10 @@ class ClientConnection(asyncio.Protocol):
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
                                              "peer": _peer(self.peer)})
         if self.session is None:
-            listen = self.route.listen
-            # the listener's users as they are at each attempt: a reload applies to the next AUTH
-            login = Login(self.route.name, lambda: (self.proxy.routes.get(listen) or self.route).users, self.stats,
+            listen, routes = self.route.listen, self.proxy.routes
+            # the listener's users as they are at each attempt: a reload applies to the next
+            # AUTH, and a listener removed by one has none (no reference to self: no cycle)
+            login = Login(self.route.name, lambda: getattr(routes.get(listen), "users", None), self.stats,
                           _peer(self.peer))
             self.session = self.gate = Gate(login, self.proxy.config.limits, self.proxy.no_auth)
         else:
@@ -112,6 +113,8 @@ class ClientConnection(asyncio.Protocol):
         """The client authenticated: from here on it is a client of the user's route
         (its stats, its upstream and credentials, its namespace and db map)."""
         route = g.user.route
+        log.debug("client authenticated", extra={"event": "client_authenticated", "route": route.name,
+                                                 "peer": _peer(self.peer)})
         self.gate = None
         self.stats.clients -= 1
         self.route = route
