@@ -70,7 +70,7 @@ def routing(route) -> tuple:
     routes give the same tuple may take over each other's connection (AUTH again)."""
     def target(t):
         ks = t.keyspace
-        return t.db, ks.mode, ks.namespace, ks.separator
+        return t.db, ks.mode, ks.namespace, ks.separator, ks.pinned
     return (route.upstream, target(route.default),
             tuple(sorted((c, target(t)) for c, t in route.databases.items())))
 

@@ -21,8 +21,8 @@ from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invali
 ENV_FALLBACKS = {f.attr: f.env for f in FIELDS if f.flag and f.env and f.env.startswith("PROXY_")}
 # Variables that shape the single route of the flags; with a config file they do not apply
 # (the image sets PROXY_LISTEN; the listeners come from the file).
-ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "tls_cert_file", "tls_key_file", "tls_ca_file",
-              "password_sha256", "password_file", "password_env")
+ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "slot", "tls_cert_file", "tls_key_file",
+              "tls_ca_file", "password_sha256", "password_file", "password_env")
 # the `default` user of the flags' single route: flag attribute -> [[listener.user]] field
 PASSWORD = {"password_sha256": "password_sha256", "password_file": "password_file", "password_env": "password_env"}
 # [listener.tls] of the flags' single route: flag attribute -> field
@@ -45,9 +45,9 @@ def build_parser(prog: str = "keyspace-proxy", subcommands: bool = True) -> argp
         epilog += "subcommands (each has --help):\n" + "\n".join(
             f"  {prog} {s:<{width}}  {what}" for s, what in SUBCOMMANDS) + "\n\n"
     epilog += ("environment variables (a flag given wins; an empty variable counts as unset; with a config\n"
-               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR and the\n"
-               "listener's TLS and password variables (PROXY_TLS_*, PROXY_PASSWORD*) do not apply,\n"
-               "and the others override the file):\n" + env_help() + "\n\n"
+               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR, PROXY_SLOT\n"
+               "and the listener's TLS and password variables (PROXY_TLS_*, PROXY_PASSWORD*) do not\n"
+               "apply, and the others override the file):\n" + env_help() + "\n\n"
                "Configuration errors exit 2 with one line naming the flag, variable or TOML field.")
     p = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
                description="A RESP proxy that adds or strips a key namespace and routes client dbs "
@@ -128,7 +128,8 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
     else:
         if a.listen is None:
             raise ConfigError("--listen: required (or --config FILE); HOST:PORT, e.g. 127.0.0.1:6380")
-        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace") if getattr(a, k) is not None}
+        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace", "slot")
+                 if getattr(a, k) is not None}
         labels = {k: _source(a, k) for k in entry}
         tls = {name: getattr(a, attr) for attr, name in LISTENER_TLS.items() if getattr(a, attr) is not None}
         if tls:
