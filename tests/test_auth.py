@@ -481,3 +481,26 @@ def test_password_flags_belong_to_the_flags_listener(tmp_path):
     a = apply_env(build_parser().parse_args(["--listen", "127.0.0.1:6380", "--password-sha256", "x"]), environ={})
     with pytest.raises(ConfigError, match="--password-sha256: expected a SHA-256 digest"):
         config_from_args(a, environ={})
+
+
+def test_rendered_configuration_keeps_each_field_in_its_table():
+    """check's TOML: a route's own fields before its sub-tables, for a listener and each
+    user (a field written after [listener.databases] would belong to that table)."""
+    import tomllib
+    from proxy.config import render_toml
+    cfg = from_dict(tomllib.loads(
+        '[[listener]]\nname = "L"\nlisten = "127.0.0.1:6380"\nupstream = "rediss://h:1/2"\nnamespace = "n"\n'
+        '[listener.databases]\n1 = 5\n[listener.upstream_tls]\nserver_name = "redis.internal"\n'
+        f'[[listener.user]]\nname = "a"\npassword_sha256 = "{sha("x")}"\n'
+        f'[[listener.user]]\nname = "b"\npassword_env = "V"\nnamespace = "bn"\n[listener.user.databases]\n3 = 4\n'),
+        environ={"V": "secret"})
+    data = tomllib.loads(render_toml(cfg))
+    (listener,) = data["listener"]
+    assert listener["upstream"] == "rediss://h:1/2" and listener["namespace"] == "n"
+    assert set(listener["databases"]) == {"1"} and listener["upstream_tls"]["server_name"] == "redis.internal"
+    a, b = listener["user"]
+    assert a == {"name": "a", "password_sha256": "***", "upstream": "rediss://h:1/2", "namespace": "n",
+                 "separator": ":", "slot": "spread", "databases": listener["databases"],
+                 "upstream_tls": listener["upstream_tls"]}
+    assert b["password_env"] == "V" and b["namespace"] == "bn" and set(b["databases"]) == {"3"}
+    assert "secret" not in render_toml(cfg) and sha("x") not in render_toml(cfg)
