@@ -196,7 +196,14 @@ class Gate:
                 return
             if args is None:
                 return
-            self._handle(args)
+            try:
+                self._handle(args)
+            except Exception as e:  # a bug here must cost this client alone, never the process
+                log.exception("listener %s: internal error before authentication", self.login.listener)
+                self.out_client.append(error(f"ERR proxy internal error ({e.__class__.__name__}); closing the "
+                                             "connection"))
+                self.close_when_done = self.protocol_error = True
+                return
             if self.user is not None:
                 self.rest = reader.take_rest()
                 return
