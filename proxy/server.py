@@ -15,6 +15,7 @@ from collections import deque
 from time import perf_counter
 
 from proxy import fence
+from proxy.auth import Gate, Login, no_auth_commands
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
@@ -43,9 +44,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.upstream: UpstreamConnection | None = None
         self.shared = proxy.config.limits.upstream_mode == "shared"
-        self.view = proxy.view(route.name)
-        self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared,
-                               view=self.view)
+        self.view = proxy.view(route.name)   # the route's clients (CLIENT LIST, MONITOR on tenant routes)
+        self.facts: ClientFacts | None = None
+        # A listener with users: the gate answers the client until it authenticates;
+        # then the session of the user's route takes over (see _authenticated).
+        self.gate: Gate | None = None
+        if route.users is not None:
+            self.session = self.gate = None
+        else:
+            self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared,
+                                   view=self.view)
         self.link: SharedLink | None = None   # the shared upstream connection, while on one
         self.registered = 0                  # replies registered with the link so far
         self.connecting = False
@@ -69,19 +77,68 @@ class ClientConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         self.proxy.next_client_id += 1
         sock = transport.get_extra_info("socket")
-        self.session.facts = ClientFacts(self.proxy.next_client_id, _peer(self.peer),
-                                         _peer(transport.get_extra_info("sockname")),
-                                         sock.fileno() if sock is not None else -1)
-        self.view.conns[self.session] = self
+        self.facts = ClientFacts(self.proxy.next_client_id, _peer(self.peer),
+                                 _peer(transport.get_extra_info("sockname")), sock.fileno() if sock is not None else -1)
         self.stats.clients += 1
         self.stats.accepted += 1
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
                                              "peer": _peer(self.peer)})
+        if self.session is None:
+            listen, routes = self.route.listen, self.proxy.routes
+            # the listener's users as they are at each attempt: a reload applies to the next
+            # AUTH, and a listener removed by one has none (no reference to self: no cycle)
+            login = Login(self.route.name, lambda: getattr(routes.get(listen), "users", None), self.stats,
+                          _peer(self.peer))
+            self.session = self.gate = Gate(login, self.proxy.config.limits, self.proxy.no_auth)
+        else:
+            self._begin()
+
+    def _begin(self) -> None:
+        """The session's upstream: a shared link, or a connection of its own."""
+        self.session.facts = self.facts
+        self.view.conns[self.session] = self  # one of the route's clients from here on
         if self.shared:
             self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
         else:
             self._start_connect()
+
+    def _gate_data(self, data: bytes) -> None:
+        g = self.gate
+        g.client_data(data)
+        if g.out_client:
+            data = b"".join(g.out_client)
+            g.out_client.clear()
+            if not self.closed:
+                self.transport.write(data)
+                self.stats.bytes_out["client"] += len(data)
+                if self.client_paused:
+                    self._check_output_limit()
+        if g.user is not None:
+            self._authenticated(g)
+        elif g.close_when_done and not self.closed:
+            self.close("protocol_error" if g.protocol_error else "client")
+
+    def _authenticated(self, g: Gate) -> None:
+        """The client authenticated: from here on it is a client of the user's route
+        (its stats, its upstream and credentials, its namespace and db map)."""
+        route = g.user.route
+        log.debug("client authenticated", extra={"event": "client_authenticated", "route": route.name,
+                                                 "peer": _peer(self.peer)})
+        self.gate = None
+        self.stats.clients -= 1
+        self.route = route
+        self.stats = self.proxy.stats.setdefault(route.name, RouteStats(route.name))
+        self.stats.clients += 1
+        self.stats.accepted += 1
+        self.view = self.proxy.view(route.name)
+        s = self.session = Session(route, self.proxy.rules, self.proxy.config.limits, self.stats,
+                                   shared=self.shared, login=g.login, view=self.view)
+        self._begin()
+        s.start(g.first, g.rest)
+        if s.need_link is not None:
+            self._maybe_change_link()
+        self.flush()
 
     def _start_connect(self) -> None:
         self.connecting = True
@@ -162,6 +219,8 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["client"] += len(data)
+        if self.gate is not None:
+            return self._gate_data(data)
         if self.timed and not self.t_request:
             self.t_request = perf_counter()
         s = self.session
@@ -671,7 +730,8 @@ class Proxy:
         self.reuse_port = reuse_port  # a worker of several (proxy/workers.py) shares its listeners
         self.rules = default_rules()
         self.table = self.rules.table
-        self.stats = {r.name: RouteStats(r.name) for r in config.routes}
+        self.no_auth = no_auth_commands(self.table)
+        self.stats = {r.name: RouteStats(r.name) for r in config.all_routes()}
         self.clients: set[ClientConnection] = set()
         self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
         self._trim_scheduled = False
@@ -705,7 +765,10 @@ class Proxy:
 
     async def check_fences(self, routes: list) -> None:
         """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
-        log line per route; the result is the route's keyspace_proxy_route_upstream_fenced."""
+        log line per route (each user's route for a listener with users, which sends
+        nothing upstream itself); the result is the route's keyspace_proxy_route_upstream_fenced."""
+        routes = [r for listener in routes for r in
+                  ([u.route for u in listener.users.values()] if listener.users is not None else [listener])]
         await asyncio.gather(*(self._check_fence(r) for r in routes))
 
     async def _check_fence(self, route: Route) -> None:
@@ -751,7 +814,10 @@ class Proxy:
         self.listeners[listen] = server
         sockets = server.sockets or ()  # the bound address: port 0 becomes the port the system chose
         log.info("listening on %s", route.describe(sockets[0].getsockname() if sockets else None))
-        _warn_unverified(route)
+        for user in (route.users or {}).values():
+            log.info("  user %s: route %s -> %s", user.name, user.route.name, user.route.describe().split(" -> ", 1)[1])
+        for r in route.with_users():
+            _warn_unverified(r)
 
     def _listener_ssl(self, route: Route) -> ssl.SSLContext | None:
         """The SSLContext a TLS listener is created with. asyncio fixes it for the life of
@@ -817,20 +883,33 @@ class Proxy:
             self.tls.pop(route.listen, None)
         for route in changed:
             self.routes[route.listen] = route
-            _warn_unverified(route)
+            for r in route.with_users():
+                _warn_unverified(r)
         for listen, route in new_routes.items():
             # unchanged routes too: their equal settings carry the TLS contexts this
             # reload built from the files as they are now (for new connections)
             self.routes[listen] = route
         tls_listeners = self._take_tls(new_routes)
-        for route in new.routes:
+        for route in new.all_routes():
             self.stats.setdefault(route.name, RouteStats(route.name))
         if new.metrics_listen != self.config.metrics_listen:
             log.warning("reload: [metrics] listen changed; the admin port moves only on restart")
             new.metrics_listen = self.config.metrics_listen
         self.config = new
         self.generation += 1
-        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed}
+        # (a listener with users before and after: its connections on the listener's own
+        # route are those not authenticated yet; they stay, and AUTH with the new users)
+        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed
+                                            if old[r.listen].users is None or r.users is None}
+        # A user's connections are drained when its listener is gone, or when the user
+        # is removed or changed (route or password: a rotated password logs them out).
+        for r in removed + changed:
+            was = old[r.listen]
+            now = new_routes.get(r.listen)
+            for name, user in (was.users or {}).items():
+                kept = (now.users or {}).get(name) if now is not None else None
+                if kept != user:
+                    stale.add(id(user.route))
         draining = [c for c in self.clients if id(c.route) in stale]
         for c in draining:
             c.drain()
@@ -849,7 +928,7 @@ class Proxy:
             log.warning("reload: grace period over, closing %d connection(s) still busy", len(left))
         for c in left:
             c.close("reload")
-        current = {(r.name, r.upstream) for r in self.routes.values()}
+        current = {(rr.name, rr.upstream) for r in self.routes.values() for rr in r.with_users()}
         for key, link in list(self.links.items()):
             if (key[0], key[2]) not in current and not link.owners:
                 del self.links[key]
@@ -860,7 +939,7 @@ class Proxy:
 
         On namespaced routes they are refused (fail closed); the log says why."""
         seen = set()
-        for route in self.config.routes:
+        for route in self.config.traffic_routes():
             up = route.upstream
             if up in seen:
                 continue

@@ -46,7 +46,7 @@ ROWS = [
     ([], {}, BASE + '[log]\ncolour = true\n', "log.colour: unknown field (known: format, level)"),
     ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, name, "
                                         "namespace, policy, separator, slot, strip_namespace, tls, upstream, "
-                                        "upstream_tls)"),
+                                        "upstream_tls, user)"),
     ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: limits, listener, log, metrics, "
                                         "separator, upstream, upstream_tls)"),
     ([], {}, BASE + '[listener.databases]\n1 = { db = 2, prefix = "x" }\n',
