@@ -994,7 +994,8 @@ class Session:
         subs = self.subs
         flags = "O" if self.local_monitor else ("P" if self._subscribed() else ("x" if self.tx is not None else "N"))
         name = (self.client_name or b"").decode("latin-1")
-        user = self.route.upstream.username or "default"
+        login = getattr(self.login, "user", None)  # the proxy's user (a listener with users), else the upstream's
+        user = login.name if login is not None else (self.route.upstream.username or "default")
         return (f"id={f.id} addr={f.addr} laddr={f.laddr} fd={f.fd} name={name} age={int(now - f.created)} "
                 f"idle={int(now - self.last_active)} flags={flags} db={self.db_index} sub={len(subs['channel'])} "
                 f"psub={len(subs['pattern'])} ssub={len(subs['shard'])} "

@@ -443,3 +443,27 @@ def test_info_on_a_shared_link_moves_only_when_another_backend_db_is_counted():
     s.client_data(_c("CLIENT", "REPLY", "SKIP") + _c("INFO", "keyspace") + _c("INFO", "server"))
     assert s.need_dedicated and s.take_upstream() == b"" and len(s.held) == 2
     assert s.skip  # not consumed: the INFO replayed on the connection of its own takes it
+
+
+# ---- per user ([[listener.user]]: each user's route has its own policy)
+
+def test_policy_per_user(server, fresh_db, start_proxy):
+    import hashlib
+    port = _port()
+    sha = hashlib.sha256(b"pw").hexdigest()
+    text = (f'[[listener]]\nname = "main"\nlisten = "127.0.0.1:{port}"\n'
+            f'upstream = "redis://{server.host}:{server.port}/{fresh_db}"\nnamespace = "{uniq("lst")}"\n'
+            f'[[listener.user]]\nname = "trusted"\npassword_sha256 = "{sha}"\npolicy = "app"\n'
+            f'[[listener.user]]\nname = "guest"\npassword_sha256 = "{sha}"\n')
+    p = start_proxy(config_text=text, port=port)
+    out = p.output()
+    assert "route main/trusted: policy app" in out and "route main/guest: policy tenant, upstream user not fenced" in out
+    trusted = client(p, username="trusted", password="pw")
+    guest = client(p, username="guest", password="pw")
+    assert trusted.eval("return 1", 0) == 1
+    msg = _err(guest.eval, "return 1", 0)
+    assert "of route main/guest (policy \"tenant\": a script can reach any key)" in msg
+    # the guest's CLIENT LIST: its own route's clients only (not the trusted user's)
+    assert [c["user"] for c in guest.client_list()] == ["guest"]
+    trusted.close()
+    guest.close()
