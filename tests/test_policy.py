@@ -145,6 +145,10 @@ def test_fenced_upstream_user_allows_scripts_on_tenant(server, fresh_db, start_p
     denied = ("permission", "can't access", "can't run")  # Valkey 8, Redis 7
     assert any(w in _err(c.eval, "return redis.call('GET', 'elsewhere')", 0).lower() for w in denied)
     assert any(w in _err(c.eval, "return redis.call('KEYS', '*')", 0).lower() for w in denied)
+    # the price (README): the proxy's own bounded KEYS / SCAN are denied to this user too
+    for fn in (c.dbsize, lambda: c.keys("*"), lambda: c.scan(0)):
+        with pytest.raises(redis.ResponseError, match="(?i)no permissions|NOPERM"):
+            fn()
 
 
 def test_unfenced_upstream_user_leaves_scripts_refused(server, fresh_db, start_proxy, acl_users):
