@@ -19,6 +19,7 @@ import hiredis
 from proxy.config import (Config, ConfigError, Upstream, connect_failure, format_addr, handshake_failure,
                           render_toml)
 from proxy.resp import encode_command
+from proxy.sentinel import SentinelError
 
 PROG = "keyspace-proxy check"
 
@@ -41,6 +42,8 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
                     replies.append(r)
     except hiredis.ProtocolError:
         return "not a Redis server: its reply is not RESP"
+    except SentinelError as e:
+        return f"unreachable: {e}"
     except socket.gaierror as e:
         return f"unreachable: cannot resolve {up.host!r} ({e.strerror})"
     except ssl.SSLError as e:
