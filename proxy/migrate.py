@@ -761,6 +761,15 @@ def _with_tls(up: Upstream, side: str, a, tls_fields: dict) -> Upstream:
     return replace(up, tls=tls)
 
 
+def _sentinel_auth(up: Upstream) -> Upstream:
+    """A redis+sentinel:// side: the sentinels' credentials from PROXY_SENTINEL_USERNAME /
+    PROXY_SENTINEL_PASSWORD, as the proxy reads them (the URL's are the data nodes')."""
+    user, password = os.environ.get("PROXY_SENTINEL_USERNAME"), os.environ.get("PROXY_SENTINEL_PASSWORD")
+    if up.sentinel is None or not password:
+        return up
+    return replace(up, sentinel=replace(up.sentinel, username=user or None, password=password))
+
+
 def main(argv: list[str]) -> int:
     p = Parser(prog="keyspace-proxy migrate",
                description="Copy or move the keys of one keyspace (URL + db + namespace) into another, each "
@@ -803,6 +812,7 @@ def main(argv: list[str]) -> int:
         return refuse("--separator must not be empty with a namespace")
     try:
         src, dst = parse_url(a.src, "--from"), parse_url(a.dst, "--to")
+        src, dst = _sentinel_auth(src), _sentinel_auth(dst)
         src, dst = (_with_tls(up, side, a, tls_fields) for up, side in ((src, "from"), (dst, "to")))
     except ConfigError as e:
         return refuse(str(e))

@@ -158,11 +158,16 @@ def _role_commands(up) -> list[list[bytes]]:
     return up.handshake(0) + [[b"ROLE"]]
 
 
-def _failed(cmds, replies) -> str | None:
+def _failed(cmds, replies, sentinel: bool = False) -> str | None:
     for cmd, reply in zip(cmds, replies):
         if isinstance(reply, hiredis.ReplyError):
-            return f"{cmd[0].decode()} {cmd[1].decode() if len(cmd) > 1 and cmd[0] != b'AUTH' else ''}".rstrip() + \
+            why = f"{cmd[0].decode()} {cmd[1].decode() if len(cmd) > 1 and cmd[0] != b'AUTH' else ''}".rstrip() + \
                 f" failed: {reply}"
+            if sentinel and (cmd[0] == b"AUTH" or str(reply).startswith("NOAUTH")):
+                why += " (the sentinels' credentials: [sentinel] password / PROXY_SENTINEL_PASSWORD)"
+            elif not sentinel and (cmd[0] == b"AUTH" or str(reply).startswith("NOAUTH")):
+                why += " (the data nodes' credentials: the URL's USER:PASSWORD)"
+            return why
     return None
 
 
@@ -202,7 +207,7 @@ def resolve(up, timeout: float) -> tuple[str, int]:
         try:
             cmds = _ask_commands(spec)
             replies = _exchange_sync(node, cmds, timeout, up if up.tls is not None else None)
-            if (why := _failed(cmds, replies)) is not None:
+            if (why := _failed(cmds, replies, sentinel=True)) is not None:
                 errors.append(f"{where}: {why}")
                 continue
             addr = master_addr(replies[-1])
@@ -294,7 +299,7 @@ class Watcher:
             try:
                 cmds = _ask_commands(spec)
                 replies = await _exchange(node, cmds, self.timeout, self._ssl(node) if self.up.tls else {})
-                if (why := _failed(cmds, replies)) is not None:
+                if (why := _failed(cmds, replies, sentinel=True)) is not None:
                     errors.append(f"{where}: {why}")
                     continue
                 addr = master_addr(replies[-1])

@@ -103,6 +103,13 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             self.upstream.transport.close()
             return
+        if up.sentinel is not None and self.proxy.primary_now(up) != (host, port):
+            # the primary moved while this connection was being opened to it
+            self.close_reason = "upstream_error"
+            self.session.upstream_lost(f"the primary of {up.sentinel.master!r} moved from {format_addr(host, port)} "
+                                       "(Sentinel failover)", tell_idle=True)
+            self.flush()
+            return
         self._maybe_leave_link()
         self.flush()
 
@@ -191,6 +198,8 @@ class ClientConnection(asyncio.Protocol):
                 self.registered = s.owed_sent
                 link = self.link
                 if link is None or link.lost or (link.retired is not None and self._quiet_before(owed)):
+                    if link is not None:
+                        link.clients.discard(self)
                     link = self.link = self.proxy.shared_link(self.route, s.target.db, s.link_proto)
                     link.clients.add(self)
                 link.submit(self, up, owed)
@@ -622,6 +631,8 @@ class SharedLink(asyncio.Protocol):
             return
         self.retired = reason
         self.proxy.forget_link(self)
+        if self.transport is None:  # not connected yet: what waits for it goes nowhere
+            return self.fail(reason)
         if not self.owners:
             return self.close()
         self.loop.call_later(self.proxy.config.limits.connect_timeout, self._retire_over)
@@ -721,7 +732,11 @@ class Proxy:
     async def sentinel_primary(self, up) -> tuple[str, int]:
         """The confirmed primary of a sentinel upstream, waiting (up to connect_timeout)
         while a switch is being confirmed. Raises SentinelError."""
-        return await self.sentinels[up.sentinel].wait(self.config.limits.connect_timeout)
+        w = self.sentinels.get(up.sentinel)
+        if w is None:  # its route was removed by a reload
+            from proxy.sentinel import SentinelError
+            raise SentinelError(f"{up.masked()} is no longer configured")
+        return await w.wait(self.config.limits.connect_timeout)
 
     def primary_now(self, up) -> tuple[str, int] | None:
         """The data node now: None while a sentinel upstream's primary is unknown."""
@@ -861,6 +876,9 @@ class Proxy:
             log.warning("reload: grace period over, closing %d connection(s) still busy", len(left))
         for c in left:
             c.close("reload")
+        used = {r.upstream.sentinel for r in self.routes.values()}
+        for spec in [s for s in self.sentinels if s not in used]:  # no route follows it any more
+            self.sentinels.pop(spec).stop()
         current = {(r.name, r.upstream) for r in self.routes.values()}
         for key, link in list(self.links.items()):
             if (key[0], key[2]) not in current and not link.owners:
