@@ -251,8 +251,8 @@ def parse_upstream(url: str) -> Upstream:
     if u.scheme in ("redis+sentinel", "rediss+sentinel"):
         return parse_sentinel_url(url, shown)
     if u.scheme not in ("redis", "rediss"):
-        raise Invalid("scheme must be redis://, rediss:// (TLS), redis+sentinel:// or rediss+sentinel:// "
-                      f"(got {u.scheme or 'none'}://)")
+        raise Invalid("scheme must be redis:// or rediss:// (TLS), or redis+sentinel:// / rediss+sentinel:// "
+                      f"(Sentinel) (got {u.scheme or 'none'}://)")
     try:
         port = u.port
     except ValueError:

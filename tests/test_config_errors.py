@@ -95,8 +95,8 @@ ROWS = [
     (["--upstream", "redis://u:secret@h:1/0?password=x"], {}, None,
      "--upstream: query parameter 'password' is not supported in 'redis://u:***@h:1/0?password=x' (only ?db=N)"),
     (["--upstream", "http://h:1/0"], {}, None,
-     "--upstream: scheme must be redis://, rediss:// (TLS), redis+sentinel:// or rediss+sentinel:// "
-     "(got http://)"),
+     "--upstream: scheme must be redis:// or rediss:// (TLS), or redis+sentinel:// / rediss+sentinel:// "
+     "(Sentinel) (got http://)"),
     (["--upstream", "rediss://h:1/0", "--upstream-tls-verify", "maybe"], {}, None,
      "--upstream-tls-verify: expected true or false, got 'maybe'"),
     (["--upstream-tls-server-name", "redis.example"], {}, None,
