@@ -191,3 +191,18 @@ def d(server, fresh_db):
 def proto(request):
     """The protocol version a client speaks to the proxy."""
     return request.param
+
+
+@pytest.fixture(params=server_kinds(), scope="module")
+def cluster(request):
+    """A real cluster per module and server kind: three primaries with one replica each
+    (tests/cluster_helpers.py), stopped after the module, however it ends."""
+    from cluster_helpers import start_cluster
+    try:
+        c = start_cluster(request.param)
+    except ServerStartError as e:
+        pytest.fail(f"cannot start a {request.param} cluster: {e}")
+    try:
+        yield c
+    finally:
+        c.stop()
