@@ -710,14 +710,15 @@ class Proxy:
         self.sentinels: dict = {}   # SentinelSpec -> sentinel.Watcher
 
     async def start(self) -> None:
-        await self.watch_sentinels(self.config)
+        await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)))
         for route in self.config.routes:
             await self._listen(route)
 
     # -- Sentinel upstreams (proxy/sentinel.py): where the primary is, and a switch
 
-    async def watch_sentinels(self, config: Config) -> None:
-        """A watcher per sentinel upstream not watched yet; its first answer awaited."""
+    def watch_sentinels(self, config: Config) -> list:
+        """A watcher per sentinel upstream not watched yet, registered at once (so a
+        connection never finds none); the caller starts them."""
         from proxy.sentinel import Watcher
         new = []
         for route in config.routes:
@@ -727,7 +728,7 @@ class Proxy:
                     up, config.limits.connect_timeout,
                     lambda old, addr, spec=up.sentinel: self.primary_changed(spec, old, addr))
                 new.append(w)
-        await asyncio.gather(*(w.start() for w in new))
+        return new
 
     async def sentinel_primary(self, up) -> tuple[str, int]:
         """The confirmed primary of a sentinel upstream, waiting (up to connect_timeout)
@@ -749,8 +750,9 @@ class Proxy:
         """A sentinel upstream's primary moved from `old` (None: first found) to `new`
         (None: being confirmed). Shared links to the old one finish what they owe and
         close (SharedLink.retire); dedicated connections to it are closed with an error
-        for each owed reply, so their clients reconnect, as Redis closes them when a
-        primary steps down; new connections wait for the new primary."""
+        for each owed reply, so their clients reconnect (and reach the new primary:
+        their connection state, MULTI or SUBSCRIBE, belonged to the old one); new
+        connections wait for the new primary."""
         if old is None:
             log.info("sentinel upstream %s: primary is %s", spec.master, format_addr(*new),
                      extra={"event": "sentinel"})
@@ -830,6 +832,8 @@ class Proxy:
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
         self._reload_tls(new_routes)
+        for w in self.watch_sentinels(new):
+            asyncio.ensure_future(w.start())
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
@@ -856,7 +860,6 @@ class Proxy:
             new.metrics_listen = self.config.metrics_listen
         self.config = new
         self.generation += 1
-        asyncio.ensure_future(self.watch_sentinels(new))
         stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed}
         draining = [c for c in self.clients if id(c.route) in stale]
         for c in draining:
