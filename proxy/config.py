@@ -826,7 +826,8 @@ def render_toml(cfg: Config) -> str:
             lines.append("[listener.upstream_tls]")
             lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
                       if getattr(t, k) is not None]
-            lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
+            if t.server_name or r.upstream.sentinel is None:  # a sentinel's nodes: each its own host
+                lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
             lines.append(f"verify = {'true' if t.verify else 'false'}")
         if r.databases:
             lines.append("[listener.databases]")
