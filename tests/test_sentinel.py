@@ -310,6 +310,54 @@ def test_sentinels_with_a_password(topology, tmp_path):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def test_rediss_sentinel_over_tls(tmp_path):
+    """rediss+sentinel://: the sentinel and the data node both over TLS, verified with
+    [upstream_tls] ca_file (each against its own host); check and the proxy both."""
+    if not shutil.which("redis-server") and os.environ.get("CI") != "true":
+        pytest.skip("needs redis-server")
+    pytest.importorskip("trustme")
+    from test_tls import Certs
+    certs = Certs(str(tmp_path))
+    tls = ["--tls-cert-file", certs.server_cert, "--tls-key-file", certs.server_key,
+           "--tls-ca-cert-file", certs.ca, "--tls-auth-clients", "no"]
+    data_tls_port = free_port()
+    node = start_server("redis", extra=["--tls-port", str(data_tls_port), *tls])
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="ksp-sentinel-")
+    with open(os.path.join(workdir, "sentinel.conf"), "w") as f:
+        f.write(f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                f"tls-cert-file {certs.server_cert}\ntls-key-file {certs.server_key}\n"
+                f"tls-ca-cert-file {certs.ca}\ntls-auth-clients no\ntls-replication yes\n"
+                f"sentinel monitor tlsmaster 127.0.0.1 {data_tls_port} 1\n"
+                "sentinel down-after-milliseconds tlsmaster 600000\n")
+    sen = subprocess.Popen(["redis-server", os.path.join(workdir, "sentinel.conf"), "--sentinel"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        text = (f'upstream = "rediss+sentinel://127.0.0.1:{port}/tlsmaster/2"\n'
+                f'[upstream_tls]\nca_file = "{certs.ca}"\n')
+        cfg = tmp_path / "proxy.toml"
+        cfg.write_text(text + '[[listener]]\nlisten = "127.0.0.1:0"\nnamespace = "t"\n')
+        env = {k: v for k, v in os.environ.items() if not (k.startswith("PROXY_") or k == "REDIS_URL")}
+
+        def check():
+            return subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(cfg)],
+                                  capture_output=True, text=True, timeout=60, env=dict(env, PYTHONPATH=ROOT), cwd=ROOT)
+        out = wait_for(lambda: (o := check()).returncode == 0 and o, 20, "check to pass over TLS")
+        assert "rediss+sentinel://127.0.0.1:%d/tlsmaster" % port in out.stdout
+        pport = free_port()
+        p = ProxyProcess([], text + f'[[listener]]\nlisten = "127.0.0.1:{pport}"\nnamespace = "t"\n', port=pport)
+        try:
+            redis.Redis(port=pport).set("k", "over-tls")
+            assert redis.Redis(port=node.port, db=2).get("t:k") == b"over-tls"
+            assert node.port != data_tls_port and "primary is 127.0.0.1:%d" % data_tls_port in p.output()
+        finally:
+            p.stop()
+    finally:
+        sen.terminate()
+        sen.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+        node.stop()
+
+
 def _raw_ping(port: int) -> bytes:
     import socket
     try:
