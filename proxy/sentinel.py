@@ -6,12 +6,12 @@ believed). The plain-object part (replies parsed, the next sentinel to ask, the
 current primary) does no IO; `resolve` asks with blocking sockets (`check`, `migrate`,
 the readiness probe's thread) and `Watcher` asks and listens with asyncio (the proxy).
 
-The watcher subscribes to `+switch-master` on one sentinel at a time (the next on
-error, with backoff) and also asks again every RESOLVE_EVERY seconds, so a message
-missed while no sentinel was subscribed cannot leave the proxy on the old primary.
-On a change it tells the proxy (Proxy.primary_changed), which moves the route's
-connections; while it is confirming the new primary, `primary` is None and readiness
-is false."""
+The watcher is subscribed to every sentinel of the URL (each reconnecting with backoff)
+for the start of a failover, `+switch-master` and an aborted failover (CHANNELS), and
+also asks again every RESOLVE_EVERY seconds, so a message missed while no sentinel was
+reachable cannot leave the proxy on the old primary. On a change it tells the proxy
+(Proxy.primary_changed), which moves the route's connections; from the start of a
+failover until the new primary is confirmed, `primary` is None and readiness is false."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from proxy.resp import encode_command
 log = logging.getLogger("keyspace-proxy")
 
 RESOLVE_EVERY = 2.0          # seconds between two questions while subscribed
-BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # after a round in which no sentinel answered
+BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds before resubscribing after 1, 2, ... failures in a row
 
 
 class SentinelError(ConnectionError):
@@ -393,19 +393,23 @@ class Watcher:
         from proxy.config import format_addr
         failures = 0
         while not self._stopped:
+            subscribed: list = []
             try:
-                await self._listen(node)
-                failures = 0
+                await self._listen(node, subscribed)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncio.TimeoutError, hiredis.ProtocolError, SentinelError) as e:
+                if subscribed:  # it worked until now: retry at once, and say so again next time
+                    failures = 0
                 if failures == 0:
                     log.info("sentinel %s: not subscribed (%s); retrying", format_addr(*node),
                              e or e.__class__.__name__, extra={"event": "sentinel"})
             failures += 1
             await asyncio.sleep(BACKOFF[min(failures, len(BACKOFF) - 1)] * (0.5 + random.random()))
 
-    async def _listen(self, node) -> None:
+    async def _listen(self, node, subscribed: list) -> None:
+        """Subscribed until the connection ends (an exception); `subscribed` gets an
+        item once the sentinel confirmed every channel."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(node[0], node[1], **(self._ssl(node) if self.up.tls else {})), self.timeout)
         try:
@@ -425,6 +429,7 @@ class Watcher:
                             raise SentinelError(f"{'AUTH' if acks < len(auth) else 'SUBSCRIBE'} failed: {r}")
                         acks += 1
                         if acks == want:
+                            subscribed.append(True)
                             # anything missed while not subscribed
                             asyncio.ensure_future(self.refresh("subscribed"))
                         continue
