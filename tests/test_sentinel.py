@@ -179,7 +179,18 @@ class Sentinels:
         return "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p, _, _ in self.sentinels) + "/" + path
 
     def failover(self) -> None:
-        self.ask(self.sentinels[0][0]).execute_command("SENTINEL", "FAILOVER", MASTER)
+        """SENTINEL FAILOVER, once the sentinel accepts it: right after a previous
+        failover it may still answer -NOGOODSLAVE (its view of the replica is older
+        than its INFO period) or -INPROG."""
+        def accepted():
+            try:
+                return self.ask(self.sentinels[0][0]).execute_command("SENTINEL", "FAILOVER", MASTER)
+            except redis.ResponseError as e:
+                if "NOGOODSLAVE" in str(e) or "INPROG" in str(e):
+                    time.sleep(0.2)
+                    return False
+                raise
+        wait_for(accepted, 30, "SENTINEL FAILOVER to be accepted")
 
     def settle_after_failover(self, old: int) -> int:
         """The new primary, once the old one is its replica again and the sentinels
