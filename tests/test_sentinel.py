@@ -2,8 +2,11 @@
 three sentinels (`redis-server --sentinel`, generated configs) on free ports, with a low
 down-after-milliseconds and failover-timeout so a failover takes a few seconds.
 
-Cases: discovery at start (and `keyspace-proxy check` through the sentinels); SENTINEL
-FAILOVER under a steady write load through the proxy; a SIGKILLed primary with its
+Cases: URLs, settings and the parsed replies and events; discovery at start (and
+`keyspace-proxy check` through the sentinels, with a sentinel password, over TLS, and
+migrate); SENTINEL FAILOVER under a steady write load through the proxy, after its
+subscriptions were cut and renewed, the route leaving the old primary when the
+failover begins; a watcher that missed every message; a SIGKILLed primary with its
 replica promoted; readiness false while the route has no answering primary, true after.
 Every request gets its own reply or an error, never another request's (ECHO of a value
 unique to the request), and every acknowledged write is on the new primary except what
@@ -542,6 +545,11 @@ def test_failover_under_load(topology, start_proxy):
         redis.Redis(port=old).delete(f"app:w{i}")
     w = Writers(p.port)
     wait_for(lambda: w.total() >= 200, 30, "writes before the failover")
+    # the proxy's subscriptions cut (as a sentinel restart would): it subscribes again
+    for port, _, _ in t.sentinels:
+        t.ask(port).execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    wait_for(lambda: all(any(c.get("sub") == "2" and c.get("psub") == "1" for c in t.ask(port).client_list())
+                         for port, _, _ in t.sentinels), 10, "the proxy to subscribe again")
     t.failover()
     new = wait_for(lambda: (q := t.primary()) != old and q, 30, "the new primary")
     before = w.total()
@@ -551,7 +559,10 @@ def test_failover_under_load(topology, start_proxy):
     assert ready(mport)
     lost = _check_writes(w, new, "app")
     assert lost <= w.total() // 4, f"{lost} acknowledged writes lost in the failover window" + p.output()[-3000:]
-    assert f"moved from 127.0.0.1:{old}" in p.output()
+    # left when the failover began (announced by its leader, the sentinel asked), not
+    # a second later at +switch-master
+    assert f"+failover-state-send-slaveof-noone slave 127.0.0.1:{new}" in p.output()
+    assert f"moved from 127.0.0.1:{old} (Sentinel failover)" in p.output()
     t.settle_after_failover(old)
 
 
