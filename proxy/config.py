@@ -336,6 +336,7 @@ def apply_sentinel_auth(routes: list, vals: dict[str, tuple]) -> None:
     redis+sentinel:// upstream (some route must have one)."""
     if not vals:
         return
+    routes = [rr for r in routes for rr in r.with_users()]  # a user's route may have its own upstream
     if not any(r.upstream.sentinel is not None for r in routes):
         first = next(iter(vals.values()))[1]
         raise ConfigError(f"{first}: no upstream is redis+sentinel:// (these are the sentinels' credentials)")
@@ -466,6 +467,13 @@ class Route:
     # TLS for clients. Not part of the comparison: new certificates (or new paths) are
     # taken by new connections on reload, and existing connections need not be drained.
     tls: ListenerTLS | None = field(default=None, compare=False)
+    # [[listener.user]]: clients must authenticate, and each user has a route of its own
+    # (proxy/auth.py). None: no authentication. By user name.
+    users: dict | None = None
+
+    def with_users(self) -> list["Route"]:
+        """This route and, for a listener with users, each user's route."""
+        return [self] + [u.route for u in (self.users or {}).values()]
 
     @property
     def slot(self) -> str:
@@ -495,6 +503,8 @@ class Route:
         tls = ""
         if self.tls is not None:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
+        if self.users is not None:  # its clients take their user's route (logged under it)
+            return f"{format_addr(host, port)}{tls}, {len(self.users)} user(s): clients must authenticate"
         return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra})"
 
     def dbs(self) -> list[tuple[int, int]]:
@@ -535,8 +545,20 @@ class Config:
     log_level: str | None = None          # [log] level; flags and env win
     log_format: str | None = None         # [log] format: text or json
 
+    def all_routes(self) -> list[Route]:
+        """Every route: the listeners' and their users' (each has its stats)."""
+        return [rr for r in self.routes for rr in r.with_users()]
 
-SUBTABLES = ("databases", "tls", "upstream_tls")  # [listener.X] tables
+    def traffic_routes(self) -> list[Route]:
+        """The routes clients' commands take: a listener with users sends nothing upstream
+        itself (its clients take their user's route), so only its users' routes count."""
+        return [rr for r in self.routes for rr in (r.with_users()[1:] if r.users is not None else [r])]
+
+
+SUBTABLES = ("databases", "tls", "upstream_tls", "user")  # [listener.X] tables
+# What a [[listener.user]] may set of its listener's route (any route field, so a field
+# added to [[listener]] works per user too): all but the listener's address, name, TLS.
+NOT_PER_USER = ("listen", "name", "tls", "user")
 
 
 def sub_table(entry: dict, key: str, section: str, where: str, labels: dict[str, str] | None = None,
@@ -603,13 +625,15 @@ def check_upstream_tls_used(routes: list, vals: dict[str, tuple]) -> None:
 
 def build_route(entry: dict, default_upstream, default_sep: str, index: int,
                 labels: dict[str, str] | None = None, text: bool = False,
-                upstream_tls: dict[str, tuple] | None = None, tls_cache: dict | None = None) -> Route:
+                upstream_tls: dict[str, tuple] | None = None, tls_cache: dict | None = None,
+                environ=None, where: str | None = None) -> Route:
     """One route from a [[listener]] table (or from flags: `labels` names each key as the
     user gave it, `text` says the values are strings from flags or variables).
     `default_upstream`: a URL string or an Upstream, for a listener without its own.
     `upstream_tls`: the top-level [upstream_tls] as {name: (value, label)}, for a
-    rediss:// upstream; the listener's own [listener.upstream_tls] fields win over it."""
-    where = f"listener[{index}]"
+    rediss:// upstream; the listener's own [listener.upstream_tls] fields win over it.
+    `environ`: where password_env variables are read ([[listener.user]])."""
+    where = where or f"listener[{index}]"
     labels = labels or {}
 
     def label(k: str) -> str:
@@ -673,7 +697,96 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
             dks = ks  # the listener's fence holds in every db unless a db says otherwise
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
     route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls)
-    return pin_route(route, vals.get("slot", "spread"), label("slot"))
+    route = pin_route(route, vals.get("slot", "spread"), label("slot"))
+    if "user" in entry:
+        route.users = build_users(entry, route, default_upstream, default_sep, index, labels, text,
+                                  upstream_tls, tls_cache, environ)
+    return route
+
+
+def build_users(entry: dict, listener: Route, default_upstream, default_sep: str, index: int,
+                labels: dict[str, str], text: bool, upstream_tls, tls_cache, environ) -> dict:
+    """The [[listener.user]] tables of a listener: each user's password (as its SHA-256)
+    and its route, built by build_route from the listener's table with the user's
+    route fields over it (so every route field works per user)."""
+    from proxy.auth import User, digest
+    where = f"listener[{index}]"
+    tables = entry["user"]
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{labels.get('user', where + '.user')}: expected [[listener.user]] tables "
+                          f"(two brackets), got {show(tables, text)}")
+    fields = section_fields("listener[].user[]")
+    route_keys = [k for k in list(section_fields("listener[]")) + list(SUBTABLES) if k not in NOT_PER_USER]
+    users: dict = {}
+    for j, t in enumerate(tables):
+        uw = f"{where}.user[{j}]"
+
+        def label(k: str) -> str:
+            return labels.get(f"user.{k}", f"{uw}.{k}")
+        if not isinstance(t, dict):
+            raise ConfigError(f"{uw}: expected a [[listener.user]] table, got {show(t, text)}")
+        for k in t:
+            if k not in fields and k not in route_keys:
+                raise ConfigError(f"{label(k)}: unknown field (known: {', '.join(sorted(set(fields) | set(route_keys)))})")
+        if "name" not in t:
+            raise ConfigError(f"{label('name')}: required (the user name clients give; `default` for "
+                              "one-argument AUTH)")
+        name = _value("listener[].user[].name", t["name"], label("name"), text)
+        if name in users:
+            raise ConfigError(f"{label('name')}: user {name!r} is already listener {listener.name}'s user "
+                              f"(user names are unique per listener)")
+        given = [k for k in ("password_sha256", "password_file", "password_env") if k in t]
+        if len(given) != 1:
+            raise ConfigError(f"{', '.join(label(k) for k in given) if given else label('password_sha256')}: "
+                              f"give exactly one of password_sha256, password_file, password_env"
+                              f"{' (got ' + str(len(given)) + ')' if given else ''}")
+        how = given[0]
+        value = _value(f"listener[].user[].{how}", t[how], label(how), text)
+        if how == "password_sha256":
+            dig, source = value, (how, "***")
+        elif how == "password_file":
+            dig, source = digest(_password_file(value, label(how))), (how, value)
+        else:
+            env = os.environ if environ is None else environ
+            pw = env.get(value)
+            if not pw:
+                raise ConfigError(f"{label(how)}: the environment variable {value} is "
+                                  f"{'empty' if pw is not None else 'not set'} (it should hold the password)")
+            dig, source = digest(pw.encode("utf-8", "surrogateescape")), (how, value)
+        merged = {k: v for k, v in entry.items() if k not in NOT_PER_USER or k == "listen"}
+        if "namespace" in t or "strip_namespace" in t:  # the user chooses the mode
+            merged.pop("namespace", None)
+            merged.pop("strip_namespace", None)
+        if "upstream_tls" in t and isinstance(t["upstream_tls"], dict) and isinstance(entry.get("upstream_tls"), dict):
+            merged["upstream_tls"] = {**entry["upstream_tls"], **t["upstream_tls"]}
+            t = {k: v for k, v in t.items() if k != "upstream_tls"}
+        merged.update({k: v for k, v in t.items() if k in route_keys})
+        merged["name"] = f"{listener.name}/{name}"
+        ulabels = {k: label(k) for k in t if k in route_keys}
+        ulabels.update({k: v for k, v in labels.items() if k in merged and k not in t and not k.startswith("user.")})
+        route = build_route(merged, default_upstream, default_sep, index, ulabels, text, upstream_tls, tls_cache,
+                            environ, where=uw)
+        users[name] = User(name, dig, route, source)
+    return users
+
+
+def _password_file(path: str, label: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: cannot read {path!r}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{label}: cannot read {path!r}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: {path!r} is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot read {path!r}: {(e.strerror or str(e)).lower()}") from None
+    if data.endswith(b"\n"):  # one trailing newline, as `echo secret > file` writes it
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if not data:
+        raise ConfigError(f"{label}: {path!r} is empty (it should hold the password)")
+    return data
 
 
 def pin_route(route: Route, slot: str, label: str) -> Route:
@@ -756,7 +869,8 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
     for i, e in enumerate(listeners):
         if not isinstance(e, dict):
             raise ConfigError(f"listener[{i}]: expected a [[listener]] table, got {show(e, False)}")
-        routes.append(build_route(e, default_upstream, sep, i, upstream_tls=up_tls, tls_cache=tls_cache))
+        routes.append(build_route(e, default_upstream, sep, i, upstream_tls=up_tls, tls_cache=tls_cache,
+                                  environ=environ))
     check_upstream_tls_used(routes, up_tls)
     apply_sentinel_auth(routes, sub_table(data, "sentinel", "sentinel", ""))
     addresses: dict[tuple, int] = {}
@@ -765,10 +879,13 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
         if r.listen in addresses:
             raise ConfigError(f"listener[{i}].listen: {format_addr(*r.listen)} is already "
                               f"listener[{addresses[r.listen]}]'s address (each listener needs its own)")
-        if r.name in names:
-            raise ConfigError(f"listener[{i}].name: {r.name!r} is already listener[{names[r.name]}]'s name "
-                              "(names must be unique: logs and metrics tell routes apart by them)")
-        addresses[r.listen], names[r.name] = i, i
+        for rr in r.with_users():
+            if rr.name in names:
+                raise ConfigError(f"listener[{i}].name: {rr.name!r} is already listener[{names[rr.name]}]'s "
+                                  "name (names must be unique: logs and metrics tell routes apart by them"
+                                  f"{'' if rr is r else '; a user route is named LISTENER/USER'})")
+            names[rr.name] = i
+        addresses[r.listen] = i
     metrics = None
     section = _table(data, "metrics")
     for k, v in section.items():
@@ -808,34 +925,49 @@ def _keyspace_toml(ks: Keyspace) -> list[str]:
     return out
 
 
+def _route_toml(r: Route, table: str) -> tuple[list[str], list[str]]:
+    """A route's upstream, keyspace and slot (its table's own lines), and its upstream TLS
+    and db map sub-tables, which go after every line of the table (passwords as ***)."""
+    scalars = [f"upstream = {_toml_str(r.upstream.masked())}"] + _keyspace_toml(r.default.keyspace)
+    scalars.append(f"slot = {_toml_str(r.slot)}")
+    lines = []
+    t = r.upstream.tls
+    if t is not None:
+        lines.append(f"[{table}.upstream_tls]")
+        lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
+                  if getattr(t, k) is not None]
+        if t.server_name or r.upstream.sentinel is None:  # a sentinel's nodes: each its own host
+            lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
+        lines.append(f"verify = {'true' if t.verify else 'false'}")
+    if r.databases:
+        lines.append(f"[{table}.databases]")
+        for c, t in sorted(r.databases.items()):
+            parts = [f"db = {t.db}"] + _keyspace_toml(t.keyspace)
+            lines.append(f"{c} = {{ {', '.join(parts)} }}")
+    return scalars, lines
+
+
 def render_toml(cfg: Config) -> str:
     """The configuration as a TOML file that would give it, every default spelled out and
     passwords shown as ***."""
     lines = []
     for r in cfg.routes:
-        lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}",
-                  f"upstream = {_toml_str(r.upstream.masked())}"]
-        lines += _keyspace_toml(r.default.keyspace)
-        lines.append(f"slot = {_toml_str(r.slot)}")
+        lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}"]
+        scalars, subtables = _route_toml(r, "listener")
+        lines += scalars
         if r.tls is not None:
             lines.append("[listener.tls]")
             lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")
                       if getattr(r.tls, k) is not None]
-        t = r.upstream.tls
-        if t is not None:
-            lines.append("[listener.upstream_tls]")
-            lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
-                      if getattr(t, k) is not None]
-            if t.server_name or r.upstream.sentinel is None:  # a sentinel's nodes: each its own host
-                lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
-            lines.append(f"verify = {'true' if t.verify else 'false'}")
-        if r.databases:
-            lines.append("[listener.databases]")
-            for c, t in sorted(r.databases.items()):
-                parts = [f"db = {t.db}"] + _keyspace_toml(t.keyspace)
-                lines.append(f"{c} = {{ {', '.join(parts)} }}")
+        lines += subtables
+        for u in (r.users or {}).values():
+            how, value = u.source
+            lines += ["[[listener.user]]", f"name = {_toml_str(u.name)}", f"{how} = {_toml_str(value)}"]
+            scalars, subtables = _route_toml(u.route, "listener.user")
+            lines += scalars + subtables
         lines.append("")
-    spec = next((r.upstream.sentinel for r in cfg.routes if r.upstream.sentinel is not None), None)
+    spec = next((rr.upstream.sentinel for r in cfg.routes for rr in r.with_users()
+                 if rr.upstream.sentinel is not None), None)
     if spec is not None and spec.password:
         lines += ["[sentinel]"] + ([f"username = {_toml_str(spec.username)}"] if spec.username else []) + \
             ['password = "***"', ""]

@@ -86,7 +86,16 @@ class ProxyCollector:
                                     labels=["route"])
         rtt = HistogramMetricFamily(PREFIX + "upstream_roundtrip_seconds",
                                     "Time from writing a batch upstream to the first reply bytes", labels=["route"])
+        auth_ok = family("counter", "auth_successes", "AUTH / HELLO AUTH with a right password at a listener with users", ["listener"])
+        auth_failed = family("counter", "auth_failures",
+                             "Failed AUTH / HELLO AUTH attempts at a listener with users (wrong password, no such "
+                             "user)", ["listener"])
         for route in proxy.config.routes:
+            st = proxy.stats.get(route.name)
+            if route.users is not None and st is not None:
+                auth_ok.add_metric([route.name], st.auth_successes)
+                auth_failed.add_metric([route.name], st.auth_failures)
+        for route in proxy.config.all_routes():
             st = proxy.stats.get(route.name)
             if st is None:
                 continue
@@ -113,13 +122,14 @@ class ProxyCollector:
             up_conns.add_metric(r, st.upstream_connections)
             up_opened.add_metric(r, st.upstream_opened)
             up_failed.add_metric(r, st.upstream_failures)
-            if st.upstream_up is None:
-                st.upstream_up = 1 if ping(route.upstream) else 0
-            up_up.add_metric(r, st.upstream_up)
+            if route.users is None:  # (a listener with users sends nothing upstream itself)
+                if st.upstream_up is None:
+                    st.upstream_up = 1 if ping(route.upstream) else 0
+                up_up.add_metric(r, st.upstream_up)
             for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
                 fam.add_metric(r, h.buckets(), h.sum)
         yield from (clients, accepted, closed, commands, errors, refused, keys, received, sent,
-                    up_conns, up_opened, up_failed, up_up, depth, req, rtt)
+                    up_conns, up_opened, up_failed, up_up, depth, req, rtt, auth_ok, auth_failed)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -150,7 +160,7 @@ class AdminServer:
 
     def readiness(self) -> list[tuple[str, bool]]:
         out = []
-        for route in self.proxy.config.routes:
+        for route in self.proxy.config.traffic_routes():
             # a sentinel upstream: the primary the proxy uses, none while a switch is confirmed
             addr = self.proxy.primary_now(route.upstream)
             ok = addr is not None and ping(route.upstream, self.ready_timeout, addr)

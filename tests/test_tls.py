@@ -362,6 +362,27 @@ def test_clients_must_present_a_certificate_when_the_listener_has_a_ca(tls_serve
     assert "TLS with client certificates" in p.output()
 
 
+def test_a_tls_listener_with_users(tls_server, tdb, certs, start_proxy):
+    """Authentication at the proxy over TLS: the password travels encrypted, each user
+    has its route (here: its namespace) over the rediss:// upstream."""
+    import hashlib
+    port = free_port()
+    digest = hashlib.sha256(b"tls-secret").hexdigest()
+    p = start_proxy(config_text=(
+        f'upstream = "{tls_server.url(tdb)}"\n[upstream_tls]\nca_file = "{certs.ca}"\n'
+        f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\n'
+        f'[listener.tls]\ncert_file = "{certs.proxy_cert}"\nkey_file = "{certs.proxy_key}"\n'
+        f'[[listener.user]]\nname = "tenant"\npassword_sha256 = "{digest}"\nnamespace = "tu"\n'), port=port)
+    r = tls_proxy_client(p, certs.ca, username="tenant", password="tls-secret")
+    assert r.set("k", "v") and r.get("k") == b"v"
+    assert tls_server.direct(tdb).get("tu:k") == b"v"
+    with pytest.raises(redis.AuthenticationError):
+        tls_proxy_client(p, certs.ca, username="tenant", password="wrong").ping()
+    with pytest.raises(redis.AuthenticationError, match="authenticated"):  # its HELLO, as from Redis
+        tls_proxy_client(p, certs.ca).get("k")
+    assert "1 user(s): clients must authenticate" in p.output()
+
+
 def _listener_toml(tls_server, db, port, cert, key, certs):
     return (f'upstream = "{tls_server.url(db)}"\n[upstream_tls]\nca_file = "{certs.ca}"\n'
             f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "r"\n'
