@@ -324,6 +324,23 @@ def test_sentinels_with_a_password(topology, tmp_path):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def test_a_users_route_with_a_sentinel_upstream(topology):
+    """A listener with users: a user's own upstream may be a sentinel URL."""
+    import hashlib
+    primary = topology.primary()
+    digest = hashlib.sha256(b"u1-pass").hexdigest()
+    pport = free_port()
+    p = ProxyProcess([], f'[[listener]]\nlisten = "127.0.0.1:{pport}"\nupstream = "redis://127.0.0.1:1/0"\n'
+                         f'[[listener.user]]\nname = "u1"\npassword_sha256 = "{digest}"\nnamespace = "u1"\n'
+                         f'upstream = "{topology.url(f"{MASTER}/6")}"\n', port=pport)
+    try:
+        c = redis.Redis(port=pport, username="u1", password="u1-pass")
+        c.set("k", "via-user")
+        assert redis.Redis(port=primary, db=6).get("u1:k") == b"via-user"
+    finally:
+        p.stop()
+
+
 def test_rediss_sentinel_over_tls(tmp_path):
     """rediss+sentinel://: the sentinel and the data node both over TLS, verified with
     [upstream_tls] ca_file (each against its own host); check and the proxy both."""
