@@ -10,8 +10,8 @@ import os
 import sys
 
 from proxy import __version__
-from proxy.config import (Config, ConfigError, build_route, check_upstream_tls_used, format_addr, load_toml,
-                          parse_url)
+from proxy.config import (Config, ConfigError, apply_sentinel_auth, build_route, check_upstream_tls_used,
+                          format_addr, load_toml, parse_url)
 from proxy.logs import mask_credentials, setup_logging
 from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invalid, env_help,
                           section_fields)
@@ -29,6 +29,8 @@ PASSWORD = {"password_sha256": "password_sha256", "password_file": "password_fil
 LISTENER_TLS = {"tls_cert_file": "cert_file", "tls_key_file": "key_file", "tls_ca_file": "ca_file"}
 # top-level [upstream_tls]: flag attribute -> field (flags and variables win over the file's)
 UPSTREAM_TLS = {f.attr: f.name for f in FIELDS if f.key.startswith("upstream_tls.")}
+# top-level [sentinel]: the sentinels' credentials (flags and variables win over the file's)
+SENTINEL = {f.attr: f.name for f in FIELDS if f.key.startswith("sentinel.")}
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -152,6 +154,8 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
                             upstream_tls=up_tls, environ=environ)
         check_upstream_tls_used([route], up_tls)
         cfg = Config([route])
+    apply_sentinel_auth(cfg.routes, {name: (_parse(a, attr), _source(a, attr)) for attr, name in SENTINEL.items()
+                                     if getattr(a, attr) is not None})
     metrics = _parse(a, "metrics_listen")
     if metrics is not None:
         cfg.metrics_listen = metrics

@@ -26,11 +26,11 @@ log = logging.getLogger("keyspace-proxy")
 PREFIX = "keyspace_proxy_"
 
 
-def ping(upstream, timeout: float = 1.0) -> bool:
-    """True if the upstream answers PING (after AUTH with the URL's credentials)."""
+def ping(upstream, timeout: float = 1.0, addr: tuple[str, int] | None = None) -> bool:
+    """True if the upstream (or `addr`, its node) answers PING (after AUTH with the URL's credentials)."""
     cmds = upstream.handshake(0) + [[b"PING"]]
     try:
-        with upstream.open_socket(timeout) as s:  # TLS for rediss://
+        with upstream.open_socket(timeout, addr) as s:  # TLS for rediss://
             s.settimeout(timeout)
             s.sendall(b"".join(encode_command(c) for c in cmds))
             data = b""
@@ -165,7 +165,9 @@ class AdminServer:
     def readiness(self) -> list[tuple[str, bool]]:
         out = []
         for route in self.proxy.config.traffic_routes():
-            ok = ping(route.upstream, self.ready_timeout)
+            # a sentinel upstream: the primary the proxy uses, none while a switch is confirmed
+            addr = self.proxy.primary_now(route.upstream)
+            ok = addr is not None and ping(route.upstream, self.ready_timeout, addr)
             st = self.proxy.stats.get(route.name)
             if st is not None:
                 st.upstream_up = 1 if ok else 0

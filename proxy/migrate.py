@@ -122,8 +122,16 @@ class Side:
         self.client.close()
 
 
+def server_id(up: Upstream) -> str:
+    """The server, as the same across runs: a sentinel upstream is its master's name
+    (with its first sentinel), whichever node is the primary now."""
+    if up.sentinel is not None:
+        return f"{up.sentinel.master}@{up.host}:{up.port}"
+    return f"{up.host}:{up.port}"
+
+
 def ident(up: Upstream) -> bytes:
-    return f"{up.host}:{up.port}/{up.db}".encode()
+    return f"{server_id(up)}/{up.db}".encode()
 
 
 # --- Lua ------------------------------------------------------------------------------------
@@ -310,7 +318,7 @@ class Migration:
         self.move, self.overwrite, self.dry_run = move, overwrite, dry_run
         self.batch, self.state, self.progress = batch, state, progress
         self.chunk = min(batch, MAX_CHUNK)
-        self.same_server = (src.host, src.port) == (dst.host, dst.port)
+        self.same_server = server_id(src) == server_id(dst)
         self.src_id, self.dst_id = ident(src), ident(dst)
         self.applied = APPLIED + self.src_id
         self.summary = Summary(dry_run=dry_run)
@@ -753,6 +761,15 @@ def _with_tls(up: Upstream, side: str, a, tls_fields: dict) -> Upstream:
     return replace(up, tls=tls)
 
 
+def _sentinel_auth(up: Upstream) -> Upstream:
+    """A redis+sentinel:// side: the sentinels' credentials from PROXY_SENTINEL_USERNAME /
+    PROXY_SENTINEL_PASSWORD, as the proxy reads them (the URL's are the data nodes')."""
+    user, password = os.environ.get("PROXY_SENTINEL_USERNAME"), os.environ.get("PROXY_SENTINEL_PASSWORD")
+    if up.sentinel is None or not password:
+        return up
+    return replace(up, sentinel=replace(up.sentinel, username=user or None, password=password))
+
+
 def main(argv: list[str]) -> int:
     p = Parser(prog="keyspace-proxy migrate",
                description="Copy or move the keys of one keyspace (URL + db + namespace) into another, each "
@@ -795,10 +812,11 @@ def main(argv: list[str]) -> int:
         return refuse("--separator must not be empty with a namespace")
     try:
         src, dst = parse_url(a.src, "--from"), parse_url(a.dst, "--to")
+        src, dst = _sentinel_auth(src), _sentinel_auth(dst)
         src, dst = (_with_tls(up, side, a, tls_fields) for up, side in ((src, "from"), (dst, "to")))
     except ConfigError as e:
         return refuse(str(e))
-    if (src.host, src.port, src.db) == (dst.host, dst.port, dst.db) and a.from_namespace == a.to_namespace:
+    if ident(src) == ident(dst) and a.from_namespace == a.to_namespace:
         return refuse("source and target are the same keyspace")
     if a.state and not a.dry_run:
         problem = check_state_path(a.state)

@@ -211,7 +211,7 @@ class Address(Kind):
 
 
 class Url(Kind):
-    doc = "`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`"
+    doc = "`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]` or `redis[s]+sentinel://[USER:PASSWORD@]HOST:PORT[,...]/MASTER[/DB]`"
 
     def parse(self, value, text: bool):
         from proxy.config import parse_upstream
@@ -327,6 +327,13 @@ FIELDS: tuple[Field, ...] = (
     Field("separator", Separator(), ":", "--separator", "PROXY_SEPARATOR", metavar="SEP",
           help="between namespace and key"),
     *_upstream_tls("upstream_tls", top=True),
+    Field("sentinel.username", Text(nonempty=True), None, "--sentinel-username", "PROXY_SENTINEL_USERNAME",
+          metavar="USER", default_doc="none",
+          help="redis+sentinel:// upstreams: the sentinels' ACL user (the URL's credentials are the data nodes')"),
+    Field("sentinel.password", Text(nonempty=True), None, "--sentinel-password", "PROXY_SENTINEL_PASSWORD",
+          metavar="PASSWORD", default_doc="none",
+          help="redis+sentinel://: the sentinels' password (their `requirepass`), not the data nodes'; "
+               "prefer the variable to the flag (ps shows flags)"),
     Field("listener[].name", Text(nonempty=True), default_doc="the address",
           help="the route's name in logs, metrics and errors; unique"),
     Field("listener[].listen", Address(), None, "--listen", "PROXY_LISTEN", default_doc="required",
