@@ -316,9 +316,13 @@ class Route:
     upstream: Upstream
     default: DbTarget                     # what client db 0 means
     databases: dict[int, DbTarget] = field(default_factory=dict)  # explicit client db map
+    # tenant: a fence for code the operator does not trust; app: a trusted application
+    # (proxy/overlay.py says what each changes). Only namespaced dbs are affected.
+    policy: str = "tenant"
     # TLS for clients. Not part of the comparison: new certificates (or new paths) are
     # taken by new connections on reload, and existing connections need not be drained.
     tls: ListenerTLS | None = field(default=None, compare=False)
+    policy_label: str = field(default="listener[].policy", compare=False)  # named in refusals
 
     def target(self, client_db: int) -> DbTarget | None:
         if client_db in self.databases:
@@ -341,7 +345,7 @@ class Route:
         tls = ""
         if self.tls is not None:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
-        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra})"
+        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra}, policy {self.policy})"
 
     def dbs(self) -> list[tuple[int, int]]:
         """(client db, backend db) for every client db this route serves."""
@@ -518,7 +522,11 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         else:
             dks = ks  # the listener's fence holds in every db unless a db says otherwise
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
-    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls)
+    # Fail closed: a namespace is a fence unless the operator says the code is trusted.
+    namespaced = ks.mode != "none" or any(t.keyspace.mode != "none" for t in databases.values())
+    policy = vals.get("policy") or ("tenant" if namespaced else "app")
+    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
+                 label("policy"))
 
 
 def load_toml(path: str, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -636,6 +644,7 @@ def render_toml(cfg: Config) -> str:
         lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}",
                   f"upstream = {_toml_str(r.upstream.masked())}"]
         lines += _keyspace_toml(r.default.keyspace)
+        lines.append(f"policy = {_toml_str(r.policy)}")
         if r.tls is not None:
             lines.append("[listener.tls]")
             lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")

@@ -80,6 +80,9 @@ class ProxyCollector:
                            ["route"])
         up_up = family("gauge", "upstream_up", "1 if the route's upstream answered PING at the last check",
                        ["route"])
+        fenced = family("gauge", "route_upstream_fenced",
+                        "1 if the route's upstream user is fenced to its namespace by a Redis ACL (checked at "
+                        "start and reload; tenant routes pass scripts only then)", ["route"])
         depth = HistogramMetricFamily(PREFIX + "pipeline_depth", "Requests per client read", labels=["route"])
         req = HistogramMetricFamily(PREFIX + "request_duration_seconds",
                                     "Time from reading a batch of requests to writing its last reply",
@@ -116,10 +119,11 @@ class ProxyCollector:
             if st.upstream_up is None:
                 st.upstream_up = 1 if ping(route.upstream) else 0
             up_up.add_metric(r, st.upstream_up)
+            fenced.add_metric(r, st.upstream_fenced)
             for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
                 fam.add_metric(r, h.buckets(), h.sum)
         yield from (clients, accepted, closed, commands, errors, refused, keys, received, sent,
-                    up_conns, up_opened, up_failed, up_up, depth, req, rtt)
+                    up_conns, up_opened, up_failed, up_up, fenced, depth, req, rtt)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 UPSTREAM_MODES = ("shared", "dedicated")
+POLICIES = ("tenant", "app")
 DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
 _SSIZE_MAX = 2 ** 63 - 1   # the C hot path reads max_bulk as a Py_ssize_t
 
@@ -322,6 +323,11 @@ FIELDS: tuple[Field, ...] = (
           metavar="NS", help="strip mode: client `NS:foo` <-> server `foo` (not with namespace)"),
     Field("listener[].separator", Separator(), default_doc="top-level `separator`",
           help="this route's separator"),
+    Field("listener[].policy", Choice(POLICIES), None, "--policy", "PROXY_POLICY", metavar="POLICY",
+          default_doc="`tenant` with a namespace, else `app`",
+          help="tenant: a fence for code you do not trust (scripts only with an upstream user fenced by "
+               "a Redis ACL; INFO keyspace, CLIENT LIST/INFO, MONITOR, CONFIG GET emulated for the route); "
+               "app: a trusted application (scripts and read-only server commands pass); see Policies"),
     Field("listener[].tls.cert_file", Path(nonempty=True), None, "--tls-cert-file", "PROXY_TLS_CERT_FILE",
           metavar="FILE", default_doc="no TLS",
           help="clients must connect with TLS: the proxy's certificate (PEM, may hold the key too); "

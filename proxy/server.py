@@ -14,10 +14,11 @@ import ssl
 from collections import deque
 from time import perf_counter
 
+from proxy import fence
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
-from proxy.session import STREAM_AFTER, Session, UnexpectedReply
+from proxy.session import STREAM_AFTER, ClientFacts, RouteView, Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
 from proxy.stats import RouteStats
 
@@ -42,7 +43,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.upstream: UpstreamConnection | None = None
         self.shared = proxy.config.limits.upstream_mode == "shared"
-        self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared)
+        self.view = proxy.view(route.name)
+        self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared,
+                               view=self.view)
         self.link: SharedLink | None = None   # the shared upstream connection, while on one
         self.registered = 0                  # replies registered with the link so far
         self.connecting = False
@@ -64,6 +67,12 @@ class ClientConnection(asyncio.Protocol):
         _nodelay(transport)
         self.proxy.clients.add(self)
         self.peer = transport.get_extra_info("peername")
+        self.proxy.next_client_id += 1
+        sock = transport.get_extra_info("socket")
+        self.session.facts = ClientFacts(self.proxy.next_client_id, _peer(self.peer),
+                                         _peer(transport.get_extra_info("sockname")),
+                                         sock.fileno() if sock is not None else -1)
+        self.view.conns[self.session] = self
         self.stats.clients += 1
         self.stats.accepted += 1
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
@@ -271,6 +280,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.proxy.clients.discard(self)
+        self.view.conns.pop(self.session, None)
+        self.view.remove_monitor(self.session)
         if self in self.proxy.paused or self.close_reason == "output_limit":
             self.proxy.paused.discard(self)
             self.proxy.trim_soon()
@@ -636,6 +647,24 @@ def _peer(peer) -> str:
     return str(peer)
 
 
+class ClientRegistry(RouteView):
+    """The clients of one route (by name), for CLIENT LIST and MONITOR on tenant routes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conns: dict[Session, ClientConnection] = {}
+
+    def sessions(self) -> list:
+        return list(self.conns)
+
+    def feed(self, line: bytes) -> None:
+        for m in list(self.monitors):
+            c = self.conns.get(m)
+            if c is not None and not c.closed:
+                c.transport.write(line)
+                c.stats.bytes_out["client"] += len(line)
+
+
 class Proxy:
     def __init__(self, config: Config, reuse_port: bool = False):
         self.config = config
@@ -660,10 +689,50 @@ class Proxy:
         self.generation = 1
         self._stopping = False
         self._idle = None
+        self.views: dict[str, ClientRegistry] = {}
+        self.next_client_id = 0
+
+    def view(self, route_name: str) -> ClientRegistry:
+        v = self.views.get(route_name)
+        if v is None:
+            v = self.views[route_name] = ClientRegistry()
+        return v
 
     async def start(self) -> None:
+        await self.check_fences(self.config.routes)
         for route in self.config.routes:
             await self._listen(route)
+
+    async def check_fences(self, routes: list) -> None:
+        """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
+        log line per route; the result is the route's keyspace_proxy_route_upstream_fenced."""
+        await asyncio.gather(*(self._check_fence(r) for r in routes))
+
+    async def _check_fence(self, route: Route) -> None:
+        st = self.stats.setdefault(route.name, RouteStats(route.name))
+        st.upstream_fenced = 0
+        if not fence.prefixes(route):
+            log.info("route %s: policy %s, no namespace added: the policy changes nothing here", route.name,
+                     route.policy, extra={"event": "fence", "route": route.name})
+            return
+        if route.policy != "tenant":
+            log.info("route %s: policy app: scripts and read-only server commands pass (the application is "
+                     "trusted); upstream ACL fence not checked", route.name,
+                     extra={"event": "fence", "route": route.name})
+            return
+        try:
+            fenced, detail = await asyncio.wait_for(_probe_fence(route), self.config.limits.connect_timeout)
+        except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
+            if isinstance(e, OSError):
+                e = connect_failure(route.upstream.host, route.upstream.port, e, route.upstream.tls)
+            fenced, detail = False, f"could not check ({e or type(e).__name__})"
+        st.upstream_fenced = 1 if fenced else 0
+        if fenced:
+            log.info("route %s: policy tenant, upstream user fenced by a Redis ACL (%s): scripts and functions "
+                     "pass", route.name, detail, extra={"event": "fence", "route": route.name})
+        else:
+            log.info("route %s: policy tenant, upstream user not fenced by a Redis ACL (%s): scripts and "
+                     "functions are refused", route.name, detail, extra={"event": "fence", "route": route.name})
 
     async def _listen(self, route: Route) -> None:
         loop = asyncio.get_running_loop()
@@ -731,6 +800,8 @@ class Proxy:
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
+        # new and changed routes: is their upstream user fenced? (checked before they take clients)
+        await self.check_fences([r for r in new_routes.values() if r.listen not in old or old[r.listen] != r])
         for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
             await self._listen(route)
         for route in removed:
@@ -864,6 +935,38 @@ class HandshakeError(RuntimeError):
     def of(cls, cmd: list, error: str) -> Exception:
         why = handshake_failure(cmd, error)
         return cls(why) if why else RuntimeError(error)
+
+
+async def _probe_fence(route: Route) -> tuple[bool, str]:
+    """Run proxy/fence.py's probe on a connection of its own, one command at a time."""
+    import hiredis
+    up = route.upstream
+    reader, writer = await asyncio.open_connection(up.host, up.port, **up.ssl_args())
+    parser = hiredis.Reader()
+
+    async def call(cmd: list[bytes]):
+        writer.write(encode_command(cmd))
+        while (r := parser.gets()) is False:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed")
+            parser.feed(data)
+        return r
+    try:
+        for cmd in up.handshake(route.default.db):
+            r = await call(cmd)
+            if isinstance(r, hiredis.ReplyError):
+                raise HandshakeError.of(cmd, str(r))
+        gen = fence.probe(route)
+        reply = None
+        while True:
+            try:
+                cmd = gen.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply = await call(cmd)
+    finally:
+        writer.close()
 
 
 async def _command_list(up) -> list[str]:
