@@ -10,8 +10,9 @@ seed.
 The oracle is a server holding keys, channels, a function library and a script
 inside and outside the namespace, every outside value carrying the marker
 `OUTSIDE`. Each invocation is run
-  (a) through the proxy on a namespaced route (`policy = "tenant"` where the proxy
-      has that setting), client names as the client would send them, and
+  (a) through the proxy on a namespaced route with `policy = "tenant"`, whose
+      upstream user is the server's unrestricted default user, client names as the
+      client would send them, and
   (b) directly as Redis ACL users restricted to `~NS:* &NS:*` with @admin and
       @dangerous removed (`base`), and the same user also denied the keyless
       commands ACL key patterns do not cover (`tight`: KEYS, SCAN, RANDOMKEY,
@@ -190,6 +191,7 @@ class Generator:
         self.rng = random.Random(seed)
         self.port = server_port
         self.names = sorted(n for n, d in docs.items() if not d.get("container"))
+        self.variant = -1  # >= 0: documented-arity calls take the variant-th choice of each oneof
 
     # -- argument values by type and name
 
@@ -291,7 +293,9 @@ class Generator:
         if typ == "pure-token":
             out.append(a["token"])
         elif typ == "oneof":
-            self.one(self.rng.choice(a["arguments"]), group, exact, out)
+            opts = a["arguments"]
+            pick = opts[self.variant % len(opts)] if exact and self.variant >= 0 else self.rng.choice(opts)
+            self.one(pick, group, exact, out)
         elif typ == "block":
             self.args(a["arguments"], group, exact, out)
         else:
@@ -341,12 +345,16 @@ class Generator:
         given = rng.choice((nk, nk, nk, nk + 1, nk + 3, -1)) if rng.random() < 0.3 else nk
         return Invocation(cmd, "script", [cmd.upper(), body, str(given), *keys, *argv])
 
-    def invocations(self, count: int) -> list[Invocation]:
-        """Regression cases, one documented-arity call of every command and subcommand,
-        then random variants (valid, wrong arity, scripts) up to `count` in all."""
+    def invocations(self, count: int, per_command: int = 1) -> list[Invocation]:
+        """Regression cases, `per_command` documented-arity calls of every command and
+        subcommand (the n-th takes the n-th choice of each oneof), then random variants
+        (valid, wrong arity, scripts) up to `count` in all."""
         out = regression_cases(self.docs, self.port)
-        for name in self.names:
-            out.append(self.valid(name, exact=True))
+        for n in range(per_command):
+            self.variant = n
+            for name in self.names:
+                out.append(self.valid(name, exact=True))
+        self.variant = -1
         while len(out) < count:
             r = self.rng.random()
             name = self.rng.choice(self.names)
@@ -469,7 +477,13 @@ class Oracle:
         self.port = server_port
         self.admin = Conn(server_port)
         self.sub: Conn | None = None
+        self.set_users()
         self.rebuild()
+
+    def set_users(self) -> None:
+        # only here and after a run changed them: a proxy may be connected as `tight`
+        for user, rules in (("base", BASE_ACL), ("tight", TIGHT_ACL)):
+            self.admin.call("ACL", "SETUSER", user, "reset", *rules.split())
 
     # -- data
 
@@ -481,10 +495,6 @@ class Oracle:
         a.call("FLUSHALL")
         a.call("SCRIPT", "FLUSH")
         a.call("FUNCTION", "FLUSH")
-        for user in ("base", "tight"):
-            a.call("ACL", "DELUSER", user)
-        a.call("ACL", "SETUSER", "base", *BASE_ACL.split())
-        a.call("ACL", "SETUSER", "tight", *TIGHT_ACL.split())
         a.call("FUNCTION", "LOAD", OUT_LIB_CODE)
         a.call("SCRIPT", "LOAD", OUT_SCRIPT)
         for s in SCRIPTS:
@@ -531,19 +541,20 @@ class Oracle:
         names = self.outside_keys()
         cmds = []
         for db in (0, 1):
-            cmds += [("SELECT", db), ("DBSIZE",), ("KEYS", PREFIX + "*"),
+            # counted with KEYS on both sides: DBSIZE also counts keys expired but not yet reclaimed
+            cmds += [("SELECT", db), ("DBSIZE",), ("KEYS", "*"), ("KEYS", PREFIX + "*"),
                      ("DEBUG", "DIGEST-VALUE", *names), *[("PTTL", k) for k in names]]
         cmds += [("SELECT", 0), ("FUNCTION", "LIST", "WITHCODE"),
                  ("SCRIPT", "EXISTS", sha1(OUT_SCRIPT)), ("ACL", "LIST")]
         r = a.pipeline(cmds)
         snap = {}
-        per = 4 + len(names)
+        per = 5 + len(names)
         for db in (0, 1):
             part = r[db * per:(db + 1) * per]
             snap[f"db{db} total"] = part[1]
-            snap[f"db{db} outside count"] = part[1] - len(part[2])
-            snap[f"db{db} digests"] = part[3]
-            snap[f"db{db} ttls"] = part[4:]
+            snap[f"db{db} outside count"] = len(part[2]) - len(part[3])
+            snap[f"db{db} digests"] = part[4]
+            snap[f"db{db} ttls"] = part[5:]
         snap["functions"] = r[-3]
         snap["outside script"] = r[-2]
         snap["acl"] = r[-1]
@@ -601,6 +612,8 @@ class Oracle:
         changed = self.diff()
         if changed:
             out.changed = changed
+            if "acl" in changed:
+                self.set_users()
             self.rebuild()
         else:
             self.seed_inside()
@@ -639,24 +652,15 @@ def _seed(k: str, v: str) -> list[tuple]:
 
 # ---------------------------------------------------------------- comparing
 
-# What `policy = "tenant"` (issue 13 item 4) fences that a route without it lets through:
-# scripts and functions reach any key, INFO's keyspace section counts every key.
-PENDING_POLICY = ("eval", "eval_ro", "evalsha", "evalsha_ro", "fcall", "fcall_ro", "info")
-
-
 @dataclass
 class Report:
-    failures: list = field(default_factory=list)             # (command, text): proxy leaks the tight ACL user does not
+    failures: list[str] = field(default_factory=list)        # proxy leaks the tight ACL user does not
     shared: list[str] = field(default_factory=list)          # leaks the tight ACL user has too
     stricter: dict[str, str] = field(default_factory=dict)   # command -> proxy refusal; the ACL user ran it
     looser: dict[str, str] = field(default_factory=dict)     # command -> invocation: ACL denies it, proxy runs it, no leak
     acl_370: dict[str, str] = field(default_factory=dict)    # base ACL user leaks, tight does not
     timeouts: list[str] = field(default_factory=list)        # no reply within REPLY_TIMEOUT through the proxy
     runs: int = 0
-
-    def real_failures(self, policy: bool) -> list[str]:
-        """Failures, less those a route without `policy` is known to have (PENDING_POLICY)."""
-        return [t for c, t in self.failures if policy or c not in PENDING_POLICY]
 
 
 def check(oracle: Oracle, proxy_port: int, inv: Invocation, report: Report) -> None:
@@ -675,9 +679,9 @@ def check(oracle: Oracle, proxy_port: int, inv: Invocation, report: Report) -> N
         if tight_in.leaked or tight_raw.leaked:
             report.shared.append(f"{inv.text()}: proxy {p.short()}")
         else:
-            report.failures.append((inv.command,
+            report.failures.append(
                 f"{inv.text()} [{inv.kind}]: through the proxy {p.short()}; as the ACL user "
-                f"{tight_in.short()} / {tight_raw.short()}"))
+                f"{tight_in.short()} / {tight_raw.short()}")
     if (base_in.leaked or base_raw.leaked) and not (tight_in.leaked or tight_raw.leaked):
         report.acl_370.setdefault(inv.command, inv.text())
     if p.refused_by_proxy and not tight_in.error:
@@ -687,22 +691,17 @@ def check(oracle: Oracle, proxy_port: int, inv: Invocation, report: Report) -> N
     if inv.command == "debug" and not (len(raw) > 1 and raw[1].upper() == b"OBJECT"):
         # never let DEBUG (but OBJECT) run unrefused on the admin's upstream connection
         if not p.refused_by_proxy:
-            report.failures.append((inv.command,
-                f"{inv.text()}: DEBUG reached the server through the proxy: {p.short()}"))
+            report.failures.append(f"{inv.text()}: DEBUG reached the server through the proxy: {p.short()}")
 
 
-def proxy_config(listen_port: int, server_port: int, policy: bool) -> str:
-    """A namespaced route to db 0 (policy "tenant" where the proxy has that setting)."""
+def proxy_config(listen_port: int, server_port: int, user: str | None = None) -> str:
+    """A namespaced route to db 0 with policy "tenant", upstream as the server's default
+    user (unfenced: the proxy refuses scripts) or as one of the oracle's ACL users."""
+    auth = f"{user}:{PASSWORD}@" if user else ""
     lines = ["[[listener]]", 'name = "fence"', f'listen = "127.0.0.1:{listen_port}"',
-             f'upstream = "redis://127.0.0.1:{server_port}/0"', f'namespace = "{NS}"']
-    if policy:
-        lines.append('policy = "tenant"')
+             f'upstream = "redis://{auth}127.0.0.1:{server_port}/0"', f'namespace = "{NS}"',
+             'policy = "tenant"']
     return "\n".join(lines) + "\n"
-
-
-def has_policy() -> bool:
-    from proxy import schema
-    return "listener[].policy" in schema.BY_KEY
 
 
 # ---------------------------------------------------------------- README
@@ -715,9 +714,6 @@ def readme_block(reports: dict[str, Report], seed: int, count: int) -> str:
     """The README's lists, from runs on each server kind: where the proxy is stricter
     than the ACL user (with the proxy's reason), what the tight user adds (valkey #370),
     and what the ACL user may not run that the proxy runs without a leak."""
-    from proxy.rules import default_rules
-    rules = default_rules()
-
     def kinds(attr: str, name: str) -> str:
         return ", ".join(k for k, r in sorted(reports.items()) if name in getattr(r, attr))
 
@@ -730,7 +726,8 @@ def readme_block(reports: dict[str, Report], seed: int, count: int) -> str:
            "Refused by the proxy, allowed to the ACL user (`+@all -@admin -@dangerous`):", "",
            "| command | servers | the proxy's reason |", "|---|---|---|"]
     for n in names("stricter"):
-        out.append(f"| `{n.replace('|', ' ').upper()}` | {kinds('stricter', n)} | {rules.get(n).why} |")
+        msg = next(r.stricter[n] for r in reports.values() if n in r.stricter)
+        out.append(f"| `{n.replace('|', ' ').upper()}` | {kinds('stricter', n)} | {refusal_reason(msg)} |")
     out += ["", "Leaks of the plain ACL user that only denying the keyless commands closes "
             "(valkey #370; scripts included, since a script's calls are checked as the user's): "
             + ", ".join(f"`{n.replace('|', ' ').upper()}`" for n in names("acl_370")) + ".", "",
@@ -739,6 +736,14 @@ def readme_block(reports: dict[str, Report], seed: int, count: int) -> str:
             + ", ".join(f"`{n.replace('|', ' ').upper()}`" for n in names("looser")) + ".", "",
             README_END]
     return "\n".join(out)
+
+
+def refusal_reason(message: str) -> str:
+    """The reason in a proxy refusal ("... of route R: why (a route ...)" or
+    "... of route R (policy "tenant": why); set ...")."""
+    m = re.search(r' of route \S+ \((policy "[^"]+": [^)]*)\)', message) or \
+        re.search(r" of route \S+: (.*?)(?: \(a route without namespace passes it\))?$", message)
+    return (m.group(1) if m else message).replace("|", "\\|")
 
 
 def readme_listed(readme_text: str) -> set[str]:
