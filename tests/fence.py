@@ -72,12 +72,14 @@ OUT_LIB_CODE = (f"#!lua name={OUT_LIB}\n"
                 "return redis.call('GET', args[1]) end)\n"
                 "redis.register_function('fence_get_key', function(keys, args) "
                 "return redis.call('GET', keys[1]) end)\n"
+                "redis.register_function{function_name='fence_one', "
+                "callback=function(keys, args) return 1 end, flags={'no-writes'}}\n"
                 "redis.register_function{function_name='fence_ro', "
                 "callback=function(keys, args) return redis.call('SCAN', '0', 'COUNT', '1000') end, "
                 "flags={'no-writes'}}\n")
 GEN_LIB_CODE = (f"#!lua name={GEN_LIB}\n"
                 "redis.register_function('fence_gen', function(keys, args) return redis.call('KEYS', '*') end)\n")
-FUNCTIONS = ("fence_keys", "fence_get_arg", "fence_get_key", "fence_ro", "fence_gen")
+FUNCTIONS = ("fence_keys", "fence_get_arg", "fence_get_key", "fence_ro", "fence_one", "fence_gen")
 
 # Script bodies: each either stays inside (keys through KEYS) or reaches outside.
 SCRIPTS = (
@@ -115,11 +117,23 @@ class Chan(str):
     """A channel in client terms."""
 
 
+class Timeout(str):
+    """A timeout argument: never made huge (MIGRATE to the server itself blocks the
+    whole server for its timeout)."""
+
+
 @dataclass
 class Invocation:
     command: str               # "get", "client|list"
-    kind: str                  # valid, wrong-arity, numkeys, script, regression
+    kind: str                  # valid, wrong-arity, script, sequence, regression
     tokens: list
+    before: list = field(default_factory=list)   # commands sent first on the same connection
+    after: list = field(default_factory=list)    # and after (MULTI ... EXEC)
+
+    def requests(self, inside: bool) -> list[list[bytes]]:
+        """Every command sent, in order; render(inside) is the one under test."""
+        enc = [[t.encode() for t in c] for c in self.before]
+        return enc + [self.render(inside)] + [[t.encode() for t in c] for c in self.after]
 
     def render(self, inside: bool) -> list[bytes]:
         """The request: as the proxy's client sends it, or (inside) as a well-behaved
@@ -135,7 +149,7 @@ class Invocation:
         return any(isinstance(t, (Key, Pat, Chan)) for t in self.tokens)
 
     def text(self) -> str:
-        return " ".join(_show(t) for t in self.render(False))
+        return " ; ".join(" ".join(_show(t) for t in c) for c in self.requests(False))
 
 
 def _show(b: bytes) -> str:
@@ -212,7 +226,7 @@ class Generator:
         if "channel" in name:
             return Chan(rng.choice(CHANNELS))
         if name in ("timeout", "milliseconds", "ms"):
-            return "0.01" if typ == "double" else "1"
+            return Timeout("0.01" if typ == "double" else "1")
         if name == "port":
             return str(self.port)
         if name == "host":
@@ -321,10 +335,11 @@ class Generator:
             toks = toks + [Key("k1") if self.rng.random() < 0.5 else "k1"] * self.rng.randint(1, 3)
         else:
             # numkeys / counts that do not match what follows (redis PR #14847's family)
-            ints = [i for i, t in enumerate(toks) if type(t) is str and re.fullmatch(r"-?\d+", t)]
+            ints = [i for i, t in enumerate(toks) if type(t) in (str, Timeout) and re.fullmatch(r"-?\d+", t)]
             if ints:
                 i = self.rng.choice(ints)
-                toks = toks[:i] + [self.rng.choice(("0", "5", "-1", "100", "2147483648"))] + toks[i + 1:]
+                big = () if isinstance(toks[i], Timeout) else ("2147483648",)
+                toks = toks[:i] + [self.rng.choice(("0", "5", "-1", "100") + big)] + toks[i + 1:]
             else:
                 toks = toks + ["k1"]
         return Invocation(name, "wrong-arity", toks)
@@ -345,6 +360,20 @@ class Generator:
         given = rng.choice((nk, nk, nk, nk + 1, nk + 3, -1)) if rng.random() < 0.3 else nk
         return Invocation(cmd, "script", [cmd.upper(), body, str(given), *keys, *argv])
 
+    def sequence(self) -> Invocation:
+        """A command after SELECT 1 (another backend db, the same namespace) or HELLO 3
+        (RESP3 replies), or queued in MULTI (its reply inside EXEC's array)."""
+        inv = self.valid(self.rng.choice(self.names))
+        r = self.rng.random()
+        if r < 0.35:
+            inv.before = [["SELECT", "1"]]
+        elif r < 0.6:
+            inv.before = [["HELLO", "3"]]
+        else:
+            inv.before, inv.after = [["MULTI"]], [["EXEC"]]
+        inv.kind = "sequence"
+        return inv
+
     def invocations(self, count: int, per_command: int = 1) -> list[Invocation]:
         """Regression cases, `per_command` documented-arity calls of every command and
         subcommand (the n-th takes the n-th choice of each oneof), then random variants
@@ -358,12 +387,14 @@ class Generator:
         while len(out) < count:
             r = self.rng.random()
             name = self.rng.choice(self.names)
-            if r < 0.35:
+            if r < 0.3:
                 out.append(self.valid(name))
-            elif r < 0.7:
+            elif r < 0.6:
                 out.append(self.wrong_arity(name))
-            else:
+            elif r < 0.85:
                 out.append(self.script())
+            else:
+                out.append(self.sequence())
         return out
 
 
@@ -588,28 +619,41 @@ class Oracle:
 
     # -- runs
 
-    def run(self, port: int, user: str | None, args: list[bytes]) -> Outcome:
+    def run(self, port: int, user: str | None, args, main: int = 0) -> Outcome:
+        """Send one command (a list of bytes) or several (a list of them) on a fresh
+        connection, read a reply to each, and see what of the outside they read or
+        changed. The outcome's reply is that of command `main`."""
         totals = {self.baseline["db0 total"], self.baseline["db1 total"]}  # restored before each run
+        cmds = args if args and isinstance(args[0], list) else [args]
         try:
             c = Conn(port, user)
         except (OSError, AssertionError) as e:
             raise AssertionError(f"cannot connect to {port} as {user}: {e}")
+        frames = []
         try:
-            c.send(args)
+            c.sock.sendall(b"".join(encode(*a) for a in cmds))
             try:
-                reply = c.read_raw()
+                for _ in cmds:
+                    frames.append(c.read_raw())
             except socket.timeout:
-                reply = b"<timeout>"
+                frames.append(b"<timeout>")
             except (ConnectionError, OSError):
-                reply = b""
+                frames.append(b"")
         finally:
             c.close()
-        out = Outcome(reply)
-        if MARK not in b"".join(args) and MARK.lower() not in b"".join(args).lower():
-            if MARK.lower() in reply.lower():
+        # the reply under test: the one after the `before` commands (the last for a single command)
+        out = Outcome(frames[main] if main < len(frames) else frames[-1])
+        reply = b"".join(frames)
+        sent = b"".join(b"".join(a) for a in cmds)
+        if MARK not in sent:  # case-sensitive: refusals say "outside" in lower case
+            if MARK in reply:
                 out.read.append("an outside name or value")
         out.read += _counts(reply, totals)
-        changed = self.diff()
+        try:
+            changed = self.diff()
+        except TimeoutError:
+            raise AssertionError(f"the server did not answer its admin within {REPLY_TIMEOUT}s after "
+                                 f"{b' ; '.join(b' '.join(a) for a in cmds)!r} was sent to port {port}") from None
         if changed:
             out.changed = changed
             if "acl" in changed:
@@ -666,12 +710,13 @@ class Report:
 def check(oracle: Oracle, proxy_port: int, inv: Invocation, report: Report) -> None:
     """Run one invocation through the proxy and as both ACL users; record the result."""
     raw = inv.render(False)
-    inside = inv.render(True)
-    p = oracle.run(proxy_port, None, raw)
-    tight_in = oracle.run(oracle.port, "tight", inside)
-    tight_raw = oracle.run(oracle.port, "tight", raw) if inv.has_names() else tight_in
-    base_in = oracle.run(oracle.port, "base", inside)
-    base_raw = oracle.run(oracle.port, "base", raw) if inv.has_names() else base_in
+    inside = inv.requests(True)
+    m = len(inv.before)
+    p = oracle.run(proxy_port, None, inv.requests(False), m)
+    tight_in = oracle.run(oracle.port, "tight", inside, m)
+    tight_raw = oracle.run(oracle.port, "tight", inv.requests(False), m) if inv.has_names() else tight_in
+    base_in = oracle.run(oracle.port, "base", inside, m)
+    base_raw = oracle.run(oracle.port, "base", inv.requests(False), m) if inv.has_names() else base_in
     report.runs += 1
     if p.reply == b"<timeout>":
         report.timeouts.append(inv.text())
@@ -684,14 +729,16 @@ def check(oracle: Oracle, proxy_port: int, inv: Invocation, report: Report) -> N
                 f"{tight_in.short()} / {tight_raw.short()}")
     if (base_in.leaked or base_raw.leaked) and not (tight_in.leaked or tight_raw.leaked):
         report.acl_370.setdefault(inv.command, inv.text())
-    if p.refused_by_proxy and not tight_in.error:
-        report.stricter.setdefault(inv.command, p.reply.decode("latin-1").strip())
-    if not p.error and not p.leaked and base_in.reply.startswith(b"-NOPERM") and b"command" in base_in.reply:
-        report.looser.setdefault(inv.command, inv.text())
     if inv.command == "debug" and not (len(raw) > 1 and raw[1].upper() == b"OBJECT"):
         # never let DEBUG (but OBJECT) run unrefused on the admin's upstream connection
         if not p.refused_by_proxy:
             report.failures.append(f"{inv.text()}: DEBUG reached the server through the proxy: {p.short()}")
+    if inv.kind == "sequence":
+        return  # the lists below are of single commands
+    if p.refused_by_proxy and not tight_in.error:
+        report.stricter.setdefault(inv.command, p.reply.decode("latin-1").strip())
+    if not p.error and not p.leaked and base_in.reply.startswith(b"-NOPERM") and b"command" in base_in.reply:
+        report.looser.setdefault(inv.command, inv.text())
 
 
 def proxy_config(listen_port: int, server_port: int, user: str | None = None) -> str:
