@@ -21,7 +21,8 @@ from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invali
 ENV_FALLBACKS = {f.attr: f.env for f in FIELDS if f.flag and f.env and f.env.startswith("PROXY_")}
 # Variables that shape the single route of the flags; with a config file they do not apply
 # (the image sets PROXY_LISTEN; the listeners come from the file).
-ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "policy", "tls_cert_file", "tls_key_file", "tls_ca_file")
+ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "slot", "policy", "tls_cert_file",
+              "tls_key_file", "tls_ca_file")
 # [listener.tls] of the flags' single route: flag attribute -> field
 LISTENER_TLS = {"tls_cert_file": "cert_file", "tls_key_file": "key_file", "tls_ca_file": "ca_file"}
 # top-level [upstream_tls]: flag attribute -> field (flags and variables win over the file's)
@@ -42,8 +43,8 @@ def build_parser(prog: str = "keyspace-proxy", subcommands: bool = True) -> argp
         epilog += "subcommands (each has --help):\n" + "\n".join(
             f"  {prog} {s:<{width}}  {what}" for s, what in SUBCOMMANDS) + "\n\n"
     epilog += ("environment variables (a flag given wins; an empty variable counts as unset; with a config\n"
-               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR and PROXY_POLICY\n"
-               "do not apply, and the others override the file):\n" + env_help() + "\n\n"
+               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR, PROXY_SLOT and\n"
+               "PROXY_POLICY do not apply, and the others override the file):\n" + env_help() + "\n\n"
                "Configuration errors exit 2 with one line naming the flag, variable or TOML field.")
     p = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
                description="A RESP proxy that adds or strips a key namespace and routes client dbs "
@@ -124,7 +125,8 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
     else:
         if a.listen is None:
             raise ConfigError("--listen: required (or --config FILE); HOST:PORT, e.g. 127.0.0.1:6380")
-        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace", "policy") if getattr(a, k) is not None}
+        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace", "slot", "policy")
+                 if getattr(a, k) is not None}
         labels = {k: _source(a, k) for k in entry}
         labels.setdefault("policy", "--policy")  # named in refusals: the setting that would allow it
         tls = {name: getattr(a, attr) for attr, name in LISTENER_TLS.items() if getattr(a, attr) is not None}

@@ -223,6 +223,8 @@ def parse_upstream(url: str) -> Upstream:
     (credentials masked). A rediss:// upstream gets the default TLS settings (the
     system's CAs, verification on); [upstream_tls] settings are applied by the caller."""
     shown = repr(mask_url(url))
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        refuse_cluster(parse_cluster_url(url))
     if "://" not in url:
         hint = f" (e.g. redis://{url}/0)" if ":" in url and url.rpartition(":")[2].isdigit() else ""
         raise Invalid(f"expected a URL, {URL_FORM}{hint}, got {shown}")
@@ -262,6 +264,69 @@ def parse_upstream(url: str) -> Upstream:
     password = unquote(u.password) if u.password else None
     return Upstream(u.hostname, port or 6379, db or 0, user or None, password,
                     UpstreamTLS() if u.scheme == "rediss" else None)
+
+
+# -- Redis Cluster upstreams: parsed, then refused until routing over a cluster exists
+# (docs/cluster.md says what is built and what is designed only).
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True)
+class ClusterUpstream:
+    seeds: tuple[tuple[str, int], ...]   # where to ask for the slot map, in the URL's order
+    username: str | None = None
+    password: str | None = None
+    tls: UpstreamTLS | None = None       # rediss+cluster://
+
+    def masked(self) -> str:
+        auth = (self.username or "") + ":***@" if (self.username or self.password) else ""
+        scheme = "rediss+cluster" if self.tls is not None else "redis+cluster"
+        return f"{scheme}://{auth}{','.join(format_addr(h, p) for h, p in self.seeds)}"
+
+
+def parse_cluster_url(url: str) -> ClusterUpstream:
+    """`redis+cluster://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/0]` (rediss+cluster://
+    for TLS): seed nodes, IPv6 in brackets, port 6379 when left out. A cluster has db 0
+    only, so a path is `/0` or nothing; no query. Raises Invalid (credentials masked)."""
+    shown = repr(mask_url(url))
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        raise Invalid(f"scheme must be redis+cluster:// or rediss+cluster:// (got {scheme}://)")
+    at = rest.rfind("@")
+    auth, rest = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
+    hosts, slash, path = rest.partition("/")
+    if "?" in hosts or "?" in path or "#" in rest:
+        raise Invalid(f"unexpected query or fragment in {shown} (a cluster URL takes none)")
+    if slash and path not in ("", "0"):
+        raise Invalid(f"a cluster has db 0 only, got /{path} in {shown}")
+    seeds = []
+    for part in hosts.split(","):
+        host, port = part, "6379"
+        if part.startswith("["):
+            end = part.find("]")
+            host, tail = part[1:end], part[end + 1:]
+            if end < 0 or (tail and not tail.startswith(":")):
+                raise Invalid(f"bad seed {part!r} in {shown}: write IPv6 as [::1]:7000")
+            port = tail[1:] or port
+        elif ":" in part:
+            host, _, port = part.rpartition(":")
+        if not host or ":" in host and not part.startswith("["):
+            raise Invalid(f"bad seed {part!r} in {shown}: expected HOST:PORT (IPv6 as [::1]:7000)")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise Invalid(f"port must be a number from 1 to 65535 in seed {part!r} of {shown}")
+        seeds.append((host, int(port)))
+    user, _, password = auth.partition(":")
+    return ClusterUpstream(tuple(seeds), unquote(user) or None, unquote(password) or None,
+                           UpstreamTLS() if scheme == "rediss+cluster" else None)
+
+
+def refuse_cluster(c: ClusterUpstream):
+    """Fail closed: a valid cluster URL is refused at start, so nothing claims to route
+    over a cluster before that is built."""
+    raise Invalid(f"{c.masked()}: Redis Cluster upstreams are not supported yet (routing over a cluster is "
+                  "designed in docs/cluster.md, not built); point the proxy at a single server or a "
+                  "cluster-mode-disabled primary with redis:// or rediss://")
 
 
 def parse_url(url: str, field_name: str = "upstream") -> Upstream:
@@ -324,6 +389,12 @@ class Route:
     tls: ListenerTLS | None = field(default=None, compare=False)
     policy_label: str = field(default="listener[].policy", compare=False)  # named in refusals
 
+    @property
+    def slot(self) -> str:
+        """`pinned` when the route's namespaces are hash tags (pin_route), else `spread`."""
+        ks = [self.default.keyspace] + [t.keyspace for t in self.databases.values()]
+        return "pinned" if any(k.pinned for k in ks) else "spread"
+
     def target(self, client_db: int) -> DbTarget | None:
         if client_db in self.databases:
             return self.databases[client_db]
@@ -338,14 +409,21 @@ class Route:
     def describe(self, bound: tuple | None = None) -> str:
         """`127.0.0.1:6380 -> redis://...`; `bound`: the address the socket got (port 0)."""
         ks = self.default.keyspace
-        mode = {"add": f"namespace '{ks.namespace.decode()}' added",
+        mode = {"add": f"namespace '{ks.namespace.decode()}' added" + (
+                    f" as the hash tag {{{ks.namespace.decode()}}} (pinned to one slot)" if ks.pinned else ""),
                 "strip": f"namespace '{ks.namespace.decode()}' stripped", "none": "no namespace"}[ks.mode]
         extra = f", client dbs {sorted(set(self.databases) | {0})} mapped" if self.databases else ""
         host, port = (bound or self.listen)[:2]
         tls = ""
         if self.tls is not None:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
-        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra}, policy {self.policy})"
+        policy = f", policy {self.policy}" if self.namespaced else ""  # it changes nothing without a namespace
+        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra}{policy})"
+
+    @property
+    def namespaced(self) -> bool:
+        """Does some client db of this route have a namespace? (where the policy applies)"""
+        return self.default.keyspace.mode != "none" or any(t.keyspace.mode != "none" for t in self.databases.values())
 
     def dbs(self) -> list[tuple[int, int]]:
         """(client db, backend db) for every client db this route serves."""
@@ -524,9 +602,34 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
     # Fail closed: a namespace is a fence unless the operator says the code is trusted.
     namespaced = ks.mode != "none" or any(t.keyspace.mode != "none" for t in databases.values())
-    policy = vals.get("policy") or ("tenant" if namespaced else "app")
-    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
-                 label("policy"))
+    policy = vals.get("policy") or ("tenant" if namespaced else "app")  # (Route.namespaced)
+    route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
+                  label("policy"))
+    return pin_route(route, vals.get("slot", "spread"), label("slot"))
+
+
+def pin_route(route: Route, slot: str, label: str) -> Route:
+    """`slot = "pinned"`: every add-mode keyspace of the route writes its namespace as the
+    keys' hash tag, `{NS}:key` (proxy/keyspace.py), so a namespace is one cluster slot.
+    Refused where that cannot hold: no namespace to pin, strip mode (the client's names
+    are the server's), a namespace with `}` (the tag would end inside it)."""
+    if slot != "pinned":
+        return route
+    targets = [("", route.default)] + [(f" (client db {c})", t) for c, t in sorted(route.databases.items())]
+    for where, t in targets:
+        ks = t.keyspace
+        if ks.mode == "strip":
+            raise ConfigError(f"{label}: pinned works with namespace (add mode), not strip_namespace "
+                              f"'{ks.namespace.decode()}'{where}")
+        if ks.mode == "add" and b"}" in ks.namespace:
+            raise ConfigError(f"{label}: namespace '{ks.namespace.decode()}'{where} contains '}}': pinned "
+                              "writes it as the hash tag {NS}, which would end at that brace")
+    if not any(t.keyspace.mode == "add" for _, t in targets):
+        raise ConfigError(f"{label}: pinned needs a namespace (it becomes every key's hash tag, {{NS}}:key)")
+
+    def pin(t: DbTarget) -> DbTarget:
+        return DbTarget(t.db, replace(t.keyspace, pinned=True)) if t.keyspace.mode == "add" else t
+    return replace(route, default=pin(route.default), databases={c: pin(t) for c, t in route.databases.items()})
 
 
 def load_toml(path: str, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -645,6 +748,7 @@ def render_toml(cfg: Config) -> str:
                   f"upstream = {_toml_str(r.upstream.masked())}"]
         lines += _keyspace_toml(r.default.keyspace)
         lines.append(f"policy = {_toml_str(r.policy)}")
+        lines.append(f"slot = {_toml_str(r.slot)}")
         if r.tls is not None:
             lines.append("[listener.tls]")
             lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")

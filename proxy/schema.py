@@ -22,6 +22,7 @@ LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 UPSTREAM_MODES = ("shared", "dedicated")
 POLICIES = ("tenant", "app")
+SLOT_MODES = ("spread", "pinned")   # listener[].slot
 DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
 _SSIZE_MAX = 2 ** 63 - 1   # the C hot path reads max_bulk as a Py_ssize_t
 
@@ -328,6 +329,10 @@ FIELDS: tuple[Field, ...] = (
           help="tenant: a fence for code you do not trust (scripts only with an upstream user fenced by "
                "a Redis ACL; INFO keyspace, CLIENT LIST/INFO, MONITOR, CONFIG GET emulated for the route); "
                "app: a trusted application (scripts and read-only server commands pass); see Policies"),
+    Field("listener[].slot", Choice(SLOT_MODES), "spread", "--slot", "PROXY_SLOT", metavar="MODE",
+          help="pinned: keys stored as `{NS}:key`, so the namespace is one cluster hash slot (MULTI, "
+               "Lua, BRPOP across its keys); a client's own `{tag}` then no longer chooses the slot; "
+               "needs `namespace`"),
     Field("listener[].tls.cert_file", Path(nonempty=True), None, "--tls-cert-file", "PROXY_TLS_CERT_FILE",
           metavar="FILE", default_doc="no TLS",
           help="clients must connect with TLS: the proxy's certificate (PEM, may hold the key too); "

@@ -711,8 +711,8 @@ class Proxy:
     async def _check_fence(self, route: Route) -> None:
         st = self.stats.setdefault(route.name, RouteStats(route.name))
         st.upstream_fenced = 0
-        if not fence.prefixes(route):
-            log.info("route %s: policy %s, no namespace added: the policy changes nothing here", route.name,
+        if not route.namespaced:
+            log.info("route %s: policy %s, no namespace: the policy changes nothing here", route.name,
                      route.policy, extra={"event": "fence", "route": route.name})
             return
         if route.policy != "tenant":
@@ -721,9 +721,14 @@ class Proxy:
                      extra={"event": "fence", "route": route.name})
             return
         try:
-            fenced, detail = await asyncio.wait_for(_probe_fence(route), self.config.limits.connect_timeout)
+            if not fence.prefixes(route):  # strip mode only: nothing for an ACL key pattern to hold
+                fenced, detail = False, "no db of the route adds a namespace an ACL key pattern could fence"
+            else:
+                fenced, detail = await asyncio.wait_for(_probe_fence(route), self.config.limits.connect_timeout)
         except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
-            if isinstance(e, OSError):
+            if isinstance(e, HandshakeError):  # AUTH or SELECT refused: logged as an error for the route
+                e = "the upstream refused the proxy's handshake"
+            elif isinstance(e, OSError):
                 e = connect_failure(route.upstream.host, route.upstream.port, e, route.upstream.tls)
             fenced, detail = False, f"could not check ({e or type(e).__name__})"
         st.upstream_fenced = 1 if fenced else 0

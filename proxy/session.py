@@ -161,7 +161,7 @@ class Session:
                  stats: RouteStats | None = None, shared: bool = False, view: RouteView | None = None,
                  facts: ClientFacts | None = None):
         self.route = route
-        self.view = view or RouteView()
+        self.view = view if view is not None else RouteView()
         self.facts = facts or ClientFacts()
         self.db_index = 0              # the client db the server confirmed (CLIENT LIST says it)
         self.last_active = monotonic()
@@ -469,7 +469,8 @@ class Session:
         rule = plan.rule
         if plan.kind == SLOW and rule.name in self.rules.containers and len(args) > 1:
             rule = self.rules.lookup(args)
-        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
+        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED
+                                                   or rule.session == "info"):
             if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
                 return self._shared_block(args)
             where = self._where_on_shared(rule, args)
@@ -526,6 +527,8 @@ class Session:
         else "dedicated"."""
         if len(self.pending) >= SHARED_MAX_OWED:
             return "dedicated"
+        if rule.session == "info":  # counting another backend db's keys needs SELECT
+            return "dedicated" if self._info_selects(args) else None
         if rule.session in ("client_reply", "quit", "client_setname", "client_getname"):
             return None
         if rule.session == "hello" and self.tx is None and len(args) == 2 and args[1] in (b"2", b"3"):
@@ -864,11 +867,16 @@ class Session:
     def _feed_monitors(self, args: list[bytes], rule) -> None:
         """One MONITOR line for this request, in client terms (Redis's format), to the
         route's monitors. AUTH and commands Redis keeps out of MONITOR are left out."""
-        if "skip_monitor" in rule.flags or rule.name in ("auth", "hello", "migrate") or self.local_monitor:
+        if "skip_monitor" in rule.flags or rule.name in ("auth", "hello") or self.local_monitor:
             return
-        now = time()
-        line = b"+%.6f [%d %s] %s\r\n" % (now, self.db_index, self.facts.addr.encode(),
-                                            b" ".join(_repr(a) for a in args))
+        shown = [_repr(a) for a in args]
+        if rule.name == "migrate":  # its AUTH / AUTH2 arguments are passwords: redacted, as Redis does
+            for i, a in enumerate(args):
+                if a.upper() == b"AUTH" and i + 1 < len(args):
+                    shown[i + 1] = b'"(redacted)"'
+                elif a.upper() == b"AUTH2" and i + 2 < len(args):
+                    shown[i + 1] = shown[i + 2] = b'"(redacted)"'
+        line = b"+%.6f [%d %s] %s\r\n" % (time(), self.db_index, self.facts.addr.encode(), b" ".join(shown))
         self.view.feed(line)
 
     # ---- tenant emulations: what the server would answer about every route
@@ -893,15 +901,14 @@ class Session:
         if self.tx is not None:
             return self._refuse(str(self.ctx.refused("info", "its keyspace section is emulated with SCAN and "
                                                              "cannot run inside MULTI")), show)
-        dbs = self._client_dbs()
-        if self.shared and any(t.db != self.target.db for _, t in dbs):
-            # counting another backend db needs SELECT: a connection of its own
-            self.need_dedicated = True
-            self.held.appendleft(args)
-            return
-        gen = emulate.info(args, dbs, self.target.db, self._text)
+        gen = emulate.info(args, self._client_dbs(), self.target.db, self._text)
         self.emu = (gen, show)
         self._emu_step(None)
+
+    def _info_selects(self, args) -> bool:
+        """Would this INFO's emulation SELECT another backend db? (not on a shared link)"""
+        return self.tx is None and self.ctx.treat(self.rules.get("info")) == EMULATE \
+            and emulate.info_has_keyspace(args) and any(t.db != self.target.db for _, t in self._client_dbs())
 
     def _client_dbs(self) -> list:
         """(client db, DbTarget) for each client db of the route."""
@@ -925,12 +932,18 @@ class Session:
     def _cmd_client_info(self, args, show) -> None:
         if self.ctx.treat(self.rules.get("client|info")) != EMULATE or len(args) != 2:
             return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("client|info", "answered by the proxy, it cannot be "
+                                                                    "queued in MULTI")), show)
         self._label = "client|info"
         self._local(self._text(self.client_line(monotonic())), show)
 
     def _cmd_client_list(self, args, show) -> None:
         if self.ctx.treat(self.rules.get("client|list")) != EMULATE:
             return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("client|list", "answered by the proxy, it cannot be "
+                                                                    "queued in MULTI")), show)
         ids, kind = None, None
         i = 2
         while i < len(args):

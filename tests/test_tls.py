@@ -459,3 +459,31 @@ def test_migrate_between_a_tls_server_and_a_plain_one(tls_server, plain_redis, c
     assert src.get("back:a") == b"1"
     src.flushdb()
     dst.flushdb()
+
+
+def test_migrate_tls_flags_per_side(mtls_server, plain_redis, certs):
+    """--from-tls-* / --to-tls-*: the proxy's [upstream_tls] settings for each side of
+    migrate (here mutual TLS and an AUTH token on the source, a plain target)."""
+    src = mtls_server.direct(12, password=TOKEN)
+    dst = redis.Redis(host=plain_redis.host, port=plain_redis.port, db=12)
+    src.flushdb()
+    dst.flushdb()
+    src.rpush("sk:queue:default", "j1", "j2")
+    url = mtls_server.url(12, auth=f":{TOKEN}@")
+    target = f"redis://{plain_redis.host}:{plain_redis.port}/12"
+    no_cert = run_cli("migrate", "--from", url, "--from-namespace", "sk", "--to", target,
+                      "--from-tls-ca-file", certs.ca)
+    assert no_cert.returncode == 1 and "source" in no_cert.stderr, no_cert.stderr
+    assert dst.exists("queue:default") == 0
+    done = run_cli("migrate", "--from", url, "--from-namespace", "sk", "--to", target, "--move", "--verify",
+                   "--from-tls-ca-file", certs.ca, "--from-tls-cert-file", certs.client_pem)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    assert dst.lrange("queue:default", 0, -1) == [b"j1", b"j2"] and not src.exists("sk:queue:default")
+    # settings for a plain side, and unreadable files, are refused before anything moves
+    plain = run_cli("migrate", "--from", url, "--to", target, "--to-tls-ca-file", certs.ca)
+    assert plain.returncode == 2 and "--to-tls-ca-file: the target is redis://" in plain.stderr, plain.stderr
+    missing = run_cli("migrate", "--from", url, "--to", target, "--from-tls-ca-file", "/nonexistent/ca.pem")
+    assert missing.returncode == 2 and "--from-tls-ca-file" in missing.stderr and "no such file" in missing.stderr
+    src.flushdb()
+    dst.flushdb()
