@@ -77,10 +77,11 @@ def main() -> int:
         for t in r.failures:
             print(f"  FAIL {t}")
         seen = set()
-        for t in r.shared:
-            if t.split()[0:2] != seen and len(seen) < 20:
+        for t in r.shared:  # one line per command (and subcommand or script)
+            head = tuple(t.split()[0:2])
+            if head not in seen and len(seen) < 20:
                 print(f"  shared with the ACL user: {t[:200]}")
-            seen = t.split()[0:2]
+            seen.add(head)
         if r.timeouts:
             print(f"  {len(r.timeouts)} without a reply in {fence.REPLY_TIMEOUT}s through the proxy: "
                   + "; ".join(r.timeouts[:10]))

@@ -508,6 +508,7 @@ class Oracle:
         self.port = server_port
         self.admin = Conn(server_port)
         self.sub: Conn | None = None
+        self.config = self.config_now()  # the baseline, put back after a run changed it
         self.set_users()
         self.rebuild()
 
@@ -541,7 +542,10 @@ class Oracle:
         for r in a.pipeline(cmds):
             assert not isinstance(r, Err), r
         self.seed_inside()
-        self.config = self.config_now()
+        now = self.config_now()
+        for k in now:
+            if now[k] != self.config.get(k):
+                a.call("CONFIG", "SET", k, self.config[k])
         if self.sub is None:
             self.sub = Conn(self.port)
             self.sub.send(("PSUBSCRIBE", "*"))
