@@ -67,11 +67,12 @@ class User:
 
 def routing(route) -> tuple:
     """What a route does with a client's commands, without its name: two users whose
-    routes give the same tuple may take over each other's connection (AUTH again)."""
+    routes give the same tuple may take over each other's connection (AUTH again). The
+    policy is part of it: a tenant connection never turns into an app one by AUTH."""
     def target(t):
         ks = t.keyspace
         return t.db, ks.mode, ks.namespace, ks.separator, ks.pinned
-    return (route.upstream, target(route.default),
+    return (route.upstream, route.policy, target(route.default),
             tuple(sorted((c, target(t)) for c, t in route.databases.items())))
 
 

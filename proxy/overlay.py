@@ -148,9 +148,9 @@ OVERLAY: dict[str, dict] = {
     "sort": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns and STORE are not in the key specs"),
     "sort_ro": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns are not in the key specs"),
     "migrate": O(rewrite=h.h_migrate, effect=PLAIN,
-                 why="the key may follow KEYS; the db is a client index; to the same server the key keeps "
-                     "its name, so the destination db must have the same namespace (as MOVE); to another "
-                     "server it is refused on a tenant route (the destination is outside the fence)"),
+                 why="the key may follow KEYS; the db is a client index; never to the route's own server "
+                     "(Redis would block on itself until the timeout); refused on a tenant route (another "
+                     "server is outside the fence, and the same server has many names)"),
     "move": O(rewrite=h.h_move, effect=PLAIN, why="the db is a client index with its own keyspace"),
     "copy": O(rewrite=h.h_copy, effect=PLAIN, why="DB n puts the destination in another keyspace"),
     "swapdb": O(rewrite=h.h_swapdb, effect=PLAIN, why="it would swap other tenants' databases"),

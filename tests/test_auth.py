@@ -216,8 +216,14 @@ def test_auth_again(server, fresh_db, start_proxy, ns):
         {"name": "alice", "password_sha256": sha("apw"), "namespace": a_ns},
         {"name": "carol", "password_sha256": sha("cpw"), "namespace": a_ns},   # the same routing as alice
         {"name": "bob", "password_sha256": sha("bpw"), "namespace": b_ns},
+        {"name": "dave", "password_sha256": sha("dpw"), "namespace": a_ns, "policy": "app"},  # alice's keys, app
     ]), port=port)
     r = raw(p)
+    # a tenant connection never becomes an app one by AUTH, even over the same keys
+    r.send(("AUTH", "alice", "apw"), ("AUTH", "dave", "dpw"), ("EVAL", "return 1", "0"))
+    ok, dave, script = r.read(3)
+    assert ok == b"+OK\r\n" and dave.startswith(b"-ERR user 'dave' is on route main/dave and this connection")
+    assert script.startswith(b"-ERR") and b'policy "tenant"' in script
     r.send(("AUTH", "alice", "apw"), ("SET", "k", "v"), ("AUTH", "alice", "wrong"), ("GET", "k"),
            ("AUTH", "bob", "bpw"), ("GET", "k"), ("AUTH", "carol", "cpw"), ("GET", "k"),
            ("HELLO", "3", "AUTH", "bob", "bpw"), ("HELLO", "3", "AUTH", "alice", "apw"), ("GET", "k"))

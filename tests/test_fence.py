@@ -166,9 +166,6 @@ def test_scripts_on_tenant_need_a_fenced_upstream_user(fenced, fenced_upstream):
         assert not p.leaked, f"{inv.text()} through the proxy as the fenced user: {p.short()}"
 
 
-@pytest.mark.xfail(strict=True, reason="finding for the policy branch: MIGRATE to the route's own upstream is sent "
-                   "on tenant; the server then blocks on itself for the whole timeout (every client of the server "
-                   "waits) and answers IOERR. It can never succeed on one server: emulate it as COPY + DEL, or refuse")
 def test_migrate_to_the_upstream_itself_is_not_sent(fenced):
     """MIGRATE's connection to the same server is served by the same (blocked) thread, so
     it stalls the server for `timeout` ms, chosen by the client; the ACL user may not

@@ -437,22 +437,24 @@ def test_migrate_destination_db_mapping():
     with pytest.raises(Refused, match="db 4 is not mapped"):
         run(r, r.default, args_of("MIGRATE o 1 k 4 5000"))
     rn = make_route("none", {1: DbTarget(7, ks("none"))})
-    assert run(rn, rn.default, args_of("MIGRATE h 1 k 1 5"))[0] == args_of("MIGRATE h 1 k 7 5")
+    assert run(rn, rn.default, args_of("MIGRATE o 1 k 1 5"))[0] == args_of("MIGRATE o 1 k 7 5")
     rn0 = make_route("none")
-    assert run(rn0, rn0.default, args_of("MIGRATE h 1 k 3 5"))[0] == args_of("MIGRATE h 1 k 3 5")
+    assert run(rn0, rn0.default, args_of("MIGRATE o 1 k 3 5"))[0] == args_of("MIGRATE o 1 k 3 5")
 
 
-def test_migrate_to_the_same_server_keeps_the_namespace_or_is_refused():
-    # the key keeps its name: only a db with the same keyspace (as MOVE), on both policies
-    for policy in ("app", "tenant"):
-        r = make_route("add", DBMAP, policy=policy)
-        assert run(r, r.default, args_of("MIGRATE h 1 k 2 5000"))[0] == args_of("MIGRATE h 1 app:k 8 5000")
-        with pytest.raises(Refused, match="MIGRATE to db 1 of the same server would change the key's namespace"):
-            run(r, r.default, args_of("MIGRATE h 1 k 1 5000"))
+def test_migrate_to_the_same_server_is_refused_and_tenant_refuses_it_all():
+    # Redis serves both ends of a MIGRATE to itself on one thread: the whole server waits
+    # for the client's timeout, then IOERR. Refused on every route, namespaced or not;
+    # tenant refuses MIGRATE to any address (outside the fence, or the same server by another name).
+    for r in (make_route("add", DBMAP, policy="app"), make_route("none")):
+        for cmd in ("MIGRATE h 1 k 2 5000", "MIGRATE H 1 k 0 5000", "MIGRATE h 1 '' 0 5 KEYS a"):
+            with pytest.raises(Refused, match="MIGRATE to the route's own server is refused by the proxy"):
+                run(r, r.default, args_of(cmd))
     t = make_route("add", DBMAP, policy="tenant")
-    with pytest.raises(Refused) as e:
-        run(t, t.default, args_of("MIGRATE o 1 k 2 5000"))
-    assert "(policy \"tenant\": the destination server is outside the route's fence)" in str(e.value)
+    for cmd in ("MIGRATE o 1 k 2 5000", "MIGRATE h 1 k 2 5000", "MIGRATE localhost 1 k 2 5000"):
+        with pytest.raises(Refused) as e:
+            run(t, t.default, args_of(cmd))
+        assert '(policy "tenant": to another server the key leaves the fence' in str(e.value)
 
 
 def test_swapdb():
@@ -541,7 +543,7 @@ def test_none_mode_passes_unknown_and_server_wide(cmd):
     ("XREAD STREAMS x 0", "key", "x"),
     ("SORT app:l BY w_*", "pattern", "w_*"),
     ("SORT app:l STORE d", "key", "d"),
-    ("MIGRATE h 1 '' 0 5 KEYS app:a b", "key", "b"),
+    ("MIGRATE o 1 '' 0 5 KEYS app:a b", "key", "b"),
     ("COPY app:a b", "key", "b"),
     ("PUBLISH ch m", "channel", "ch"),
     ("PUBSUB NUMSUB ch", "channel", "ch"),
