@@ -30,8 +30,11 @@ RESERVED = b"keyspace-proxy:migrate:"
 
 class Chaos:
     def __init__(self, src_url: str, dst_url: str, src_ns: str = "sidekiq", seed: int = 0,
-                 preload: int = 1500, batch: int = 2, log=print):
+                 preload: int = 1500, batch: int = 2, log=print, dst_ns: str = "", migrate_to: str | None = None):
+        # dst_url: where the target's consumers connect; migrate_to: the --to of migrate when
+        # that differs (a cluster URL, the consumers then at the one slot's owner)
         self.src_url, self.dst_url, self.ns = src_url, dst_url, src_ns
+        self.dst_ns, self.migrate_to = dst_ns, migrate_to or dst_url
         self.src = redis.Redis.from_url(src_url)
         self.dst = redis.Redis.from_url(dst_url)
         self.rng = random.Random(seed)
@@ -55,6 +58,9 @@ class Chaos:
 
     def src_key(self, name: str) -> str:
         return f"{self.ns}:{name}" if self.ns else name
+
+    def dst_key(self, name: str) -> str:
+        return f"{self.dst_ns}:{name}" if self.dst_ns else name
 
     def backlog(self, n: int) -> None:
         jobs = [self._job("b") for _ in range(n)]
@@ -99,7 +105,8 @@ class Chaos:
 
     def start(self, source_consumer: bool) -> None:
         self.threads = [threading.Thread(target=self._produce, daemon=True),
-                        threading.Thread(target=self._consume, args=(self.dst_url, list(QUEUES) + [SCHEDULE]),
+                        threading.Thread(target=self._consume,
+                                         args=(self.dst_url, [self.dst_key(n) for n in (*QUEUES, SCHEDULE)]),
                                          daemon=True)]
         if source_consumer:
             self.threads.append(threading.Thread(
@@ -110,8 +117,10 @@ class Chaos:
 
     # --- migrate, killed ----------------------------------------------------------------------
     def migrate_args(self, move: bool, state: str | None) -> list[str]:
-        args = [sys.executable, "-m", "proxy", "migrate", "--from", self.src_url, "--to", self.dst_url,
+        args = [sys.executable, "-m", "proxy", "migrate", "--from", self.src_url, "--to", self.migrate_to,
                 "--batch", str(self.batch)]
+        if self.dst_ns:
+            args += ["--to-namespace", self.dst_ns]
         if self.ns:
             args += ["--from-namespace", self.ns]
         if move:
@@ -150,7 +159,7 @@ class Chaos:
     def left(self) -> list[bytes]:
         out = []
         for r, names in ((self.src, [self.src_key(n) for n in (*QUEUES, SCHEDULE)]),
-                         (self.dst, [*QUEUES, SCHEDULE])):
+                         (self.dst, [self.dst_key(n) for n in (*QUEUES, SCHEDULE)])):
             for name in names:
                 if r.type(name) == b"list":
                     out += r.lrange(name, 0, -1)
@@ -161,7 +170,7 @@ class Chaos:
     def journal_left(self) -> dict:
         """What migrate's own keys still hold after a completed run: nothing in flight."""
         return {"in flight": self.src.hlen(RESERVED + b"inflight"),
-                "applied marks": sum(self.dst.hlen(k) for k in self.dst.scan_iter(RESERVED + b"applied:*"))}
+                "applied marks": sum(self.dst.hlen(k) for k in self.dst.scan_iter(RESERVED + b"*applied:*"))}
 
     def books(self) -> dict:
         pushed, seen = Counter(self.pushed), Counter(self.consumed) + Counter(self.left())
@@ -172,11 +181,12 @@ class Chaos:
 
 
 def scenario(src_url: str, dst_url: str, kind: str, rounds: int, state_dir: str, seed: int = 0,
-             preload: int = 3000, max_delay: float = 0.4, log=print) -> dict:
+             preload: int = 3000, max_delay: float = 0.4, log=print, dst_ns: str = "",
+             migrate_to: str | None = None) -> dict:
     """kind: "move" (kill-and-rerun --move, consumers on both sides) or "copy-then-move"
     (kill-and-rerun copies, then kill-and-rerun --move; consumers on the target only, as a copy
     with old workers still popping the source would run jobs twice by definition)."""
-    c = Chaos(src_url, dst_url, seed=seed, preload=preload, log=log)
+    c = Chaos(src_url, dst_url, seed=seed, preload=preload, log=log, dst_ns=dst_ns, migrate_to=migrate_to)
     c.load()
     c.start(source_consumer=(kind == "move"))
     try:
