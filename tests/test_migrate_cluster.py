@@ -173,6 +173,13 @@ def test_cluster_urls_refused_clearly(cluster, single, capsys):
     assert code == 1 and "source" in out and "not a usable cluster" in out, out
     code, out = migrate(capsys, "--from", curl(cluster), "--to", curl(cluster))
     assert code == 2 and "same keyspace" in out, out
+    # the TLS flags apply to a cluster side as to a server (checked before anything connects)
+    code, out = migrate(capsys, "--from", f"redis://127.0.0.1:{single.port}/1", "--to", curl(cluster),
+                        "--to-tls-ca-file", "/nonexistent/ca.pem")
+    assert code == 2 and "plain TCP; write rediss+cluster://" in out, out
+    code, out = migrate(capsys, "--from", f"redis://127.0.0.1:{single.port}/1", "--to",
+                        f"rediss+cluster://:secret@{cluster.seeds()}", "--to-tls-ca-file", "/nonexistent/ca.pem")
+    assert code == 2 and "/nonexistent/ca.pem" in out and "secret" not in out, out
 
 
 def test_a_target_slot_migrated_during_the_run(cluster, single, capsys):
