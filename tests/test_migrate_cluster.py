@@ -300,3 +300,35 @@ def test_killed_and_rerun_migrate_from_a_pinned_cluster_slot(cluster, single, tm
     assert r["final"][-1] == "verify: 0 difference(s)", why
     left = [k for k in cluster.primary_for(key_slot(b"back")).client().keys("*") if k.startswith(RESERVED)]
     assert left == [], left   # a finished --move leaves no journal key on the source
+
+
+def test_an_interrupted_single_server_run_of_the_previous_layout_resumes(single, capsys, tmp_path):
+    """The single-server journal names are unchanged by the cluster layout: a chunk left in flight
+    and an applied mark written by the previous version (by hand here, exactly as its scripts
+    wrote them) are finished once by this one, and its --state file is taken."""
+    import json
+    src, dst = redis.Redis(port=single.port, db=9), redis.Redis(port=single.port, db=10)
+    src.rpush("ns:queue", "j3", "j4")
+    # the previous version's cross-server step 1 (LUA_TAKE) for chunk 7: j1, j2 taken into flight
+    rec = {"to": f"127.0.0.1:{single.port}/10", "tgt": "queue", "type": "list",
+           "journal": f"keyspace-proxy:migrate:copied:127.0.0.1:{single.port}/9:ns:queue", "ttl": 0, "last": 0}
+    src.set(RESERVED + b"seq", 7)
+    src.rpush(RESERVED + b"inflight:7", "j1", "j2")
+    src.hset(RESERVED + b"inflight", "7", json.dumps(rec))
+    # and chunk 6 applied to the target (step 2) but killed before step 3
+    src.rpush(RESERVED + b"inflight:6", "j0")
+    src.hset(RESERVED + b"inflight", "6", json.dumps(rec))
+    dst.rpush("queue", "j0")
+    dst.hset(RESERVED + f"applied:127.0.0.1:{single.port}/9".encode(), "6", 1)
+    state = tmp_path / "s.json"
+    state.write_text(json.dumps({"from": f"redis://127.0.0.1:{single.port}/9", "to": f"redis://127.0.0.1:{single.port}/10",
+                                 "match": "ns:*", "to_prefix": "", "cursor": "0"}))
+    code, out = migrate(capsys, "--from", f"redis://127.0.0.1:{single.port}/9", "--from-namespace", "ns",
+                        "--to", f"redis://127.0.0.1:{single.port}/10", "--move", "--verify", "--state", state)
+    assert code == 0 and "2 in-flight chunk(s) of an interrupted run finished" in out, out
+    assert "verify: 0 difference(s)" in out, out
+    assert sorted(dst.lrange("queue", 0, -1)) == [b"j0", b"j1", b"j2", b"j3", b"j4"]
+    assert src.dbsize() == 0 and dst.keys(RESERVED + b"*") == []
+    dst.flushdb()
+    src.close()
+    dst.close()
