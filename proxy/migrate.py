@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -63,6 +64,8 @@ APPLIED = RESERVED + b"applied:"        # target db: hash (per source) of chunk 
 COPIED = RESERVED + b"copied:"          # target db: hash (per source list) element -> times copied
 COLLECTIONS = (b"list", b"zset", b"set", b"hash")
 MAX_CHUNK = 1000                        # elements per script (Lua's unpack limit is ~8000 values)
+# a cluster source's per-slot record and chunk counter (group 1: the scope)
+SOURCE_JOURNAL = re.compile(rb"^(" + re.escape(RESERVED) + rb"\{\d+\}:)(seq|inflight)$")
 REDIRECT_WAIT = 120.0                   # a cluster slot in migration: how long to keep retrying
 
 
@@ -673,12 +676,19 @@ class Migration:
         """The source's in-flight records: one hash on a server, one per slot on a cluster."""
         if not src.cluster:
             return [INFLIGHT]
-        out, state = [], b"0"
+        return [scope + b"inflight" for scope in self._source_scopes(src, with_seq=False)]
+
+    def _source_scopes(self, src, with_seq: bool = True) -> list[bytes]:
+        """Cluster source: the slot scopes holding an in-flight record (and a chunk counter)."""
+        out, state = set(), b"0"
         while True:
-            state, keys = src.scan(state, RESERVED + b"{*}:inflight", 1000, "hash")
-            out += keys
+            state, keys = src.scan(state, RESERVED + b"{*}:*", 1000)
+            for k in keys:
+                m = SOURCE_JOURNAL.match(k)
+                if m and (with_seq or m.group(2) == b"inflight"):
+                    out.add(m.group(1))
             if state == b"0":
-                return sorted(set(out))
+                return sorted(out)
 
     def applied_hashes(self, dst) -> list[bytes]:
         if not dst.cluster:
@@ -691,6 +701,8 @@ class Migration:
                 return sorted(set(out))
 
     def _recover(self, src, dst) -> None:
+        if src.cluster:   # tidied at the end, also when a killed run left only a chunk counter
+            self.scopes.update(self._source_scopes(src))
         live = set()   # chunks in flight toward other targets (their marks are not ours to drop)
         for h in self.inflight_hashes(src):
             scope = h[:-len(b"inflight")]

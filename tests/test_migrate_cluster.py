@@ -280,7 +280,7 @@ def test_killed_and_rerun_migrate_to_a_pinned_cluster_slot(cluster, single, tmp_
     print(f"single -> pinned cluster slot: {r}")
     why = f"seed {SEED}: {r}"
     assert r["duplicates"] == 0 and r["losses"] == 0, why
-    assert r["pushed"] > 5_000 and r["kills"] >= 3, why
+    assert r["pushed"] > 5_000 and r["kills"] >= 2, why
     assert r["in flight"] == 0 and r["applied marks"] == 0, why
     assert r["final"][-1] == "verify: 0 difference(s)", why
 
@@ -295,7 +295,7 @@ def test_killed_and_rerun_migrate_from_a_pinned_cluster_slot(cluster, single, tm
     print(f"pinned cluster slot -> single: {r}")
     why = f"seed {SEED}: {r}"
     assert r["duplicates"] == 0 and r["losses"] == 0, why
-    assert r["pushed"] > 5_000 and r["kills"] >= 3, why
+    assert r["pushed"] > 5_000 and r["kills"] >= 2, why
     assert r["in flight"] == 0 and r["applied marks"] == 0, why
     assert r["final"][-1] == "verify: 0 difference(s)", why
     left = [k for k in cluster.primary_for(key_slot(b"back")).client().keys("*") if k.startswith(RESERVED)]
@@ -332,3 +332,19 @@ def test_an_interrupted_single_server_run_of_the_previous_layout_resumes(single,
     dst.flushdb()
     src.close()
     dst.close()
+
+
+def test_a_chunk_counter_left_by_a_killed_run_is_tidied(cluster, single, capsys):
+    """A run killed after its last chunk was done but before its end leaves the slot's chunk
+    counter: the next run, even with nothing to move, drops it (a drained source is empty)."""
+    from proxy.migrate import slot_tag
+    seq = RESERVED + b"{" + slot_tag(key_slot(b"tidy")) + b"}:seq"
+    c = rc(cluster)
+    try:
+        c.set(seq, 12)
+        code, out = migrate(capsys, "--from", curl(cluster), "--from-namespace", "{tidy}",
+                            "--to", f"redis://127.0.0.1:{single.port}/11", "--move", "--verify")
+        assert code == 0 and "verify: 0 difference(s)" in out, out
+        assert c.exists(seq) == 0
+    finally:
+        c.close()
