@@ -348,3 +348,46 @@ def test_a_chunk_counter_left_by_a_killed_run_is_tidied(cluster, single, capsys)
         assert c.exists(seq) == 0
     finally:
         c.close()
+
+
+def test_no_script_runs_half_on_a_slot_being_migrated(cluster, capsys):
+    """Within one slot of one cluster, after a copy (so the source, the target and the copy journal
+    all exist on the node): the slot is MIGRATING when --move runs. A script that empties the
+    source there would be stopped by the node at its next command on it ("non local key"), after
+    its LPOPs; the probe key makes the node refuse the script before it runs (TRYAGAIN) until the
+    slot is handed over. Every element ends in the target once."""
+    slot = key_slot(b"half")
+    a = cluster.primary_for(slot)
+    b = next(p for p in cluster.primaries if p is not a)
+    r = a.client()
+    r.rpush("{half}:q", "e1", "e2", "e3")
+    args = ["--from", curl(cluster), "--from-namespace", "{half}", "--to", curl(cluster), "--to-namespace", "{half}x"]
+    code, out = migrate(capsys, *args)
+    assert code == 0 and r.lrange("{half}x:q", 0, -1) == [b"e1", b"e2", b"e3"], out
+    r.rpush("{half}:q", "e4")   # pushed after the copy: only the move delivers it
+    r.close()
+    cluster.begin_migration(slot, a, b)
+    p = subprocess.Popen([sys.executable, "-m", "proxy", "migrate", *args, "--move"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        from cluster_helpers import wait_until
+
+        def trying():   # migrate's script is being refused on the migrating node
+            c = a.client()
+            try:
+                return p.poll() is not None or any(x.get("cmd") == "eval" for x in c.client_list())
+            finally:
+                c.close()
+        wait_until(trying, "migrate's script on the migrating node")
+        cluster.move_keys(slot, a, b)
+        cluster.finish_migration(slot, b)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out + err
+    r = b.client()
+    assert r.lrange("{half}x:q", 0, -1) == [b"e1", b"e2", b"e3", b"e4"] and r.exists("{half}:q") == 0
+    r.delete("{half}x:q")
+    assert [k for k in r.keys("*") if k.startswith(RESERVED)] == []
+    r.close()
