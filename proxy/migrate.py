@@ -34,7 +34,9 @@ where T is a short tag hashing to that slot (the same names as on one server aft
 a node refuses a script with a missing key while the slot is being migrated (TRYAGAIN or ASK,
 before anything runs), so a script never runs half (a key it empties would be "non local"
 to the rest of it during a migration). "One server" (the atomic scripts) is one cluster and
-one slot for the source and the target name; anything else goes through in-flight chunks.
+one slot for the source and the target name; anything else goes through in-flight chunks,
+and on a cluster each of their steps waits (WAIT) until the node's online replicas have it
+before the next step, so a failover cannot undo a step that the next one relies on.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ COLLECTIONS = (b"list", b"zset", b"set", b"hash")
 MAX_CHUNK = 1000                        # elements per script (Lua's unpack limit is ~8000 values)
 # a cluster source's per-slot record and chunk counter (group 1: the scope)
 SOURCE_JOURNAL = re.compile(rb"^(" + re.escape(RESERVED) + rb"\{\d+\}:)(seq|inflight)$")
+WAIT_MS = 10_000                        # a cluster node's replicas: how long to wait for them
 REDIRECT_WAIT = 120.0                   # a cluster slot in migration: how long to keep retrying
 
 
@@ -187,6 +190,10 @@ class Side:
     def signature(self):
         return None
 
+    def replicated(self, key: bytes) -> None:
+        """A cluster waits for its replicas here (ClusterSide); one server's failover is not
+        migrate's to cover."""
+
     def close(self) -> None:
         self.client.close()
 
@@ -206,6 +213,7 @@ class ClusterSide:
         self.links: dict[tuple[str, int], Client] = {}
         self.map: SlotMap | None = None
         self.redirects = 0   # MOVED/ASK followed (a SCAN walk during which any were seen is redone)
+        self.ran_at: dict[int, tuple[str, int]] = {}   # slot -> the node that answered its last command
         try:
             self.refresh()
         except MigrateError:
@@ -258,6 +266,23 @@ class ClusterSide:
             return
         raise last or MigrateError(f"the {self.side} {self.up.masked()}: no seed answered")
 
+    def replicated(self, key: bytes) -> None:
+        """Wait until every online replica of the node serving `key` has what that node
+        acknowledged (WAIT): a step of a move that a failover could undo (the chunk taken, added,
+        dropped) is never followed by the next step before it would survive one. A replica
+        that does not confirm within WAIT_MS stops the run (a rerun finishes it)."""
+        slot = key_slot(key)
+        addr = self.ran_at.get(slot) or self.owner(key)   # where the step ran (after an ASK: the importing node)
+        shard = next((sh for sh in self.map.shards if sh.primary and self._node_addr(sh.primary) == addr),
+                     self.map.shard(slot))
+        n = sum(1 for r in shard.replicas if r.health == "online") if shard else 0
+        if not n:
+            return
+        got = self._send(addr, [[b"WAIT", b"%d" % n, b"%d" % WAIT_MS]])[0]
+        if isinstance(got, hiredis.ReplyError) or got < n:
+            raise MigrateError(f"{self._where(addr)}: a step was confirmed by {got} of its {n} replica(s) within "
+                               f"{WAIT_MS // 1000} s (WAIT); stopped so that a failover cannot undo it")
+
     def signature(self):
         return sorted((self._node_addr(sh.primary), sh.ranges) for sh in self.map.shards if sh.primary and sh.ranges)
 
@@ -285,6 +310,8 @@ class ClusterSide:
         for i, r in enumerate(out):
             if isinstance(r, hiredis.ReplyError):
                 out[i] = self._redirected(commands[i], r, where[i])
+            elif key_of(commands[i]) is not None:
+                self.ran_at[key_slot(key_of(commands[i]))] = where[i]
         return out
 
     def _redirected(self, cmd: list, reply, addr):
@@ -318,6 +345,7 @@ class ClusterSide:
             else:              # ASK: this one command, at the importing node, after ASKING
                 addr = to or self.owner(key)
                 reply = self._send(addr, [["ASKING"], cmd])[1]
+        self.ran_at[key_slot(key)] = addr
         return reply
 
     def call(self, *args):
@@ -731,6 +759,7 @@ class Migration:
         probe_keys = self._probe(scope)
         Client.check(src.call("EVAL", LUA_DONE, 1 + len(probe_keys), scope + b"inflight", *probe_keys,
                               n, scope + b"inflight:"))
+        src.replicated(scope + b"inflight")   # the mark goes only once the drop would survive a failover
         Client.check(dst.call("HDEL", self.applied_for(tgt), self.qualified(scope, n)))
 
     def _put_chunk(self, dst, cid: bytes, rec: dict, items: list) -> None:
@@ -738,6 +767,7 @@ class Migration:
         keys = [tgt, rec["journal"].encode("latin-1"), self.applied_for(tgt)] + probe(self.dst_cluster, tgt)
         r = Client.check(dst.call("EVAL", LUA_PUT, len(keys), *keys,
                                   cid, kind, "move", rec["ttl"], rec["last"], *items))
+        dst.replicated(tgt)   # added for good before the source drops the chunk
         if r[0] >= 0:
             self.summary.elements += r[0]
             self.summary.dropped += r[1]
@@ -860,6 +890,7 @@ class Migration:
                                                    scope + b"inflight:", rec))
             if not n:
                 return
+            src.replicated(key)   # taken for good before the target gets the chunk
             n = str(n).encode()
             self._put_chunk(dst, self.qualified(scope, n), dict(json.loads(rec), last=1 - left), items)
             self._done(src, dst, scope, n, tgt)
@@ -927,6 +958,7 @@ class Migration:
         Client.check(reply)
         s.bytes += len(payload)
         if self.move:
+            dst.replicated(tgt)
             self._delete_if_unchanged(src, key, payload)
         else:
             s.copied += 1

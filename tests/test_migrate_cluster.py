@@ -271,10 +271,14 @@ def test_a_source_slot_migrated_during_the_run(cluster, single, capsys):
 
 def test_killed_and_rerun_migrate_to_a_pinned_cluster_slot(cluster, single, tmp_path):
     """As tests/test_migrate_exactly_once.py, single node -> cluster (pinned, so consumers pop the
-    one slot's owner): producers push to the source, consumers pop both sides, migrate --move is
-    SIGKILLed at random points and rerun; every job is consumed or left exactly once."""
+    one slot's owner): producers keep pushing to the source and consumers popping from the
+    target while copies, then moves, are SIGKILLed at random points and rerun (with and without
+    --state); every job is consumed or left exactly once. Copy then move: consumers on the source
+    as well (the "move" scenario) drain it faster than a move that waits for the replicas at each
+    step, so few runs would be killed with work to do."""
     owner = cluster.primary_for(key_slot(b"chaos"))
-    r = scenario(f"redis://127.0.0.1:{single.port}/6", f"redis://127.0.0.1:{owner.port}/0", "move", rounds=8,
+    r = scenario(f"redis://127.0.0.1:{single.port}/6", f"redis://127.0.0.1:{owner.port}/0", "copy-then-move",
+                 rounds=8,
                  state_dir=str(tmp_path), seed=SEED, preload=3000, max_delay=1.0, dst_ns="{chaos}",
                  migrate_to=curl(cluster))
     print(f"single -> pinned cluster slot: {r}")
@@ -289,7 +293,8 @@ def test_killed_and_rerun_migrate_from_a_pinned_cluster_slot(cluster, single, tm
     """The other way, cluster -> single node: the in-flight chunks live on the cluster, in the
     slot of the source key (found again by a rerun with SCAN over every primary)."""
     owner = cluster.primary_for(key_slot(b"back"))
-    r = scenario(f"redis://127.0.0.1:{owner.port}/0", f"redis://127.0.0.1:{single.port}/7", "move", rounds=8,
+    r = scenario(f"redis://127.0.0.1:{owner.port}/0", f"redis://127.0.0.1:{single.port}/7", "copy-then-move",
+                 rounds=8,
                  state_dir=str(tmp_path), seed=SEED, preload=3000, max_delay=1.0, src_ns="{back}",
                  migrate_from=curl(cluster))
     print(f"pinned cluster slot -> single: {r}")
