@@ -740,7 +740,8 @@ class Migration:
                 if rec["to"] != self.dst_id.decode():
                     live.add(self.qualified(scope, n))
                     self.summary.errors.append(f"chunk {self.qualified(scope, n).decode()} is in flight toward "
-                                               f"{rec['to']}: rerun that migration to finish it")
+                                               f"{rec['to']}: rerun that migration to finish it (the same --to; "
+                                               f"for a cluster the same seed list)")
                     continue
                 items = Client.check(src.call("LRANGE", scope + b"inflight:" + n, 0, -1))
                 self._put_chunk(dst, self.qualified(scope, n), rec, items)

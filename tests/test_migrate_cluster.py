@@ -396,3 +396,40 @@ def test_no_script_runs_half_on_a_slot_being_migrated(cluster, capsys):
     r.delete("{half}x:q")
     assert [k for k in r.keys("*") if k.startswith(RESERVED)] == []
     r.close()
+
+
+def test_a_target_primary_killed_during_the_run_then_rerun(cluster, single):
+    """Destructive, so last: the primary of the pinned slot is SIGKILLed while migrate moves a
+    queue onto it; its replica takes over (every step migrate took was confirmed by it, WAIT),
+    the run stops naming the node, and a rerun with the same seeds (the dead one among them: the
+    map is read from any that answers) finishes: every job once."""
+    slot = key_slot(b"fo")
+    owner = cluster.primary_for(slot)
+    src = redis.Redis(port=single.port, db=12)
+    jobs = [f"job{i}".encode() for i in range(20000)]
+    src.rpush("fo:queue", *jobs)
+    args = [sys.executable, "-m", "proxy", "migrate", "--from", f"redis://127.0.0.1:{single.port}/12",
+            "--from-namespace", "fo", "--to-namespace", "{fo}", "--move", "--batch", "50"]
+    seeds = curl(cluster)   # the seed list names the cluster in the journal: the rerun gives the same
+    p = subprocess.Popen(args + ["--to", seeds], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        from cluster_helpers import wait_until
+        wait_until(lambda: owner.call("LLEN", "{fo}:queue") > 0 or p.poll() is not None, "the first chunks")
+        promoted = cluster.kill_primary(owner)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    print(f"run killed under: exit {p.returncode}: {err.strip()[-300:]}")
+    if p.returncode:
+        assert "target" in err and "rerun" in err, err
+    again = subprocess.run(args + ["--to", seeds, "--verify"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "verify: 0 difference(s)" in again.stdout, again.stdout + again.stderr
+    r = promoted.client()
+    assert Counter(r.lrange("{fo}:queue", 0, -1)) == Counter(jobs)
+    r.delete("{fo}:queue")
+    r.close()
+    assert src.dbsize() == 0
+    src.close()
