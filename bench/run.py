@@ -375,6 +375,9 @@ def start_keyspace_proxy(redis_port: int, tmp: str, extra: list[str], src: str, 
     log = os.path.join(tmp, f"keyspace-proxy-{port}.log")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("REDIS_URL", None)
+    # the Sidekiq-shaped load runs the scheduler's EVALSHA: a trusted app (README, Policies); a
+    # variable, not --policy, so that baseline snapshots from before the policy start too
+    env.setdefault("PROXY_POLICY", "app")
     with open(log, "w") as lf:
         p = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=src,
                              start_new_session=True)

@@ -19,6 +19,7 @@ import hiredis
 from proxy.config import (Config, ConfigError, Upstream, connect_failure, format_addr, handshake_failure,
                           render_toml)
 from proxy.resp import encode_command
+from proxy.sentinel import SentinelError
 
 PROG = "keyspace-proxy check"
 
@@ -27,8 +28,10 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
     """None if `up` accepts the handshake for backend `db` and answers PING, else what failed."""
     cmds = up.handshake(db) + [[b"PING"]]
     replies: list = []
+    host, port = up.host, up.port
     try:
-        with up.open_socket(timeout) as s:  # TLS for rediss://
+        host, port = up.address(timeout)  # a sentinel upstream: its primary now
+        with up.open_socket(timeout, (host, port)) as s:  # TLS for rediss://
             s.settimeout(timeout)
             s.sendall(b"".join(encode_command(c) for c in cmds))
             reader = hiredis.Reader()
@@ -41,12 +44,14 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
                     replies.append(r)
     except hiredis.ProtocolError:
         return "not a Redis server: its reply is not RESP"
+    except SentinelError as e:
+        return f"unreachable: {e}"
     except socket.gaierror as e:
-        return f"unreachable: cannot resolve {up.host!r} ({e.strerror})"
+        return f"unreachable: cannot resolve {host!r} ({e.strerror})"
     except ssl.SSLError as e:
-        return connect_failure(up.host, up.port, e, up.tls)
+        return connect_failure(host, port, e, up.tls)
     except ConnectionResetError as e:
-        return connect_failure(up.host, up.port, e, up.tls) if up.tls else f"unreachable: {e.strerror.lower()}"
+        return connect_failure(host, port, e, up.tls) if up.tls else f"unreachable: {e.strerror.lower()}"
     except (socket.timeout, TimeoutError):
         return f"unreachable: no answer within {timeout:g} s" + (
             " (a TLS handshake: is the server speaking TLS on that port?)" if up.tls else "")

@@ -10,8 +10,8 @@ import os
 import sys
 
 from proxy import __version__
-from proxy.config import (Config, ConfigError, build_route, check_upstream_tls_used, format_addr, load_toml,
-                          parse_url)
+from proxy.config import (Config, ConfigError, apply_sentinel_auth, build_route, check_upstream_tls_used,
+                          format_addr, load_toml, parse_url)
 from proxy.logs import mask_credentials, setup_logging
 from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invalid, env_help,
                           section_fields)
@@ -21,14 +21,16 @@ from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invali
 ENV_FALLBACKS = {f.attr: f.env for f in FIELDS if f.flag and f.env and f.env.startswith("PROXY_")}
 # Variables that shape the single route of the flags; with a config file they do not apply
 # (the image sets PROXY_LISTEN; the listeners come from the file).
-ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "slot", "tls_cert_file", "tls_key_file",
-              "tls_ca_file", "password_sha256", "password_file", "password_env")
+ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "slot", "policy", "tls_cert_file",
+              "tls_key_file", "tls_ca_file", "password_sha256", "password_file", "password_env")
 # the `default` user of the flags' single route: flag attribute -> [[listener.user]] field
 PASSWORD = {"password_sha256": "password_sha256", "password_file": "password_file", "password_env": "password_env"}
 # [listener.tls] of the flags' single route: flag attribute -> field
 LISTENER_TLS = {"tls_cert_file": "cert_file", "tls_key_file": "key_file", "tls_ca_file": "ca_file"}
 # top-level [upstream_tls]: flag attribute -> field (flags and variables win over the file's)
 UPSTREAM_TLS = {f.attr: f.name for f in FIELDS if f.key.startswith("upstream_tls.")}
+# top-level [sentinel]: the sentinels' credentials (flags and variables win over the file's)
+SENTINEL = {f.attr: f.name for f in FIELDS if f.key.startswith("sentinel.")}
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -45,9 +47,9 @@ def build_parser(prog: str = "keyspace-proxy", subcommands: bool = True) -> argp
         epilog += "subcommands (each has --help):\n" + "\n".join(
             f"  {prog} {s:<{width}}  {what}" for s, what in SUBCOMMANDS) + "\n\n"
     epilog += ("environment variables (a flag given wins; an empty variable counts as unset; with a config\n"
-               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR, PROXY_SLOT\n"
-               "and the listener's TLS and password variables (PROXY_TLS_*, PROXY_PASSWORD*) do not\n"
-               "apply, and the others override the file):\n" + env_help() + "\n\n"
+               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR, PROXY_SLOT,\n"
+               "PROXY_POLICY and the listener's TLS and password variables (PROXY_TLS_*, PROXY_PASSWORD*)\n"
+               "do not apply, and the others override the file):\n" + env_help() + "\n\n"
                "Configuration errors exit 2 with one line naming the flag, variable or TOML field.")
     p = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
                description="A RESP proxy that adds or strips a key namespace and routes client dbs "
@@ -89,7 +91,7 @@ def apply_env(a: argparse.Namespace, environ=None) -> argparse.Namespace:
     Checks the settings needed before logging (level, format, workers).
 
     PROXY_LISTEN (and the other route-shaping variables) yield to a config file, while
-    the flags --listen, --namespace, --strip-namespace and --separator with a config
+    the flags --listen, --namespace, --strip-namespace, --separator and --policy with a config
     file are errors."""
     environ = os.environ if environ is None else environ
     sources: dict[str, str] = {}
@@ -128,9 +130,10 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
     else:
         if a.listen is None:
             raise ConfigError("--listen: required (or --config FILE); HOST:PORT, e.g. 127.0.0.1:6380")
-        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace", "slot")
+        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace", "slot", "policy")
                  if getattr(a, k) is not None}
         labels = {k: _source(a, k) for k in entry}
+        labels.setdefault("policy", "--policy")  # named in refusals: the setting that would allow it
         tls = {name: getattr(a, attr) for attr, name in LISTENER_TLS.items() if getattr(a, attr) is not None}
         if tls:
             entry["tls"] = tls
@@ -151,6 +154,8 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
                             upstream_tls=up_tls, environ=environ)
         check_upstream_tls_used([route], up_tls)
         cfg = Config([route])
+    apply_sentinel_auth(cfg.routes, {name: (_parse(a, attr), _source(a, attr)) for attr, name in SENTINEL.items()
+                                     if getattr(a, attr) is not None})
     metrics = _parse(a, "metrics_listen")
     if metrics is not None:
         cfg.metrics_listen = metrics

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from proxy.keyspace import Keyspace
+from proxy.sentinel import SentinelError, SentinelSpec
 from proxy.schema import BY_KEY, DEFAULT_UPSTREAM, UPSTREAM_MODES, Invalid, known, section_fields, show  # noqa: F401
 
 
@@ -124,6 +125,8 @@ class ListenerTLS:
 def connect_failure(host: str, port: int, e: BaseException, tls: UpstreamTLS | None = None) -> str:
     """Why a connection to an upstream could not be opened, as one line for the log and
     the client: a TLS verification failure names what failed and the settings to look at."""
+    if isinstance(e, SentinelError):
+        return str(e)
     addr = format_addr(host, port)
     if isinstance(e, ssl.SSLCertVerificationError):
         why = (e.verify_message or e.reason or str(e)).rstrip(".")
@@ -155,33 +158,48 @@ class Upstream:
     username: str | None = None
     password: str | None = None
     tls: UpstreamTLS | None = None   # rediss://
+    # redis+sentinel://: the primary is found through these sentinels (proxy/sentinel.py);
+    # host and port are then the first sentinel's, and the data node is address()
+    sentinel: SentinelSpec | None = None
 
     @property
     def scheme(self) -> str:
-        return "rediss" if self.tls is not None else "redis"
+        return ("rediss" if self.tls is not None else "redis") + ("+sentinel" if self.sentinel else "")
 
     def masked(self) -> str:
         """The URL with credentials hidden, for logs."""
         auth = ""
         if self.username or self.password:
             auth = (self.username or "") + ":***@"
+        if self.sentinel is not None:
+            return f"{self.scheme}://{auth}{self.sentinel.nodes_text()}/{self.sentinel.master}/{self.db}"
         return f"{self.scheme}://{auth}{format_addr(self.host, self.port)}/{self.db}"
 
-    def ssl_args(self) -> dict:
-        """Keyword arguments for loop.create_connection / asyncio.open_connection."""
+    def address(self, timeout: float = 5.0) -> tuple[str, int]:
+        """The data node: the URL's, or the primary the sentinels name now (asked with
+        blocking sockets: for `check` and `migrate`; the proxy asks through its Watcher)."""
+        if self.sentinel is None:
+            return self.host, self.port
+        from proxy.sentinel import resolve
+        return resolve(self, timeout)
+
+    def ssl_args(self, host: str | None = None) -> dict:
+        """Keyword arguments for loop.create_connection / asyncio.open_connection;
+        `host`: the node connected to (a sentinel upstream's primary), for SNI."""
         if self.tls is None:
             return {}
-        return {"ssl": self.tls.context(), "server_hostname": self.tls.server_hostname(self.host)}
+        return {"ssl": self.tls.context(), "server_hostname": self.tls.server_hostname(host or self.host)}
 
-    def open_socket(self, timeout: float) -> socket.socket:
-        """A blocking socket to the upstream, TLS when rediss:// (handshake done, within
-        `timeout`). For the readiness check, `check` and `migrate`."""
-        s = socket.create_connection((self.host, self.port), timeout=timeout)
+    def open_socket(self, timeout: float, addr: tuple[str, int] | None = None) -> socket.socket:
+        """A blocking socket to the upstream (or to `addr`), TLS when rediss:// (handshake
+        done, within `timeout`). For the readiness check, `check` and `migrate`."""
+        host, port = addr or self.address(timeout)
+        s = socket.create_connection((host, port), timeout=timeout)
         if self.tls is None:
             return s
         try:
             s.settimeout(timeout)
-            return self.tls.context().wrap_socket(s, server_hostname=self.tls.server_hostname(self.host))
+            return self.tls.context().wrap_socket(s, server_hostname=self.tls.server_hostname(host))
         except BaseException:
             s.close()
             raise
@@ -225,6 +243,8 @@ def parse_upstream(url: str) -> Upstream:
     shown = repr(mask_url(url))
     if url.partition("://")[0] in CLUSTER_SCHEMES:
         refuse_cluster(parse_cluster_url(url))
+    if url.partition("://")[0] in ("redis+sentinel", "rediss+sentinel"):
+        return parse_sentinel_url(url, shown)
     if "://" not in url:
         hint = f" (e.g. redis://{url}/0)" if ":" in url and url.rpartition(":")[2].isdigit() else ""
         raise Invalid(f"expected a URL, {URL_FORM}{hint}, got {shown}")
@@ -233,7 +253,8 @@ def parse_upstream(url: str) -> Upstream:
     except ValueError as e:
         raise Invalid(f"invalid URL {shown} ({e})") from None
     if u.scheme not in ("redis", "rediss"):
-        raise Invalid(f"scheme must be redis:// or rediss:// (TLS) (got {u.scheme or 'none'}://)")
+        raise Invalid("scheme must be redis:// or rediss:// (TLS), or redis+sentinel:// / rediss+sentinel:// "
+                      f"(Sentinel) (got {u.scheme or 'none'}://)")
     try:
         port = u.port
     except ValueError:
@@ -264,6 +285,68 @@ def parse_upstream(url: str) -> Upstream:
     password = unquote(u.password) if u.password else None
     return Upstream(u.hostname, port or 6379, db or 0, user or None, password,
                     UpstreamTLS() if u.scheme == "rediss" else None)
+
+
+SENTINEL_FORM = "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
+
+
+def parse_sentinel_url(url: str, shown: str) -> Upstream:
+    """`redis+sentinel://[USER:PASSWORD@]h1:p1,h2:p2/MASTER[/DB]` (rediss+ for TLS to the
+    sentinels and the data nodes). The credentials are the data nodes' (redis-py's
+    `master_for(password=...)`, Sidekiq's `password:`); the sentinels' own are
+    [sentinel] username / password. A port left out is 26379, Sentinel's."""
+    from proxy.schema import Address
+    scheme, _, rest = url.partition("://")
+    if "?" in rest or "#" in rest:
+        raise Invalid(f"a sentinel URL takes no query or fragment ({SENTINEL_FORM}) in {shown} "
+                      "(percent-encode '?' or '#' in a password: %3F, %23)")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        hosts, userinfo = netloc, ""
+    nodes = []
+    for part in hosts.split(","):
+        if not part:
+            raise Invalid(f"missing sentinel address in {shown} ({SENTINEL_FORM})")
+        bare = part.rsplit("]", 1)[-1]
+        if ":" not in bare:
+            part += ":26379"
+        try:
+            host, port = Address().parse(part, True)
+        except Invalid as e:
+            raise Invalid(f"sentinel address {part!r} in {shown}: {e}") from None
+        if not 1 <= port <= 65535:
+            raise Invalid(f"port must be a number from 1 to 65535 in {shown}")
+        nodes.append((host, port))
+    master, _, db = path.partition("/")
+    if not master:
+        raise Invalid(f"missing the master's name (as in sentinel.conf's `sentinel monitor NAME ...`) in {shown} "
+                      f"({SENTINEL_FORM})")
+    if db and not db.isdigit():
+        raise Invalid(f"db must be a number, got {db!r} in {shown} ({SENTINEL_FORM})")
+    user, _, password = userinfo.partition(":")
+    user, password = unquote(user) or None, unquote(password) or None
+    spec = SentinelSpec(unquote(master), tuple(dict.fromkeys(nodes)))
+    return Upstream(nodes[0][0], nodes[0][1], int(db or 0), user, password,
+                    UpstreamTLS() if scheme == "rediss+sentinel" else None, spec)
+
+
+def apply_sentinel_auth(routes: list, vals: dict[str, tuple]) -> None:
+    """[sentinel] username / password: the sentinels' credentials, for every
+    redis+sentinel:// upstream (some route must have one)."""
+    if not vals:
+        return
+    routes = [rr for r in routes for rr in r.with_users()]  # a user's route may have its own upstream
+    if not any(r.upstream.sentinel is not None for r in routes):
+        first = next(iter(vals.values()))[1]
+        raise ConfigError(f"{first}: no upstream is redis+sentinel:// (these are the sentinels' credentials)")
+    for r in routes:
+        up = r.upstream
+        if up.sentinel is not None:
+            spec = replace(up.sentinel, **{k: v for k, (v, _) in vals.items()})
+            if spec.username and not spec.password:
+                raise ConfigError(f"{vals['username'][1]}: given without sentinel.password")
+            r.upstream = replace(up, sentinel=spec)
 
 
 # -- Redis Cluster upstreams: parsed, then refused until routing over a cluster exists
@@ -381,9 +464,13 @@ class Route:
     upstream: Upstream
     default: DbTarget                     # what client db 0 means
     databases: dict[int, DbTarget] = field(default_factory=dict)  # explicit client db map
+    # tenant: a fence for code the operator does not trust; app: a trusted application
+    # (proxy/overlay.py says what each changes). Only namespaced dbs are affected.
+    policy: str = "tenant"
     # TLS for clients. Not part of the comparison: new certificates (or new paths) are
     # taken by new connections on reload, and existing connections need not be drained.
     tls: ListenerTLS | None = field(default=None, compare=False)
+    policy_label: str = field(default="listener[].policy", compare=False)  # named in refusals
     # [[listener.user]]: clients must authenticate, and each user has a route of its own
     # (proxy/auth.py). None: no authentication. By user name.
     users: dict | None = None
@@ -422,7 +509,13 @@ class Route:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
         if self.users is not None:  # its clients take their user's route (logged under it)
             return f"{format_addr(host, port)}{tls}, {len(self.users)} user(s): clients must authenticate"
-        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra})"
+        policy = f", policy {self.policy}" if self.namespaced else ""  # it changes nothing without a namespace
+        return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra}{policy})"
+
+    @property
+    def namespaced(self) -> bool:
+        """Does some client db of this route have a namespace? (where the policy applies)"""
+        return self.default.keyspace.mode != "none" or any(t.keyspace.mode != "none" for t in self.databases.values())
 
     def dbs(self) -> list[tuple[int, int]]:
         """(client db, backend db) for every client db this route serves."""
@@ -613,7 +706,11 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         else:
             dks = ks  # the listener's fence holds in every db unless a db says otherwise
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
-    route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls)
+    # Fail closed: a namespace is a fence unless the operator says the code is trusted.
+    namespaced = ks.mode != "none" or any(t.keyspace.mode != "none" for t in databases.values())
+    policy = vals.get("policy") or ("tenant" if namespaced else "app")  # (Route.namespaced)
+    route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
+                  label("policy"))
     route = pin_route(route, vals.get("slot", "spread"), label("slot"))
     if "user" in entry:
         route.users = build_users(entry, route, default_upstream, default_sep, index, labels, text,
@@ -751,7 +848,7 @@ def _table(data: dict, key: str) -> dict:
     return v
 
 
-TOP_TABLES = ("listener", "metrics", "limits", "log", "upstream_tls")
+TOP_TABLES = ("listener", "metrics", "limits", "log", "upstream_tls", "sentinel")
 
 
 def from_dict(data: dict, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -789,6 +886,7 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
         routes.append(build_route(e, default_upstream, sep, i, upstream_tls=up_tls, tls_cache=tls_cache,
                                   environ=environ))
     check_upstream_tls_used(routes, up_tls)
+    apply_sentinel_auth(routes, sub_table(data, "sentinel", "sentinel", ""))
     addresses: dict[tuple, int] = {}
     names: dict[str, int] = {}
     for i, r in enumerate(routes):
@@ -845,6 +943,7 @@ def _route_toml(r: Route, table: str) -> tuple[list[str], list[str]]:
     """A route's upstream, keyspace and slot (its table's own lines), and its upstream TLS
     and db map sub-tables, which go after every line of the table (passwords as ***)."""
     scalars = [f"upstream = {_toml_str(r.upstream.masked())}"] + _keyspace_toml(r.default.keyspace)
+    scalars.append(f"policy = {_toml_str(r.policy)}")
     scalars.append(f"slot = {_toml_str(r.slot)}")
     lines = []
     t = r.upstream.tls
@@ -852,7 +951,8 @@ def _route_toml(r: Route, table: str) -> tuple[list[str], list[str]]:
         lines.append(f"[{table}.upstream_tls]")
         lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
                   if getattr(t, k) is not None]
-        lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
+        if t.server_name or r.upstream.sentinel is None:  # a sentinel's nodes: each its own host
+            lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
         lines.append(f"verify = {'true' if t.verify else 'false'}")
     if r.databases:
         lines.append(f"[{table}.databases]")
@@ -881,6 +981,11 @@ def render_toml(cfg: Config) -> str:
             scalars, subtables = _route_toml(u.route, "listener.user")
             lines += scalars + subtables
         lines.append("")
+    spec = next((rr.upstream.sentinel for r in cfg.routes for rr in r.with_users()
+                 if rr.upstream.sentinel is not None), None)
+    if spec is not None and spec.password:
+        lines += ["[sentinel]"] + ([f"username = {_toml_str(spec.username)}"] if spec.username else []) + \
+            ['password = "***"', ""]
     if cfg.metrics_listen:
         lines += ["[metrics]", f"listen = {_toml_str(format_addr(*cfg.metrics_listen))}", ""]
     lines.append("[limits]")

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="proxy address (default 127.0.0.1:6380)")
     p.add_argument("--namespace", default="demo", metavar="NS",
                    help="namespace added to every key (default demo)")
+    p.add_argument("--policy", default="tenant", choices=["tenant", "app"],
+                   help="tenant (default): a fence for code you do not trust, scripts refused; app: a "
+                        "trusted application, scripts pass (README, Policies)")
     p.add_argument("--log-level", default="info", choices=list(LEVELS), help="default info")
     p.add_argument("--log-format", default="text", choices=list(FORMATS),
                    help="text (default) or json, as the proxy's --log-format")
@@ -64,15 +67,15 @@ def main(argv: list[str]) -> int:
             listen = _check_listen(a.listen)
             namespace = _check_namespace(a.namespace)
             server_port = free_port()
-            route = _route(listen, namespace, server_port)  # usage errors first, then the port
+            route = _route(listen, namespace, server_port, a.policy)  # usage errors first, then the port
             if (port := _check_port(*listen)) != listen[1]:  # port 0: a free one, chosen now
                 listen = (listen[0], port)
-                route = _route(listen, namespace, server_port)
+                route = _route(listen, namespace, server_port, a.policy)
             server = _start_server(server_port)
             log.info("embedded %s on 127.0.0.1:%d (pid %d)", _version(server), server.port,
                      server.process.pid, extra={"event": "demo_server"})
             try:
-                _serve(Config([route], None, Limits()), lambda proxy: _ready(server, listen, namespace))
+                _serve(Config([route], None, Limits()), lambda proxy: _ready(server, listen, namespace, a.policy))
             except OSError as e:  # the port was taken after the check, ...
                 raise DemoError(_os_error(e, listen), FAILURE) from None
         except DemoError as e:
@@ -115,11 +118,11 @@ def _check_namespace(ns: str) -> str:
     return ns
 
 
-def _route(listen: tuple[str, int], namespace: str, server_port: int):
+def _route(listen: tuple[str, int], namespace: str, server_port: int, policy: str = "tenant"):
     """The proxy's route, validated as the proxy validates a listener (namespace rules)."""
     try:
-        return build_route({"listen": _addr(*listen), "namespace": namespace, "name": "demo"},
-                           f"redis://127.0.0.1:{server_port}/0", ":", 0)
+        return build_route({"listen": _addr(*listen), "namespace": namespace, "name": "demo", "policy": policy},
+                           f"redis://127.0.0.1:{server_port}/0", ":", 0, labels={"policy": "--policy"})
     except ConfigError as e:
         # build_route names fields as a config file would (listener[0]...): say the flag
         msg = re.sub(r"^listener\[0\]\.listen\b", "--listen", str(e))
@@ -258,8 +261,8 @@ def snippets(listen: tuple[str, int], namespace: str, server_port: int) -> list[
     return out
 
 
-def _ready(server, listen: tuple[str, int], namespace: str) -> None:
-    _banner(server, listen, namespace)
+def _ready(server, listen: tuple[str, int], namespace: str, policy: str = "tenant") -> None:
+    _banner(server, listen, namespace, policy)
     # The proxy answers SIGHUP with a reload, which the demo has nothing for: a closed
     # terminal should stop it instead. serve() installs its handlers right after `ready`.
     import asyncio
@@ -268,10 +271,13 @@ def _ready(server, listen: tuple[str, int], namespace: str) -> None:
         loop.call_soon(loop.add_signal_handler, signal.SIGHUP, os.kill, os.getpid(), signal.SIGTERM)
 
 
-def _banner(server, listen: tuple[str, int], namespace: str) -> None:
+def _banner(server, listen: tuple[str, int], namespace: str, policy: str = "tenant") -> None:
     lines = [f"Embedded {_version(server)} on 127.0.0.1:{server.port} (no persistence: its data "
              f"goes when the demo stops)",
-             f"Proxy on {_addr(*listen)}, adding namespace '{namespace}:' to every key.", ""]
+             f"Proxy on {_addr(*listen)}, adding namespace '{namespace}:' to every key.",
+             "Policy tenant: scripts, SLOWLOG and the like are refused; INFO keyspace, CLIENT LIST and MONITOR "
+             "show the namespace's own (--policy app: a trusted application)." if policy == "tenant" else
+             "Policy app: a trusted application; scripts and read-only server commands pass.", ""]
     tries = snippets(listen, namespace, server.port)
     if tries:
         width = max(len(c) for c, _ in tries if len(c) < 60) if any(len(c) < 60 for c, _ in tries) else 0

@@ -97,3 +97,66 @@ def randomkey(ks: Keyspace, proto: int, rnd: float):
             return bulk(ks.key_out(key))
         if cursor == b"0":
             return nil
+
+
+# ---- INFO on a tenant route: the keyspace section is the route's own
+
+_KEYSPACE_SECTIONS = {b"keyspace", b"all", b"everything", b"default"}
+
+
+def info_has_keyspace(args: list[bytes]) -> bool:
+    """Does this INFO answer a keyspace section? (no section = default, which has it)"""
+    return len(args) == 1 or any(a.lower() in _KEYSPACE_SECTIONS for a in args[1:])
+
+
+def _count(ks: Keyspace):
+    """Keys of `ks` in the selected db: SCAN MATCH in add mode (as DBSIZE is emulated),
+    the server's DBSIZE where the client sees the whole db (strip, none)."""
+    if ks.mode != "add":
+        return (yield from _call([b"DBSIZE"]))
+    cursor, count = b"0", 0
+    while True:
+        cursor, keys = yield from _call(_scan(ks, cursor))
+        count += len(keys)
+        if cursor == b"0":
+            return count
+
+
+def _replace_keyspace(text: bytes, section: bytes) -> bytes:
+    start = text.find(b"# Keyspace\r\n")
+    if start < 0:
+        return text
+    end = text.find(b"\r\n#", start + 12)
+    return text[:start] + section + (text[end + 2:] if end >= 0 else b"")
+
+
+@_errors_answered
+def info(args: list[bytes], dbs: list, current: int, as_text):
+    """The server's INFO with its keyspace section replaced by the route's client dbs
+    (`dbs`: (client db, DbTarget)), counting the keys each sees. Another backend db is
+    SELECTed for its count and `current` SELECTed again; expires and avg_ttl are not
+    counted (0)."""
+    text = yield from _call(args)
+    if isinstance(text, str):
+        text = text.encode()
+    if text.startswith(b"txt:"):  # a RESP3 verbatim string
+        text = text[4:]
+    counts: dict = {}
+    lines = []
+    for client_db, t in dbs:
+        key = (t.db, t.keyspace)
+        if key not in counts:
+            back = [b"SELECT", str(current).encode()]
+            if t.db != current:
+                yield from _call([b"SELECT", str(t.db).encode()])
+            try:
+                counts[key] = yield from _count(t.keyspace)
+            except _Failed:
+                if t.db != current:
+                    yield back  # the connection goes back to its db before the error is answered
+                raise
+            if t.db != current:
+                yield from _call(back)
+        if counts[key]:
+            lines.append(b"db%d:keys=%d,expires=0,avg_ttl=0\r\n" % (client_db, counts[key]))
+    return as_text(_replace_keyspace(text, b"# Keyspace\r\n" + b"".join(lines)))

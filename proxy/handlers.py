@@ -69,10 +69,21 @@ def h_sort(args, ctx):
 def h_migrate(args, ctx):
     # MIGRATE host port key|"" destination-db timeout [COPY] [REPLACE] [AUTH pw|AUTH2 u pw] [KEYS k...]
     # The key is either at 3 or, when that is "", after KEYS; destination-db is a client db index.
+    # To the route's own server the key keeps its name, so (as MOVE) the destination db must
+    # have the same keyspace; another server is outside a tenant route's fence.
     ks = ctx.ks
     if len(args) < 6:
         return None
-    args[4] = str(ctx.client_db(args[4]).db).encode() if ks.mode != "none" or ctx.route.databases else args[4]
+    up = ctx.route.upstream
+    same = args[1].decode("latin-1").lower() == up.host.lower() and args[2] == str(up.port).encode()
+    if not same and ctx.tenant:
+        raise ctx.refused("migrate", "the destination server is outside the route's fence", by_policy=True)
+    if ks.mode != "none" or ctx.route.databases:
+        t = ctx.client_db(args[4])
+        if same and t.keyspace != ks:
+            raise Refused(f"ERR MIGRATE to db {show(args[4])} of the same server would change the key's "
+                          f"namespace on route {ctx.route.name}")
+        args[4] = str(t.db).encode()
     if ks.mode == "none":
         return None
     if args[3]:

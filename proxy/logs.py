@@ -26,7 +26,7 @@ WORKER_ENV = "KEYSPACE_PROXY_WORKER"   # set in a worker of several (proxy/worke
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
-_CREDENTIALS = re.compile(r"(\brediss?://)([^:/@\s]*):([^@\s]*)@")
+_CREDENTIALS = re.compile(r"(\brediss?(?:\+sentinel|\+cluster)?://)([^:/@\s]*):([^@\s]*)@")
 
 
 def mask_credentials(text: str) -> str:

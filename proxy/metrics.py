@@ -26,11 +26,11 @@ log = logging.getLogger("keyspace-proxy")
 PREFIX = "keyspace_proxy_"
 
 
-def ping(upstream, timeout: float = 1.0) -> bool:
-    """True if the upstream answers PING (after AUTH with the URL's credentials)."""
+def ping(upstream, timeout: float = 1.0, addr: tuple[str, int] | None = None) -> bool:
+    """True if the upstream (or `addr`, its node) answers PING (after AUTH with the URL's credentials)."""
     cmds = upstream.handshake(0) + [[b"PING"]]
     try:
-        with upstream.open_socket(timeout) as s:  # TLS for rediss://
+        with upstream.open_socket(timeout, addr) as s:  # TLS for rediss://
             s.settimeout(timeout)
             s.sendall(b"".join(encode_command(c) for c in cmds))
             data = b""
@@ -80,6 +80,9 @@ class ProxyCollector:
                            ["route"])
         up_up = family("gauge", "upstream_up", "1 if the route's upstream answered PING at the last check",
                        ["route"])
+        fenced = family("gauge", "route_upstream_fenced",
+                        "1 if the route's upstream user is fenced to its namespace by a Redis ACL (checked at "
+                        "start and reload; tenant routes pass scripts only then)", ["route"])
         depth = HistogramMetricFamily(PREFIX + "pipeline_depth", "Requests per client read", labels=["route"])
         req = HistogramMetricFamily(PREFIX + "request_duration_seconds",
                                     "Time from reading a batch of requests to writing its last reply",
@@ -126,10 +129,11 @@ class ProxyCollector:
                 if st.upstream_up is None:
                     st.upstream_up = 1 if ping(route.upstream) else 0
                 up_up.add_metric(r, st.upstream_up)
+            fenced.add_metric(r, st.upstream_fenced)
             for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
                 fam.add_metric(r, h.buckets(), h.sum)
         yield from (clients, accepted, closed, commands, errors, refused, keys, received, sent,
-                    up_conns, up_opened, up_failed, up_up, depth, req, rtt, auth_ok, auth_failed)
+                    up_conns, up_opened, up_failed, up_up, fenced, depth, req, rtt, auth_ok, auth_failed)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -161,7 +165,9 @@ class AdminServer:
     def readiness(self) -> list[tuple[str, bool]]:
         out = []
         for route in self.proxy.config.traffic_routes():
-            ok = ping(route.upstream, self.ready_timeout)
+            # a sentinel upstream: the primary the proxy uses, none while a switch is confirmed
+            addr = self.proxy.primary_now(route.upstream)
+            ok = addr is not None and ping(route.upstream, self.ready_timeout, addr)
             st = self.proxy.stats.get(route.name)
             if st is not None:
                 st.upstream_up = 1 if ok else 0

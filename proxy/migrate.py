@@ -385,11 +385,19 @@ def open_side(up, side: str):
     return ClusterSide(up, side) if is_cluster(up) else Side(up, side)
 
 
+def server_id(up: Upstream) -> str:
+    """The server, as the same across runs: a sentinel upstream is its master's name
+    (with its first sentinel), whichever node is the primary now."""
+    if up.sentinel is not None:
+        return f"{up.sentinel.master}@{up.host}:{up.port}"
+    return f"{up.host}:{up.port}"
+
+
 def ident(up) -> bytes:
     """A side's name in the journal (copy journals and applied marks are per source)."""
     if is_cluster(up):  # the seeds as given, sorted: give the same seeds to a rerun
         return b"cluster:" + b",".join(sorted(_addr_text(a) for a in up.seeds))
-    return f"{up.host}:{up.port}/{up.db}".encode()
+    return f"{server_id(up)}/{up.db}".encode()
 
 
 def same_place(a, b) -> bool:
@@ -398,7 +406,7 @@ def same_place(a, b) -> bool:
         return bool(set(a.seeds) & set(b.seeds))
     if is_cluster(a) or is_cluster(b):
         return False
-    return (a.host, a.port, a.db) == (b.host, b.port, b.db)
+    return ident(a) == ident(b)
 
 
 # --- Lua ------------------------------------------------------------------------------------
@@ -593,7 +601,7 @@ class Migration:
         self.dst_db = 0 if self.dst_cluster else dst.db
         # one server: the atomic scripts; two clusters may turn out to be one (run() asks them)
         self.same_server = (not self.src_cluster and not self.dst_cluster
-                            and (src.host, src.port) == (dst.host, dst.port))
+                            and server_id(src) == server_id(dst))
         self.src_id, self.dst_id = ident(src), ident(dst)
         self.scopes: set[bytes] = set()   # source journal scopes this run used (tidied at the end)
         self.summary = Summary(dry_run=dry_run)
@@ -1133,6 +1141,15 @@ def _with_tls(up, side: str, a, tls_fields: dict):
     return replace(up, tls=tls)
 
 
+def _sentinel_auth(up: Upstream) -> Upstream:
+    """A redis+sentinel:// side: the sentinels' credentials from PROXY_SENTINEL_USERNAME /
+    PROXY_SENTINEL_PASSWORD, as the proxy reads them (the URL's are the data nodes')."""
+    user, password = os.environ.get("PROXY_SENTINEL_USERNAME"), os.environ.get("PROXY_SENTINEL_PASSWORD")
+    if is_cluster(up) or up.sentinel is None or not password:
+        return up
+    return replace(up, sentinel=replace(up.sentinel, username=user or None, password=password))
+
+
 def main(argv: list[str]) -> int:
     p = Parser(prog="keyspace-proxy migrate",
                description="Copy or move the keys of one keyspace (URL + db + namespace) into another, each "
@@ -1177,6 +1194,7 @@ def main(argv: list[str]) -> int:
         return refuse("--separator must not be empty with a namespace")
     try:
         src, dst = parse_side(a.src, "--from"), parse_side(a.dst, "--to")
+        src, dst = _sentinel_auth(src), _sentinel_auth(dst)
         src, dst = (_with_tls(up, side, a, tls_fields) for up, side in ((src, "from"), (dst, "to")))
     except ConfigError as e:
         return refuse(str(e))

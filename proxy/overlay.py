@@ -23,12 +23,22 @@ Fields (all optional):
              STREAM sends no reply or a stream of them (REPLCONF, SYNC, MONITOR)
   policy     on a namespaced route: PASS, EMULATE (answered with several internal
              requests, add mode), REFUSE (with `why`)
+  tenant     on a namespaced route with policy "tenant", when it differs from `policy`:
+             PASS, EMULATE, REFUSE, or FENCED (passed only when the route's upstream user
+             is itself fenced to the namespace by a Redis ACL, checked at start; refused
+             otherwise); `tenant_why` says why (shown in the refusal)
+  app        on a namespaced route with policy "app", when it differs from `policy`: the
+             read-only server commands a trusted application may run (PASS)
   everywhere refuse on every route, namespaced or not (`why` says why)
   rewrite    a handlers.py function for keys/patterns/dbs the specs cannot describe
   reply      a replies.py transform that gives names in the reply back in client terms
   session    the Session method (`_cmd_<name>`) that carries the command out
   subscribe  (set, adding) for the SUBSCRIBE family: which subscription set it changes
   why        the reason, shown in refusals; required for PASS overrides too (docs)
+
+Policies (a route's `policy`, see README "Policies"): `tenant` is a fence against code
+the operator does not trust, `app` a trusted application moved between keyspaces. On a
+route (or a db) without namespace neither changes anything.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from proxy import handlers as h
 from proxy import replies
 
 PLAIN, STATE, PIN, STREAM = "plain", "state", "pin", "stream"
-PASS, EMULATE, REFUSE = "pass", "emulate", "refuse"
+PASS, EMULATE, REFUSE, FENCED = "pass", "emulate", "refuse", "fenced"
 
 
 def O(**kw) -> dict:  # noqa: E743 - short on purpose: the table below reads as a table
@@ -48,6 +58,28 @@ _SERVER = "it acts on the whole server, shared by every route"
 _REPLICATION = "replication is shared by every route"
 _PERSISTENCE = "persistence is shared by every route"
 _CONNECTION = "it answers about the upstream connection, which is the proxy's"
+_SCRIPT = "a script can reach any key"
+_LIBRARY = "function libraries are shared by every route and a function can reach any key"
+_KEYS_DECLARED = "its declared keys are rewritten (app: the code is trusted to use only them)"
+
+# CONFIG GET on a tenant route answers these parameters only (glob patterns are matched
+# against this list, never sent): each says nothing about other tenants and is what
+# client libraries and job frameworks ask for.
+CONFIG_GET_SAFE: dict[str, str] = {
+    "maxmemory-policy": "Sidekiq and other job queues warn when keys may be evicted",
+    "maxmemory": "how much the server may hold: a limit, not other tenants' data",
+    "databases": "how many dbs the server has (client libraries check a db index against it)",
+    "timeout": "the server's idle timeout for connections",
+    "proto-max-bulk-len": "the largest value a client may send",
+    "notify-keyspace-events": "whether keyspace notifications a subscriber waits for are on",
+    "lua-time-limit": "how long a script may run (its name in Redis 6)",
+    "busy-reply-threshold": "how long a script may run",
+    "slowlog-log-slower-than": "a threshold; the slow log itself is refused",
+    "hash-max-listpack-entries": "encoding thresholds (OBJECT ENCODING answers are explained by them)",
+    "set-max-intset-entries": "encoding thresholds",
+    "zset-max-listpack-entries": "encoding thresholds",
+    "list-max-listpack-size": "encoding thresholds",
+}
 
 OVERLAY: dict[str, dict] = {
     # ---- keyless commands that stay inside a namespace: the allowlist
@@ -57,7 +89,9 @@ OVERLAY: dict[str, dict] = {
     "lastsave": O(policy=PASS, effect=PLAIN, why="no keys"),
     "role": O(policy=PASS, effect=PLAIN, why="no keys"),
     "lolwut": O(policy=PASS, effect=PLAIN, why="no keys"),
-    "info": O(policy=PASS, effect=PLAIN, why="server facts; no key names"),
+    "info": O(policy=PASS, effect=PLAIN, tenant=EMULATE, session="info", why="server facts; no key names",
+              tenant_why="its keyspace section counts every backend db: answered with the route's own "
+                         "client dbs and the keys in its namespace"),
     "wait": O(policy=PASS, effect=PIN, why="waits for replicas to take this connection's writes; no keys"),
     "waitaof": O(policy=PASS, effect=PIN, why="waits for the AOF to take this connection's writes; no keys"),
     "unwatch": O(policy=PASS, effect=PLAIN,
@@ -74,14 +108,24 @@ OVERLAY: dict[str, dict] = {
     "command|getkeysandflags": O(rewrite=h.h_command_getkeys, effect=PLAIN,
                                  why="the inner command is rewritten; its keys answered in client names"),
     "script": O(why="the script cache is shared by every route"),
-    "script|load": O(policy=PASS, effect=PLAIN, why="loading a script touches no key"),
+    "script|load": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_SCRIPT,
+                     why="loading a script touches no key"),
     "script|exists": O(policy=PASS, effect=PLAIN, why="no keys"),
     "script|help": O(policy=PASS, effect=PLAIN, why="no keys"),
     "function": O(why="function libraries are shared by every route"),
-    "function|load": O(policy=PASS, effect=PLAIN, why="loading a library touches no key"),
-    "function|list": O(policy=PASS, effect=PLAIN, why="no keys"),
-    "function|stats": O(policy=PASS, effect=PLAIN, why="no keys"),
-    "function|dump": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "function|load": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY,
+                       why="loading a library touches no key"),
+    "function|list": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY, why="no keys"),
+    "function|stats": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY, why="no keys"),
+    "function|dump": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY, why="no keys"),
+
+    # ---- scripts: their declared keys are rewritten, but the code may call any key
+    "eval": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
+    "evalsha": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
+    "eval_ro": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
+    "evalsha_ro": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
+    "fcall": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
+    "fcall_ro": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
     "function|help": O(policy=PASS, effect=PLAIN, why="no keys"),
     "memory": O(why=_SERVER),
     "memory|doctor": O(policy=PASS, effect=PLAIN, why="no keys"),
@@ -103,7 +147,10 @@ OVERLAY: dict[str, dict] = {
     "scan": O(rewrite=h.h_scan, effect=PLAIN, why="without MATCH it would list other namespaces"),
     "sort": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns and STORE are not in the key specs"),
     "sort_ro": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns are not in the key specs"),
-    "migrate": O(rewrite=h.h_migrate, effect=PLAIN, why="the key may follow KEYS; the db is a client index"),
+    "migrate": O(rewrite=h.h_migrate, effect=PLAIN,
+                 why="the key may follow KEYS; the db is a client index; to the same server the key keeps "
+                     "its name, so the destination db must have the same namespace (as MOVE); to another "
+                     "server it is refused on a tenant route (the destination is outside the fence)"),
     "move": O(rewrite=h.h_move, effect=PLAIN, why="the db is a client index with its own keyspace"),
     "copy": O(rewrite=h.h_copy, effect=PLAIN, why="DB n puts the destination in another keyspace"),
     "swapdb": O(rewrite=h.h_swapdb, effect=PLAIN, why="it would swap other tenants' databases"),
@@ -156,7 +203,10 @@ OVERLAY: dict[str, dict] = {
                             "(client libraries send it on connect, so it must not cost a connection)"),
     "client|help": O(policy=PASS, effect=PLAIN, why="no keys"),
     "client|id": O(policy=PASS, effect=PIN, why=_CONNECTION),
-    "client|info": O(policy=PASS, effect=PIN, why=_CONNECTION),
+    "client|info": O(policy=PASS, effect=PIN, tenant=EMULATE, session="client_info", why=_CONNECTION,
+                     tenant_why="answered by the proxy in client terms (client db, the proxy's client id)"),
+    "client|list": O(app=PASS, effect=PLAIN, tenant=EMULATE, session="client_list", why="it lists other routes' clients",
+                     tenant_why="answered by the proxy: the route's own clients, in client terms"),
     "client|getname": O(policy=PASS, effect=STATE, session="client_getname",
                         why="on a shared link the proxy holds the name and answers (a named client keeps "
                             "the shared link); on a connection of its own the server does"),
@@ -185,7 +235,9 @@ OVERLAY: dict[str, dict] = {
                       why="shard channels are fenced like keys"),
 
     # ---- streams of replies, or none
-    "monitor": O(policy=REFUSE, effect=STREAM, session="monitor", why="it shows every client's commands and keys"),
+    "monitor": O(policy=REFUSE, app=PASS, tenant=EMULATE, effect=STREAM, session="monitor",
+                 why="it shows every client's commands and keys",
+                 tenant_why="answered by the proxy: the route's own traffic, in client terms"),
     "replconf": O(everywhere=True, effect=STREAM,
                   why="a proxy client is not a replica (REPLCONF ACK gets no reply)"),
     "sync": O(everywhere=True, effect=STREAM, why="a proxy client is not a replica (SYNC streams the dataset)"),
@@ -194,10 +246,24 @@ OVERLAY: dict[str, dict] = {
 
     # ---- refused on namespaced routes (pinned elsewhere: they are rare and some block)
     "config": O(why="server configuration is shared by every route"),
+    "config|get": O(app=PASS, tenant=EMULATE, session="config_get", effect=PLAIN,
+                    why="server configuration is shared by every route",
+                    tenant_why="answered for a safe list of parameters (overlay.CONFIG_GET_SAFE)"),
     "save": O(why=_PERSISTENCE), "bgsave": O(why=_PERSISTENCE), "bgrewriteaof": O(why=_PERSISTENCE),
     "replicaof": O(why=_REPLICATION), "slaveof": O(why=_REPLICATION), "failover": O(why=_REPLICATION),
     "module": O(why="modules are shared by every route"),
     "cluster": O(why="cluster commands are not routed"), "asking": O(why="cluster commands are not routed"),
     "slowlog": O(why="it shows other clients' keys"), "commandlog": O(why="it shows other clients' keys"),
     "latency": O(why=_SERVER), "pfselftest": O(why="it is a server self-test"),
+
+    # ---- read-only server commands: passed on app routes (a trusted application)
+    "slowlog|get": O(app=PASS, effect=PLAIN, why="it shows other clients' keys"),
+    "slowlog|len": O(app=PASS, effect=PLAIN, why="it counts other clients' commands"),
+    "slowlog|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    "commandlog|get": O(app=PASS, effect=PLAIN, why="it shows other clients' keys"),
+    "commandlog|len": O(app=PASS, effect=PLAIN, why="it counts other clients' commands"),
+    "latency|latest": O(app=PASS, effect=PLAIN, why=_SERVER), "latency|history": O(app=PASS, effect=PLAIN, why=_SERVER),
+    "latency|doctor": O(app=PASS, effect=PLAIN, why=_SERVER), "latency|histogram": O(app=PASS, effect=PLAIN, why=_SERVER),
+    "latency|graph": O(app=PASS, effect=PLAIN, why=_SERVER),
+    "module|list": O(app=PASS, effect=PLAIN, why="modules are shared by every route"),
 }

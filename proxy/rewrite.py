@@ -14,22 +14,37 @@ from typing import Callable
 
 from proxy.keyspace import Keyspace, Refused
 from proxy.keyspecs import KeySpecError
-from proxy.rules import EMULATE, PASS, REFUSE, Rule, RuleBook
+from proxy.rules import EMULATE, FENCED, PASS, REFUSE, Rule, RuleBook
 from proxy.speedups import C
 
 Transform = Callable[[bytes], bytes]
 
 
 class Ctx:
-    """What a rewrite may look at: the connection's current keyspace and its route's db map."""
+    """What a rewrite may look at: the connection's current keyspace, its route's db map and
+    policy, and (through `stats`) whether the route's upstream user is fenced by an ACL."""
 
-    __slots__ = ("ks", "route", "target", "rules")
+    __slots__ = ("ks", "route", "target", "rules", "stats", "tenant")
 
-    def __init__(self, route, target, rules: RuleBook):
+    def __init__(self, route, target, rules: RuleBook, stats=None):
         self.route = route
         self.target = target
         self.ks: Keyspace = target.keyspace
         self.rules = rules
+        self.stats = stats
+        # the tenant fence holds where there is a namespace to fence
+        self.tenant = getattr(route, "policy", "tenant") == "tenant" and self.ks.mode != "none"
+
+    @property
+    def fenced(self) -> bool:
+        """The route's upstream user is fenced to the namespace by a Redis ACL (checked at start)."""
+        return self.ks.mode == "add" and self.stats is not None and self.stats.upstream_fenced == 1
+
+    def treat(self, rule: Rule) -> str:
+        """PASS, EMULATE or REFUSE: the rule's treatment on this route and db."""
+        if self.ks.mode == "none":
+            return PASS
+        return rule.treatment(self.route.policy, self.fenced)
 
     def client_db(self, arg: bytes):
         """The DbTarget a client db index names, or Refused."""
@@ -42,19 +57,35 @@ class Ctx:
             raise Refused(f"ERR db {n} is not mapped on route {self.route.name}")
         return t
 
-    def refused(self, name: str, why: str | None = None) -> Refused:
+    def refused(self, name: str, why: str | None = None, by_policy: bool | None = None) -> Refused:
         """The error for a command this route will not run: the command, the route, why, and
-        the setting that would allow it."""
-        return refusal(self.rules.get(name), self, why)
+        the setting that would allow it (`by_policy`: the tenant policy refuses it)."""
+        return refusal(self.rules.get(name), self, why, by_policy)
 
     def rewrite(self, args: list[bytes]) -> Transform | None:
         return rewrite(args, self)
 
 
-def refusal(rule: Rule, ctx: Ctx, why: str | None = None) -> Refused:
+def policy_hint(route) -> str:
+    """How to set this route's policy to app, in the terms the user configured it."""
+    lab = getattr(route, "policy_label", "") or "listener[].policy"
+    if lab.endswith(".policy"):
+        return f'set policy = "app" on {lab[:-len(".policy")]}'
+    return f"set {lab} app" if lab.startswith("--") else f"set {lab}=app"
+
+
+def refusal(rule: Rule, ctx: Ctx, why: str | None = None, by_policy: bool | None = None) -> Refused:
     label = rule.name.upper().replace("|", " ")
     if rule.everywhere:
         return Refused(f"ERR command '{label}' is refused by the proxy on every route: {why or rule.why}")
+    if by_policy is None:
+        by_policy = rule.tenant != rule.app
+    if ctx.tenant and by_policy:
+        # refused by the tenant policy only: name the setting that would allow it
+        acl = (", or give the route an upstream user fenced by a Redis ACL (docs/security.md)"
+               if rule.tenant == FENCED else "")
+        return Refused(f"ERR command '{label}' is refused on {ctx.ks.describe()} (policy \"tenant\": "
+                       f"{why or rule.tenant_why or rule.why}); {policy_hint(ctx.route)}{acl}")
     return Refused(f"ERR command '{label}' is refused on {ctx.ks.describe()}: {why or rule.why} "
                    f"(a route without namespace passes it)")
 
@@ -75,7 +106,7 @@ def rewrite_rule(rule: Rule, args: list[bytes], ctx: Ctx) -> Transform | None:
         return rule.rewrite(args, ctx)
     if ks.mode == "none":
         return None
-    if rule.policy == REFUSE:
+    if ctx.treat(rule) == REFUSE:
         raise refusal(rule, ctx)
     if rule.positions is not None:
         try:
@@ -121,14 +152,15 @@ def compile_plan(raw_name: bytes, ctx: Ctx) -> Plan:
         return Plan(SLOW, rule)
     if ks.mode == "none":
         return Plan(PASS_PLAN, rule)
-    if rule.policy == REFUSE:
-        return Plan(SLOW, rule)  # rewrite() refuses with the reason
+    treatment = rule.tenant if ctx.tenant else rule.app
+    if treatment in (REFUSE, FENCED):
+        return Plan(SLOW, rule)  # rewrite() refuses with the reason, or passes a fenced route's script
     if rule.positions is not None:
         # add mode: prefix + key as a C call, no Python frame per key
         key_in = ks.prefix.__add__ if ks.mode == "add" else ks.key_in
         return Plan(KEYS, rule, rule.positions, key_in,
                     partial(rule.reply, ks=ks) if rule.reply is not None else None)
-    if rule.policy in (PASS, EMULATE):
+    if treatment in (PASS, EMULATE):
         return Plan(PASS_PLAN, rule)
     return Plan(SLOW, rule)
 

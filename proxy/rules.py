@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from proxy.commands import CommandTable, default_table
-from proxy.overlay import EMULATE, OVERLAY, PASS, PIN, PLAIN, REFUSE, STATE, STREAM  # noqa: F401 (re-exported)
+from proxy.overlay import (EMULATE, FENCED, OVERLAY, PASS, PIN, PLAIN, REFUSE, STATE,  # noqa: F401 (re-exported)
+                           STREAM)
 
-_FIELDS = {"effect", "policy", "everywhere", "rewrite", "reply", "session", "subscribe", "why"}
+_FIELDS = {"effect", "policy", "tenant", "app", "tenant_why", "everywhere", "rewrite", "reply", "session",
+           "subscribe", "why"}
+POLICIES = ("tenant", "app")
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,21 @@ class Rule:
     policy: str                        # on a namespaced route: PASS, EMULATE or REFUSE
     everywhere: bool                   # refused on every route
     why: str
+    tenant: str = REFUSE               # on a namespaced route with policy "tenant" (+ FENCED)
+    app: str = REFUSE                  # on a namespaced route with policy "app"
+    tenant_why: str = ""               # why `tenant` differs from `policy`
     rewrite: Callable | None = None    # handlers.py function
     reply: Callable | None = None      # replies.py transform (takes ks=)
     session: str | None = None         # Session method suffix
     subscribe: tuple | None = None     # (set, adding)
+
+    def treatment(self, policy: str, fenced: bool = False) -> str:
+        """PASS, EMULATE or REFUSE on a namespaced route of `policy`; `fenced`: the route's
+        upstream user is fenced to the namespace by a Redis ACL (FENCED passes)."""
+        t = self.tenant if policy == "tenant" else self.app
+        if t == FENCED:
+            return PASS if fenced else REFUSE
+        return t
 
     @property
     def shareable(self) -> bool:
@@ -46,8 +60,12 @@ def _check(name: str, entry: dict) -> None:
         raise ValueError(f"overlay entry {name!r}: unknown fields {sorted(unknown)}")
     if "effect" in entry and entry["effect"] not in (PLAIN, STATE, PIN, STREAM):
         raise ValueError(f"overlay entry {name!r}: bad effect {entry['effect']!r}")
-    if "policy" in entry and entry["policy"] not in (PASS, EMULATE, REFUSE):
-        raise ValueError(f"overlay entry {name!r}: bad policy {entry['policy']!r}")
+    for f, allowed in (("policy", (PASS, EMULATE, REFUSE)), ("app", (PASS, EMULATE, REFUSE)),
+                       ("tenant", (PASS, EMULATE, REFUSE, FENCED))):
+        if f in entry and entry[f] not in allowed:
+            raise ValueError(f"overlay entry {name!r}: bad {f} {entry[f]!r}")
+    if "tenant" in entry and not entry.get("tenant_why"):
+        raise ValueError(f"overlay entry {name!r}: `tenant` needs `tenant_why` (shown in refusals)")
 
 
 class RuleBook:
@@ -89,11 +107,14 @@ class RuleBook:
         else:
             effect, policy, why = PIN, REFUSE, "it is not known to stay inside the namespace"
         why = entry.get("why") or parent.get("why") or why
+        policy = entry.get("policy", policy)
         return Rule(
             name=name, known=cmd is not None, keyed=keyed,
             positions=cmd.positions if complete else None, flags=flags,
-            effect=entry.get("effect", effect), policy=entry.get("policy", policy),
-            everywhere=entry.get("everywhere", False), why=why, rewrite=rewrite,
+            effect=entry.get("effect", effect), policy=policy,
+            everywhere=entry.get("everywhere", False), why=why,
+            tenant=entry.get("tenant", policy), app=entry.get("app", policy),
+            tenant_why=entry.get("tenant_why", ""), rewrite=rewrite,
             reply=entry.get("reply"), session=entry.get("session"), subscribe=entry.get("subscribe"))
 
     def get(self, name: str) -> Rule:
@@ -125,3 +146,35 @@ def default_rules() -> RuleBook:
     if _default is None:
         _default = RuleBook()
     return _default
+
+
+_TREATMENT = {PASS: "passed", EMULATE: "emulated", REFUSE: "refused", FENCED: "refused unless the upstream user is "
+              "fenced by a Redis ACL"}
+
+
+def markdown_policies(book: RuleBook | None = None) -> str:
+    """README's table of what the two policies treat differently on a namespaced route
+    (generated from the Rules: `python -m proxy.rules`; tests/test_policy.py compares)."""
+    book = book or default_rules()
+    rows = ["| command | `tenant` | `app` |", "|---|---|---|"]
+    names = sorted(n for n in set(book.table.commands) | set(book.overlay) if n not in book.containers)
+    for name in names:
+        r = book.get(name)
+        if r.tenant == r.app or r.everywhere:
+            continue
+        label = name.upper().replace("|", " ")
+        tenant = _TREATMENT[r.tenant] + f": {r.tenant_why or r.why}"
+        app = _TREATMENT[r.app] + (f": {r.why}" if r.policy == r.app else
+                                   ": a read-only server command, as the server answers it (the application is "
+                                   "trusted)")
+        rows.append(f"| {label} | {tenant} | {app} |")
+    from proxy.overlay import CONFIG_GET_SAFE
+    rows += ["", "CONFIG GET on `tenant` answers these parameters only (a glob matches among them; any other "
+             "name is refused):", ""]
+    rows += [f"- `{name}`: {why}" for name, why in CONFIG_GET_SAFE.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m proxy.rules: README's policy table
+    print("<!-- policies: generated by python -m proxy.rules -->")
+    print(markdown_policies())

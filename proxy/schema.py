@@ -21,6 +21,7 @@ from dataclasses import dataclass
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 UPSTREAM_MODES = ("shared", "dedicated")
+POLICIES = ("tenant", "app")
 SLOT_MODES = ("spread", "pinned")   # listener[].slot
 DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
 _SSIZE_MAX = 2 ** 63 - 1   # the C hot path reads max_bulk as a Py_ssize_t
@@ -210,7 +211,7 @@ class Address(Kind):
 
 
 class Url(Kind):
-    doc = "`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`"
+    doc = "`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]` or `redis[s]+sentinel://[USER:PASSWORD@]HOST:PORT[,...]/MASTER[/DB]`"
 
     def parse(self, value, text: bool):
         from proxy.config import parse_upstream
@@ -326,6 +327,13 @@ FIELDS: tuple[Field, ...] = (
     Field("separator", Separator(), ":", "--separator", "PROXY_SEPARATOR", metavar="SEP",
           help="between namespace and key"),
     *_upstream_tls("upstream_tls", top=True),
+    Field("sentinel.username", Text(nonempty=True), None, "--sentinel-username", "PROXY_SENTINEL_USERNAME",
+          metavar="USER", default_doc="none",
+          help="redis+sentinel:// upstreams: the sentinels' ACL user (the URL's credentials are the data nodes')"),
+    Field("sentinel.password", Text(nonempty=True), None, "--sentinel-password", "PROXY_SENTINEL_PASSWORD",
+          metavar="PASSWORD", default_doc="none",
+          help="redis+sentinel://: the sentinels' password (their `requirepass`), not the data nodes'; "
+               "prefer the variable to the flag (ps shows flags)"),
     Field("listener[].name", Text(nonempty=True), default_doc="the address",
           help="the route's name in logs, metrics and errors; unique"),
     Field("listener[].listen", Address(), None, "--listen", "PROXY_LISTEN", default_doc="required",
@@ -339,6 +347,11 @@ FIELDS: tuple[Field, ...] = (
           metavar="NS", help="strip mode: client `NS:foo` <-> server `foo` (not with namespace)"),
     Field("listener[].separator", Separator(), default_doc="top-level `separator`",
           help="this route's separator"),
+    Field("listener[].policy", Choice(POLICIES), None, "--policy", "PROXY_POLICY", metavar="POLICY",
+          default_doc="`tenant` with a namespace, else `app`",
+          help="tenant: a fence for code you do not trust (scripts only with an upstream user fenced by "
+               "a Redis ACL; INFO keyspace, CLIENT LIST/INFO, MONITOR, CONFIG GET emulated for the route); "
+               "app: a trusted application (scripts and read-only server commands pass); see Policies"),
     Field("listener[].slot", Choice(SLOT_MODES), "spread", "--slot", "PROXY_SLOT", metavar="MODE",
           help="pinned: keys stored as `{NS}:key`, so the namespace is one cluster hash slot (MULTI, "
                "Lua, BRPOP across its keys); a client's own `{tag}` then no longer chooses the slot; "

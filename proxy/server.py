@@ -14,11 +14,12 @@ import ssl
 from collections import deque
 from time import perf_counter
 
+from proxy import fence
 from proxy.auth import Gate, Login, no_auth_commands
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
-from proxy.session import STREAM_AFTER, Session, UnexpectedReply
+from proxy.session import STREAM_AFTER, ClientFacts, RouteView, Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
 from proxy.stats import RouteStats
 
@@ -43,13 +44,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.upstream: UpstreamConnection | None = None
         self.shared = proxy.config.limits.upstream_mode == "shared"
+        self.view = proxy.view(route.name)   # the route's clients (CLIENT LIST, MONITOR on tenant routes)
+        self.facts: ClientFacts | None = None
         # A listener with users: the gate answers the client until it authenticates;
         # then the session of the user's route takes over (see _authenticated).
         self.gate: Gate | None = None
         if route.users is not None:
             self.session = self.gate = None
         else:
-            self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared)
+            self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared,
+                                   view=self.view)
         self.link: SharedLink | None = None   # the shared upstream connection, while on one
         self.registered = 0                  # replies registered with the link so far
         self.connecting = False
@@ -71,6 +75,10 @@ class ClientConnection(asyncio.Protocol):
         _nodelay(transport)
         self.proxy.clients.add(self)
         self.peer = transport.get_extra_info("peername")
+        self.proxy.next_client_id += 1
+        sock = transport.get_extra_info("socket")
+        self.facts = ClientFacts(self.proxy.next_client_id, _peer(self.peer),
+                                 _peer(transport.get_extra_info("sockname")), sock.fileno() if sock is not None else -1)
         self.stats.clients += 1
         self.stats.accepted += 1
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
@@ -87,6 +95,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _begin(self) -> None:
         """The session's upstream: a shared link, or a connection of its own."""
+        self.session.facts = self.facts
+        self.view.conns[self.session] = self  # one of the route's clients from here on
         if self.shared:
             self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
@@ -121,8 +131,9 @@ class ClientConnection(asyncio.Protocol):
         self.stats = self.proxy.stats.setdefault(route.name, RouteStats(route.name))
         self.stats.clients += 1
         self.stats.accepted += 1
+        self.view = self.proxy.view(route.name)
         s = self.session = Session(route, self.proxy.rules, self.proxy.config.limits, self.stats,
-                                   shared=self.shared, login=g.login)
+                                   shared=self.shared, login=g.login, view=self.view)
         self._begin()
         s.start(g.first, g.rest)
         if s.need_link is not None:
@@ -136,13 +147,17 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         up = self.route.upstream
         loop = asyncio.get_running_loop()
+        host, port = up.host, up.port
         try:
+            if up.sentinel is not None:
+                host, port = await self.proxy.sentinel_primary(up)
             _, self.upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), up.host, up.port, **up.ssl_args()),
+                loop.create_connection(lambda: UpstreamConnection(self), host, port, **up.ssl_args(host)),
                 self.proxy.config.limits.connect_timeout)
+            self.upstream.addr = (host, port)
         except (OSError, asyncio.TimeoutError) as e:
             self.stats.upstream_failures += 1
-            reason = connect_failure(up.host, up.port, e, up.tls)
+            reason = connect_failure(host, port, e, up.tls)
             log.warning("route %s: %s", self.route.name, reason,
                         extra={"event": "upstream_error", "route": self.route.name})
             self.close_reason = "upstream_error"
@@ -153,6 +168,13 @@ class ClientConnection(asyncio.Protocol):
         self.connecting = False
         if self.closed:
             self.upstream.transport.close()
+            return
+        if up.sentinel is not None and self.proxy.primary_now(up) != (host, port):
+            # the primary moved while this connection was being opened to it
+            self.close_reason = "upstream_error"
+            self.session.upstream_lost(f"the primary of {up.sentinel.master!r} moved from {format_addr(host, port)} "
+                                       "(Sentinel failover)", tell_idle=True)
+            self.flush()
             return
         self._maybe_leave_link()
         self.flush()
@@ -243,7 +265,9 @@ class ClientConnection(asyncio.Protocol):
             if up or owed:
                 self.registered = s.owed_sent
                 link = self.link
-                if link is None or link.lost:
+                if link is None or link.lost or (link.retired is not None and self._quiet_before(owed)):
+                    if link is not None:
+                        link.clients.discard(self)
                     link = self.link = self.proxy.shared_link(self.route, s.target.db, s.link_proto)
                     link.clients.add(self)
                 link.submit(self, up, owed)
@@ -269,6 +293,12 @@ class ClientConnection(asyncio.Protocol):
                     self._check_output_limit()
         if (self.draining or s.close_when_done) and not self.closed:
             self._maybe_close()
+
+    def _quiet_before(self, owed: int) -> bool:
+        """Nothing owed on the link but the `owed` replies just asked for: the
+        session may move to another link without reordering its replies."""
+        s = self.session
+        return len(s.pending) == owed and s.partial is None and s.emu is None
 
     def _check_output_limit(self) -> None:
         """A client that does not read its replies: past its output limit it is
@@ -328,6 +358,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.proxy.clients.discard(self)
+        self.view.conns.pop(self.session, None)
+        self.view.remove_monitor(self.session)
         if self in self.proxy.paused or self.close_reason == "output_limit":
             self.proxy.paused.discard(self)
             self.proxy.trim_soon()
@@ -370,6 +402,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, client: ClientConnection):
         self.client = client
         self.transport = None
+        self.addr: tuple[str, int] | None = None  # the node connected to
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -435,6 +468,8 @@ class SharedLink(asyncio.Protocol):
         self.scheduled = False
         self.buf = b""
         self.lost: str | None = None
+        self.retired: str | None = None   # why no new client comes here (see retire)
+        self.addr: tuple[str, int] | None = None  # the node connected to
         self.t_sent = 0.0
         # get_running_loop() costs a getpid() system call (its fork check): once per
         # link, not once per batch
@@ -453,12 +488,16 @@ class SharedLink(asyncio.Protocol):
     async def connect(self) -> None:
         up = self.route.upstream
         loop = asyncio.get_running_loop()
+        host, port = up.host, up.port
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: self, up.host, up.port, **up.ssl_args()),
+            if up.sentinel is not None:
+                host, port = await self.proxy.sentinel_primary(up)
+            self.addr = (host, port)
+            await asyncio.wait_for(loop.create_connection(lambda: self, host, port, **up.ssl_args(host)),
                                    self.proxy.config.limits.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.stats.upstream_failures += 1
-            self.fail(connect_failure(up.host, up.port, e, up.tls))
+            self.fail(connect_failure(host, port, e, up.tls))
             return
         self.stats.upstream_opened += 1
 
@@ -549,6 +588,8 @@ class SharedLink(asyncio.Protocol):
             self.buf = buf[pos:]
         for conn in dict.fromkeys(touched):
             conn.after_shared_replies()
+        if self.retired is not None and not owners:
+            self.close()
 
     def _pop_owner(self):
         """The client owed the reply at the head of the wire (None: the link's own request).
@@ -651,6 +692,25 @@ class SharedLink(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def retire(self, reason: str) -> None:
+        """The route's primary moved (Sentinel): no new client comes to this link;
+        its clients move to a new one as soon as they owe nothing here, and it closes
+        once every owed reply is in. Replies still owed after connect_timeout are
+        answered with an error naming `reason` (the old primary may be gone)."""
+        if self.lost or self.retired is not None:
+            return
+        self.retired = reason
+        self.proxy.forget_link(self)
+        if self.transport is None:  # not connected yet: what waits for it goes nowhere
+            return self.fail(reason)
+        if not self.owners:
+            return self.close()
+        self.loop.call_later(self.proxy.config.limits.connect_timeout, self._retire_over)
+
+    def _retire_over(self) -> None:
+        if not self.lost:
+            self.fail(f"{self.retired}; no reply from the old primary in time")
+
     def fail(self, reason: str) -> None:
         if self.lost:
             return
@@ -693,6 +753,24 @@ def _peer(peer) -> str:
     return str(peer)
 
 
+class ClientRegistry(RouteView):
+    """The clients of one route (by name), for CLIENT LIST and MONITOR on tenant routes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conns: dict[Session, ClientConnection] = {}
+
+    def sessions(self) -> list:
+        return list(self.conns)
+
+    def feed(self, line: bytes) -> None:
+        for m in list(self.monitors):
+            c = self.conns.get(m)
+            if c is not None and not c.closed:
+                c.transport.write(line)
+                c.stats.bytes_out["client"] += len(line)
+
+
 class Proxy:
     def __init__(self, config: Config, reuse_port: bool = False):
         self.config = config
@@ -718,10 +796,117 @@ class Proxy:
         self.generation = 1
         self._stopping = False
         self._idle = None
+        self.views: dict[str, ClientRegistry] = {}
+        self.next_client_id = 0
+        self.sentinels: dict = {}   # SentinelSpec -> sentinel.Watcher
+
+    def view(self, route_name: str) -> ClientRegistry:
+        v = self.views.get(route_name)
+        if v is None:
+            v = self.views[route_name] = ClientRegistry()
+        return v
 
     async def start(self) -> None:
+        await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)))
+        await self.check_fences(self.config.routes)
         for route in self.config.routes:
             await self._listen(route)
+
+    async def check_fences(self, routes: list) -> None:
+        """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
+        log line per route (each user's route for a listener with users, which sends
+        nothing upstream itself); the result is the route's keyspace_proxy_route_upstream_fenced."""
+        routes = [r for listener in routes for r in
+                  ([u.route for u in listener.users.values()] if listener.users is not None else [listener])]
+        await asyncio.gather(*(self._check_fence(r) for r in routes))
+
+    async def _check_fence(self, route: Route) -> None:
+        st = self.stats.setdefault(route.name, RouteStats(route.name))
+        st.upstream_fenced = 0
+        if not route.namespaced:
+            log.info("route %s: policy %s, no namespace: the policy changes nothing here", route.name,
+                     route.policy, extra={"event": "fence", "route": route.name})
+            return
+        if route.policy != "tenant":
+            log.info("route %s: policy app: scripts and read-only server commands pass (the application is "
+                     "trusted); upstream ACL fence not checked", route.name,
+                     extra={"event": "fence", "route": route.name})
+            return
+        try:
+            if not fence.prefixes(route):  # strip mode only: nothing for an ACL key pattern to hold
+                fenced, detail = False, "no db of the route adds a namespace an ACL key pattern could fence"
+            else:
+                up = route.upstream
+                addr = await self.sentinel_primary(up) if up.sentinel is not None else (up.host, up.port)
+                fenced, detail = await asyncio.wait_for(_probe_fence(route, addr), self.config.limits.connect_timeout)
+        except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
+            if isinstance(e, HandshakeError):  # AUTH or SELECT refused: logged as an error for the route
+                e = "the upstream refused the proxy's handshake"
+            elif isinstance(e, OSError):
+                e = connect_failure(route.upstream.host, route.upstream.port, e, route.upstream.tls)
+            fenced, detail = False, f"could not check ({e or type(e).__name__})"
+        st.upstream_fenced = 1 if fenced else 0
+        if fenced:
+            log.info("route %s: policy tenant, upstream user fenced by a Redis ACL (%s): scripts and functions "
+                     "pass", route.name, detail, extra={"event": "fence", "route": route.name})
+        else:
+            log.info("route %s: policy tenant, upstream user not fenced by a Redis ACL (%s): scripts and "
+                     "functions are refused", route.name, detail, extra={"event": "fence", "route": route.name})
+
+    # -- Sentinel upstreams (proxy/sentinel.py): where the primary is, and a switch
+
+    def watch_sentinels(self, config: Config) -> list:
+        """A watcher per sentinel upstream not watched yet, registered at once (so a
+        connection never finds none); the caller starts them."""
+        from proxy.sentinel import Watcher
+        new = []
+        for route in config.all_routes():  # users' routes may have upstreams of their own
+            up = route.upstream
+            if up.sentinel is not None and up.sentinel not in self.sentinels:
+                w = self.sentinels[up.sentinel] = Watcher(
+                    up, config.limits.connect_timeout,
+                    lambda old, addr, spec=up.sentinel: self.primary_changed(spec, old, addr))
+                new.append(w)
+        return new
+
+    async def sentinel_primary(self, up) -> tuple[str, int]:
+        """The confirmed primary of a sentinel upstream, waiting (up to connect_timeout)
+        while a switch is being confirmed. Raises SentinelError."""
+        w = self.sentinels.get(up.sentinel)
+        if w is None:  # its route was removed by a reload
+            from proxy.sentinel import SentinelError
+            raise SentinelError(f"{up.masked()} is no longer configured")
+        return await w.wait(self.config.limits.connect_timeout)
+
+    def primary_now(self, up) -> tuple[str, int] | None:
+        """The data node now: None while a sentinel upstream's primary is unknown."""
+        if up.sentinel is None:
+            return up.host, up.port
+        w = self.sentinels.get(up.sentinel)
+        return w.state.primary if w is not None else None
+
+    def primary_changed(self, spec, old, new) -> None:
+        """A sentinel upstream's primary moved from `old` (None: first found) to `new`
+        (None: being confirmed). Shared links to the old one finish what they owe and
+        close (SharedLink.retire); dedicated connections to it are closed with an error
+        for each owed reply, so their clients reconnect (and reach the new primary:
+        their connection state, MULTI or SUBSCRIBE, belonged to the old one); new
+        connections wait for the new primary."""
+        if old is None:
+            log.info("sentinel upstream %s: primary is %s", spec.master, format_addr(*new),
+                     extra={"event": "sentinel"})
+            return
+        reason = (f"the primary of {spec.master!r} moved from {format_addr(*old)}"
+                  + (f" to {format_addr(*new)}" if new else "") + " (Sentinel failover)")
+        log.warning("sentinel upstream: %s", reason, extra={"event": "sentinel"})
+        for link in list(self.links.values()):
+            if link.route.upstream.sentinel == spec and link.addr == old:
+                link.retire(reason)
+        for c in list(self.clients):
+            up = c.upstream
+            if c.route.upstream.sentinel == spec and up is not None and up.addr == old and not c.closed:
+                c.session.upstream_lost(reason)
+                c.flush()
 
     async def _listen(self, route: Route) -> None:
         loop = asyncio.get_running_loop()
@@ -789,9 +974,13 @@ class Proxy:
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
         self._reload_tls(new_routes)
+        for w in self.watch_sentinels(new):
+            asyncio.ensure_future(w.start())
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
+        # new and changed routes: is their upstream user fenced? (checked before they take clients)
+        await self.check_fences([r for r in new_routes.values() if r.listen not in old or old[r.listen] != r])
         for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
             await self._listen(route)
         for route in removed:
@@ -848,6 +1037,9 @@ class Proxy:
         for c in left:
             c.close("reload")
         current = {(rr.name, rr.upstream) for r in self.routes.values() for rr in r.with_users()}
+        used = {up.sentinel for _, up in current}
+        for spec in [s for s in self.sentinels if s not in used]:  # no route follows it any more
+            self.sentinels.pop(spec).stop()
         for key, link in list(self.links.items()):
             if (key[0], key[2]) not in current and not link.owners:
                 del self.links[key]
@@ -864,13 +1056,14 @@ class Proxy:
                 continue
             seen.add(up)
             try:
-                names = await asyncio.wait_for(_command_list(up), self.config.limits.connect_timeout)
+                addr = await self.sentinel_primary(up) if up.sentinel is not None else (up.host, up.port)
+                names = await asyncio.wait_for(_command_list(up, addr), self.config.limits.connect_timeout)
             except HandshakeError as e:  # AUTH or SELECT refused: so will every client of the route be
                 log.error("route %s: upstream %s: %s", route.name, up.masked(), e, extra={"event": "upstream_error"})
                 continue
             except Exception as e:  # the check is advisory: an unreachable upstream is reported per request
                 if isinstance(e, OSError):
-                    e = connect_failure(up.host, up.port, e, up.tls)
+                    e = connect_failure(*(self.primary_now(up) or (up.host, up.port)), e, up.tls)
                 log.warning("route %s: upstream %s: could not list its commands (%s)", route.name, up.masked(),
                             e or type(e).__name__)
                 continue
@@ -927,6 +1120,8 @@ class Proxy:
             c.close("shutdown")
         for link in list(self.links.values()):
             link.close()
+        for w in self.sentinels.values():
+            w.stop()
         for s in self.servers:
             await s.wait_closed()
 
@@ -940,11 +1135,44 @@ class HandshakeError(RuntimeError):
         return cls(why) if why else RuntimeError(error)
 
 
-async def _command_list(up) -> list[str]:
+async def _probe_fence(route: Route, addr: tuple[str, int]) -> tuple[bool, str]:
+    """Run proxy/fence.py's probe on a connection of its own to `addr` (the data node),
+    one command at a time."""
+    import hiredis
+    up = route.upstream
+    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args())
+    parser = hiredis.Reader()
+
+    async def call(cmd: list[bytes]):
+        writer.write(encode_command(cmd))
+        while (r := parser.gets()) is False:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed")
+            parser.feed(data)
+        return r
+    try:
+        for cmd in up.handshake(route.default.db):
+            r = await call(cmd)
+            if isinstance(r, hiredis.ReplyError):
+                raise HandshakeError.of(cmd, str(r))
+        gen = fence.probe(route)
+        reply = None
+        while True:
+            try:
+                cmd = gen.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply = await call(cmd)
+    finally:
+        writer.close()
+
+
+async def _command_list(up, addr: tuple[str, int]) -> list[str]:
     import hiredis
 
     from proxy.resp import encode_command
-    reader, writer = await asyncio.open_connection(up.host, up.port, **up.ssl_args())
+    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args(addr[0]))
     try:
         cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
         writer.write(b"".join(encode_command(c) for c in cmds))

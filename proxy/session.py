@@ -32,7 +32,8 @@ import logging
 import random
 import sys
 from collections import deque
-from time import monotonic
+from fnmatch import fnmatchcase
+from time import monotonic, time
 from itertools import repeat
 
 import hiredis
@@ -41,12 +42,14 @@ from proxy import emulate
 from proxy.auth import HELLO_NOAUTH, NOAUTH, Login, parse_hello, routing
 from proxy.config import Limits, Route
 from proxy.keyspace import Refused
+from proxy.keyspace import show as show_name
+from proxy.overlay import CONFIG_GET_SAFE
 from proxy.keyspecs import KeySpecError
 from proxy.pubsub import MESSAGES, ChannelMap, rewrite_frame
 from proxy.resp import (OK, PartialReply, ProtocolError, RequestReader, encode_command, error, frame_end,
                         frame_run, is_error, pack_command, split, string_value)
 from proxy.rewrite import KEYS, SLOW, Ctx, Plan, compile_plan, fast_spec, refusal, rewrite, rewrite_rule
-from proxy.rules import RuleBook, default_rules
+from proxy.rules import EMULATE, REFUSE, RuleBook, default_rules
 from proxy.speedups import C
 from proxy.stats import RouteStats
 
@@ -124,14 +127,54 @@ class TxItem:
         self.confirm = confirm
 
 
+class ClientFacts:
+    """What the shell knows about a client's socket, for CLIENT LIST / CLIENT INFO."""
+
+    __slots__ = ("id", "addr", "laddr", "fd", "created")
+
+    def __init__(self, id: int = 0, addr: str = "?", laddr: str = "?", fd: int = -1, created: float = 0.0):
+        self.id, self.addr, self.laddr, self.fd = id, addr, laddr, fd
+        self.created = created or monotonic()
+
+
+class RouteView:
+    """The small interface a session is given to its route's other clients (the shell,
+    server.py, keeps the registry): the sessions of the route, for CLIENT LIST, and the
+    route's monitors. `monitors` is empty (falsy) unless a client of the route runs
+    MONITOR: only then do the route's sessions leave the C path and report each command."""
+
+    def __init__(self):
+        self.monitors: set = set()
+        self._alone: list = []
+
+    def sessions(self) -> list:
+        return self._alone
+
+    def add_monitor(self, session) -> None:
+        self.monitors.add(session)
+
+    def remove_monitor(self, session) -> None:
+        self.monitors.discard(session)
+
+    def feed(self, line: bytes) -> None:
+        for m in list(self.monitors):
+            m.out_client.append(line)
+
+
 class Session:
     def __init__(self, route: Route, rules: RuleBook | None = None, limits: Limits | None = None,
-                 stats: RouteStats | None = None, shared: bool = False, login: Login | None = None):
+                 stats: RouteStats | None = None, shared: bool = False, login: Login | None = None,
+                 view: RouteView | None = None, facts: ClientFacts | None = None):
         self.route = route
         # A listener with users (proxy/auth.py): AUTH and HELLO ... AUTH are checked here,
         # never forwarded; after RESET the client must authenticate again (`locked`).
         self.login = login
         self.locked = False
+        self.view = view if view is not None else RouteView()
+        self.facts = facts or ClientFacts()
+        self.db_index = 0              # the client db the server confirmed (CLIENT LIST says it)
+        self.last_active = monotonic()
+        self.local_monitor = False     # MONITOR emulated for a tenant route (fed by the RouteView)
         self.stats = stats or RouteStats(route.name)
         self.rules = rules or default_rules()
         self.limits = limits or Limits()
@@ -192,20 +235,25 @@ class Session:
         self.fast_blocked = True
         if not shared:
             self.handshake()
+        if view is None:
+            self.view._alone.append(self)
 
     # ------------------------------------------------------------ plumbing
 
     def _use(self, target) -> None:
         """Rewrite the next requests for `target` (db + keyspace)."""
         self.q_target = target
-        self.ctx = Ctx(self.route, target, self.rules)
-        self.plans = self.stats.plans_for(target)
-        self.fast_specs = self.stats.fast_for(target)
+        self.ctx = Ctx(self.route, target, self.rules, self.stats)
+        key = (target, self.route.policy)  # plans depend on the namespace and the policy
+        self.plans = self.stats.plans_for(key)
+        self.fast_specs = self.stats.fast_for(key)
         ks = target.keyspace
         self.fast_mode, self.fast_prefix = FAST_MODES[ks.mode], ks.prefix
 
-    def _confirmed(self, target) -> None:
+    def _confirmed(self, target, index: int | None = None) -> None:
         """The server confirmed a db change (SELECT's +OK, its element of EXEC, RESET)."""
+        if index is not None:
+            self.db_index = index
         self.target = target
         self.cmap.target = target
         self.valid_dbs.add(target.db)
@@ -327,11 +375,12 @@ class Session:
     def client_data(self, data: bytes) -> None:
         if self.input_closed:
             return
+        self.last_active = monotonic()
         depth = 0
         while True:
             if self.fast_blocked:
                 self.fast_blocked = not self._plain()
-            if not self.fast_blocked and self.reader.idle and data[:1] == b"*":
+            if not self.fast_blocked and self.reader.idle and data[:1] == b"*" and not self.view.monitors:
                 # The C path takes the leading requests whose commands have a Spec (see
                 # rewrite.fast_spec), exactly as `handle` would; the rest go on below.
                 pending = self.pending
@@ -431,7 +480,8 @@ class Session:
             rule = self.rules.lookup(args)
         if self.login is not None and (self.locked or rule.name in _LOGIN) and self._login(args, rule.name):
             return
-        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
+        if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED
+                                                   or rule.session == "info"):
             if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
                 return self._shared_block(args)
             where = self._where_on_shared(rule, args)
@@ -445,6 +495,8 @@ class Session:
         if self.tx_open is not None and rule.session in ("select", "hello", "client_setname") \
                 and self._multi_unconfirmed(args):
             return
+        if self.view.monitors:
+            self._feed_monitors(args, rule)
         plan.count += 1
         self._label = plan.label
         show = self._show()
@@ -470,7 +522,7 @@ class Session:
                 return
             return self._queue_or_send(args, plan.reply, show)
         if rule.session is not None and not rule.everywhere:
-            if rule.policy == "refuse" and self.ctx.ks.mode != "none":
+            if self.ctx.treat(rule) == REFUSE:
                 return self._refuse(str(refusal(rule, self.ctx)), show)
             return getattr(self, "_cmd_" + rule.session)(args, show)
         try:
@@ -548,12 +600,14 @@ class Session:
         else "dedicated"."""
         if len(self.pending) >= SHARED_MAX_OWED:
             return "dedicated"
+        if rule.session == "info":  # counting another backend db's keys needs SELECT
+            return "dedicated" if self._info_selects(args) else None
         if rule.session in ("client_reply", "quit", "client_setname", "client_getname"):
             return None
         if rule.session == "hello" and self.tx is None and len(args) == 2 and args[1] in (b"2", b"3"):
             version = int(args[1])
             return version if version != self.link_proto else None
-        if rule.everywhere or (rule.policy == "refuse" and self.ctx.ks.mode != "none"):
+        if rule.everywhere or self.ctx.treat(rule) == REFUSE or self._answers_itself(rule):
             return None
         if rule.rewrite is not None:
             try:  # refused by its handler? then refused here, on the shared connection
@@ -561,6 +615,11 @@ class Session:
             except Refused:
                 return None
         return "dedicated"
+
+    def _answers_itself(self, rule) -> bool:
+        """A tenant emulation answered by the proxy without a connection of its own."""
+        return rule.session in ("client_info", "client_list", "config_get", "monitor") \
+            and self.ctx.treat(rule) == EMULATE
 
     def _shared_block(self, args: list[bytes]) -> None:
         """MULTI on a shared link. If this read holds the whole block up to EXEC or DISCARD
@@ -613,7 +672,7 @@ class Session:
         CLIENT REPLY, which is refused inside MULTI, QUIT), so nothing reaches the link."""
         if rule.session in ("client_reply", "quit") or rule.everywhere:
             return True
-        if rule.policy == "refuse" and self.ctx.ks.mode != "none":
+        if self.ctx.treat(rule) == REFUSE:
             return True
         if rule.rewrite is not None:
             try:
@@ -660,6 +719,7 @@ class Session:
         except Refused as e:
             return self._refuse(str(e), show)
         server_args = [args[0], str(target.db).encode()]
+        index = int(args[1])
         if self.tx is not None:
             # Queued: it runs at EXEC. Later queued commands are rewritten for its
             # keyspace, so it must not fail there: only a db the server accepted.
@@ -672,12 +732,12 @@ class Session:
 
             def confirm(raw: bytes) -> None:
                 if not is_error(raw):
-                    self._confirmed(target)
+                    self._confirmed(target, index)
             return self._queue_or_send(server_args, None, show, confirm)
 
         def done(raw: bytes) -> bytes:
             if not is_error(raw):
-                self._confirmed(target)
+                self._confirmed(target, index)
                 self._use(target)
             return raw
         # What follows waits for the server's answer, so that outside MULTI `target` is
@@ -712,12 +772,13 @@ class Session:
         def done(raw: bytes) -> bytes:
             if raw.startswith(b"+RESET"):
                 self.monitor = False
+                self._stop_local_monitor()
                 self.client_name = None
                 self.proto = 2
                 for s in self.subs.values():
                     s.clear()
                 self.cmap.patterns.clear()
-                self._confirmed(self.route.default)
+                self._confirmed(self.route.default, 0)
                 self._use(self.target)
             return raw
         self._send(args, Req(XFORM, self._hold_until(done)))
@@ -858,12 +919,151 @@ class Session:
     def _cmd_monitor(self, args, show) -> None:
         if self.tx is not None:
             return self._refuse("ERR MONITOR inside MULTI is refused by the proxy", show)
+        if self.ctx.treat(self.rules.get("monitor")) == EMULATE:
+            # the route's own traffic, in client terms, from the route's sessions (RouteView)
+            if not self.local_monitor:
+                self.local_monitor = True
+                self.view.add_monitor(self)
+            return self._local(OK, show)
 
         def started(raw: bytes) -> bytes:
             if not is_error(raw):
                 self.monitor = True
             return raw
         self._send(args, Req(XFORM, self._hold_until(started), show=show))
+
+    def _stop_local_monitor(self) -> None:
+        if self.local_monitor:
+            self.local_monitor = False
+            self.view.remove_monitor(self)
+
+    def _feed_monitors(self, args: list[bytes], rule) -> None:
+        """One MONITOR line for this request, in client terms (Redis's format), to the
+        route's monitors. AUTH and commands Redis keeps out of MONITOR are left out."""
+        if "skip_monitor" in rule.flags or rule.name in ("auth", "hello") or self.local_monitor:
+            return
+        shown = [_repr(a) for a in args]
+        if rule.name == "migrate":  # its AUTH / AUTH2 arguments are passwords: redacted, as Redis does
+            for i, a in enumerate(args):
+                if a.upper() == b"AUTH" and i + 1 < len(args):
+                    shown[i + 1] = b'"(redacted)"'
+                elif a.upper() == b"AUTH2" and i + 2 < len(args):
+                    shown[i + 1] = shown[i + 2] = b'"(redacted)"'
+        line = b"+%.6f [%d %s] %s\r\n" % (time(), self.db_index, self.facts.addr.encode(), b" ".join(shown))
+        self.view.feed(line)
+
+    # ---- tenant emulations: what the server would answer about every route
+
+    def _pass(self, args, show) -> None:
+        """The command as the server answers it (app routes, routes without namespace)."""
+        try:
+            transform = rewrite_rule(self.rules.lookup(args), args, self.ctx)
+        except Refused as e:
+            return self._refuse(str(e), show)
+        self._queue_or_send(args, transform, show)
+
+    def _text(self, text: bytes) -> bytes:
+        """A text reply: a verbatim string on RESP3 (as Redis answers INFO, CLIENT LIST)."""
+        if self.proto == 3:
+            return b"=%d\r\ntxt:%s\r\n" % (len(text) + 4, text)
+        return b"$%d\r\n%s\r\n" % (len(text), text)
+
+    def _cmd_info(self, args, show) -> None:
+        if self.ctx.treat(self.rules.get("info")) != EMULATE or not emulate.info_has_keyspace(args):
+            return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("info", "its keyspace section is emulated with SCAN and "
+                                                             "cannot run inside MULTI")), show)
+        gen = emulate.info(args, self._client_dbs(), self.target.db, self._text)
+        self.emu = (gen, show)
+        self._emu_step(None)
+
+    def _info_selects(self, args) -> bool:
+        """Would this INFO's emulation SELECT another backend db? (not on a shared link)"""
+        return self.tx is None and self.ctx.treat(self.rules.get("info")) == EMULATE \
+            and emulate.info_has_keyspace(args) and any(t.db != self.target.db for _, t in self._client_dbs())
+
+    def _client_dbs(self) -> list:
+        """(client db, DbTarget) for each client db of the route."""
+        out = [] if 0 in self.route.databases else [(0, self.route.default)]
+        return out + sorted(self.route.databases.items())
+
+    def client_line(self, now: float) -> bytes:
+        """This client as a line of CLIENT LIST, in client terms (Redis's format)."""
+        f = self.facts
+        subs = self.subs
+        flags = "O" if self.local_monitor else ("P" if self._subscribed() else ("x" if self.tx is not None else "N"))
+        name = (self.client_name or b"").decode("latin-1")
+        login = getattr(self.login, "user", None)  # the proxy's user (a listener with users), else the upstream's
+        user = login.name if login is not None else (self.route.upstream.username or "default")
+        return (f"id={f.id} addr={f.addr} laddr={f.laddr} fd={f.fd} name={name} age={int(now - f.created)} "
+                f"idle={int(now - self.last_active)} flags={flags} db={self.db_index} sub={len(subs['channel'])} "
+                f"psub={len(subs['pattern'])} ssub={len(subs['shard'])} "
+                f"multi={len(self.tx) if self.tx is not None else -1} watch=0 qbuf=0 qbuf-free=0 argv-mem=0 "
+                f"multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r "
+                f"cmd={self._label or 'NULL'} user={user} redir=-1 resp={self.proto}\n").encode("latin-1")
+
+    def _cmd_client_info(self, args, show) -> None:
+        if self.ctx.treat(self.rules.get("client|info")) != EMULATE or len(args) != 2:
+            return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("client|info", "answered by the proxy, it cannot be "
+                                                                    "queued in MULTI")), show)
+        self._label = "client|info"
+        self._local(self._text(self.client_line(monotonic())), show)
+
+    def _cmd_client_list(self, args, show) -> None:
+        if self.ctx.treat(self.rules.get("client|list")) != EMULATE:
+            return self._pass(args, show)
+        if self.tx is not None:
+            return self._refuse(str(self.ctx.refused("client|list", "answered by the proxy, it cannot be "
+                                                                    "queued in MULTI")), show)
+        ids, kind = None, None
+        i = 2
+        while i < len(args):
+            opt = args[i].upper()
+            if opt == b"TYPE" and i + 1 < len(args):
+                kind = args[i + 1].lower()
+                if kind not in (b"normal", b"pubsub", b"master", b"replica", b"slave"):
+                    return self._local(error(f"ERR Unknown client type '{args[i + 1].decode('latin-1')}'"), show)
+                i += 2
+            elif opt == b"ID" and i + 1 < len(args):
+                try:
+                    ids = {int(a) for a in args[i + 1:]}
+                except ValueError:
+                    return self._local(error("ERR Invalid client ID"), show)
+                break
+            else:
+                return self._local(error("ERR syntax error"), show)
+        self._label = "client|list"
+        now = monotonic()
+        lines = []
+        for sess in sorted(self.view.sessions(), key=lambda x: x.facts.id):
+            if ids is not None and sess.facts.id not in ids:
+                continue
+            if kind is not None and kind != (b"pubsub" if sess._subscribed() else b"normal"):
+                continue
+            lines.append(sess.client_line(now))
+        self._local(self._text(b"".join(lines)), show)
+
+    def _cmd_config_get(self, args, show) -> None:
+        if self.ctx.treat(self.rules.get("config|get")) != EMULATE or len(args) < 3:
+            return self._pass(args, show)
+        names: list[bytes] = []
+        for pattern in args[2:]:
+            p = pattern.decode("latin-1").lower()
+            if any(c in p for c in "*?["):
+                names += [n.encode() for n in CONFIG_GET_SAFE if fnmatchcase(n, p) and n.encode() not in names]
+            elif p in CONFIG_GET_SAFE:
+                if p.encode() not in names:
+                    names.append(p.encode())
+            else:
+                return self._refuse(str(self.ctx.refused(
+                    "config|get", f"CONFIG GET answers only {', '.join(CONFIG_GET_SAFE)}; "
+                                  f"'{show_name(pattern)}' is not among them")), show)
+        if not names:
+            return self._local(b"%0\r\n" if self.proto == 3 else b"*0\r\n", show)
+        self._queue_or_send([args[0], args[1], *names], None, show)
 
     def _cmd_emulated(self, args, show) -> None:
         name = args[0].lower()
@@ -1180,6 +1380,25 @@ def _exec_reply(raw: bytes, items: list[TxItem]) -> bytes:
     if all(item.transform is None for item in items):
         return raw
     return header + b"".join(e if t.transform is None else t.transform(e) for t, e in zip(items, elems))
+
+
+def _repr(arg: bytes) -> bytes:
+    """An argument quoted as Redis's MONITOR shows it (sdscatrepr)."""
+    out = bytearray(b'"')
+    for c in arg:
+        if c in (0x22, 0x5C):
+            out += b"\\" + bytes((c,))
+        elif c in _ESCAPES:
+            out += _ESCAPES[c]
+        elif 0x20 <= c < 0x7F:
+            out.append(c)
+        else:
+            out += b"\\x%02x" % c
+    out += b'"'
+    return bytes(out)
+
+
+_ESCAPES = {0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t", 0x07: b"\\a", 0x08: b"\\b"}
 
 
 def _decode(raw: bytes):

@@ -125,6 +125,9 @@ class RouteStats:
         self.upstream_opened = 0
         self.upstream_failures = 0
         self.upstream_up: int | None = None
+        # 1: the upstream user is fenced to the namespace by a Redis ACL (checked at start
+        # and on reload, server.probe_fence); 0: it is not, or it was not checked
+        self.upstream_fenced = 0
         self.depth = DepthHistogram(DEPTH_BUCKETS)
         self.request_seconds = Histogram(SECONDS_BUCKETS)
         self.roundtrip_seconds = Histogram(SECONDS_BUCKETS)
@@ -139,7 +142,7 @@ class RouteStats:
         self.auth_log = LogLimit()
 
     def plans_for(self, target) -> dict:
-        """The plan cache of one keyspace target (plans depend on the namespace)."""
+        """The plan cache of one keyspace target (and policy: plans depend on both)."""
         cache = self._plans.get(target)
         if cache is None:
             cache = self._plans[target] = {}

@@ -500,7 +500,7 @@ def test_rendered_configuration_keeps_each_field_in_its_table():
     assert set(listener["databases"]) == {"1"} and listener["upstream_tls"]["server_name"] == "redis.internal"
     a, b = listener["user"]
     assert a == {"name": "a", "password_sha256": "***", "upstream": "rediss://h:1/2", "namespace": "n",
-                 "separator": ":", "slot": "spread", "databases": listener["databases"],
+                 "separator": ":", "policy": "tenant", "slot": "spread", "databases": listener["databases"],
                  "upstream_tls": listener["upstream_tls"]}
     assert b["password_env"] == "V" and b["namespace"] == "bn" and set(b["databases"]) == {"3"}
     assert "secret" not in render_toml(cfg) and sha("x") not in render_toml(cfg)

@@ -45,9 +45,9 @@ ROWS = [
     ([], {}, BASE + '[metrics]\nlisten = "127.0.0.1:9121"\nport = 9121\n', "metrics.port: unknown field (known: listen)"),
     ([], {}, BASE + '[log]\ncolour = true\n', "log.colour: unknown field (known: format, level)"),
     ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, name, "
-                                        "namespace, separator, slot, strip_namespace, tls, upstream, upstream_tls, "
-                                        "user)"),
-    ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: limits, listener, log, metrics, "
+                                        "namespace, policy, separator, slot, strip_namespace, tls, upstream, "
+                                        "upstream_tls, user)"),
+    ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: limits, listener, log, metrics, sentinel, "
                                         "separator, upstream, upstream_tls)"),
     ([], {}, BASE + '[listener.databases]\n1 = { db = 2, prefix = "x" }\n',
      "listener[0].databases.1.prefix: unknown field (known: db, namespace, separator, strip_namespace)"),
@@ -96,7 +96,8 @@ ROWS = [
     (["--upstream", "redis://u:secret@h:1/0?password=x"], {}, None,
      "--upstream: query parameter 'password' is not supported in 'redis://u:***@h:1/0?password=x' (only ?db=N)"),
     (["--upstream", "http://h:1/0"], {}, None,
-     "--upstream: scheme must be redis:// or rediss:// (TLS) (got http://)"),
+     "--upstream: scheme must be redis:// or rediss:// (TLS), or redis+sentinel:// / rediss+sentinel:// "
+     "(Sentinel) (got http://)"),
     (["--upstream", "rediss://h:1/0", "--upstream-tls-verify", "maybe"], {}, None,
      "--upstream-tls-verify: expected true or false, got 'maybe'"),
     (["--upstream-tls-server-name", "redis.example"], {}, None,

@@ -307,8 +307,10 @@ def _run(proxy_port: int, a: redis.Redis, b: redis.Redis, b_port: int, proto: in
 
 @pytest.mark.parametrize("proto", [2, 3])
 def test_proxy_matches_private_server(server, server_b, fresh_db, start_proxy, proto):
+    # policy app: the generated scripts touch only their declared keys, which app trusts
+    # (tenant, the default, refuses scripts: tests/test_policy.py)
     proxy = start_proxy(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}",
-                         "--namespace", "ns"])
+                         "--namespace", "ns", "--policy", "app"])
     a = redis.Redis(host=server.host, port=server.port, db=fresh_db)
     b = redis.Redis(host=server_b.host, port=server_b.port, db=0)
 

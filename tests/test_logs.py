@@ -74,6 +74,8 @@ def test_exceptions_are_masked_too(capture):
     ("redis://user:secret@h:1/0", "redis://user:***@h:1/0"),
     ("x redis://:secret@h y rediss://a:b@c", "x redis://:***@h y rediss://a:***@c"),
     ("redis://h:1/0", "redis://h:1/0"),
+    ("redis+sentinel://:pw@h1:1,h2:2/m rediss+sentinel://u:pw@h:1/m", "redis+sentinel://:***@h1:1,h2:2/m "
+                                                                     "rediss+sentinel://u:***@h:1/m"),
 ])
 def test_mask_credentials(text, masked):
     assert mask_credentials(text) == masked
@@ -109,6 +111,8 @@ def run_proxy(args, env_extra=None):
     f"http://user:{SECRET}@h:1/0",             # scheme
     f"redis://user:{SECRET}@h:notaport/0",     # port
     f"redis://user:{SECRET}@h:99999/0",        # port range
+    f"redis+sentinel://user:{SECRET}@h:1/m/x",  # sentinel URL, bad db
+    f"redis+sentinel://user:{SECRET}@h:1/",    # sentinel URL, no master name
 ])
 def test_config_errors_never_print_the_password(url, fmt):
     for args, env in (

@@ -19,10 +19,11 @@ from proxy.keyspace import Keyspace
 
 @pytest.fixture
 def pinned(server, fresh_db, start_proxy):
-    """(proxy, NS): a pinned route on `server` db `fresh_db`; unique NS (channels are server-wide)."""
+    """(proxy, NS): a pinned route on `server` db `fresh_db`; unique NS (channels are server-wide).
+    Policy app: the tests run Lua over the pinned keys (tenant, the default, refuses scripts)."""
     ns = uniq("pin")
     p = start_proxy(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}",
-                     "--namespace", ns, "--slot", "pinned"])
+                     "--namespace", ns, "--slot", "pinned", "--policy", "app"])
     return p, ns
 
 
