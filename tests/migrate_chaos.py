@@ -30,8 +30,13 @@ RESERVED = b"keyspace-proxy:migrate:"
 
 class Chaos:
     def __init__(self, src_url: str, dst_url: str, src_ns: str = "sidekiq", seed: int = 0,
-                 preload: int = 1500, batch: int = 2, log=print):
+                 preload: int = 1500, batch: int = 2, log=print, dst_ns: str = "", migrate_to: str | None = None,
+                 migrate_from: str | None = None):
+        # src_url/dst_url: where producers and consumers connect; migrate_from/migrate_to: the
+        # --from/--to of migrate when they differ (a cluster URL, and the clients then at the
+        # owner of the namespace's one slot)
         self.src_url, self.dst_url, self.ns = src_url, dst_url, src_ns
+        self.dst_ns, self.migrate_to, self.migrate_from = dst_ns, migrate_to or dst_url, migrate_from or src_url
         self.src = redis.Redis.from_url(src_url)
         self.dst = redis.Redis.from_url(dst_url)
         self.rng = random.Random(seed)
@@ -55,6 +60,9 @@ class Chaos:
 
     def src_key(self, name: str) -> str:
         return f"{self.ns}:{name}" if self.ns else name
+
+    def dst_key(self, name: str) -> str:
+        return f"{self.dst_ns}:{name}" if self.dst_ns else name
 
     def backlog(self, n: int) -> None:
         jobs = [self._job("b") for _ in range(n)]
@@ -99,7 +107,8 @@ class Chaos:
 
     def start(self, source_consumer: bool) -> None:
         self.threads = [threading.Thread(target=self._produce, daemon=True),
-                        threading.Thread(target=self._consume, args=(self.dst_url, list(QUEUES) + [SCHEDULE]),
+                        threading.Thread(target=self._consume,
+                                         args=(self.dst_url, [self.dst_key(n) for n in (*QUEUES, SCHEDULE)]),
                                          daemon=True)]
         if source_consumer:
             self.threads.append(threading.Thread(
@@ -110,8 +119,10 @@ class Chaos:
 
     # --- migrate, killed ----------------------------------------------------------------------
     def migrate_args(self, move: bool, state: str | None) -> list[str]:
-        args = [sys.executable, "-m", "proxy", "migrate", "--from", self.src_url, "--to", self.dst_url,
+        args = [sys.executable, "-m", "proxy", "migrate", "--from", self.migrate_from, "--to", self.migrate_to,
                 "--batch", str(self.batch)]
+        if self.dst_ns:
+            args += ["--to-namespace", self.dst_ns]
         if self.ns:
             args += ["--from-namespace", self.ns]
         if move:
@@ -135,7 +146,7 @@ class Chaos:
             else:
                 self.finished += 1
             out, err = p.communicate()
-            if self.src.hlen(RESERVED + b"inflight"):
+            if self.inflight():
                 self.kills_in_flight += 1  # across servers: killed with a chunk between the sides
             if p.returncode not in (0, -signal.SIGKILL):
                 raise AssertionError(f"migrate failed ({p.returncode}): {out.decode()} {err.decode()}")
@@ -150,7 +161,7 @@ class Chaos:
     def left(self) -> list[bytes]:
         out = []
         for r, names in ((self.src, [self.src_key(n) for n in (*QUEUES, SCHEDULE)]),
-                         (self.dst, [*QUEUES, SCHEDULE])):
+                         (self.dst, [self.dst_key(n) for n in (*QUEUES, SCHEDULE)])):
             for name in names:
                 if r.type(name) == b"list":
                     out += r.lrange(name, 0, -1)
@@ -158,10 +169,14 @@ class Chaos:
                     out += r.zrange(name, 0, -1)
         return out
 
+    def inflight(self) -> int:
+        """Chunks in flight on the source (one record hash, or one per slot on a cluster)."""
+        return sum(self.src.hlen(k) for k in self.src.scan_iter(RESERVED + b"*inflight", _type="hash"))
+
     def journal_left(self) -> dict:
         """What migrate's own keys still hold after a completed run: nothing in flight."""
-        return {"in flight": self.src.hlen(RESERVED + b"inflight"),
-                "applied marks": sum(self.dst.hlen(k) for k in self.dst.scan_iter(RESERVED + b"applied:*"))}
+        return {"in flight": self.inflight(),
+                "applied marks": sum(self.dst.hlen(k) for k in self.dst.scan_iter(RESERVED + b"*applied:*"))}
 
     def books(self) -> dict:
         pushed, seen = Counter(self.pushed), Counter(self.consumed) + Counter(self.left())
@@ -172,11 +187,13 @@ class Chaos:
 
 
 def scenario(src_url: str, dst_url: str, kind: str, rounds: int, state_dir: str, seed: int = 0,
-             preload: int = 3000, max_delay: float = 0.4, log=print) -> dict:
+             preload: int = 3000, max_delay: float = 0.4, log=print, src_ns: str = "sidekiq", dst_ns: str = "",
+             migrate_to: str | None = None, migrate_from: str | None = None) -> dict:
     """kind: "move" (kill-and-rerun --move, consumers on both sides) or "copy-then-move"
     (kill-and-rerun copies, then kill-and-rerun --move; consumers on the target only, as a copy
     with old workers still popping the source would run jobs twice by definition)."""
-    c = Chaos(src_url, dst_url, seed=seed, preload=preload, log=log)
+    c = Chaos(src_url, dst_url, src_ns=src_ns, seed=seed, preload=preload, log=log, dst_ns=dst_ns,
+              migrate_to=migrate_to, migrate_from=migrate_from)
     c.load()
     c.start(source_consumer=(kind == "move"))
     try:
