@@ -102,6 +102,12 @@ class RouteStats:
         self.upstream_opened = 0
         self.upstream_failures = 0
         self.upstream_up: int | None = None
+        # Clients turned away at accept: max_clients (the process's), listener_max_clients
+        # (the listener's), fd_limit (accept() itself failed: out of file descriptors).
+        self.rejected: dict[str, int] = {}
+        self.idle_closed = 0
+        # Upstream connections declared dead for owing a reply past limits.reply_timeout.
+        self.upstream_timeouts = 0
         self.depth = DepthHistogram(DEPTH_BUCKETS)
         self.request_seconds = Histogram(SECONDS_BUCKETS)
         self.roundtrip_seconds = Histogram(SECONDS_BUCKETS)

@@ -76,7 +76,19 @@ def step_config(name: str, upstream: str, new: int, old: int, metrics: int) -> s
             .replace("127.0.0.1:6380", f"127.0.0.1:{new}")
             .replace("127.0.0.1:6381", f"127.0.0.1:{old}")
             .replace("127.0.0.1:9121", f"127.0.0.1:{metrics}")
-            .replace("reload_grace = 10.0", "reload_grace = 4.0"))
+            .replace("reload_grace = 10.0", "reload_grace = 4.0")
+            .replace("/etc/keyspace-proxy/admin-token", _token_file()))
+
+
+RELOAD_TOKEN = "runbook-reload-token"
+
+
+def _token_file() -> str:
+    import tempfile
+    path = os.path.join(tempfile.gettempdir(), f"ksp-runbook-token-{os.getpid()}")
+    with open(path, "w") as f:
+        f.write(RELOAD_TOKEN + "\n")
+    return path
 
 
 def expected_runs(job_id: str) -> int:
@@ -178,7 +190,8 @@ def test_sidekiq_runbook_end_to_end(tmp_path):
 
         # Step 2: flip both routes to the new keyspace with a reload.
         cfg.write_text(step_config("step2-new-keyspace.toml", upstream, new_port, old_port, mport))
-        req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST")
+        req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST",
+                                     headers={"Authorization": f"Bearer {RELOAD_TOKEN}"})
         assert b"2 route(s) changed" in urllib.request.urlopen(req, timeout=30).read()
         time.sleep(5)  # the old routes' connections drain (grace 4 s in this test)
         check_alive()

@@ -390,17 +390,21 @@ def test_sighup_rereads_the_certificate_for_new_connections(tls_server, tdb, cer
 def test_reload_with_an_unreadable_certificate_is_refused(tls_server, tdb, certs, start_proxy, tmp_path):
     port, mport = free_port(), free_port()
     text = _listener_toml(tls_server, tdb, port, certs.proxy_cert, certs.proxy_key, certs)
-    p = start_proxy(config_text=text + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n', port=port)
+    token = tmp_path / "admin-token"
+    token.write_text("t0ken\n")
+    admin = f'[metrics]\nlisten = "127.0.0.1:{mport}"\n[admin]\ntoken_file = "{token}"\n'
+    p = start_proxy(config_text=text + admin, port=port)
     path = os.path.join(p.tmp, "proxy.toml")
     with open(path, "w") as f:
-        f.write(text.replace(certs.proxy_key, "/no/such.key") + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
-    req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST")
+        f.write(text.replace(certs.proxy_key, "/no/such.key") + admin)
+    req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST",
+                                 headers={"Authorization": "Bearer t0ken"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400 and "listener[0].tls.cert_file, listener[0].tls.key_file" in e.value.read().decode()
     assert tls_proxy_client(p, certs.ca).ping()  # the running certificate stays
     with open(path, "w") as f:  # plain <-> TLS needs a new socket: refused, not half-applied
-        f.write(text.split("[listener.tls]")[0] + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+        f.write(text.split("[listener.tls]")[0] + admin)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert "TLS turned off" in e.value.read().decode()

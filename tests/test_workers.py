@@ -16,11 +16,13 @@ from conftest import ROOT, ProxyProcess
 from integration_helpers import Raw
 from proxy.embedded import free_port
 from proxy.workers import merge_metrics
-from test_reload import toml, wait_log, write
+from test_reload import TOKEN, toml, wait_log, write
 
 
-def get(url: str, method: str = "GET") -> tuple[int, str]:
+def get(url: str, method: str = "GET", token: str | None = TOKEN) -> tuple[int, str]:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if method == "POST" and token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read().decode()
@@ -166,6 +168,7 @@ def test_reload_reaches_every_worker_and_a_bad_file_reaches_none(server, fresh_d
         write(p, "this is = = not toml")
         status, body = get(admin + "/-/reload", "POST")
         assert status == 400 and "reload refused" in body
+        assert get(admin + "/-/reload", "POST", token="wrong")[0] == 401  # the supervisor checks the token
         write(p, toml(server, fresh_db, port, "two", mport=mport))
         status, body = get(admin + "/-/reload", "POST")
         assert status == 200, body
