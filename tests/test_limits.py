@@ -13,14 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import ROOT, ProxyProcess
-from integration_helpers import Raw, direct, wait_for
+from conftest import ROOT
+from integration_helpers import Raw, wait_for
 from proxy.embedded import free_port, start_server
 
 MAX_CLIENTS_ERROR = b"-ERR max number of clients reached\r\n"
@@ -134,7 +133,8 @@ def _run_with_nofile(args: list[str], nofile: int, port: int) -> subprocess.Pope
     """A proxy process whose soft and hard RLIMIT_NOFILE are `nofile` (so it cannot raise them)."""
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-    log = open(os.path.join(ROOT, f".limits-{port}.log"), "w+")
+    import tempfile
+    log = tempfile.NamedTemporaryFile("w+", prefix="ksp-limits-", suffix=".log", delete=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_") and k != "REDIS_URL"}
     env["PYTHONPATH"] = ROOT
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "--listen", f"127.0.0.1:{port}", *args],
