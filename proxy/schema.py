@@ -398,7 +398,7 @@ FIELDS: tuple[Field, ...] = (
           "PROXY_RECONNECT_DELAY", metavar="S",
           help="an upstream that failed is tried again after this, doubling per failure (with jitter); "
                "until it answers, requests fail at once"),
-    Field("limits.reconnect_delay_max", Seconds(0.0, inclusive=False), 10.0, "--reconnect-delay-max",
+    Field("limits.reconnect_delay_max", Seconds(0.0, inclusive=False), 2.0, "--reconnect-delay-max",
           "PROXY_RECONNECT_DELAY_MAX", metavar="S", help="the most the reconnect delay grows to"),
     Field("log.level", Choice(LEVELS), "info", "--log-level", "PROXY_LOG_LEVEL", metavar="LEVEL",
           help="least severe level logged"),

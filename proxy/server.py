@@ -993,9 +993,6 @@ class Listener:
                     self._turned_away(route, "fd_limit")
             proxy.take_reserve()
         if conn is None or proxy.reserve_fd is None:
-            if route is not None:
-                st = proxy.stats[route.name]
-                st.rejected["fd_limit"] = st.rejected.get("fd_limit", 0)
             log.warning("listener %s: accept failed (%s); accepting again in %gs", format_addr(*self.listen),
                         os.strerror(e.errno), ACCEPT_PAUSE, extra={"event": "max_clients"})
             self._pause()
