@@ -463,3 +463,37 @@ def test_migrate_between_a_tls_server_and_a_plain_one(tls_server, plain_redis, c
     assert src.get("back:a") == b"1"
     src.flushdb()
     dst.flushdb()
+
+
+def test_max_clients_on_a_tls_listener_is_said_after_the_handshake(tls_server, tdb, certs, start_proxy):
+    """Redis drops a TLS client over maxclients without a word (nothing can be written
+    before the handshake); the proxy tells it after the handshake (issue 13, item 7)."""
+    import socket
+    port = free_port()
+    text = _listener_toml(tls_server, tdb, port, certs.proxy_cert, certs.proxy_key, certs)
+    p = start_proxy(config_text=text.replace('namespace = "r"\n', 'namespace = "r"\nmax_clients = 1\n'), port=port)
+    ctx = ssl.create_default_context(cafile=certs.ca)
+
+    def tls_ping() -> tuple[object, bytes]:
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=10), server_hostname="localhost")
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return s, data
+
+    deadline = time.monotonic() + 10
+    while True:  # the start-up check's connection holds the one slot until the proxy sees it go
+        first, reply = tls_ping()
+        if reply == b"+PONG\r\n" or time.monotonic() > deadline:
+            break
+        first.close()
+        time.sleep(0.05)
+    assert reply == b"+PONG\r\n"
+    second, reply = tls_ping()
+    assert reply == b"-ERR max number of clients reached\r\n"
+    second.close()
+    first.close()
