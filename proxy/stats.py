@@ -105,7 +105,6 @@ class RouteStats:
         # Clients turned away at accept: max_clients (the process's), listener_max_clients
         # (the listener's), fd_limit (accept() itself failed: out of file descriptors).
         self.rejected: dict[str, int] = {}
-        self.idle_closed = 0
         # Upstream connections declared dead for owing a reply past limits.reply_timeout.
         self.upstream_timeouts = 0
         self.depth = DepthHistogram(DEPTH_BUCKETS)
