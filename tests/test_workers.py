@@ -185,6 +185,27 @@ def test_reload_reaches_every_worker_and_a_bad_file_reaches_none(server, fresh_d
         assert p.stop() == 0
 
 
+def test_workers_serve_the_admin_address_apart_from_metrics(server, fresh_db):
+    port, mport, aport = free_port(), free_port(), free_port()
+
+    def config(ns):
+        text = toml(server, fresh_db, port, ns, mport=mport)
+        return text.replace("[admin]\n", f'[admin]\nlisten = "127.0.0.1:{aport}"\n')
+    p = ProxyProcess(["--workers", "2"], config_text=config("one"), port=port)
+    try:
+        wait_log(p, "2 workers listening")
+        assert f"admin on http://127.0.0.1:{aport}: POST /-/reload with the admin token" in p.output()
+        status, body = get(f"http://127.0.0.1:{mport}/-/reload", "POST")
+        assert status == 404 and f"127.0.0.1:{aport}" in body
+        assert get(f"http://127.0.0.1:{aport}/metrics")[0] == 404
+        assert get(f"http://127.0.0.1:{aport}/-/reload", "POST", token="wrong")[0] == 401
+        write(p, config("two"))
+        status, body = get(f"http://127.0.0.1:{aport}/-/reload", "POST")
+        assert status == 200 and "worker 0: generation 2" in body and "worker 1: generation 2" in body, body
+    finally:
+        assert p.stop() == 0
+
+
 def test_workers_refuse_port_zero_and_bad_counts():
     env = dict(os.environ, PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "proxy", "--listen", "127.0.0.1:0", "--workers", "2"],
