@@ -478,7 +478,12 @@ class Session:
                 self.pending.append(plan.entry)
                 self.owed_sent += 1
                 return
-            return self._queue_or_send(args, plan.reply, show)
+            self._queue_or_send(args, plan.reply, show)
+            entry = plan.entry
+            if entry is not None and entry.data is BLOCKING and self.tx is None:  # CLIENT REPLY OFF/SKIP
+                last = self.pending[-1]
+                self.pending[-1] = Req(entry.kind, entry.fn, BLOCKING, show=last is None or last.show)
+            return
         if rule.session is not None and not rule.everywhere:
             if rule.policy == "refuse" and self.ctx.ks.mode != "none":
                 return self._refuse(str(refusal(rule, self.ctx)), show)

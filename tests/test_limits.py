@@ -364,3 +364,28 @@ def test_black_hole_listener_that_never_answers(start_proxy):
         hole.close()
         for s in held:
             s.close()
+
+
+# -- which replies are timed (sans-IO: the Session alone)
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_blocking_requests_are_not_timed_and_others_are(shared):
+    from proxy.session import Session
+    from test_session import c, make_route
+    s = Session(make_route("add"), shared=shared)
+    s.client_data(c("GET", "k"))
+    assert s.owes_timed_reply()
+    s.upstream_data(b"$-1\r\n")
+    assert not s.owes_timed_reply() and s.may_idle_close
+    if shared:
+        return  # a blocking command moves a shared client to a connection of its own first
+    s.client_data(c("BLPOP", "q", "0"))
+    assert not s.owes_timed_reply() and not s.may_idle_close
+    s.upstream_data(b"*-1\r\n")
+    s.client_data(c("CLIENT", "REPLY", "OFF") + c("BRPOP", "q", "5") + c("XREAD", "BLOCK", "0", "STREAMS", "s", "$"))
+    assert not s.owes_timed_reply()     # still blocking with its reply dropped
+    s.upstream_data(b"*-1\r\n*-1\r\n")
+    assert not s.pending
+    s.client_data(c("SUBSCRIBE", "ch"))
+    s.upstream_data(b"*3\r\n$9\r\nsubscribe\r\n$6\r\napp:ch\r\n:1\r\n")
+    assert not s.may_idle_close         # subscribed: never idle-closed, as in Redis
