@@ -64,7 +64,7 @@ def check_routes(cfg: Config, out=sys.stdout) -> int:
     """One line per route and client db; the number of problems."""
     problems = 0
     cache: dict[tuple[Upstream, int], str | None] = {}
-    for r in cfg.routes:
+    for r in cfg.traffic_routes():
         for client_db, db in r.dbs():
             key = (r.upstream, db)
             if key not in cache:

@@ -21,7 +21,10 @@ from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invali
 ENV_FALLBACKS = {f.attr: f.env for f in FIELDS if f.flag and f.env and f.env.startswith("PROXY_")}
 # Variables that shape the single route of the flags; with a config file they do not apply
 # (the image sets PROXY_LISTEN; the listeners come from the file).
-ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "tls_cert_file", "tls_key_file", "tls_ca_file")
+ROUTE_ONLY = ("listen", "namespace", "strip_namespace", "separator", "slot", "tls_cert_file", "tls_key_file",
+              "tls_ca_file", "password_sha256", "password_file", "password_env")
+# the `default` user of the flags' single route: flag attribute -> [[listener.user]] field
+PASSWORD = {"password_sha256": "password_sha256", "password_file": "password_file", "password_env": "password_env"}
 # [listener.tls] of the flags' single route: flag attribute -> field
 LISTENER_TLS = {"tls_cert_file": "cert_file", "tls_key_file": "key_file", "tls_ca_file": "ca_file"}
 # top-level [upstream_tls]: flag attribute -> field (flags and variables win over the file's)
@@ -42,7 +45,8 @@ def build_parser(prog: str = "keyspace-proxy", subcommands: bool = True) -> argp
         epilog += "subcommands (each has --help):\n" + "\n".join(
             f"  {prog} {s:<{width}}  {what}" for s, what in SUBCOMMANDS) + "\n\n"
     epilog += ("environment variables (a flag given wins; an empty variable counts as unset; with a config\n"
-               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE and PROXY_SEPARATOR do not\n"
+               "file, PROXY_LISTEN, PROXY_NAMESPACE, PROXY_STRIP_NAMESPACE, PROXY_SEPARATOR, PROXY_SLOT\n"
+               "and the listener's TLS and password variables (PROXY_TLS_*, PROXY_PASSWORD*) do not\n"
                "apply, and the others override the file):\n" + env_help() + "\n\n"
                "Configuration errors exit 2 with one line naming the flag, variable or TOML field.")
     p = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
@@ -124,18 +128,27 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
     else:
         if a.listen is None:
             raise ConfigError("--listen: required (or --config FILE); HOST:PORT, e.g. 127.0.0.1:6380")
-        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace") if getattr(a, k) is not None}
+        entry = {k: getattr(a, k) for k in ("listen", "namespace", "strip_namespace", "slot")
+                 if getattr(a, k) is not None}
         labels = {k: _source(a, k) for k in entry}
         tls = {name: getattr(a, attr) for attr, name in LISTENER_TLS.items() if getattr(a, attr) is not None}
         if tls:
             entry["tls"] = tls
             labels.update({f"tls.{name}": _source(a, attr) for attr, name in LISTENER_TLS.items()})
+        pw = {name: getattr(a, attr) for attr, name in PASSWORD.items() if getattr(a, attr) is not None}
+        if pw:
+            labels.update({f"user.{name}": _source(a, attr) for attr, name in PASSWORD.items()})
+        elif environ.get("PROXY_PASSWORD"):  # the password itself in a variable (never a flag: ps shows flags)
+            pw = {"password_env": "PROXY_PASSWORD"}
+            labels["user.password_env"] = "PROXY_PASSWORD"
+        if pw:
+            entry["user"] = [{"name": "default", **pw}]
         up_tls = {name: (_parse(a, attr), _source(a, attr)) for attr, name in UPSTREAM_TLS.items()
                   if getattr(a, attr) is not None}
         default_upstream = parse_url(upstream, upstream_label) if upstream else DEFAULT_UPSTREAM
         sep = _parse(a, "separator")
         route = build_route(entry, default_upstream, ":" if sep is None else sep, 0, labels=labels, text=True,
-                            upstream_tls=up_tls)
+                            upstream_tls=up_tls, environ=environ)
         check_upstream_tls_used([route], up_tls)
         cfg = Config([route])
     metrics = _parse(a, "metrics_listen")

@@ -223,6 +223,8 @@ def parse_upstream(url: str) -> Upstream:
     (credentials masked). A rediss:// upstream gets the default TLS settings (the
     system's CAs, verification on); [upstream_tls] settings are applied by the caller."""
     shown = repr(mask_url(url))
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        refuse_cluster(parse_cluster_url(url))
     if "://" not in url:
         hint = f" (e.g. redis://{url}/0)" if ":" in url and url.rpartition(":")[2].isdigit() else ""
         raise Invalid(f"expected a URL, {URL_FORM}{hint}, got {shown}")
@@ -262,6 +264,69 @@ def parse_upstream(url: str) -> Upstream:
     password = unquote(u.password) if u.password else None
     return Upstream(u.hostname, port or 6379, db or 0, user or None, password,
                     UpstreamTLS() if u.scheme == "rediss" else None)
+
+
+# -- Redis Cluster upstreams: parsed, then refused until routing over a cluster exists
+# (docs/cluster.md says what is built and what is designed only).
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True)
+class ClusterUpstream:
+    seeds: tuple[tuple[str, int], ...]   # where to ask for the slot map, in the URL's order
+    username: str | None = None
+    password: str | None = None
+    tls: UpstreamTLS | None = None       # rediss+cluster://
+
+    def masked(self) -> str:
+        auth = (self.username or "") + ":***@" if (self.username or self.password) else ""
+        scheme = "rediss+cluster" if self.tls is not None else "redis+cluster"
+        return f"{scheme}://{auth}{','.join(format_addr(h, p) for h, p in self.seeds)}"
+
+
+def parse_cluster_url(url: str) -> ClusterUpstream:
+    """`redis+cluster://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/0]` (rediss+cluster://
+    for TLS): seed nodes, IPv6 in brackets, port 6379 when left out. A cluster has db 0
+    only, so a path is `/0` or nothing; no query. Raises Invalid (credentials masked)."""
+    shown = repr(mask_url(url))
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        raise Invalid(f"scheme must be redis+cluster:// or rediss+cluster:// (got {scheme}://)")
+    at = rest.rfind("@")
+    auth, rest = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
+    hosts, slash, path = rest.partition("/")
+    if "?" in hosts or "?" in path or "#" in rest:
+        raise Invalid(f"unexpected query or fragment in {shown} (a cluster URL takes none)")
+    if slash and path not in ("", "0"):
+        raise Invalid(f"a cluster has db 0 only, got /{path} in {shown}")
+    seeds = []
+    for part in hosts.split(","):
+        host, port = part, "6379"
+        if part.startswith("["):
+            end = part.find("]")
+            host, tail = part[1:end], part[end + 1:]
+            if end < 0 or (tail and not tail.startswith(":")):
+                raise Invalid(f"bad seed {part!r} in {shown}: write IPv6 as [::1]:7000")
+            port = tail[1:] or port
+        elif ":" in part:
+            host, _, port = part.rpartition(":")
+        if not host or ":" in host and not part.startswith("["):
+            raise Invalid(f"bad seed {part!r} in {shown}: expected HOST:PORT (IPv6 as [::1]:7000)")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise Invalid(f"port must be a number from 1 to 65535 in seed {part!r} of {shown}")
+        seeds.append((host, int(port)))
+    user, _, password = auth.partition(":")
+    return ClusterUpstream(tuple(seeds), unquote(user) or None, unquote(password) or None,
+                           UpstreamTLS() if scheme == "rediss+cluster" else None)
+
+
+def refuse_cluster(c: ClusterUpstream):
+    """Fail closed: a valid cluster URL is refused at start, so nothing claims to route
+    over a cluster before that is built."""
+    raise Invalid(f"{c.masked()}: Redis Cluster upstreams are not supported yet (routing over a cluster is "
+                  "designed in docs/cluster.md, not built); point the proxy at a single server or a "
+                  "cluster-mode-disabled primary with redis:// or rediss://")
 
 
 def parse_url(url: str, field_name: str = "upstream") -> Upstream:
@@ -319,9 +384,22 @@ class Route:
     # TLS for clients. Not part of the comparison: new certificates (or new paths) are
     # taken by new connections on reload, and existing connections need not be drained.
     tls: ListenerTLS | None = field(default=None, compare=False)
+    # [[listener.user]]: clients must authenticate, and each user has a route of its own
+    # (proxy/auth.py). None: no authentication. By user name.
+    users: dict | None = None
     # Not part of the comparison either: a new limit applies to new connections and
     # needs no drain.
     max_clients: int | None = field(default=None, compare=False)
+
+    def with_users(self) -> list["Route"]:
+        """This route and, for a listener with users, each user's route."""
+        return [self] + [u.route for u in (self.users or {}).values()]
+
+    @property
+    def slot(self) -> str:
+        """`pinned` when the route's namespaces are hash tags (pin_route), else `spread`."""
+        ks = [self.default.keyspace] + [t.keyspace for t in self.databases.values()]
+        return "pinned" if any(k.pinned for k in ks) else "spread"
 
     def target(self, client_db: int) -> DbTarget | None:
         if client_db in self.databases:
@@ -337,13 +415,16 @@ class Route:
     def describe(self, bound: tuple | None = None) -> str:
         """`127.0.0.1:6380 -> redis://...`; `bound`: the address the socket got (port 0)."""
         ks = self.default.keyspace
-        mode = {"add": f"namespace '{ks.namespace.decode()}' added",
+        mode = {"add": f"namespace '{ks.namespace.decode()}' added" + (
+                    f" as the hash tag {{{ks.namespace.decode()}}} (pinned to one slot)" if ks.pinned else ""),
                 "strip": f"namespace '{ks.namespace.decode()}' stripped", "none": "no namespace"}[ks.mode]
         extra = f", client dbs {sorted(set(self.databases) | {0})} mapped" if self.databases else ""
         host, port = (bound or self.listen)[:2]
         tls = ""
         if self.tls is not None:
             tls = ", TLS" + (" with client certificates" if self.tls.ca_file else "")
+        if self.users is not None:  # its clients take their user's route (logged under it)
+            return f"{format_addr(host, port)}{tls}, {len(self.users)} user(s): clients must authenticate"
         return f"{format_addr(host, port)}{tls} -> {self.upstream.masked()} ({mode}{extra})"
 
     def dbs(self) -> list[tuple[int, int]]:
@@ -399,6 +480,15 @@ class Config:
         """Where POST /-/reload is served: the admin address, else the metrics port."""
         return self.admin_listen or self.metrics_listen
 
+    def all_routes(self) -> list[Route]:
+        """Every route: the listeners' and their users' (each has its stats)."""
+        return [rr for r in self.routes for rr in r.with_users()]
+
+    def traffic_routes(self) -> list[Route]:
+        """The routes clients' commands take: a listener with users sends nothing upstream
+        itself (its clients take their user's route), so only its users' routes count."""
+        return [rr for r in self.routes for rr in (r.with_users()[1:] if r.users is not None else [r])]
+
 
 def read_token(path: str, label: str) -> str:
     """The admin token from a file (a trailing newline is not part of it)."""
@@ -416,7 +506,10 @@ def read_token(path: str, label: str) -> str:
     return token
 
 
-SUBTABLES = ("databases", "tls", "upstream_tls")  # [listener.X] tables
+SUBTABLES = ("databases", "tls", "upstream_tls", "user")  # [listener.X] tables
+# What a [[listener.user]] may set of its listener's route (any route field, so a field
+# added to [[listener]] works per user too): all but the listener's address, name, TLS.
+NOT_PER_USER = ("listen", "name", "tls", "user", "max_clients")  # max_clients: counted per listener
 
 
 def sub_table(entry: dict, key: str, section: str, where: str, labels: dict[str, str] | None = None,
@@ -483,13 +576,15 @@ def check_upstream_tls_used(routes: list, vals: dict[str, tuple]) -> None:
 
 def build_route(entry: dict, default_upstream, default_sep: str, index: int,
                 labels: dict[str, str] | None = None, text: bool = False,
-                upstream_tls: dict[str, tuple] | None = None, tls_cache: dict | None = None) -> Route:
+                upstream_tls: dict[str, tuple] | None = None, tls_cache: dict | None = None,
+                environ=None, where: str | None = None) -> Route:
     """One route from a [[listener]] table (or from flags: `labels` names each key as the
     user gave it, `text` says the values are strings from flags or variables).
     `default_upstream`: a URL string or an Upstream, for a listener without its own.
     `upstream_tls`: the top-level [upstream_tls] as {name: (value, label)}, for a
-    rediss:// upstream; the listener's own [listener.upstream_tls] fields win over it."""
-    where = f"listener[{index}]"
+    rediss:// upstream; the listener's own [listener.upstream_tls] fields win over it.
+    `environ`: where password_env variables are read ([[listener.user]])."""
+    where = where or f"listener[{index}]"
     labels = labels or {}
 
     def label(k: str) -> str:
@@ -552,8 +647,122 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
         else:
             dks = ks  # the listener's fence holds in every db unless a db says otherwise
         databases[int(cdb)] = DbTarget(dvals["db"], dks)
-    return Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls,
-                 vals.get("max_clients"))
+    route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, listener_tls,
+                  max_clients=vals.get("max_clients"))
+    route = pin_route(route, vals.get("slot", "spread"), label("slot"))
+    if "user" in entry:
+        route.users = build_users(entry, route, default_upstream, default_sep, index, labels, text,
+                                  upstream_tls, tls_cache, environ)
+    return route
+
+
+def build_users(entry: dict, listener: Route, default_upstream, default_sep: str, index: int,
+                labels: dict[str, str], text: bool, upstream_tls, tls_cache, environ) -> dict:
+    """The [[listener.user]] tables of a listener: each user's password (as its SHA-256)
+    and its route, built by build_route from the listener's table with the user's
+    route fields over it (so every route field works per user)."""
+    from proxy.auth import User, digest
+    where = f"listener[{index}]"
+    tables = entry["user"]
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{labels.get('user', where + '.user')}: expected [[listener.user]] tables "
+                          f"(two brackets), got {show(tables, text)}")
+    fields = section_fields("listener[].user[]")
+    route_keys = [k for k in list(section_fields("listener[]")) + list(SUBTABLES) if k not in NOT_PER_USER]
+    users: dict = {}
+    for j, t in enumerate(tables):
+        uw = f"{where}.user[{j}]"
+
+        def label(k: str) -> str:
+            return labels.get(f"user.{k}", f"{uw}.{k}")
+        if not isinstance(t, dict):
+            raise ConfigError(f"{uw}: expected a [[listener.user]] table, got {show(t, text)}")
+        for k in t:
+            if k not in fields and k not in route_keys:
+                raise ConfigError(f"{label(k)}: unknown field (known: {', '.join(sorted(set(fields) | set(route_keys)))})")
+        if "name" not in t:
+            raise ConfigError(f"{label('name')}: required (the user name clients give; `default` for "
+                              "one-argument AUTH)")
+        name = _value("listener[].user[].name", t["name"], label("name"), text)
+        if name in users:
+            raise ConfigError(f"{label('name')}: user {name!r} is already listener {listener.name}'s user "
+                              f"(user names are unique per listener)")
+        given = [k for k in ("password_sha256", "password_file", "password_env") if k in t]
+        if len(given) != 1:
+            raise ConfigError(f"{', '.join(label(k) for k in given) if given else label('password_sha256')}: "
+                              f"give exactly one of password_sha256, password_file, password_env"
+                              f"{' (got ' + str(len(given)) + ')' if given else ''}")
+        how = given[0]
+        value = _value(f"listener[].user[].{how}", t[how], label(how), text)
+        if how == "password_sha256":
+            dig, source = value, (how, "***")
+        elif how == "password_file":
+            dig, source = digest(_password_file(value, label(how))), (how, value)
+        else:
+            env = os.environ if environ is None else environ
+            pw = env.get(value)
+            if not pw:
+                raise ConfigError(f"{label(how)}: the environment variable {value} is "
+                                  f"{'empty' if pw is not None else 'not set'} (it should hold the password)")
+            dig, source = digest(pw.encode("utf-8", "surrogateescape")), (how, value)
+        merged = {k: v for k, v in entry.items() if k not in NOT_PER_USER or k == "listen"}
+        if "namespace" in t or "strip_namespace" in t:  # the user chooses the mode
+            merged.pop("namespace", None)
+            merged.pop("strip_namespace", None)
+        if "upstream_tls" in t and isinstance(t["upstream_tls"], dict) and isinstance(entry.get("upstream_tls"), dict):
+            merged["upstream_tls"] = {**entry["upstream_tls"], **t["upstream_tls"]}
+            t = {k: v for k, v in t.items() if k != "upstream_tls"}
+        merged.update({k: v for k, v in t.items() if k in route_keys})
+        merged["name"] = f"{listener.name}/{name}"
+        ulabels = {k: label(k) for k in t if k in route_keys}
+        ulabels.update({k: v for k, v in labels.items() if k in merged and k not in t and not k.startswith("user.")})
+        route = build_route(merged, default_upstream, default_sep, index, ulabels, text, upstream_tls, tls_cache,
+                            environ, where=uw)
+        users[name] = User(name, dig, route, source)
+    return users
+
+
+def _password_file(path: str, label: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: cannot read {path!r}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{label}: cannot read {path!r}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: {path!r} is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot read {path!r}: {(e.strerror or str(e)).lower()}") from None
+    if data.endswith(b"\n"):  # one trailing newline, as `echo secret > file` writes it
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if not data:
+        raise ConfigError(f"{label}: {path!r} is empty (it should hold the password)")
+    return data
+
+
+def pin_route(route: Route, slot: str, label: str) -> Route:
+    """`slot = "pinned"`: every add-mode keyspace of the route writes its namespace as the
+    keys' hash tag, `{NS}:key` (proxy/keyspace.py), so a namespace is one cluster slot.
+    Refused where that cannot hold: no namespace to pin, strip mode (the client's names
+    are the server's), a namespace with `}` (the tag would end inside it)."""
+    if slot != "pinned":
+        return route
+    targets = [("", route.default)] + [(f" (client db {c})", t) for c, t in sorted(route.databases.items())]
+    for where, t in targets:
+        ks = t.keyspace
+        if ks.mode == "strip":
+            raise ConfigError(f"{label}: pinned works with namespace (add mode), not strip_namespace "
+                              f"'{ks.namespace.decode()}'{where}")
+        if ks.mode == "add" and b"}" in ks.namespace:
+            raise ConfigError(f"{label}: namespace '{ks.namespace.decode()}'{where} contains '}}': pinned "
+                              "writes it as the hash tag {NS}, which would end at that brace")
+    if not any(t.keyspace.mode == "add" for _, t in targets):
+        raise ConfigError(f"{label}: pinned needs a namespace (it becomes every key's hash tag, {{NS}}:key)")
+
+    def pin(t: DbTarget) -> DbTarget:
+        return DbTarget(t.db, replace(t.keyspace, pinned=True)) if t.keyspace.mode == "add" else t
+    return replace(route, default=pin(route.default), databases={c: pin(t) for c, t in route.databases.items()})
 
 
 def load_toml(path: str, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -612,7 +821,8 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
     for i, e in enumerate(listeners):
         if not isinstance(e, dict):
             raise ConfigError(f"listener[{i}]: expected a [[listener]] table, got {show(e, False)}")
-        routes.append(build_route(e, default_upstream, sep, i, upstream_tls=up_tls, tls_cache=tls_cache))
+        routes.append(build_route(e, default_upstream, sep, i, upstream_tls=up_tls, tls_cache=tls_cache,
+                                  environ=environ))
     check_upstream_tls_used(routes, up_tls)
     addresses: dict[tuple, int] = {}
     names: dict[str, int] = {}
@@ -620,10 +830,13 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
         if r.listen in addresses:
             raise ConfigError(f"listener[{i}].listen: {format_addr(*r.listen)} is already "
                               f"listener[{addresses[r.listen]}]'s address (each listener needs its own)")
-        if r.name in names:
-            raise ConfigError(f"listener[{i}].name: {r.name!r} is already listener[{names[r.name]}]'s name "
-                              "(names must be unique: logs and metrics tell routes apart by them)")
-        addresses[r.listen], names[r.name] = i, i
+        for rr in r.with_users():
+            if rr.name in names:
+                raise ConfigError(f"listener[{i}].name: {rr.name!r} is already listener[{names[rr.name]}]'s "
+                                  "name (names must be unique: logs and metrics tell routes apart by them"
+                                  f"{'' if rr is r else '; a user route is named LISTENER/USER'})")
+            names[rr.name] = i
+        addresses[r.listen] = i
     metrics = None
     section = _table(data, "metrics")
     for k, v in section.items():
@@ -673,32 +886,47 @@ def _keyspace_toml(ks: Keyspace) -> list[str]:
     return out
 
 
+def _route_toml(r: Route, table: str) -> tuple[list[str], list[str]]:
+    """A route's upstream, keyspace and slot (its table's own lines), and its upstream TLS
+    and db map sub-tables, which go after every line of the table (passwords as ***)."""
+    scalars = [f"upstream = {_toml_str(r.upstream.masked())}"] + _keyspace_toml(r.default.keyspace)
+    scalars.append(f"slot = {_toml_str(r.slot)}")
+    lines = []
+    t = r.upstream.tls
+    if t is not None:
+        lines.append(f"[{table}.upstream_tls]")
+        lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
+                  if getattr(t, k) is not None]
+        lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
+        lines.append(f"verify = {'true' if t.verify else 'false'}")
+    if r.databases:
+        lines.append(f"[{table}.databases]")
+        for c, t in sorted(r.databases.items()):
+            parts = [f"db = {t.db}"] + _keyspace_toml(t.keyspace)
+            lines.append(f"{c} = {{ {', '.join(parts)} }}")
+    return scalars, lines
+
+
 def render_toml(cfg: Config) -> str:
     """The configuration as a TOML file that would give it, every default spelled out and
     passwords shown as ***."""
     lines = []
     for r in cfg.routes:
-        lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}",
-                  f"upstream = {_toml_str(r.upstream.masked())}"]
-        lines += _keyspace_toml(r.default.keyspace)
+        lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}"]
+        scalars, subtables = _route_toml(r, "listener")
+        lines += scalars
         if r.max_clients is not None:
             lines.append(f"max_clients = {r.max_clients}")
         if r.tls is not None:
             lines.append("[listener.tls]")
             lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")
                       if getattr(r.tls, k) is not None]
-        t = r.upstream.tls
-        if t is not None:
-            lines.append("[listener.upstream_tls]")
-            lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
-                      if getattr(t, k) is not None]
-            lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
-            lines.append(f"verify = {'true' if t.verify else 'false'}")
-        if r.databases:
-            lines.append("[listener.databases]")
-            for c, t in sorted(r.databases.items()):
-                parts = [f"db = {t.db}"] + _keyspace_toml(t.keyspace)
-                lines.append(f"{c} = {{ {', '.join(parts)} }}")
+        lines += subtables
+        for u in (r.users or {}).values():
+            how, value = u.source
+            lines += ["[[listener.user]]", f"name = {_toml_str(u.name)}", f"{how} = {_toml_str(value)}"]
+            scalars, subtables = _route_toml(u.route, "listener.user")
+            lines += scalars + subtables
         lines.append("")
     if cfg.metrics_listen:
         lines += ["[metrics]", f"listen = {_toml_str(format_addr(*cfg.metrics_listen))}", ""]

@@ -5,6 +5,16 @@ Three modes:
   strip  client `NS:foo`  <-> server `foo`
   none   identity (a transparent db router)
 Channels are mapped the same way as keys (a namespaced app's pub/sub is fenced too).
+
+Pinned (add mode, a route's `slot = "pinned"`): the namespace is written as a hash tag,
+client `foo` <-> server `{NS}:foo`, so every key of the namespace is in one Redis
+Cluster hash slot (the slot of NS). The namespace's braces come first, so a client key's
+own `{tag}` no longer chooses the slot: `{user1}:a` is stored as `{NS}:{user1}:a`, in
+NS's slot like every other key. The namespace has no `}` (config.py refuses it), so the
+tag is exactly NS, and stripping stays what it is in add mode: a server key is ours iff
+it starts with the whole prefix `{NS}:`; anything else (`NS:foo`, `{NS}foo`, another
+namespace's `{NS2}:x`) is not. The prefix is plain bytes to everything that uses it (the
+C hot path included), and braces are not glob characters, so patterns need nothing new.
 """
 
 from __future__ import annotations
@@ -40,15 +50,20 @@ class Keyspace:
     namespace: bytes = b""
     separator: bytes = b":"
     route: str = ""           # for error messages
+    pinned: bool = False      # add mode: the namespace is the keys' hash tag, `{NS}:key`
 
     @property
     def prefix(self) -> bytes:
-        return self.namespace + self.separator if self.mode != "none" else b""
+        if self.mode == "none":
+            return b""
+        if self.pinned:
+            return b"{" + self.namespace + b"}" + self.separator
+        return self.namespace + self.separator
 
     def describe(self) -> str:
         if self.mode == "none":
             return f"route {self.route}"
-        return f"namespace '{show(self.namespace)}' of route {self.route}"
+        return f"namespace '{show(self.namespace)}'{' (pinned)' if self.pinned else ''} of route {self.route}"
 
     # ---- client -> server
 

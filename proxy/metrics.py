@@ -98,7 +98,16 @@ class ProxyCollector:
                                     labels=["route"])
         rtt = HistogramMetricFamily(PREFIX + "upstream_roundtrip_seconds",
                                     "Time from writing a batch upstream to the first reply bytes", labels=["route"])
+        auth_ok = family("counter", "auth_successes", "AUTH / HELLO AUTH with a right password at a listener with users", ["listener"])
+        auth_failed = family("counter", "auth_failures",
+                             "Failed AUTH / HELLO AUTH attempts at a listener with users (wrong password, no such "
+                             "user)", ["listener"])
         for route in proxy.config.routes:
+            st = proxy.stats.get(route.name)
+            if route.users is not None and st is not None:
+                auth_ok.add_metric([route.name], st.auth_successes)
+                auth_failed.add_metric([route.name], st.auth_failures)
+        for route in proxy.config.all_routes():
             st = proxy.stats.get(route.name)
             if st is None:
                 continue
@@ -127,18 +136,20 @@ class ProxyCollector:
             up_failed.add_metric(r, st.upstream_failures)
             for reason, n in dict(st.rejected).items():
                 rejected.add_metric(r + [reason], n)
-            timeouts.add_metric(r, st.upstream_timeouts)
-            h = getattr(proxy, "upstreams", {}).get(route.upstream)
-            reconnects.add_metric(r, h.reconnect_failures if h is not None else 0)
-            is_down = h is not None and h.down is not None
-            down.add_metric(r, 1 if is_down else 0)
-            if st.upstream_up is None:
-                st.upstream_up = 1 if ping(route.upstream) and not is_down else 0
-            up_up.add_metric(r, st.upstream_up)
+            if route.users is None:  # (a listener with users sends nothing upstream itself)
+                timeouts.add_metric(r, st.upstream_timeouts)
+                h = getattr(proxy, "upstreams", {}).get(route.upstream)
+                reconnects.add_metric(r, h.reconnect_failures if h is not None else 0)
+                is_down = h is not None and h.down is not None
+                down.add_metric(r, 1 if is_down else 0)
+                if st.upstream_up is None:
+                    st.upstream_up = 1 if ping(route.upstream) and not is_down else 0
+                up_up.add_metric(r, st.upstream_up)
             for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
                 fam.add_metric(r, h.buckets(), h.sum)
         yield from (clients, accepted, closed, rejected, commands, errors, refused, keys, received, sent,
-                    up_conns, up_opened, up_failed, up_up, timeouts, reconnects, down, depth, req, rtt)
+                    up_conns, up_opened, up_failed, up_up, timeouts, reconnects, down, depth, req, rtt,
+                    auth_ok, auth_failed)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -202,7 +213,7 @@ class AdminServer:
         and no new connection has answered since."""
         out = []
         upstreams = getattr(self.proxy, "upstreams", {})
-        for route in self.proxy.config.routes:
+        for route in self.proxy.config.traffic_routes():
             h = upstreams.get(route.upstream)
             why = None
             if h is not None and h.down is not None:

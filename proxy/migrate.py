@@ -33,11 +33,12 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import hiredis
 
-from proxy.config import ConfigError, Upstream, parse_url
+from proxy.config import ConfigError, Upstream, _value, make_upstream_tls, parse_url
+from proxy.schema import section_fields
 from proxy.keyspace import escape_glob
 from proxy.resp import encode_command
 
@@ -241,6 +242,14 @@ redis.call('DEL', ARGV[2] .. ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
+# End of a run (source): with no chunk in flight the chunk counter goes too, so a finished
+# --move leaves no key of its own on the source server (a drained server is empty). Safe:
+# every run first drops stale applied marks, so a chunk id used again is never taken for done.
+LUA_TIDY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('DEL', KEYS[2]) end
+return 0
+"""
+
 # Compare-and-delete: delete the source key only if it is still what was copied.
 LUA_CAS_DEL = """
 if redis.call('DUMP', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -333,6 +342,8 @@ class Migration:
                 if self.progress:
                     self.progress(self.summary)
             self._save_cursor(None)
+            if not self.dry_run:
+                Client.check(src.call("EVAL", LUA_TIDY, 2, INFLIGHT, SEQ))
         finally:
             src.close()
             dst.close()
@@ -720,6 +731,28 @@ def check_state_path(path: str) -> str | None:
     return None
 
 
+def _with_tls(up: Upstream, side: str, a, tls_fields: dict) -> Upstream:
+    """`up` with the --from-tls-* / --to-tls-* settings (the proxy's [upstream_tls] fields,
+    checked the same way; unreadable files are refused before anything is read or moved)."""
+    vals = {}
+    for name in tls_fields:
+        raw = getattr(a, f"{side}_tls_{name}")
+        if raw is not None:
+            label = f"--{side}-tls-{name.replace('_', '-')}"
+            vals[name] = (_value(f"upstream_tls.{name}", raw, label, True), label)
+    if up.tls is None:
+        if vals:
+            first = next(iter(vals.values()))[1]
+            raise ConfigError(f"{first}: the {'source' if side == 'from' else 'target'} is {up.masked()}, "
+                              "plain TCP; write rediss:// to connect with TLS")
+        return up
+    tls = make_upstream_tls(vals)
+    if not tls.verify:
+        print(f"keyspace-proxy migrate: warning: TLS certificate verification is off for the "
+              f"{'source' if side == 'from' else 'target'} (--{side}-tls-verify false)", file=sys.stderr)
+    return replace(up, tls=tls)
+
+
 def main(argv: list[str]) -> int:
     p = Parser(prog="keyspace-proxy migrate",
                description="Copy or move the keys of one keyspace (URL + db + namespace) into another, each "
@@ -742,6 +775,12 @@ def main(argv: list[str]) -> int:
                    help="SCAN COUNT, and elements per atomic step (at most 1000) (default 500)")
     p.add_argument("--state", metavar="FILE", help="resume file: the SCAN cursor after each batch "
                                                    "(an interrupted run resumes from it)")
+    tls_fields = section_fields("upstream_tls")
+    for side, url in (("from", "--from"), ("to", "--to")):
+        for name, f in tls_fields.items():
+            p.add_argument(f"--{side}-tls-{name.replace('_', '-')}", dest=f"{side}_tls_{name}", metavar=f.metavar,
+                           help=f"{f.help.replace('rediss:// upstreams: ', '').replace('rediss://: ', '')} "
+                                f"(for a rediss:// {url})".replace("%", "%%"))
     a = p.parse_args(argv)
 
     def refuse(msg: str) -> int:
@@ -756,6 +795,7 @@ def main(argv: list[str]) -> int:
         return refuse("--separator must not be empty with a namespace")
     try:
         src, dst = parse_url(a.src, "--from"), parse_url(a.dst, "--to")
+        src, dst = (_with_tls(up, side, a, tls_fields) for up, side in ((src, "from"), (dst, "to")))
     except ConfigError as e:
         return refuse(str(e))
     if (src.host, src.port, src.db) == (dst.host, dst.port, dst.db) and a.from_namespace == a.to_namespace:

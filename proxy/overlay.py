@@ -138,7 +138,9 @@ OVERLAY: dict[str, dict] = {
     "hello": O(policy=PASS, effect=STATE, session="hello", why="changes the protocol (and may AUTH, SETNAME)"),
     "reset": O(policy=PASS, effect=STATE, session="reset",
                why="the proxy restores what it set up on the connection (AUTH, db)"),
-    "auth": O(policy=PASS, effect=STATE, why="changes the connection's user"),
+    "auth": O(policy=PASS, effect=STATE,
+              why="changes the connection's user; on a listener with users the proxy checks it and never "
+                  "forwards it (Session._login, proxy/auth.py)"),
     "quit": O(policy=PASS, effect=STATE, session="quit", why="answered by the proxy, which closes the client"),
     "readonly": O(policy=PASS, effect=STATE, why="cluster read mode of the connection"),
     "readwrite": O(policy=PASS, effect=STATE, why="cluster read mode of the connection"),

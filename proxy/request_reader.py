@@ -186,6 +186,10 @@ class RequestReader:
     the next bytes start a new one (the C path may then read them first)."""
 
     fast = True  # False: the exact reader alone (the tests compare the two)
+    # Before AUTH: Redis's limits for a client that has not authenticated (networking.c):
+    # at most 10 arguments of at most 16384 bytes. Only the exact reader checks them, so
+    # a reader with this set also has `fast` False (proxy/auth.py).
+    unauthenticated = False
 
     def __init__(self, max_bulk: int = DEFAULT_MAX_BULK, max_query: int = DEFAULT_MAX_QUERY):
         self.max_bulk = max_bulk
@@ -405,6 +409,8 @@ class RequestReader:
             count = string2ll(bytes(buf[pos + 1:nl])) if nl - pos <= 21 else None
             if count is None or count > INT_MAX:
                 raise ProtocolError("invalid multibulk length")
+            if count > 10 and self.unauthenticated:
+                raise ProtocolError("unauthenticated multibulk length")
             taken = nl + 2 - pos
             pos = nl + 2
             self._scan = 0
@@ -429,6 +435,8 @@ class RequestReader:
                 bulk = string2ll(bytes(buf[pos + 1:nl])) if nl - pos <= 21 else None
                 if bulk is None or bulk < 0 or bulk > self.max_bulk:
                     raise ProtocolError("invalid bulk length")
+                if bulk > 16384 and self.unauthenticated:
+                    raise ProtocolError("unauthenticated bulk length")
                 pos = nl + 2
                 self._scan = 0
             if end - pos < bulk + 2:

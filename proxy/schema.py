@@ -21,6 +21,7 @@ from dataclasses import dataclass
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 UPSTREAM_MODES = ("shared", "dedicated")
+SLOT_MODES = ("spread", "pinned")   # listener[].slot
 DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
 _SSIZE_MAX = 2 ** 63 - 1   # the C hot path reads max_bulk as a Py_ssize_t
 
@@ -226,6 +227,22 @@ class DirPath(Text):
     doc = "directory path"
 
 
+class Sha256(Kind):
+    """A SHA-256 digest as 64 hex digits (`echo -n PASSWORD | sha256sum`), as Redis's
+    ACL takes `#<hash>`; parsed to its 32 bytes."""
+    doc = "64 hex digits"
+
+    def parse(self, value, text: bool) -> bytes:
+        if not isinstance(value, str):
+            raise Invalid(f"expected a SHA-256 digest as 64 hex digits, got {show(value, text)}")
+        v = value.strip()
+        if len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v):
+            # the value may be a password put in the wrong field: never shown
+            raise Invalid(f"expected a SHA-256 digest as 64 hex digits (echo -n PASSWORD | sha256sum), "
+                          f"got {len(v)} characters{'' if len(v) != 64 else ' that are not all hex digits'}")
+        return bytes.fromhex(v)
+
+
 # -- the fields
 
 @dataclass(frozen=True)
@@ -322,6 +339,10 @@ FIELDS: tuple[Field, ...] = (
           metavar="NS", help="strip mode: client `NS:foo` <-> server `foo` (not with namespace)"),
     Field("listener[].separator", Separator(), default_doc="top-level `separator`",
           help="this route's separator"),
+    Field("listener[].slot", Choice(SLOT_MODES), "spread", "--slot", "PROXY_SLOT", metavar="MODE",
+          help="pinned: keys stored as `{NS}:key`, so the namespace is one cluster hash slot (MULTI, "
+               "Lua, BRPOP across its keys); a client's own `{tag}` then no longer chooses the slot; "
+               "needs `namespace`"),
     Field("listener[].tls.cert_file", Path(nonempty=True), None, "--tls-cert-file", "PROXY_TLS_CERT_FILE",
           metavar="FILE", default_doc="no TLS",
           help="clients must connect with TLS: the proxy's certificate (PEM, may hold the key too); "
@@ -332,6 +353,23 @@ FIELDS: tuple[Field, ...] = (
           metavar="FILE", default_doc="not asked for",
           help="clients must present a certificate signed by one of these CAs (PEM): mutual TLS"),
     *_upstream_tls("listener[].upstream_tls", top=False),
+    Field("listener[].user[].name", Text(nonempty=True), default_doc="required",
+          help="`[[listener.user]]`: clients must authenticate (AUTH name password, HELLO 3 AUTH name "
+               "password) and the user selects the route; `default` is the user of a one-argument "
+               "AUTH password; exactly one of password_sha256, password_file, password_env. The table may also "
+               "set the listener's route fields for this user: namespace, strip_namespace, separator, upstream "
+               "(its own credentials), databases, upstream_tls"),
+    Field("listener[].user[].password_sha256", Sha256(), None, "--password-sha256", "PROXY_PASSWORD_SHA256",
+          metavar="HEX",
+          help="the user's password as its SHA-256 (the flag and variable: the `default` user of the flags' "
+               "listener)"),
+    Field("listener[].user[].password_file", Path(nonempty=True), None, "--password-file", "PROXY_PASSWORD_FILE",
+          metavar="FILE",
+          help="a file holding the password (one trailing newline stripped); read at start and on reload"),
+    Field("listener[].user[].password_env", Text(nonempty=True), None, "--password-env", "PROXY_PASSWORD_ENV",
+          metavar="VAR",
+          help="the name of an environment variable holding the password; with flags, PROXY_PASSWORD "
+               "is read when no other password is given"),
     Field("listener[].databases.N.db", Int(0), default_doc="required",
           help="client `SELECT N` goes to this backend db (`N = M` is short for `N = { db = M }`)"),
     Field("listener[].databases.N.namespace", Namespace(), default_doc="the listener's",

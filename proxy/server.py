@@ -16,6 +16,7 @@ import ssl
 from collections import deque
 from time import monotonic, perf_counter
 
+from proxy.auth import Gate, Login, no_auth_commands
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
@@ -114,7 +115,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.upstream: UpstreamConnection | None = None
         self.shared = proxy.config.limits.upstream_mode == "shared"
-        self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared)
+        # A listener with users: the gate answers the client until it authenticates;
+        # then the session of the user's route takes over (see _authenticated).
+        self.gate: Gate | None = None
+        if route.users is not None:
+            self.session = self.gate = None
+        else:
+            self.session = Session(route, proxy.rules, proxy.config.limits, self.stats, shared=self.shared)
         self.link: SharedLink | None = None   # the shared upstream connection, while on one
         self.registered = 0                  # replies registered with the link so far
         self.connecting = False
@@ -130,7 +137,7 @@ class ClientConnection(asyncio.Protocol):
         self.t_sent = 0.0      # when it was written upstream
         self.active = True     # read from since the last tick (Proxy._tick: idle timeout)
         self.quiet_since = 0.0
-        self.slot = False      # counted against max_clients (released once)
+        self.slot = None       # the listen address it is counted under (max_clients), until released
 
     # -- client side
 
@@ -143,11 +150,59 @@ class ClientConnection(asyncio.Protocol):
         self.stats.accepted += 1
         log.debug("client connected", extra={"event": "client_connected", "route": self.route.name,
                                              "peer": _peer(self.peer)})
+        if self.session is None:
+            listen, routes = self.route.listen, self.proxy.routes
+            # the listener's users as they are at each attempt: a reload applies to the next
+            # AUTH, and a listener removed by one has none (no reference to self: no cycle)
+            login = Login(self.route.name, lambda: getattr(routes.get(listen), "users", None), self.stats,
+                          _peer(self.peer))
+            self.session = self.gate = Gate(login, self.proxy.config.limits, self.proxy.no_auth)
+        else:
+            self._begin()
+
+    def _begin(self) -> None:
+        """The session's upstream: a shared link, or a connection of its own."""
         if self.shared:
             self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
         else:
             self._start_connect()
+
+    def _gate_data(self, data: bytes) -> None:
+        g = self.gate
+        g.client_data(data)
+        if g.out_client:
+            data = b"".join(g.out_client)
+            g.out_client.clear()
+            if not self.closed:
+                self.transport.write(data)
+                self.stats.bytes_out["client"] += len(data)
+                if self.client_paused:
+                    self._check_output_limit()
+        if g.user is not None:
+            self._authenticated(g)
+        elif g.close_when_done and not self.closed:
+            self.close("protocol_error" if g.protocol_error else "client")
+
+    def _authenticated(self, g: Gate) -> None:
+        """The client authenticated: from here on it is a client of the user's route
+        (its stats, its upstream and credentials, its namespace and db map)."""
+        route = g.user.route
+        log.debug("client authenticated", extra={"event": "client_authenticated", "route": route.name,
+                                                 "peer": _peer(self.peer)})
+        self.gate = None
+        self.stats.clients -= 1
+        self.route = route
+        self.stats = self.proxy.stats.setdefault(route.name, RouteStats(route.name))
+        self.stats.clients += 1
+        self.stats.accepted += 1
+        s = self.session = Session(route, self.proxy.rules, self.proxy.config.limits, self.stats,
+                                   shared=self.shared, login=g.login)
+        self._begin()
+        s.start(g.first, g.rest)
+        if s.need_link is not None:
+            self._maybe_change_link()
+        self.flush()
 
     def _start_connect(self) -> None:
         self.connecting = True
@@ -237,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["client"] += len(data)
         self.active = True
+        if self.gate is not None:
+            return self._gate_data(data)
         if self.timed and not self.t_request:
             self.t_request = perf_counter()
         s = self.session
@@ -941,7 +998,7 @@ class Listener:
         else:
             def factory():
                 c = ClientConnection(proxy, route)
-                c.slot = True
+                c.slot = route.listen  # the listener's: after AUTH its route is the user's
                 return c
         asyncio.ensure_future(self._serve(conn, factory, reason is None, route))
 
@@ -950,7 +1007,7 @@ class Listener:
             await self.loop.connect_accepted_socket(factory, conn, ssl=self.ssl)
         except Exception as e:  # a TLS handshake that failed, a client gone at once
             if counted:
-                self.proxy.unadmit(route)
+                self.proxy.unadmit(route.listen)
             log.debug("listener %s: connection not set up: %s", route.name, e)
             conn.close()
 
@@ -1032,7 +1089,8 @@ class Proxy:
         self.reuse_port = reuse_port  # a worker of several (proxy/workers.py) shares its listeners
         self.rules = default_rules()
         self.table = self.rules.table
-        self.stats = {r.name: RouteStats(r.name) for r in config.routes}
+        self.no_auth = no_auth_commands(self.table)
+        self.stats = {r.name: RouteStats(r.name) for r in config.all_routes()}
         self.clients: set[ClientConnection] = set()
         self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
         self._trim_scheduled = False
@@ -1077,14 +1135,14 @@ class Proxy:
         self.per_listen[route.listen] = n + 1
         return None
 
-    def unadmit(self, route: Route) -> None:
+    def unadmit(self, listen: tuple) -> None:
         self.admitted -= 1
-        self.per_listen[route.listen] -= 1
+        self.per_listen[listen] -= 1
 
     def release(self, conn: "ClientConnection") -> None:
-        if conn.slot:
-            conn.slot = False
-            self.unadmit(conn.route)
+        if conn.slot is not None:
+            listen, conn.slot = conn.slot, None
+            self.unadmit(listen)
 
     def health(self, upstream) -> UpstreamHealth:
         h = self.upstreams.get(upstream)
@@ -1117,7 +1175,8 @@ class Proxy:
             if reply and c.upstream is not None:
                 c.check_upstream(now, reply)
             if idle:
-                if c.active or not c.session.may_idle_close:
+                # a client still at the gate (not authenticated) owes nothing: it may be closed
+                if c.active or (c.gate is None and not c.session.may_idle_close):
                     c.active = False
                     c.quiet_since = now
                 elif now - c.quiet_since >= idle and not c.closed:
@@ -1139,7 +1198,10 @@ class Proxy:
         listener = self.listeners[listen] = Listener(self, listen, socks, self._listener_ssl(route))
         listener.start()
         log.info("listening on %s", route.describe(socks[0].getsockname() if socks else None))
-        _warn_unverified(route)
+        for user in (route.users or {}).values():
+            log.info("  user %s: route %s -> %s", user.name, user.route.name, user.route.describe().split(" -> ", 1)[1])
+        for r in route.with_users():
+            _warn_unverified(r)
 
     def _listener_ssl(self, route: Route) -> ssl.SSLContext | None:
         """The SSLContext a TLS listener is created with. asyncio fixes it for the life of
@@ -1201,13 +1263,14 @@ class Proxy:
             self.tls.pop(route.listen, None)
         for route in changed:
             self.routes[route.listen] = route
-            _warn_unverified(route)
+            for r in route.with_users():
+                _warn_unverified(r)
         for listen, route in new_routes.items():
             # unchanged routes too: their equal settings carry the TLS contexts this
             # reload built from the files as they are now (for new connections)
             self.routes[listen] = route
         tls_listeners = self._take_tls(new_routes)
-        for route in new.routes:
+        for route in new.all_routes():
             self.stats.setdefault(route.name, RouteStats(route.name))
         if new.metrics_listen != self.config.metrics_listen:
             log.warning("reload: [metrics] listen changed; the admin port moves only on restart")
@@ -1219,7 +1282,19 @@ class Proxy:
         self.config = new
         self._start_ticking()
         self.generation += 1
-        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed}
+        # (a listener with users before and after: its connections on the listener's own
+        # route are those not authenticated yet; they stay, and AUTH with the new users)
+        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed
+                                            if old[r.listen].users is None or r.users is None}
+        # A user's connections are drained when its listener is gone, or when the user
+        # is removed or changed (route or password: a rotated password logs them out).
+        for r in removed + changed:
+            was = old[r.listen]
+            now = new_routes.get(r.listen)
+            for name, user in (was.users or {}).items():
+                kept = (now.users or {}).get(name) if now is not None else None
+                if kept != user:
+                    stale.add(id(user.route))
         draining = [c for c in self.clients if id(c.route) in stale]
         for c in draining:
             c.drain()
@@ -1238,7 +1313,7 @@ class Proxy:
             log.warning("reload: grace period over, closing %d connection(s) still busy", len(left))
         for c in left:
             c.close("reload")
-        current = {(r.name, r.upstream) for r in self.routes.values()}
+        current = {(rr.name, rr.upstream) for r in self.routes.values() for rr in r.with_users()}
         for key, link in list(self.links.items()):
             if (key[0], key[2]) not in current and not link.owners:
                 del self.links[key]
@@ -1249,7 +1324,7 @@ class Proxy:
 
         On namespaced routes they are refused (fail closed); the log says why."""
         seen = set()
-        for route in self.config.routes:
+        for route in self.config.traffic_routes():
             up = route.upstream
             if up in seen:
                 continue

@@ -38,6 +38,7 @@ from itertools import repeat
 import hiredis
 
 from proxy import emulate
+from proxy.auth import HELLO_NOAUTH, NOAUTH, Login, parse_hello, routing
 from proxy.config import Limits, Route
 from proxy.keyspace import Refused
 from proxy.keyspecs import KeySpecError
@@ -71,6 +72,10 @@ class UnexpectedReply(Exception):
 
 
 # ------------------------------------------------------------------ requests
+
+# Commands a listener with users answers itself (Session._login); the rest wait for AUTH
+# after RESET.
+_LOGIN = ("auth", "hello", "reset")
 
 PASS, XFORM, LOCAL, INTERNAL, SUB = range(5)
 
@@ -124,8 +129,12 @@ class TxItem:
 
 class Session:
     def __init__(self, route: Route, rules: RuleBook | None = None, limits: Limits | None = None,
-                 stats: RouteStats | None = None, shared: bool = False):
+                 stats: RouteStats | None = None, shared: bool = False, login: Login | None = None):
         self.route = route
+        # A listener with users (proxy/auth.py): AUTH and HELLO ... AUTH are checked here,
+        # never forwarded; after RESET the client must authenticate again (`locked`).
+        self.login = login
+        self.locked = False
         self.stats = stats or RouteStats(route.name)
         self.rules = rules or default_rules()
         self.limits = limits or Limits()
@@ -422,7 +431,7 @@ class Session:
     def _plain(self) -> bool:
         """May the C path take the next requests? (no state a request would change)"""
         return _rewrite_plain is not None and self.tx is None and self.reply_on and not self.skip \
-            and not self._waiting() and self.upstream_error is None and not self.input_closed
+            and not self._waiting() and self.upstream_error is None and not self.input_closed and not self.locked
 
     def _handle_safely(self, args: list[bytes]) -> None:
         try:
@@ -441,6 +450,8 @@ class Session:
         rule = plan.rule
         if plan.kind == SLOW and rule.name in self.rules.containers and len(args) > 1:
             rule = self.rules.lookup(args)
+        if self.login is not None and (self.locked or rule.name in _LOGIN) and self._login(args, rule.name):
+            return
         if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED):
             if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
                 return self._shared_block(args)
@@ -493,6 +504,68 @@ class Session:
         except Refused as e:
             return self._refuse(str(e), show)
         self._queue_or_send(args, transform, show)
+
+    def start(self, first: list[bytes] | None, rest: bytes) -> None:
+        """The client authenticated at the gate (proxy/auth.py): `first`, a request to
+        handle before anything else (HELLO without its AUTH), then the bytes that followed."""
+        if first is not None:
+            self.fast_blocked = True
+            self._handle_safely(first)
+        if rest and not self.input_closed:
+            self.client_data(rest)
+
+    def _login(self, args: list[bytes], name: str) -> bool:
+        """AUTH, HELLO ... AUTH and RESET on a listener with users, and every command
+        while `locked` (after RESET): True if answered here. Never forwarded: the
+        upstream connection is authenticated with the route's own credentials."""
+        self._label = name
+        creds = rest = err = None
+        if name == "auth":
+            if len(args) < 2:
+                err = error("ERR wrong number of arguments for 'auth' command")
+            elif len(args) > 3:
+                err = error("ERR syntax error")
+            else:
+                creds = (args[1] if len(args) == 3 else None, args[-1])
+        elif name == "hello":
+            err, creds, rest = parse_hello(args)
+            if err is None and creds is None:  # a plain HELLO: the server answers it
+                if not self.locked:
+                    return False
+                err = HELLO_NOAUTH
+        elif name == "reset" and len(args) == 1:
+            # RESET logs the connection out, as Redis does when the default user has a
+            # password: what follows needs AUTH again. The server resets the upstream
+            # connection (the proxy authenticates it again with the route's credentials).
+            self.locked = True
+            return False
+        elif not self.locked or name in ("quit", "reset"):
+            return False
+        else:
+            err = NOAUTH
+        if self.tx is not None and name in ("auth", "hello"):
+            # queued commands run at EXEC; a password is checked when read: refused, so
+            # EXEC answers EXECABORT as for any command rejected while queueing
+            self._refuse(f"ERR {name.upper()}{' ... AUTH' if name == 'hello' else ''} inside MULTI is refused "
+                         f"by the proxy on route {self.route.name}: it checks passwords as it reads them, "
+                         "not at EXEC", self._show())
+            return True
+        if err is None:
+            user, err = self.login.check(*creds)
+            if user is not None and routing(user.route) != routing(self.route):
+                err = error(f"ERR user '{user.name}' is on route {user.route.name} and this connection is on route "
+                            f"{self.route.name}: a connection's route cannot change; reconnect to authenticate "
+                            f"as {user.name} (nothing changed)")
+            elif user is not None:
+                self.login.user = user
+                self.locked = False
+                if rest is None:
+                    self._local(OK, self._show())
+                    return True
+                args[:] = rest  # HELLO <proto> [SETNAME n], answered by the server as always
+                return False
+        self._local(err, self._show())  # the current user (and its route) stays
+        return True
 
     def _where_on_shared(self, rule, args):
         """A request on a shared link whose Rule is not shareable (or past the owed cap):

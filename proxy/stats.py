@@ -81,6 +81,29 @@ class DepthHistogram:
     buckets = Histogram.buckets
 
 
+class LogLimit:
+    """Rate limit for one kind of log line: at most REFUSAL_LOG_BURST lines per
+    REFUSAL_LOG_WINDOW seconds, so a misbehaving client cannot flood the log."""
+
+    __slots__ = ("window", "lines", "quiet")
+
+    def __init__(self):
+        self.window = float("-inf")  # start of the current window (monotonic seconds)
+        self.lines = 0
+        self.quiet = 0
+
+    def may_log(self, now: float) -> int | None:
+        """None to stay quiet, else how many lines went unlogged before this one."""
+        if now - self.window >= REFUSAL_LOG_WINDOW:
+            self.window, self.lines = now, 0
+        if self.lines >= REFUSAL_LOG_BURST:
+            self.quiet += 1
+            return None
+        self.lines += 1
+        quiet, self.quiet = self.quiet, 0
+        return quiet
+
+
 class RouteStats:
     """Everything counted for one route (listener)."""
 
@@ -114,9 +137,11 @@ class RouteStats:
         self._plans: dict = {}
         self._fast: dict = {}        # per target: command name as sent -> C Spec (speedups)
         self.uncached_commands = 0
-        self._refusal_window = float("-inf")  # start of the current log window (monotonic seconds)
-        self._refusal_lines = 0
-        self._refusals_quiet = 0
+        self._refusal_log = LogLimit()
+        # client authentication (a listener with users): attempts, and their log lines
+        self.auth_successes = 0
+        self.auth_failures = 0
+        self.auth_log = LogLimit()
 
     def plans_for(self, target) -> dict:
         """The plan cache of one keyspace target (plans depend on the namespace)."""
@@ -143,14 +168,7 @@ class RouteStats:
         """Rate limit for refusal log lines: None to stay quiet, else how many refusals
         went unlogged before this one. A misbehaving client cannot flood the log: at most
         REFUSAL_LOG_BURST lines per REFUSAL_LOG_WINDOW seconds per route."""
-        if now - self._refusal_window >= REFUSAL_LOG_WINDOW:
-            self._refusal_window, self._refusal_lines = now, 0
-        if self._refusal_lines >= REFUSAL_LOG_BURST:
-            self._refusals_quiet += 1
-            return None
-        self._refusal_lines += 1
-        quiet, self._refusals_quiet = self._refusals_quiet, 0
-        return quiet
+        return self._refusal_log.may_log(now)
 
     def commands(self, known) -> dict[str, int]:
         """Commands by lowercase name; names the command table does not know are "other"."""

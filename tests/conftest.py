@@ -82,8 +82,8 @@ class ProxyProcess:
         argv += args
         self.log_path = os.path.join(self.tmp, "proxy.log")
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-        env.pop("REDIS_URL", None)
+        # REDIS_URL only when the test gives it (it would replace the file's upstream)
+        env = dict({k: v for k, v in os.environ.items() if k != "REDIS_URL"}, PYTHONPATH=ROOT, **(env or {}))
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.wait_ready()
 
@@ -191,3 +191,18 @@ def d(server, fresh_db):
 def proto(request):
     """The protocol version a client speaks to the proxy."""
     return request.param
+
+
+@pytest.fixture(params=server_kinds(), scope="module")
+def cluster(request):
+    """A real cluster per module and server kind: three primaries with one replica each
+    (tests/cluster_helpers.py), stopped after the module, however it ends."""
+    from cluster_helpers import start_cluster
+    try:
+        c = start_cluster(request.param)
+    except ServerStartError as e:
+        pytest.fail(f"cannot start a {request.param} cluster: {e}")
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -188,16 +188,27 @@ class Raw:
     def read(self, n: int = 1) -> list[bytes]:
         out = []
         while len(out) < n:
-            end = frame_end(self.buf) if self.buf else -1
-            if end > 0:
-                out.append(self.buf[:end])
-                self.buf = self.buf[end:]
+            frame = self.next_frame()
+            if frame is not None:
+                out.append(frame)
                 continue
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise AssertionError(f"connection closed after {len(out)} of {n} replies")
-            self.buf += data
+            self.buf += self.receive(out, n)
         return out
+
+    def next_frame(self) -> bytes | None:
+        """The first whole frame in the buffer, taken out of it; None if none is whole yet."""
+        end = frame_end(self.buf) if self.buf else -1
+        if end <= 0:
+            return None
+        frame, self.buf = self.buf[:end], self.buf[end:]
+        return frame
+
+    def receive(self, out: list[bytes], n: int) -> bytes:
+        """More bytes while `out` holds fewer than n frames (subclasses: deadlines, messages)."""
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise AssertionError(f"connection closed after {len(out)} of {n} replies")
+        return data
 
     def call(self, *args) -> bytes:
         self.send(args)

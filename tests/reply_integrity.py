@@ -85,7 +85,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from integration_helpers import encode, frame_end
+from integration_helpers import Raw, frame_end
 
 REPLY_TIMEOUT = 5.0        # seconds to wait for a reply the reference gave
 REF_TIMEOUT = 10.0         # the reference must answer what the model predicts
@@ -504,41 +504,36 @@ class Timeout(Exception):
     pass
 
 
-class Conn:
+class Conn(Raw):
     """A socket speaking RESP; reads whole frames with a deadline (independent framer)."""
 
     def __init__(self, port: int, host: str = "127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=REF_TIMEOUT)
+        super().__init__(host, port, REF_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.deadline = 0.0
 
     def send(self, cmds: list[list[bytes]]) -> None:
-        self.sock.sendall(b"".join(encode(*c) for c in cmds))
+        super().send(*cmds)
 
     def frames(self, n: int, timeout: float) -> list[bytes]:
-        out: list[bytes] = []
-        deadline = time.monotonic() + timeout
-        while len(out) < n:
-            end = frame_end(self.buf) if self.buf else -1
-            if end > 0:
-                out.append(self.buf[:end])
-                self.buf = self.buf[end:]
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Timeout(out)
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(1 << 16)
-            except socket.timeout:
-                raise Timeout(out) from None
-            except OSError as e:
-                raise ConnectionError(f"{e}; {len(out)} of {n} frames read") from None
-            if not data:
-                raise ConnectionError(f"connection closed; {len(out)} of {n} frames read, "
-                                      f"unframed bytes {self.buf[:200]!r}")
-            self.buf += data
-        return out
+        self.deadline = time.monotonic() + timeout
+        return self.read(n)
+
+    def receive(self, out: list[bytes], n: int) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout(out)
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise Timeout(out) from None
+        except OSError as e:
+            raise ConnectionError(f"{e}; {len(out)} of {n} frames read") from None
+        if not data:
+            raise ConnectionError(f"connection closed; {len(out)} of {n} frames read, "
+                                  f"unframed bytes {self.buf[:200]!r}")
+        return data
 
     def leftover(self, wait: float) -> bytes:
         """Whatever arrives within `wait` seconds beyond what was read."""

@@ -46,8 +46,8 @@ ROWS = [
     ([], {}, BASE + '[metrics]\nlisten = "127.0.0.1:9121"\nport = 9121\n', "metrics.port: unknown field (known: listen)"),
     ([], {}, BASE + '[log]\ncolour = true\n', "log.colour: unknown field (known: format, level)"),
     ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, max_clients, "
-                                        "name, namespace, separator, strip_namespace, tls, upstream, "
-                                        "upstream_tls)"),
+                                        "name, namespace, separator, slot, strip_namespace, tls, upstream, "
+                                        "upstream_tls, user)"),
     ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: admin, limits, listener, log, "
                                         "metrics, separator, upstream, upstream_tls)"),
     ([], {}, BASE + '[listener.databases]\n1 = { db = 2, prefix = "x" }\n',

@@ -359,18 +359,23 @@ def test_podmonitor_targets_the_sidecar():
         assert re.fullmatch(r"\d+(ms|s|m)", ep["interval"])
 
 
-def test_compose_file_matches_the_compose_specification(dockerfile):
+def compose_file(path: str) -> dict:
+    """The file, checked against the Compose specification's JSON schema (no Docker engine here)."""
     import jsonschema
     with open(os.path.join(ROOT, "tests", "data", "compose-spec.json")) as f:
         schema = json.load(f)
-    with open(os.path.join(DEPLOY, "docker-compose.yml")) as f:
+    with open(path) as f:
         compose = yaml.safe_load(f)
     jsonschema.Draft7Validator.check_schema(schema)
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=str)
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
     # and the schema does reject a wrong file
     assert list(jsonschema.Draft7Validator(schema).iter_errors({"services": {"x": {"imag": "redis"}}}))
+    return compose
 
+
+def test_compose_file_matches_the_compose_specification(dockerfile):
+    compose = compose_file(os.path.join(DEPLOY, "docker-compose.yml"))
     s = compose["services"]
     redis_svc, proxy, worker = s["redis"], s["proxy"], s["worker"]
     assert redis_svc["image"].startswith("redis:7")
@@ -388,6 +393,63 @@ def test_compose_file_matches_the_compose_specification(dockerfile):
     listen_port = dockerfile[2].env()["PROXY_LISTEN"].rpartition(":")[2]
     assert worker["environment"]["REDIS_URL"] == f"redis://proxy:{listen_port}/0"
     assert worker["depends_on"]["proxy"]["condition"] == "service_healthy"  # the image's HEALTHCHECK
+
+
+SERVER_MOVE = os.path.join(DEPLOY, "runbook", "server-move")
+
+
+def test_server_move_compose_and_step_configs(dockerfile):
+    """deploy/runbook/server-move/: the self-hosted side (Redis 7, append-only file on a named
+    volume, a healthcheck that fails while the AOF loads) and the proxy whose mounted step configs
+    route to the managed Redis (REDIS_URL, from .env) or to the `redis` service."""
+    compose = compose_file(os.path.join(SERVER_MOVE, "docker-compose.yml"))
+    s = compose["services"]
+    assert set(s) == {"redis", "proxy"}
+    redis_svc, proxy = s["redis"], s["proxy"]
+    assert redis_svc["image"].startswith("redis:7") and "ports" not in redis_svc  # only the proxy reaches it
+    cmd = redis_svc["command"]
+    assert cmd[0] == "redis-server" and cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    (volume,) = redis_svc["volumes"]
+    name, _, mount = volume.partition(":")
+    assert name in compose["volumes"] and mount == "/data"  # a named volume, where Redis writes its AOF
+    test = redis_svc["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and "redis-cli ping" in test[1] and "PONG" in test[1]
+    build = proxy["build"]
+    assert os.path.samefile(os.path.join(SERVER_MOVE, build["context"], build["dockerfile"]), DOCKERFILE)
+    env = proxy["environment"]
+    assert set(env) <= set(ENV_FALLBACKS.values()) | {"REDIS_URL"}
+    assert re.fullmatch(r"\$\{MANAGED_REDIS_URL:\?[^}]+\}", env["REDIS_URL"])  # from .env, required
+    assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert proxy["read_only"] and "/tmp" in proxy["tmpfs"]  # migrate --state needs a writable folder
+    (mount,) = proxy["volumes"]
+    src, dst, mode = mount.split(":")
+    assert os.path.samefile(os.path.join(SERVER_MOVE, src), SERVER_MOVE) and mode == "ro"
+    assert os.path.dirname(env["PROXY_CONFIG"]) == dst
+    published = {p.rsplit(":", 2)[-2] if p.count(":") == 2 else p.split(":")[0]: p for p in proxy["ports"]}
+    assert published["9121"].startswith("127.0.0.1:")  # the unauthenticated reload: this host only
+
+    with open(os.path.join(SERVER_MOVE, "env.example")) as f:
+        example = dict(line.split("=", 1) for line in f.read().splitlines() if line and not line.startswith("#"))
+    managed = example["MANAGED_REDIS_URL"]
+    steps = {}
+    for name in ("step1-managed.toml", "step2-self-hosted.toml"):
+        with open(os.path.join(SERVER_MOVE, name)) as f:
+            text = f.read()
+        assert "@" not in text  # no token in the files
+        steps[name] = from_dict(tomllib.loads(text), environ={"REDIS_URL": managed})
+    for cfg in steps.values():
+        assert {r.name: r.listen[1] for r in cfg.routes} == {"new": 6380, "old": 6381}
+        assert {str(r.listen[1]) for r in cfg.routes} | {str(cfg.metrics_listen[1])} == set(published)
+    one, two = steps["step1-managed.toml"], steps["step2-self-hosted.toml"]
+    by_name = {r.name: r for r in one.routes}
+    assert all(r.upstream.host.endswith("amazonaws.com") and r.upstream.tls for r in one.routes)
+    ks = {n: (r.default.keyspace.mode, r.default.keyspace.namespace) for n, r in by_name.items()}
+    assert ks == {"new": ("add", b"sidekiq"), "old": ("none", b"")}
+    by_name = {r.name: r for r in two.routes}
+    assert all((r.upstream.host, r.upstream.port, r.upstream.db) == ("redis", 6379, 0) for r in two.routes)
+    ks = {n: (r.default.keyspace.mode, r.default.keyspace.namespace) for n, r in by_name.items()}
+    assert ks == {"new": ("none", b""), "old": ("strip", b"sidekiq")}  # the namespace goes in the same move
 
 
 def promtool() -> str:

@@ -24,7 +24,7 @@ import time
 import pytest
 import redis
 
-from integration_helpers import Raw, direct, encode, frame_end, proxy_toml, uniq, wait_for
+from integration_helpers import Raw, direct, encode, proxy_toml, uniq, wait_for
 from proxy.embedded import ServerStartError, free_port, start_server
 
 READ_TIMEOUT = 5.0      # a correct proxy answers in milliseconds; a hang fails after this
@@ -55,25 +55,20 @@ class Conn(Raw):
 
     def frames(self, n: int) -> list[bytes]:
         """n reply frames; AssertionError (saying what did arrive) if the peer closes or hangs."""
-        out = []
-        while len(out) < n:
-            end = frame_end(self.buf) if self.buf else -1
-            if end > 0:
-                out.append(self.buf[:end])
-                self.buf = self.buf[end:]
-                continue
-            try:
-                data = self.sock.recv(1 << 16)
-            except socket.timeout:
-                raise AssertionError(f"no reply within {self.sock.gettimeout()}s: got {len(out)} of {n} "
-                                     f"replies {out!r:.300}, then {self.buf[:200]!r}") from None
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                raise AssertionError(f"connection closed after {len(out)} of {n} replies {out!r:.300}, "
-                                     f"then {self.buf[:200]!r}")
-            self.buf += data
-        return out
+        return self.read(n)
+
+    def receive(self, out: list[bytes], n: int) -> bytes:
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise AssertionError(f"no reply within {self.sock.gettimeout()}s: got {len(out)} of {n} "
+                                 f"replies {out!r:.300}, then {self.buf[:200]!r}") from None
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            raise AssertionError(f"connection closed after {len(out)} of {n} replies {out!r:.300}, "
+                                 f"then {self.buf[:200]!r}")
+        return data
 
     def call(self, *args) -> bytes:
         self.send(args)

@@ -389,3 +389,26 @@ def test_blocking_requests_are_not_timed_and_others_are(shared):
     s.client_data(c("SUBSCRIBE", "ch"))
     s.upstream_data(b"*3\r\n$9\r\nsubscribe\r\n$6\r\napp:ch\r\n:1\r\n")
     assert not s.may_idle_close         # subscribed: never idle-closed, as in Redis
+
+
+def test_limits_at_a_listener_with_users(server, fresh_db, start_proxy):
+    """A listener with users (proxy/auth.py): its max_clients counts the client before and
+    after AUTH moves it to the user's route, and an unauthenticated client idle past
+    idle_timeout is closed as any idle client."""
+    import hashlib
+    port, mport = free_port(), free_port()
+    text = (f'upstream = "redis://{server.host}:{server.port}/{fresh_db}"\n'
+            f'[limits]\nidle_timeout = 1\n[metrics]\nlisten = "127.0.0.1:{mport}"\n'
+            f'[[listener]]\nname = "gate"\nlisten = "127.0.0.1:{port}"\nmax_clients = 1\nnamespace = "lst"\n'
+            f'[[listener.user]]\nname = "alice"\npassword_sha256 = "{hashlib.sha256(b"apw").hexdigest()}"\n'
+            f'namespace = "a"\n')
+    p = start_proxy(config_text=text, port=port)
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_client_connections") == 0, what="no clients")
+    first = Raw("127.0.0.1", port)
+    assert first.call("AUTH", "alice", "apw") == b"+OK\r\n" and first.call("PING") == b"+PONG\r\n"
+    assert read_all(connect(port)) == MAX_CLIENTS_ERROR     # the authenticated client holds the slot
+    first.sock.close()
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_client_connections") == 0, what="the slot freed")
+    idle = connect(port)                                     # never authenticates
+    assert read_all(idle) == b""                             # closed for idleness
+    assert "gate" in p.output()

@@ -115,6 +115,28 @@ def test_into_a_namespace_on_another_server_and_verify_finds_differences(dbs, se
         other.stop()
 
 
+def test_move_to_another_server_leaves_the_source_db_empty(dbs, server):
+    """A finished cross-server --move drains the source: no data key and none of migrate's own
+    (in-flight chunks, the chunk counter) is left, so `DBSIZE` 0 tells the old server is done."""
+    a, _, base = dbs
+    sidekiq6_data(a)
+    a.delete("other:key")
+    other = start_server(server.kind)
+    try:
+        o = redis.Redis(port=other.port)
+        o.zadd("schedule", {"live": 1})        # a live target: merged chunk by chunk, through the journal
+        o.rpush("queue:default", "j0")
+        r = migrate("--from", f"{base}/14", "--from-namespace", "sidekiq", "--to", other.url, "--move",
+                    "--batch", "1", "--verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verify: 0 difference(s)" in r.stdout
+        assert a.dbsize() == 0, a.keys()
+        assert o.lrange("queue:default", 0, -1) == [b"j0", b"j1", b"j2"]
+        assert data_keys(o) == sorted(o.keys())  # no applied marks left on the target either
+    finally:
+        other.stop()
+
+
 def test_resume_file_continues_after_the_last_finished_batch(dbs, tmp_path):
     a, b, base = dbs
     for i in range(300):

@@ -33,7 +33,7 @@ def test_readme_tables_are_the_schema():
 
 def test_every_flag_has_a_readme_row_and_every_variable_is_known():
     rows = {flag for row in generated("flags").splitlines()[2:]
-            for flag in re.findall(r"`(--[a-z-]+)", row.split(" | ")[0])}
+            for flag in re.findall(r"`(--[a-z0-9-]+)", row.split(" | ")[0])}
     parser_flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")}
     assert parser_flags == rows  # --help and --version included
     for f in FIELDS:

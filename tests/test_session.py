@@ -736,7 +736,7 @@ def test_refusals_are_logged_at_info_and_rate_limited(caplog):
     assert "route r: refused FLUSHALL: ERR command 'FLUSHALL' is refused on namespace 'app'" in first.getMessage()
     assert d.s.stats.errors["refused"] == REFUSAL_LOG_BURST + 6  # every refusal is counted
     # the next window says how many went unlogged
-    d.s.stats._refusal_window -= 60
+    d.s.stats._refusal_log.window -= 60
     with caplog.at_level(logging.INFO, logger="keyspace-proxy"):
         caplog.clear()
         d.client(c("FLUSHALL"))

@@ -149,6 +149,7 @@ def test_frame_run_matches_python(replies, noise, entries, limit, push, data):
 
 ROUTE_MODES = {
     "add": Keyspace("add", b"app", b":", "r"),
+    "pinned": Keyspace("add", b"app", b":", "r", pinned=True),  # prefix {app}: (braces through the C path)
     "strip": Keyspace("strip", b"app", b":", "r"),
     "none": Keyspace("none", b"", b":", "r"),
 }

@@ -362,6 +362,27 @@ def test_clients_must_present_a_certificate_when_the_listener_has_a_ca(tls_serve
     assert "TLS with client certificates" in p.output()
 
 
+def test_a_tls_listener_with_users(tls_server, tdb, certs, start_proxy):
+    """Authentication at the proxy over TLS: the password travels encrypted, each user
+    has its route (here: its namespace) over the rediss:// upstream."""
+    import hashlib
+    port = free_port()
+    digest = hashlib.sha256(b"tls-secret").hexdigest()
+    p = start_proxy(config_text=(
+        f'upstream = "{tls_server.url(tdb)}"\n[upstream_tls]\nca_file = "{certs.ca}"\n'
+        f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\n'
+        f'[listener.tls]\ncert_file = "{certs.proxy_cert}"\nkey_file = "{certs.proxy_key}"\n'
+        f'[[listener.user]]\nname = "tenant"\npassword_sha256 = "{digest}"\nnamespace = "tu"\n'), port=port)
+    r = tls_proxy_client(p, certs.ca, username="tenant", password="tls-secret")
+    assert r.set("k", "v") and r.get("k") == b"v"
+    assert tls_server.direct(tdb).get("tu:k") == b"v"
+    with pytest.raises(redis.AuthenticationError):
+        tls_proxy_client(p, certs.ca, username="tenant", password="wrong").ping()
+    with pytest.raises(redis.AuthenticationError, match="authenticated"):  # its HELLO, as from Redis
+        tls_proxy_client(p, certs.ca).get("k")
+    assert "1 user(s): clients must authenticate" in p.output()
+
+
 def _listener_toml(tls_server, db, port, cert, key, certs):
     return (f'upstream = "{tls_server.url(db)}"\n[upstream_tls]\nca_file = "{certs.ca}"\n'
             f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "r"\n'
@@ -497,3 +518,31 @@ def test_max_clients_on_a_tls_listener_is_said_after_the_handshake(tls_server, t
     assert reply == b"-ERR max number of clients reached\r\n"
     second.close()
     first.close()
+
+
+def test_migrate_tls_flags_per_side(mtls_server, plain_redis, certs):
+    """--from-tls-* / --to-tls-*: the proxy's [upstream_tls] settings for each side of
+    migrate (here mutual TLS and an AUTH token on the source, a plain target)."""
+    src = mtls_server.direct(12, password=TOKEN)
+    dst = redis.Redis(host=plain_redis.host, port=plain_redis.port, db=12)
+    src.flushdb()
+    dst.flushdb()
+    src.rpush("sk:queue:default", "j1", "j2")
+    url = mtls_server.url(12, auth=f":{TOKEN}@")
+    target = f"redis://{plain_redis.host}:{plain_redis.port}/12"
+    no_cert = run_cli("migrate", "--from", url, "--from-namespace", "sk", "--to", target,
+                      "--from-tls-ca-file", certs.ca)
+    assert no_cert.returncode == 1 and "source" in no_cert.stderr, no_cert.stderr
+    assert dst.exists("queue:default") == 0
+    done = run_cli("migrate", "--from", url, "--from-namespace", "sk", "--to", target, "--move", "--verify",
+                   "--from-tls-ca-file", certs.ca, "--from-tls-cert-file", certs.client_pem)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    assert dst.lrange("queue:default", 0, -1) == [b"j1", b"j2"] and not src.exists("sk:queue:default")
+    # settings for a plain side, and unreadable files, are refused before anything moves
+    plain = run_cli("migrate", "--from", url, "--to", target, "--to-tls-ca-file", certs.ca)
+    assert plain.returncode == 2 and "--to-tls-ca-file: the target is redis://" in plain.stderr, plain.stderr
+    missing = run_cli("migrate", "--from", url, "--to", target, "--from-tls-ca-file", "/nonexistent/ca.pem")
+    assert missing.returncode == 2 and "--from-tls-ca-file" in missing.stderr and "no such file" in missing.stderr
+    src.flushdb()
+    dst.flushdb()
