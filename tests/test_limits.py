@@ -63,6 +63,34 @@ def ping(sock: socket.socket) -> bytes:
     return data
 
 
+def take_slot(port: int, hello: bytes = b"*1\r\n$4\r\nPING\r\n", answer: bytes = b"+PONG\r\n"):
+    """A client connection that got in: the start-up check's connection (conftest) holds a
+    slot until the proxy has seen it close, so a client turned away meanwhile tries again."""
+    def attempt():
+        s = connect(port)
+        s.sendall(hello)
+        got = read_line(s)
+        if got == answer:
+            return s
+        assert got == MAX_CLIENTS_ERROR, got
+        s.close()
+        return None
+    return wait_for(attempt, what="a client slot")
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while not data.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
 def scrape(mport: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
 
@@ -93,10 +121,7 @@ def test_max_clients_answers_as_redis_and_frees_the_slot(server, fresh_db, start
     mport = free_port()
     p = start_proxy(upstream(server, fresh_db) + ["--max-clients", "3", "--metrics-listen", f"127.0.0.1:{mport}"])
     assert "max clients 3 ([limits] max_clients)" in p.output()
-    # the start-up check's connection (conftest) is gone before we count
-    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_client_connections") == 0, what="no clients")
-    held = [connect(p.port) for _ in range(3)]
-    assert all(ping(s) == b"+PONG\r\n" for s in held)
+    held = [take_slot(p.port) for _ in range(3)]
     extra = connect(p.port)
     assert read_all(extra) == MAX_CLIENTS_ERROR          # told, then closed: never a bare reset
     assert "client turned away with -ERR max number of clients reached ([limits] max_clients = 3)" in p.output()
@@ -116,11 +141,7 @@ def test_max_clients_per_listener(server, fresh_db, start_proxy):
             f'[[listener]]\nname = "small"\nlisten = "127.0.0.1:{a}"\nmax_clients = 1\n'
             f'[[listener]]\nname = "big"\nlisten = "127.0.0.1:{b}"\n')
     p = start_proxy(config_text=text, port=a)
-    # the start-up check's connection (conftest) holds the slot until the proxy sees it closed
-    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_client_connections", route="small") == 0,
-             what="no clients")
-    first = connect(a)
-    assert ping(first) == b"+PONG\r\n"
+    first = take_slot(a)
     assert read_all(connect(a)) == MAX_CLIENTS_ERROR
     assert "listener max_clients = 1" in p.output()
     others = [connect(b) for _ in range(3)]             # the other listener is not limited by it
@@ -403,11 +424,10 @@ def test_limits_at_a_listener_with_users(server, fresh_db, start_proxy):
             f'[[listener.user]]\nname = "alice"\npassword_sha256 = "{hashlib.sha256(b"apw").hexdigest()}"\n'
             f'namespace = "a"\n')
     p = start_proxy(config_text=text, port=port)
-    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_client_connections") == 0, what="no clients")
-    first = Raw("127.0.0.1", port)
-    assert first.call("AUTH", "alice", "apw") == b"+OK\r\n" and first.call("PING") == b"+PONG\r\n"
+    first = take_slot(port, b"*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$3\r\napw\r\n", b"+OK\r\n")
+    assert ping(first) == b"+PONG\r\n"
     assert read_all(connect(port)) == MAX_CLIENTS_ERROR     # the authenticated client holds the slot
-    first.sock.close()
+    first.close()
     wait_for(lambda: metric(scrape(mport), "keyspace_proxy_client_connections") == 0, what="the slot freed")
     idle = connect(port)                                     # never authenticates
     assert read_all(idle) == b""                             # closed for idleness
