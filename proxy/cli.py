@@ -11,7 +11,7 @@ import sys
 
 from proxy import __version__
 from proxy.config import (Config, ConfigError, apply_sentinel_auth, build_route, check_upstream_tls_used,
-                          format_addr, load_toml, parse_url)
+                          format_addr, load_toml, parse_url, read_token)
 from proxy.logs import mask_credentials, setup_logging
 from proxy.schema import (BY_ATTR, DEFAULT_UPSTREAM, FIELDS, SUBCOMMANDS, Invalid, env_help,
                           section_fields)
@@ -159,6 +159,18 @@ def config_from_args(a: argparse.Namespace, environ=None) -> Config:
     metrics = _parse(a, "metrics_listen")
     if metrics is not None:
         cfg.metrics_listen = metrics
+    admin = _parse(a, "admin_listen")
+    if admin is not None:
+        cfg.admin_listen = admin
+    token_file, token = _parse(a, "admin_token_file"), _parse(a, "admin_token")
+    if token_file is not None and token is not None:
+        raise ConfigError(f"{_source(a, 'admin_token')}, {_source(a, 'admin_token_file')}: give the token "
+                          "or a file holding it, not both")
+    if token_file is not None:  # flags and variables win over the file's [admin] token_file
+        cfg.admin_token_file = token_file
+        cfg.admin_token = read_token(token_file, _source(a, "admin_token_file"))
+    if token is not None:
+        cfg.admin_token, cfg.admin_token_file = token, None
     for name in section_fields("limits"):
         attr = next(f.attr for f in FIELDS if f.key == f"limits.{name}")
         value = _parse(a, attr)
@@ -222,7 +234,7 @@ def bind_error(e: OSError, cfg: Config) -> str:
     """An OSError from opening the listeners, as one line naming the address."""
     import re
     text = e.strerror or str(e)
-    if text.startswith("cannot listen on metrics port"):
+    if text.startswith(("cannot listen on metrics port", "cannot listen on admin port")):
         return text
     m = re.search(r"bind on address \('([^']*)', (\d+)[^)]*\): (.*)", text)
     if m:  # asyncio and uvloop: 'error while attempting to bind on address ('h', 1): address already in use'

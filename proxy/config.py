@@ -474,6 +474,9 @@ class Route:
     # [[listener.user]]: clients must authenticate, and each user has a route of its own
     # (proxy/auth.py). None: no authentication. By user name.
     users: dict | None = None
+    # Not part of the comparison either: a new limit applies to new connections and
+    # needs no drain.
+    max_clients: int | None = field(default=None, compare=False)
 
     def with_users(self) -> list["Route"]:
         """This route and, for a listener with users, each user's route."""
@@ -545,6 +548,12 @@ class Limits:
     # All such clients together: past this, the one holding the most is disconnected,
     # so twenty non-readers cannot add up to twenty limits (a sidecar has 256Mi).
     output_total_limit: int = _default("limits.output_total_limit")
+    max_clients: int | None = _default("limits.max_clients")   # None: derived from RLIMIT_NOFILE at start
+    idle_timeout: float = _default("limits.idle_timeout")      # 0: clients are never closed for idleness
+    tcp_keepalive: int = _default("limits.tcp_keepalive")      # 0: off
+    reply_timeout: float = _default("limits.reply_timeout")    # 0: an upstream may owe a reply forever
+    reconnect_delay: float = _default("limits.reconnect_delay")
+    reconnect_delay_max: float = _default("limits.reconnect_delay_max")
 
 
 @dataclass
@@ -554,6 +563,15 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     log_level: str | None = None          # [log] level; flags and env win
     log_format: str | None = None         # [log] format: text or json
+    admin_listen: tuple[str, int] | None = None   # POST /-/reload apart from /metrics
+    admin_token_file: str | None = None
+    # the reload token (from admin.token_file or PROXY_ADMIN_TOKEN); None: reload over HTTP is off
+    admin_token: str | None = field(default=None, repr=False)
+
+    @property
+    def reload_listen(self) -> tuple[str, int] | None:
+        """Where POST /-/reload is served: the admin address, else the metrics port."""
+        return self.admin_listen or self.metrics_listen
 
     def all_routes(self) -> list[Route]:
         """Every route: the listeners' and their users' (each has its stats)."""
@@ -565,10 +583,26 @@ class Config:
         return [rr for r in self.routes for rr in (r.with_users()[1:] if r.users is not None else [r])]
 
 
+def read_token(path: str, label: str) -> str:
+    """The admin token from a file (a trailing newline is not part of it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot read {path!r}: {(e.strerror or str(e)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label}: {path!r} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"{label}: {path!r} is empty (an empty token would let anyone reload)")
+    if "\n" in token:
+        raise ConfigError(f"{label}: {path!r} holds more than one line; put the token alone in it")
+    return token
+
+
 SUBTABLES = ("databases", "tls", "upstream_tls", "user")  # [listener.X] tables
 # What a [[listener.user]] may set of its listener's route (any route field, so a field
 # added to [[listener]] works per user too): all but the listener's address, name, TLS.
-NOT_PER_USER = ("listen", "name", "tls", "user")
+NOT_PER_USER = ("listen", "name", "tls", "user", "max_clients")  # max_clients: counted per listener
 
 
 def sub_table(entry: dict, key: str, section: str, where: str, labels: dict[str, str] | None = None,
@@ -710,7 +744,7 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
     namespaced = ks.mode != "none" or any(t.keyspace.mode != "none" for t in databases.values())
     policy = vals.get("policy") or ("tenant" if namespaced else "app")  # (Route.namespaced)
     route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
-                  label("policy"))
+                  label("policy"), max_clients=vals.get("max_clients"))
     route = pin_route(route, vals.get("slot", "spread"), label("slot"))
     if "user" in entry:
         route.users = build_users(entry, route, default_upstream, default_sep, index, labels, text,
@@ -848,7 +882,7 @@ def _table(data: dict, key: str) -> dict:
     return v
 
 
-TOP_TABLES = ("listener", "metrics", "limits", "log", "upstream_tls", "sentinel")
+TOP_TABLES = ("listener", "metrics", "admin", "limits", "log", "upstream_tls", "sentinel")
 
 
 def from_dict(data: dict, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -907,6 +941,12 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
             raise ConfigError(f"metrics.{k}: unknown field (known: {known('metrics')})")
     if "listen" in section:
         metrics = _value("metrics.listen", section["listen"], "metrics.listen")
+    admin = {}
+    for k, v in _table(data, "admin").items():
+        if k not in section_fields("admin"):
+            raise ConfigError(f"admin.{k}: unknown field (known: {known('admin')}; the token itself goes in "
+                              "PROXY_ADMIN_TOKEN or a file, not in this file)")
+        admin[k] = _value(f"admin.{k}", v, f"admin.{k}")
     limits = Limits()
     for k, v in _table(data, "limits").items():
         if k not in section_fields("limits"):
@@ -917,7 +957,11 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
         if k not in section_fields("log"):
             raise ConfigError(f"log.{k}: unknown field (known: {known('log')})")
         log[k] = _value(f"log.{k}", v, f"log.{k}")
-    return Config(routes, metrics, limits, log.get("level"), log.get("format"))
+    cfg = Config(routes, metrics, limits, log.get("level"), log.get("format"), admin.get("listen"),
+                 admin.get("token_file"))
+    if cfg.admin_token_file:
+        cfg.admin_token = read_token(cfg.admin_token_file, "admin.token_file")
+    return cfg
 
 
 # -- the effective configuration, as TOML (credentials masked), for `keyspace-proxy check`
@@ -970,6 +1014,8 @@ def render_toml(cfg: Config) -> str:
         lines += ["[[listener]]", f"name = {_toml_str(r.name)}", f"listen = {_toml_str(format_addr(*r.listen))}"]
         scalars, subtables = _route_toml(r, "listener")
         lines += scalars
+        if r.max_clients is not None:
+            lines.append(f"max_clients = {r.max_clients}")
         if r.tls is not None:
             lines.append("[listener.tls]")
             lines += [f"{k} = {_toml_str(getattr(r.tls, k))}" for k in ("cert_file", "key_file", "ca_file")
@@ -988,9 +1034,21 @@ def render_toml(cfg: Config) -> str:
             ['password = "***"', ""]
     if cfg.metrics_listen:
         lines += ["[metrics]", f"listen = {_toml_str(format_addr(*cfg.metrics_listen))}", ""]
+    if cfg.admin_listen or cfg.admin_token_file or cfg.admin_token:
+        lines.append("[admin]")
+        if cfg.admin_listen:
+            lines.append(f"listen = {_toml_str(format_addr(*cfg.admin_listen))}")
+        if cfg.admin_token_file:
+            lines.append(f"token_file = {_toml_str(cfg.admin_token_file)}")
+        elif cfg.admin_token:
+            lines.append("# token: from PROXY_ADMIN_TOKEN (or --admin-token), not shown")
+        lines.append("")
     lines.append("[limits]")
     for k in section_fields("limits"):
         v = getattr(cfg.limits, k)
+        if v is None:
+            lines.append(f"# {k}: derived from the file-descriptor limit at start")
+            continue
         lines.append(f"{k} = {_toml_str(v) if isinstance(v, str) else repr(v)}")
     lines += ["", "[log]", f"level = {_toml_str(cfg.log_level or 'info')}",
               f"format = {_toml_str(cfg.log_format or 'text')}"]

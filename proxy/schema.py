@@ -391,8 +391,22 @@ FIELDS: tuple[Field, ...] = (
           help="strip mode in this db"),
     Field("listener[].databases.N.separator", Separator(), default_doc="the listener's",
           help="separator in this db"),
+    Field("listener[].max_clients", Int(1), default_doc="`limits.max_clients` only",
+          help="client connections this listener accepts; past it a new client gets "
+               "`-ERR max number of clients reached` and is closed"),
     Field("metrics.listen", Address(), None, "--metrics-listen", "PROXY_METRICS_LISTEN", metavar="HOST:PORT",
-          default_doc="off", help="admin port: /metrics, /healthz, /readyz, POST /-/reload"),
+          default_doc="off", help="/metrics, /healthz, /readyz; also POST /-/reload when `admin.listen` is not "
+                                  "given (and a token is)"),
+    Field("admin.listen", Address(), None, "--admin-listen", "PROXY_ADMIN_LISTEN", metavar="HOST:PORT",
+          default_doc="`metrics.listen`",
+          help="a separate address for POST /-/reload (then not served on the metrics port)"),
+    Field("admin.token_file", Path(nonempty=True), None, "--admin-token-file", "PROXY_ADMIN_TOKEN_FILE",
+          metavar="FILE", default_doc="reload over HTTP off",
+          help="file holding the token POST /-/reload must send as `Authorization: Bearer TOKEN`; "
+               "re-read on reload"),
+    Field("admin.token", Text(nonempty=True), None, "--admin-token", "PROXY_ADMIN_TOKEN", toml=False,
+          metavar="TOKEN", default_doc="reload over HTTP off",
+          help="the token itself (prefer the variable or a file: a flag shows in `ps`)"),
     Field("limits.max_bulk", Int(1, unit="bytes"), 512 * MiB, "--max-bulk-len", "PROXY_MAX_BULK_LEN",
           metavar="N", help="largest bulk string a client may send (Redis's proto-max-bulk-len)"),
     Field("limits.max_query", Int(1, unit="bytes"), 1024 * MiB, "--max-query-len", "PROXY_MAX_QUERY_LEN",
@@ -415,6 +429,28 @@ FIELDS: tuple[Field, ...] = (
     Field("limits.output_total_limit", Int(0, unit="bytes"), 256 * MiB, "--output-total-limit",
           "PROXY_OUTPUT_TOTAL_LIMIT", metavar="N", help="all such clients together: past it the one holding "
                                                          "the most is disconnected first (0: no limit)"),
+    Field("limits.max_clients", Int(1), None, "--max-clients", "PROXY_MAX_CLIENTS", metavar="N",
+          default_doc="10000, or fewer to fit the file-descriptor limit",
+          help="client connections of the whole process (Redis's maxclients); the default is "
+               "(RLIMIT_NOFILE - 64) / 2 when that is less than 10000, so each client can also "
+               "hold an upstream connection"),
+    Field("limits.idle_timeout", Seconds(0.0), 0.0, "--idle-timeout", "PROXY_IDLE_TIMEOUT", metavar="S",
+          help="close a client idle this long (0: never; Redis's timeout); not while it waits on a blocking "
+               "command, is subscribed or in MONITOR"),
+    Field("limits.tcp_keepalive", Int(0, 32767, unit="seconds"), 300, "--tcp-keepalive",
+          "PROXY_TCP_KEEPALIVE", metavar="S",
+          help="TCP keepalive on client and upstream sockets: first probe after this idle time "
+               "(0: off; Redis's tcp-keepalive)"),
+    Field("limits.reply_timeout", Seconds(0.0), 30.0, "--reply-timeout", "PROXY_REPLY_TIMEOUT", metavar="S",
+          help="an upstream connection that owes a reply to a non-blocking request and sends nothing for this "
+               "long is declared dead: its clients get an error, readiness is false until a new connection "
+               "answers (0: wait forever)"),
+    Field("limits.reconnect_delay", Seconds(0.0, inclusive=False), 0.1, "--reconnect-delay",
+          "PROXY_RECONNECT_DELAY", metavar="S",
+          help="an upstream that failed is tried again after this, doubling per failure (with jitter); "
+               "until it answers, requests fail at once"),
+    Field("limits.reconnect_delay_max", Seconds(0.0, inclusive=False), 2.0, "--reconnect-delay-max",
+          "PROXY_RECONNECT_DELAY_MAX", metavar="S", help="the most the reconnect delay grows to"),
     Field("log.level", Choice(LEVELS), "info", "--log-level", "PROXY_LOG_LEVEL", metavar="LEVEL",
           help="least severe level logged"),
     Field("log.format", Choice(FORMATS), "text", "--log-format", "PROXY_LOG_FORMAT", metavar="FORMAT",

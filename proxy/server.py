@@ -6,13 +6,15 @@ it, applies backpressure both ways, and stops cleanly."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import random
 import signal
 import socket
 import ssl
 from collections import deque
-from time import perf_counter
+from time import monotonic, perf_counter
 
 from proxy import fence
 from proxy.auth import Gate, Login, no_auth_commands
@@ -30,10 +32,80 @@ log = logging.getLogger("keyspace-proxy")
 FAIR_READ = 256000  # uvloop reads at most 256,000 bytes at a time: a full read means more is waiting
 
 
-def _nodelay(transport) -> None:
+# Limits (README, "Limits and timeouts").
+MAX_CLIENTS = 10000        # Redis's maxclients default
+RESERVED_FDS = 64          # left for listeners, shared links, the admin port, logs (Redis keeps 32)
+MAX_CLIENTS_ERROR = b"-ERR max number of clients reached\r\n"   # Redis's words
+ACCEPT_BATCH = 64          # connections accepted per readiness event, so clients' reads get turns too
+ACCEPT_PAUSE = 1.0         # out of descriptors and nothing to free: accept again after this (as asyncio)
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+LIMIT_LOG_WINDOW = 10.0    # at most one "clients turned away" line per listener per this many seconds
+
+
+def _out_of_fds(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in OUT_OF_FDS
+
+
+def _nodelay(transport, keepalive: int = 0) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            _keepalive(sock, keepalive)
+
+
+def _keepalive(sock, idle: int) -> None:
+    """TCP keepalive as Redis's anetKeepAlive sets it: first probe after `idle` seconds of
+    silence, then every idle/3, dead after 3 unanswered: a peer gone without a FIN or RST
+    (a host powered off, a NAT entry dropped) is found in about twice `idle`."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:  # a socket already closed by the peer: nothing to keep alive
+        pass
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed (as Redis does at
+    start); returns (soft, hard) as they then are."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default fs.nr_open
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def derived_max_clients(nofile: int) -> int:
+    """The default of limits.max_clients: Redis's 10000, or fewer when the descriptors do
+    not allow it. Each client may hold an upstream connection of its own (dedicated mode,
+    or a blocking command, MULTI, SUBSCRIBE in shared mode): two descriptors per client,
+    after RESERVED_FDS for everything else."""
+    return max(1, min(MAX_CLIENTS, (nofile - RESERVED_FDS) // 2))
+
+
+def _fd_limit() -> int:
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class Rejected(asyncio.Protocol):
+    """A client over max_clients: told so as Redis tells it, then closed (on a TLS
+    listener after the handshake, so it can read why)."""
+
+    def connection_made(self, transport) -> None:
+        transport.write(MAX_CLIENTS_ERROR)
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass
 
 
 class ClientConnection(asyncio.Protocol):
@@ -67,12 +139,15 @@ class ClientConnection(asyncio.Protocol):
         self.timed = proxy.timed
         self.t_request = 0.0   # when the batch being timed was read (0: none being timed)
         self.t_sent = 0.0      # when it was written upstream
+        self.active = True     # read from since the last tick (Proxy._tick: idle timeout)
+        self.quiet_since = 0.0
+        self.slot = None       # the listen address it is counted under (max_clients), until released
 
     # -- client side
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        _nodelay(transport)
+        _nodelay(transport, self.proxy.config.limits.tcp_keepalive)
         self.proxy.clients.add(self)
         self.peer = transport.get_extra_info("peername")
         self.proxy.next_client_id += 1
@@ -147,6 +222,12 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         up = self.route.upstream
         loop = asyncio.get_running_loop()
+        down = self.proxy.health(up).down_reason()
+        if down is not None:  # failing: no new connection until the reconnect loop gets an answer
+            self.close_reason = "upstream_error"
+            self.session.upstream_lost(down, tell_idle=True)
+            self.flush()
+            return
         host, port = up.host, up.port
         try:
             if up.sentinel is not None:
@@ -160,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
             reason = connect_failure(host, port, e, up.tls)
             log.warning("route %s: %s", self.route.name, reason,
                         extra={"event": "upstream_error", "route": self.route.name})
+            if not _out_of_fds(e):  # our own shortage says nothing about the upstream
+                self.proxy.health(up).failed(reason, self.route.name)
             self.close_reason = "upstream_error"
             self.session.upstream_lost(reason, tell_idle=True)
             self.flush()
@@ -230,6 +313,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["client"] += len(data)
+        self.active = True
         if self.gate is not None:
             return self._gate_data(data)
         if self.timed and not self.t_request:
@@ -360,6 +444,7 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.clients.discard(self)
         self.view.conns.pop(self.session, None)
         self.view.remove_monitor(self.session)
+        self.proxy.release(self)
         if self in self.proxy.paused or self.close_reason == "output_limit":
             self.proxy.paused.discard(self)
             self.proxy.trim_soon()
@@ -372,6 +457,27 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         self.proxy.idle_changed()
+
+    def check_upstream(self, now: float, limit: float) -> None:
+        """limits.reply_timeout on a dedicated connection: a reply owed (not to a blocking
+        command) and no byte from the server for `limit` seconds: the connection is dead."""
+        up = self.upstream
+        if up is None or up.transport is None or self.closed:
+            return
+        if up.progress or not self.session.owes_timed_reply():
+            up.progress = False
+            up.since = now
+            return
+        if now - up.since >= limit:
+            reason = reply_timeout_reason(self.route.upstream, limit)
+            log.warning("route %s: upstream connection: %s; closing it", self.route.name, reason,
+                        extra={"event": "upstream_timeout", "route": self.route.name})
+            self.stats.upstream_timeouts += 1
+            self.proxy.health(self.route.upstream).failed(reason, self.route.name)
+            self.close_reason = "upstream_error"
+            self.session.upstream_lost(reason)
+            self.flush()
+            up.transport.abort()
 
     # Backpressure: a client that does not read stops us reading its upstream; on a
     # shared connection (which other clients need) we stop reading its requests instead.
@@ -403,14 +509,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = client
         self.transport = None
         self.addr: tuple[str, int] | None = None  # the node connected to
+        self.progress = False  # bytes arrived since the last tick (limits.reply_timeout)
+        self.since = monotonic()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        _nodelay(transport)
+        _nodelay(transport, self.client.proxy.config.limits.tcp_keepalive)
         self.client.stats.upstream_connections += 1
 
     def data_received(self, data: bytes) -> None:
         c = self.client
+        self.progress = True
         c.stats.bytes_in["upstream"] += len(data)
         if c.t_sent:
             # One sample per batch of requests, not per command: cheap and still the
@@ -478,6 +587,8 @@ class SharedLink(asyncio.Protocol):
         self.p_conn = None                         # ... for this client
         self.p_mode = ""                           # "stream", "collect" or "discard"
         self.p_chunks: list[bytes] = []
+        self.progress = True   # bytes arrived since the last tick (limits.reply_timeout)
+        self.since = monotonic()
         for args in route.upstream.handshake(db, proto):
             self._own(args)
 
@@ -497,16 +608,35 @@ class SharedLink(asyncio.Protocol):
                                    self.proxy.config.limits.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.stats.upstream_failures += 1
-            self.fail(connect_failure(host, port, e, up.tls))
+            reason = connect_failure(host, port, e, up.tls)
+            if not _out_of_fds(e):
+                self.proxy.health(up).failed(reason, self.route.name)
+            self.fail(reason)
             return
         self.stats.upstream_opened += 1
+
+    def check(self, now: float, limit: float) -> None:
+        """limits.reply_timeout: replies owed and no byte from the server for `limit`
+        seconds (shared links carry no blocking command): the link is dead."""
+        if self.lost or self.transport is None:
+            return
+        if self.progress or not self.owners:
+            self.progress = False
+            self.since = now
+            return
+        if now - self.since >= limit:
+            reason = reply_timeout_reason(self.route.upstream, limit)
+            self.stats.upstream_timeouts += 1
+            self.proxy.health(self.route.upstream).failed(reason, self.route.name)
+            self.fail(reason)
+            self.transport.abort()
 
     def connection_made(self, transport) -> None:
         if self.lost:
             transport.close()
             return
         self.transport = transport
-        _nodelay(transport)
+        _nodelay(transport, self.proxy.config.limits.tcp_keepalive)
         self.stats.upstream_connections += 1
         self.flush()
 
@@ -545,6 +675,7 @@ class SharedLink(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["upstream"] += len(data)
+        self.progress = True
         if self.t_sent:
             self.stats.roundtrip_seconds.observe(perf_counter() - self.t_sent)
             self.t_sent = 0.0
@@ -739,6 +870,269 @@ class SharedLink(asyncio.Protocol):
             c.apply_backpressure()
 
 
+def reply_timeout_reason(up, limit: float) -> str:
+    return (f"no reply from {format_addr(up.host, up.port)} within {limit:g}s ([limits] reply_timeout); "
+            "connection declared dead")
+
+
+class UpstreamHealth:
+    """What the proxy knows of one upstream (address, credentials, TLS). A connection that
+    cannot be opened, or one that owes a reply past limits.reply_timeout, marks it down:
+    from then on no client connection is opened to it and requests fail at once with the
+    reason, and readiness is false, until the reconnect loop (exponential backoff with
+    jitter, capped at limits.reconnect_delay_max) opens a new connection that answers
+    PING. So a dead upstream costs one attempt per delay, not one per client request."""
+
+    def __init__(self, proxy: "Proxy", upstream):
+        self.proxy = proxy
+        self.upstream = upstream
+        self.down: str | None = None
+        self.failures = 0            # attempts of the current outage that failed
+        self.reconnect_failures = 0  # all of them, for the metric
+        self.task = None
+
+    def down_reason(self) -> str | None:
+        return None if self.down is None else f"{self.down}; reconnecting"
+
+    def failed(self, reason: str, route_name: str) -> None:
+        if self.down is None:
+            log.warning("upstream %s is down (%s); requests fail at once until a new connection answers",
+                        self.upstream.masked(), reason, extra={"event": "upstream_down", "route": route_name})
+        self.down = reason
+        if self.task is None and not self.proxy._stopping:
+            self.task = asyncio.ensure_future(self._reconnect(route_name))
+
+    async def _reconnect(self, route_name: str) -> None:
+        up = self.upstream
+        try:
+            while not self.proxy._stopping:
+                lim = self.proxy.config.limits
+                delay = min(lim.reconnect_delay_max, lim.reconnect_delay * 2 ** min(self.failures, 30))
+                delay = delay / 2 + random.random() * delay / 2  # jitter: proxies started together spread out
+                await asyncio.sleep(delay)
+                addr = self.proxy.primary_now(up)  # a sentinel upstream: the primary it follows
+                why = "no confirmed primary (a Sentinel failover is being followed)" if addr is None \
+                    else await probe(up, lim, addr)
+                if why is None:
+                    log.info("upstream %s answers again after %d failed attempt(s)", up.masked(), self.failures,
+                             extra={"event": "upstream_up", "route": route_name})
+                    self.down, self.failures = None, 0
+                    return
+                self.failures += 1
+                self.reconnect_failures += 1
+                self.down = why
+                log.debug("upstream %s: reconnect attempt %d failed: %s", up.masked(), self.failures, why)
+        finally:
+            self.task = None
+
+
+async def probe(up, limits, addr: tuple[str, int] | None = None) -> str | None:
+    """Open a connection (to `addr`, a sentinel upstream's primary; else the URL's host),
+    run the handshake and PING: None if it answered, else why not."""
+    loop = asyncio.get_running_loop()
+    wait = limits.reply_timeout or limits.connect_timeout
+    host, port = addr or (up.host, up.port)
+
+    async def attempt() -> str | None:
+        import hiredis
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **up.ssl_args(host)),
+                                                    limits.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            return connect_failure(host, port, e, up.tls)
+        try:
+            cmds = up.handshake() + [[b"PING"]]
+            writer.write(b"".join(encode_command(c) for c in cmds))
+            parser, replies = hiredis.Reader(), []
+            deadline = loop.time() + wait
+            while len(replies) < len(cmds):
+                left = deadline - loop.time()
+                if left <= 0:
+                    return reply_timeout_reason(up, wait)
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), left)
+                except asyncio.TimeoutError:
+                    return reply_timeout_reason(up, wait)
+                if not data:
+                    return "connection closed by the server"
+                parser.feed(data)
+                while (r := parser.gets()) is not False:
+                    replies.append(r)
+            for cmd, reply in zip(cmds, replies):
+                if isinstance(reply, hiredis.ReplyError):
+                    return handshake_failure(cmd, str(reply)) or str(reply)
+            return None
+        except (OSError, hiredis.ProtocolError) as e:
+            return f"connection lost: {e}"
+        finally:
+            writer.close()
+    return await attempt()
+
+
+class Listener:
+    """A listening address with the proxy's own accept loop. uvloop closes a server for
+    good when accept() fails (libuv reports EMFILE to the listen callback, and uvloop
+    treats any error there as fatal: the listener is gone, silently). Here a client that
+    cannot be taken is told so and closed, and accepting carries on:
+
+    - over limits.max_clients or the listener's max_clients: the client is served by
+      Rejected (`-ERR max number of clients reached`, then closed);
+    - accept() fails for want of descriptors: a descriptor held in reserve is given up
+      to accept the client, tell it the same, close it and take the reserve back; with
+      no reserve to give, accepting pauses ACCEPT_PAUSE seconds (as asyncio's own loop
+      does) instead of spinning on a socket that stays readable."""
+
+    def __init__(self, proxy: "Proxy", listen: tuple, socks: list, ssl_ctx):
+        self.proxy = proxy
+        self.listen = listen
+        self.sockets = socks
+        self.ssl = ssl_ctx
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self.paused = False
+        self.logged = float("-inf")
+        self.quiet = 0
+
+    @classmethod
+    def bind(cls, host: str, port: int, reuse_port: bool) -> list:
+        """The listening sockets for HOST:PORT (every address a name resolves to), as
+        loop.create_server makes them; errors name the address as asyncio's do."""
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        socks = []
+        try:
+            for family, kind, proto, _, addr in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as e:
+                    raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: "
+                                           f"{(e.strerror or str(e)).lower()}") from None
+                sock.listen(511)  # Redis's tcp-backlog
+                sock.setblocking(False)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def start(self) -> None:
+        for sock in self.sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for sock in self.sockets:
+                if not self.paused:
+                    self.loop.remove_reader(sock.fileno())
+                sock.close()
+
+    def _accept(self, sock) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno in OUT_OF_FDS:
+                    return self._out_of_fds(sock, e)
+                log.warning("listener %s: accept failed: %s", format_addr(*self.listen), e)
+                return
+            self._take(conn)
+
+    def _take(self, conn) -> None:
+        proxy = self.proxy
+        route = proxy.routes.get(self.listen)
+        if route is None:  # removed by a reload a moment ago
+            conn.close()
+            return
+        conn.setblocking(False)
+        reason = proxy.admit(route)
+        if reason is not None:
+            self._turned_away(route, reason)
+            factory = Rejected
+        else:
+            def factory():
+                c = ClientConnection(proxy, route)
+                c.slot = route.listen  # the listener's: after AUTH its route is the user's
+                return c
+        asyncio.ensure_future(self._serve(conn, factory, reason is None, route))
+
+    async def _serve(self, conn, factory, counted: bool, route: Route) -> None:
+        try:
+            await self.loop.connect_accepted_socket(factory, conn, ssl=self.ssl)
+        except Exception as e:  # a TLS handshake that failed, a client gone at once
+            if counted:
+                self.proxy.unadmit(route.listen)
+            log.debug("listener %s: connection not set up: %s", route.name, e)
+            conn.close()
+
+    def _turned_away(self, route: Route, reason: str) -> None:
+        st = self.proxy.stats[route.name]
+        st.rejected[reason] = st.rejected.get(reason, 0) + 1
+        now = monotonic()
+        if now - self.logged < LIMIT_LOG_WINDOW:
+            self.quiet += 1
+            return
+        self.logged, quiet, self.quiet = now, self.quiet, 0
+        setting = {"max_clients": f"[limits] max_clients = {self.proxy.max_clients}",
+                   "listener_max_clients": f"listener max_clients = {route.max_clients}",
+                   "fd_limit": "out of file descriptors (RLIMIT_NOFILE); lower [limits] max_clients or raise it"
+                   }[reason]
+        log.warning("listener %s: client turned away with -ERR max number of clients reached (%s)%s",
+                    route.name, setting, f"; {quiet} more since the last such line" if quiet else "",
+                    extra={"event": "max_clients", "route": route.name})
+
+    def _out_of_fds(self, sock, e: OSError) -> None:
+        proxy = self.proxy
+        route = proxy.routes.get(self.listen)
+        conn = None
+        if proxy.reserve_fd is not None:
+            os.close(proxy.reserve_fd)
+            proxy.reserve_fd = None
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                conn = None
+            if conn is not None:
+                if self.ssl is None:  # a TLS client could not read it before a handshake (nor can Redis's)
+                    try:
+                        conn.setblocking(False)
+                        conn.send(MAX_CLIENTS_ERROR)
+                    except OSError:
+                        pass
+                conn.close()
+                if route is not None:
+                    self._turned_away(route, "fd_limit")
+            proxy.take_reserve()
+        if conn is None or proxy.reserve_fd is None:
+            log.warning("listener %s: accept failed (%s); accepting again in %gs", format_addr(*self.listen),
+                        os.strerror(e.errno), ACCEPT_PAUSE, extra={"event": "max_clients"})
+            self._pause()
+
+    def _pause(self) -> None:
+        if self.paused or self.closed:
+            return
+        self.paused = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+        self.loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.proxy.take_reserve()
+            self.start()
+
+
 def _warn_unverified(route: Route) -> None:
     up = route.upstream
     if up.tls is not None and not up.tls.verify:
@@ -786,9 +1180,8 @@ class Proxy:
         # Latency histograms cost a clock read or two per batch; without an admin port
         # nobody can read them, so they are not kept. Counters are kept either way.
         self.timed = config.metrics_listen is not None
-        self.servers: list[asyncio.AbstractServer] = []
         self.routes: dict[tuple, Route] = {}               # listen address -> its current route
-        self.listeners: dict[tuple, asyncio.AbstractServer] = {}
+        self.listeners: dict[tuple, Listener] = {}
         # TLS listeners: listen address -> [the SSLContext new connections switch to,
         # the context the listening socket was made with]. A reload puts freshly read
         # certificates in the first slot (see _listener_ssl).
@@ -799,6 +1192,15 @@ class Proxy:
         self.views: dict[str, ClientRegistry] = {}
         self.next_client_id = 0
         self.sentinels: dict = {}   # SentinelSpec -> sentinel.Watcher
+        # Limits: clients per process and per listen address (admitted, not yet gone).
+        self.fd_limit = _fd_limit()
+        self.max_clients = config.limits.max_clients or derived_max_clients(self.fd_limit)
+        self.admitted = 0
+        self.per_listen: dict[tuple, int] = {}
+        self.reserve_fd: int | None = None   # given up to tell a client "max clients" when out of fds
+        self.take_reserve()
+        self.upstreams: dict = {}            # Upstream -> UpstreamHealth
+        self._ticking = None
 
     def view(self, route_name: str) -> ClientRegistry:
         v = self.views.get(route_name)
@@ -806,11 +1208,80 @@ class Proxy:
             v = self.views[route_name] = ClientRegistry()
         return v
 
+    def take_reserve(self) -> None:
+        if self.reserve_fd is None:
+            try:
+                self.reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+
+    def admit(self, route: Route) -> str | None:
+        """Count a new client against the limits: None if it may stay, else which limit."""
+        if self.admitted >= self.max_clients:
+            return "max_clients"
+        n = self.per_listen.get(route.listen, 0)
+        if route.max_clients is not None and n >= route.max_clients:
+            return "listener_max_clients"
+        self.admitted += 1
+        self.per_listen[route.listen] = n + 1
+        return None
+
+    def unadmit(self, listen: tuple) -> None:
+        self.admitted -= 1
+        self.per_listen[listen] -= 1
+
+    def release(self, conn: "ClientConnection") -> None:
+        if conn.slot is not None:
+            listen, conn.slot = conn.slot, None
+            self.unadmit(listen)
+
+    def health(self, upstream) -> UpstreamHealth:
+        h = self.upstreams.get(upstream)
+        if h is None:
+            h = self.upstreams[upstream] = UpstreamHealth(self, upstream)
+        return h
+
+    def _start_ticking(self) -> None:
+        lim = self.config.limits
+        timeouts = [t for t in (lim.idle_timeout, lim.reply_timeout) if t]
+        if timeouts and self._ticking is None and not self._stopping:
+            # a check at least 4 times per timeout (Redis checks idle clients every second)
+            self._ticking = asyncio.get_running_loop().call_later(min(1.0, min(timeouts) / 4), self._tick)
+
+    def _tick(self) -> None:
+        """The timers, once per tick for every connection (as Redis's clientsCron): clients
+        idle past limits.idle_timeout, upstream connections owing a reply past
+        limits.reply_timeout. Activity is a flag set on each read, so the hot path reads
+        no clock."""
+        self._ticking = None
+        now = monotonic()
+        lim = self.config.limits
+        idle, reply = lim.idle_timeout, lim.reply_timeout
+        if reply:
+            for link in list(self.links.values()):
+                link.check(now, reply)
+        for c in list(self.clients):
+            if c.closed:
+                continue
+            if reply and c.upstream is not None:
+                c.check_upstream(now, reply)
+            if idle:
+                # a client still at the gate (not authenticated) owes nothing: it may be closed
+                if c.active or (c.gate is None and not c.session.may_idle_close):
+                    c.active = False
+                    c.quiet_since = now
+                elif now - c.quiet_since >= idle and not c.closed:
+                    log.debug("client %s idle for %gs ([limits] idle_timeout): closing it", _peer(c.peer), idle,
+                              extra={"event": "idle_timeout", "route": c.route.name})
+                    c.close("idle_timeout")
+        self._start_ticking()
+
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)))
         await self.check_fences(self.config.routes)
         for route in self.config.routes:
             await self._listen(route)
+        self._start_ticking()
 
     async def check_fences(self, routes: list) -> None:
         """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
@@ -909,17 +1380,13 @@ class Proxy:
                 c.flush()
 
     async def _listen(self, route: Route) -> None:
-        loop = asyncio.get_running_loop()
         listen = route.listen
+        socks = Listener.bind(listen[0], listen[1], self.reuse_port)
         self.routes[listen] = route
-        # the factory reads the current route, so a reload changes it for new connections
-        server = await loop.create_server(lambda: ClientConnection(self, self.routes[listen]),
-                                          listen[0], listen[1], reuse_address=True,
-                                          reuse_port=self.reuse_port or None, ssl=self._listener_ssl(route))
-        self.servers.append(server)
-        self.listeners[listen] = server
-        sockets = server.sockets or ()  # the bound address: port 0 becomes the port the system chose
-        log.info("listening on %s", route.describe(sockets[0].getsockname() if sockets else None))
+        # Listener reads the current route, so a reload changes it for new connections
+        listener = self.listeners[listen] = Listener(self, listen, socks, self._listener_ssl(route))
+        listener.start()
+        log.info("listening on %s", route.describe(socks[0].getsockname() if socks else None))
         for user in (route.users or {}).values():
             log.info("  user %s: route %s -> %s", user.name, user.route.name, user.route.describe().split(" -> ", 1)[1])
         for r in route.with_users():
@@ -984,9 +1451,7 @@ class Proxy:
         for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
             await self._listen(route)
         for route in removed:
-            server = self.listeners.pop(route.listen)
-            server.close()
-            self.servers.remove(server)
+            self.listeners.pop(route.listen).close()
             del self.routes[route.listen]
             self.tls.pop(route.listen, None)
         for route in changed:
@@ -1003,7 +1468,12 @@ class Proxy:
         if new.metrics_listen != self.config.metrics_listen:
             log.warning("reload: [metrics] listen changed; the admin port moves only on restart")
             new.metrics_listen = self.config.metrics_listen
+        if new.admin_listen != self.config.admin_listen:
+            log.warning("reload: [admin] listen changed; the admin port moves only on restart")
+            new.admin_listen = self.config.admin_listen
+        self.max_clients = new.limits.max_clients or derived_max_clients(self.fd_limit)
         self.config = new
+        self._start_ticking()
         self.generation += 1
         # (a listener with users before and after: its connections on the listener's own
         # route are those not authenticated yet; they stay, and AUTH with the new users)
@@ -1077,6 +1547,11 @@ class Proxy:
         key = (route.name, db, route.upstream, proto)
         link = self.links.get(key)
         if link is None or link.lost:
+            down = self.health(route.upstream).down_reason()
+            if down is not None:  # not joined, not connected: its requests fail at once
+                link = SharedLink(self, route, db, proto)
+                link.lost = down
+                return link
             link = self.links[key] = SharedLink(self, route, db, proto)
             asyncio.ensure_future(link.connect())
         return link
@@ -1107,8 +1582,11 @@ class Proxy:
     async def stop(self) -> None:
         """Stop accepting; let connections finish owed replies for a bounded time; close."""
         self._stopping = True
-        for s in self.servers:
-            s.close()
+        for listener in self.listeners.values():
+            listener.close()
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
         self._idle = asyncio.Event()
         self.idle_changed()
         if self.clients:
@@ -1122,8 +1600,9 @@ class Proxy:
             link.close()
         for w in self.sentinels.values():
             w.stop()
-        for s in self.servers:
-            await s.wait_closed()
+        for h in self.upstreams.values():
+            if h.task is not None:
+                h.task.cancel()
 
 
 class HandshakeError(RuntimeError):
@@ -1197,26 +1676,43 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
     """Run until SIGTERM/SIGINT. `load_config()` re-reads the configuration for SIGHUP
     and POST /-/reload (it raises ConfigError for an invalid one, which is refused).
     `worker`: one of several processes under a supervisor (proxy/workers.py)."""
+    soft, hard = raise_nofile()
+    if worker:  # the supervisor serves [admin] listen and forwards reloads to this worker's metrics port
+        config.admin_listen = None
     proxy = Proxy(config, reuse_port=worker)
     loop = asyncio.get_running_loop()
+    _log_limits(proxy, soft, hard)
 
     async def reload() -> tuple[bool, str]:
         if load_config is None:
             return False, "no configuration to re-read"
         try:
             new = load_config()
+            if worker:
+                new.admin_listen = None
             return True, await proxy.reload(new)
         except (ConfigError, OSError) as e:
             log.error("reload refused, the running configuration stays: %s", e, extra={"event": "reload"})
             return False, f"reload refused: {e}"
 
-    admin = None
+    admin = reload_port = None
+    def http_reload():
+        return asyncio.run_coroutine_threadsafe(reload(), loop).result(30)
     if config.metrics_listen:  # up before the listeners, so "listening" means everything is
         from proxy.metrics import AdminServer
-        admin = AdminServer(proxy, *config.metrics_listen,
-                            reload=lambda: asyncio.run_coroutine_threadsafe(reload(), loop).result(30))
+        admin = AdminServer(proxy, *config.metrics_listen, reload=http_reload)
         admin.start()
-        log.info("metrics on http://%s/metrics (also /healthz, /readyz)", format_addr(config.metrics_listen[0], admin.port))
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz%s)",
+                 format_addr(config.metrics_listen[0], admin.port),
+                 "" if config.admin_listen else
+                 ", POST /-/reload with the admin token" if config.admin_token else
+                 "; POST /-/reload is off: no admin token")
+    if config.admin_listen:
+        from proxy.metrics import AdminServer
+        reload_port = AdminServer(proxy, *config.admin_listen, reload=http_reload, role="admin")
+        reload_port.start()
+        log.info("admin on http://%s: POST /-/reload%s", format_addr(config.admin_listen[0], reload_port.port),
+                 " with the admin token" if config.admin_token else " is off (no admin token)")
     if IMPLEMENTATION == "c":
         log.info("hot path: C (proxy._speedups)")
     else:
@@ -1247,7 +1743,26 @@ async def serve(config: Config, ready=None, load_config=None, worker: bool = Fal
     await proxy.stop()
     if admin is not None:
         admin.stop()
+    if reload_port is not None:
+        reload_port.stop()
     log.info("stopped")
+
+
+def _log_limits(proxy: Proxy, soft: int, hard: int) -> None:
+    import resource
+    lim = proxy.config.limits
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if lim.max_clients is None:
+        how = f"(the default: {MAX_CLIENTS}, or (RLIMIT_NOFILE - {RESERVED_FDS}) / 2 if lower)"
+    else:
+        how = "([limits] max_clients)"
+    log.info("file descriptors: %d (hard limit %s); max clients %d %s", soft, hard_text, proxy.max_clients, how,
+             extra={"event": "limits"})
+    if lim.max_clients is not None and lim.max_clients > derived_max_clients(proxy.fd_limit):
+        log.warning("[limits] max_clients = %d may need more file descriptors than the %d allowed (2 per client "
+                    "holding an upstream connection, plus %d): past them new clients are turned away with "
+                    "-ERR max number of clients reached", lim.max_clients, proxy.fd_limit, RESERVED_FDS,
+                    extra={"event": "limits"})
 
 
 def _malloc_trim():

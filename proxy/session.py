@@ -105,6 +105,9 @@ class Req:
 
 
 DROP = Req(PASS, show=False)
+# The `data` of the pending entry of a blocking command (BLPOP, XREAD, WAIT...): its reply
+# may take as long as the client asked, so the shell does not time it (limits.reply_timeout).
+BLOCKING = object()
 
 
 class Fault:
@@ -272,6 +275,24 @@ class Session:
     def idle(self) -> bool:
         """No reply owed, not in a transaction, not blocked: a safe point to close."""
         return not self.pending and self.tx is None and self.emu is None and not self.held
+
+    def owes_timed_reply(self) -> bool:
+        """Is a reply owed that the server should send without waiting (no blocking
+        command owed)? For limits.reply_timeout on a dedicated connection."""
+        pending = self.pending
+        if not pending:
+            return False
+        for e in pending:
+            if e is not None and e.data is BLOCKING:
+                return False
+        return True
+
+    @property
+    def may_idle_close(self) -> bool:
+        """May limits.idle_timeout close it now? As Redis's clientsCronHandleTimeout: not while
+        a reply is owed (a blocked client waits for one), subscribed, or in MONITOR."""
+        return not self.pending and not self.held and not self.monitor and not self._subscribed() \
+            and not self.sub_waiting
 
     @property
     def output_limit(self) -> int:
@@ -520,7 +541,12 @@ class Session:
                 self.pending.append(plan.entry)
                 self.owed_sent += 1
                 return
-            return self._queue_or_send(args, plan.reply, show)
+            self._queue_or_send(args, plan.reply, show)
+            entry = plan.entry
+            if entry is not None and entry.data is BLOCKING and self.tx is None:  # CLIENT REPLY OFF/SKIP
+                last = self.pending[-1]
+                self.pending[-1] = Req(entry.kind, entry.fn, BLOCKING, show=last is None or last.show)
+            return
         if rule.session is not None and not rule.everywhere:
             if self.ctx.treat(rule) == REFUSE:
                 return self._refuse(str(refusal(rule, self.ctx)), show)
@@ -684,6 +710,8 @@ class Session:
     def _plan(self, raw_name: bytes) -> Plan:
         plan = compile_plan(raw_name, self.ctx)
         plan.entry = None if plan.reply is None else Req(XFORM, plan.reply)
+        if "blocking" in plan.rule.flags:
+            plan.entry = Req(PASS if plan.reply is None else XFORM, plan.reply, BLOCKING)
         if len(self.plans) < 1024:  # names are client input: bound the cache
             self.plans[raw_name] = plan
             plan.fast = fast_spec(plan)

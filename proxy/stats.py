@@ -128,6 +128,11 @@ class RouteStats:
         # 1: the upstream user is fenced to the namespace by a Redis ACL (checked at start
         # and on reload, server.probe_fence); 0: it is not, or it was not checked
         self.upstream_fenced = 0
+        # Clients turned away at accept: max_clients (the process's), listener_max_clients
+        # (the listener's), fd_limit (accept() itself failed: out of file descriptors).
+        self.rejected: dict[str, int] = {}
+        # Upstream connections declared dead for owing a reply past limits.reply_timeout.
+        self.upstream_timeouts = 0
         self.depth = DepthHistogram(DEPTH_BUCKETS)
         self.request_seconds = Histogram(SECONDS_BUCKETS)
         self.roundtrip_seconds = Histogram(SECONDS_BUCKETS)

@@ -94,7 +94,9 @@ class Supervisor:
         self.restarts = 0
         self.exit_code = 1          # what the start's failure exits with: a worker's configuration error is 2
         self.httpd = None
+        self.admin_httpd = None        # [admin] listen: POST /-/reload apart from /metrics
         self.admin_port: int | None = None
+        self.token = config.admin_token   # what the workers hold too (same flags, variables, file)
 
     # -- worker processes
 
@@ -181,11 +183,13 @@ class Supervisor:
         except (ConfigError, OSError) as e:
             log.error("reload refused, the running configuration stays: %s", e, extra={"event": "reload"})
             return False, f"reload refused: {e}"
-        if self.httpd is None:  # no admin ports: workers re-read the file on SIGHUP
+        if self.httpd is None or not self.token:  # workers re-read the file on SIGHUP
             self.signal_all(signal.SIGHUP)
             return True, f"reload signalled to {len(self.workers)} workers"
         results = [self._ask(w, "/-/reload", method="POST") for w in self.workers]
         ok = all(code == 200 for code, _ in results)
+        if ok:
+            self.token = new.admin_token
         body = "".join(f"worker {w.index}: {text.strip()}\n" for w, (_, text) in zip(self.workers, results))
         return ok, body.rstrip("\n")
 
@@ -196,6 +200,8 @@ class Supervisor:
             return 503, "not running"
         req = urllib.request.Request(f"http://127.0.0.1:{w.admin_port}{path}", method=method,
                                      data=b"" if method == "POST" else None)
+        if method == "POST" and self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=ASK_TIMEOUT) as resp:
                 return resp.status, resp.read().decode()
@@ -225,8 +231,11 @@ class Supervisor:
             registry.register(self)
             return _reply(start_response, "200 OK", generate_latest(registry), CONTENT_TYPE_LATEST)
         if path == "/-/reload":
-            if environ.get("REQUEST_METHOD") != "POST":
-                return _reply(start_response, "405 Method Not Allowed", b"use POST\n")
+            from proxy.metrics import reload_gate
+            elsewhere = format_addr(*self.config.admin_listen) if self.config.admin_listen else None
+            refused = reload_gate(environ, self.token, start_response, elsewhere)
+            if refused is not None:
+                return refused
             ok, message = self.reload()
             return _reply(start_response, "200 OK" if ok else "400 Bad Request", (message + "\n").encode())
         if path == "/healthz":
@@ -242,14 +251,36 @@ class Supervisor:
         return _reply(start_response, "404 Not Found",
                       b"not found: try /metrics, /healthz, /readyz, POST /-/reload\n")
 
+    def admin_app(self, environ, start_response):
+        """[admin] listen: POST /-/reload and /healthz only."""
+        path = environ.get("PATH_INFO", "/")
+        if path == "/-/reload":
+            from proxy.metrics import reload_gate
+            refused = reload_gate(environ, self.token, start_response)
+            if refused is not None:
+                return refused
+            ok, message = self.reload()
+            return _reply(start_response, "200 OK" if ok else "400 Bad Request", (message + "\n").encode())
+        if path == "/healthz":
+            return self.app(environ, start_response)
+        return _reply(start_response, "404 Not Found", b"not found: this admin port serves POST /-/reload and "
+                                                       b"/healthz; /metrics and /readyz are on [metrics] listen\n")
+
     def serve_admin(self) -> None:
-        host, port = self.config.metrics_listen
         from proxy.metrics import admin_httpd
-        self.httpd = admin_httpd(host, port, self.app)
-        self.admin_port = self.httpd.server_port
-        threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True).start()
-        log.info("metrics on http://%s/metrics (also /healthz, /readyz), summed over %d workers",
-                 format_addr(host, self.admin_port), len(self.workers))
+        if self.config.metrics_listen:
+            host, port = self.config.metrics_listen
+            self.httpd = admin_httpd(host, port, self.app)
+            self.admin_port = self.httpd.server_port
+            threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True).start()
+            log.info("metrics on http://%s/metrics (also /healthz, /readyz), summed over %d workers",
+                     format_addr(host, self.admin_port), len(self.workers))
+        if self.config.admin_listen:
+            host, port = self.config.admin_listen
+            self.admin_httpd = admin_httpd(host, port, self.admin_app, "admin")
+            threading.Thread(target=self.admin_httpd.serve_forever, name="admin-reload", daemon=True).start()
+            log.info("admin on http://%s: POST /-/reload%s", format_addr(host, self.admin_httpd.server_port),
+                     " with the admin token" if self.token else " is off (no admin token)")
 
 
 def _reply(start_response, status: str, body: bytes, ctype: str = "text/plain; charset=utf-8"):
@@ -272,7 +303,7 @@ def run_workers(config: Config, workers: int, argv: list[str], load_config=None)
     events: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, _frame: events.append(s))
-    if config.metrics_listen:
+    if config.metrics_listen or config.admin_listen:
         sup.serve_admin()
     if not sup.start():
         sup.stop(config.limits.drain_timeout + 5)
@@ -287,8 +318,9 @@ def run_workers(config: Config, workers: int, argv: list[str], load_config=None)
             else:
                 log.info("stopping %d workers", workers, extra={"event": "stop"})
                 sup.stop(config.limits.drain_timeout + 5)
-                if sup.httpd is not None:
-                    sup.httpd.shutdown()
+                for httpd in (sup.httpd, sup.admin_httpd):
+                    if httpd is not None:
+                        httpd.shutdown()
                 log.info("stopped")
                 return 0
         sup.check()

@@ -77,9 +77,24 @@ def sidekiq_job(job_id: str) -> str:
                        "queue": "default", "created_at": now, "enqueued_at": now})
 
 
+# POST /-/reload needs a token (issue 13): the runbooks' proxies are given this one
+RELOAD_TOKEN = "runbook-reload-token"
+
+
+def token_file() -> str:
+    """A file holding RELOAD_TOKEN, for a step's `[admin] token_file`."""
+    import tempfile
+    path = os.path.join(tempfile.gettempdir(), f"ksp-runbook-token-{os.getpid()}")
+    with open(path, "w") as f:
+        f.write(RELOAD_TOKEN + "\n")
+    return path
+
+
 def reload(metrics_port: int) -> bytes:
-    """POST /-/reload, as the runbooks say; the answer names the routes that changed."""
-    req = urllib.request.Request(f"http://127.0.0.1:{metrics_port}/-/reload", method="POST")
+    """POST /-/reload with the admin token, as the runbooks say; the answer names the routes
+    that changed."""
+    req = urllib.request.Request(f"http://127.0.0.1:{metrics_port}/-/reload", method="POST",
+                                 headers={"Authorization": f"Bearer {RELOAD_TOKEN}"})
     return urllib.request.urlopen(req, timeout=30).read()
 
 

@@ -38,17 +38,18 @@ ROWS = [
     ([], {}, BASE + '[limits]\nupstream_mode = "Shared"\n',
      'limits.upstream_mode: expected one of shared, dedicated, got "Shared"'),
     ([], {}, BASE + "[limits]\nbogus = 1\n",
-     "limits.bogus: unknown field (known: connect_timeout, drain_timeout, max_bulk, max_query, output_limit, "
-     "output_total_limit, pubsub_output_limit, reload_grace, upstream_mode)"),
+     "limits.bogus: unknown field (known: connect_timeout, drain_timeout, idle_timeout, max_bulk, max_clients, "
+     "max_query, output_limit, output_total_limit, pubsub_output_limit, reconnect_delay, reconnect_delay_max, "
+     "reload_grace, reply_timeout, tcp_keepalive, upstream_mode)"),
     (["--config"], {}, 'limits = 5\n' + BASE, "limits: expected a [limits] table, got 5"),
     # -- unknown fields in every section
     ([], {}, BASE + '[metrics]\nlisten = "127.0.0.1:9121"\nport = 9121\n', "metrics.port: unknown field (known: listen)"),
     ([], {}, BASE + '[log]\ncolour = true\n', "log.colour: unknown field (known: format, level)"),
-    ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, name, "
-                                        "namespace, policy, separator, slot, strip_namespace, tls, upstream, "
+    ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, max_clients, "
+                                        "name, namespace, policy, separator, slot, strip_namespace, tls, upstream, "
                                         "upstream_tls, user)"),
-    ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: limits, listener, log, metrics, sentinel, "
-                                        "separator, upstream, upstream_tls)"),
+    ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: admin, limits, listener, log, "
+                                        "metrics, sentinel, separator, upstream, upstream_tls)"),
     ([], {}, BASE + '[listener.databases]\n1 = { db = 2, prefix = "x" }\n',
      "listener[0].databases.1.prefix: unknown field (known: db, namespace, separator, strip_namespace)"),
     # -- listeners

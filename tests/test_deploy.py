@@ -49,9 +49,12 @@ def test_final_stage_shape(dockerfile):
     assert builders, "multi-stage: a builder stage makes the wheels"
     assert final.base.startswith("python:3.11-slim")
     assert final.exec_form("ENTRYPOINT") == ["keyspace-proxy"]
-    assert set(" ".join(final.all("EXPOSE")).split()) == {"6380", "9121"}
+    # issue 13: clients on the container's localhost only (a sidecar), so 6380 is not exposed;
+    # reload over HTTP is off (no admin token in the image)
+    assert set(" ".join(final.all("EXPOSE")).split()) == {"9121"}
     env = final.env()
-    assert env["PROXY_LISTEN"] == "0.0.0.0:6380" and env["PROXY_METRICS_LISTEN"] == "0.0.0.0:9121"
+    assert env["PROXY_LISTEN"] == "127.0.0.1:6380" and env["PROXY_METRICS_LISTEN"] == "0.0.0.0:9121"
+    assert not {"PROXY_ADMIN_TOKEN", "PROXY_ADMIN_TOKEN_FILE"} & set(env)
     # not root: the last USER is a non-zero numeric uid (Kubernetes runAsNonRoot can check it)
     user = final.all("USER")[-1].split(":")[0]
     assert user.isdigit() and int(user) != 0
@@ -211,7 +214,7 @@ def container(image_root, dockerfile, server, fresh_db):
 def test_entrypoint_with_image_env_round_trips_a_key(container, server, fresh_db):
     c = container()
     assert c.process.args == ["keyspace-proxy"]
-    assert c.env["PROXY_LISTEN"].startswith("0.0.0.0:")
+    assert c.env["PROXY_LISTEN"].startswith("127.0.0.1:")
     # the builder stage compiled the C hot path into the wheel (README, "The hot path in C")
     assert "hot path: C" in c.output(), c.output()
     r = redis.Redis(port=c.proxy_port)
@@ -311,6 +314,9 @@ def test_sidecar_deployment_wiring(dockerfile):
     (route,) = cfg.routes
     assert route.listen == ("127.0.0.1", ports["redis"])  # only the pod's containers reach it
     assert cfg.metrics_listen[1] == ports["metrics"]
+    # reload: on the pod's localhost only, with a token from an optional Secret (none: off)
+    assert cfg.admin_listen[0] == "127.0.0.1" and cfg.admin_token is None
+    assert env["PROXY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
     # the password comes from a Secret as REDIS_URL, never from the ConfigMap
     assert "secretKeyRef" in env["REDIS_URL"]["valueFrom"]
     assert "@" not in cm["data"][key]
@@ -380,6 +386,10 @@ def test_compose_file_matches_the_compose_specification(dockerfile):
     assert os.path.exists(os.path.join(DEPLOY, build["context"], build["dockerfile"]))
     assert set(proxy["environment"]) <= set(ENV_FALLBACKS.values()) | {"REDIS_URL"}
     assert proxy["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    # the worker is another container: the proxy listens on the compose network, its port unpublished
+    assert proxy["environment"]["PROXY_LISTEN"] == "0.0.0.0:6380"
+    assert not any(p.split(":")[-1] == "6380" for p in proxy.get("ports", []))
+    assert "PROXY_ADMIN_TOKEN" not in proxy["environment"]
     listen_port = dockerfile[2].env()["PROXY_LISTEN"].rpartition(":")[2]
     assert worker["environment"]["REDIS_URL"] == f"redis://proxy:{listen_port}/0"
     assert worker["depends_on"]["proxy"]["condition"] == "service_healthy"  # the image's HEALTHCHECK

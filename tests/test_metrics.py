@@ -63,6 +63,11 @@ def test_metrics_count_what_happens(server, fresh_db, start_proxy, upstream_mode
     assert value(m, "keyspace_proxy_pipeline_depth_bucket", route=route, le="16.0") >= 3
     assert value(m, "keyspace_proxy_request_duration_seconds_count", route=route) >= 3
     assert value(m, "keyspace_proxy_upstream_roundtrip_seconds_count", route=route) >= 3
+    # limits and timeouts (issue 13): present, and nothing to count in a healthy run
+    for name in ("keyspace_proxy_upstream_reply_timeouts_total", "keyspace_proxy_upstream_reconnect_failures_total",
+                 "keyspace_proxy_upstream_down"):
+        assert m[(name, (("route", route),))] == 0, name
+    assert not [k for k in m if k[0] == "keyspace_proxy_client_connections_rejected_total"]
     r.close()
 
 
@@ -82,6 +87,15 @@ def test_health_and_readiness_follow_the_upstream(start_proxy):
     assert e.value.code == 503 and b"upstream unreachable" in e.value.read()
     assert urllib.request.urlopen(base + "/healthz", timeout=10).status == 200  # alive all the same
     assert value(scrape(mport), "keyspace_proxy_upstream_up", route=f"127.0.0.1:{p.port}") == 0
+    # a client's request finds it down: the proxy marks it so, and says why in /readyz
+    c = redis.Redis(port=p.port, socket_timeout=10)
+    with pytest.raises((redis.ResponseError, redis.ConnectionError), match="upstream unavailable"):
+        c.ping()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/readyz", timeout=10)
+    body = e.value.read().decode()
+    assert e.value.code == 503 and "upstream down (cannot connect to 127.0.0.1:" in body and "reconnecting" in body
+    assert value(scrape(mport), "keyspace_proxy_upstream_down", route=f"127.0.0.1:{p.port}") == 1
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(base + "/nope", timeout=10)
     assert e.value.code == 404

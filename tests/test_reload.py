@@ -15,13 +15,32 @@ from integration_helpers import Raw
 from proxy.embedded import free_port
 
 
+TOKEN = "reload-token-for-tests"
+
+
 def toml(server, db, port, ns, extra="", mport=None, grace=30):
     text = f'upstream = "redis://{server.host}:{server.port}/{db}"\n'
     text += f"[limits]\nreload_grace = {grace}\n"
     if mport:
-        text += f'[metrics]\nlisten = "127.0.0.1:{mport}"\n'
+        # POST /-/reload needs a token since issue 13 (item 6): the tests send it
+        text += f'[metrics]\nlisten = "127.0.0.1:{mport}"\n[admin]\ntoken_file = "{token_file()}"\n'
     text += f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "{ns}"\n'
     return text + extra
+
+
+def token_file() -> str:
+    import tempfile
+    path = os.path.join(tempfile.gettempdir(), f"ksp-reload-token-{os.getpid()}")
+    with open(path, "w") as f:
+        f.write(TOKEN + "\n")
+    return path
+
+
+def post_reload(mport, token=TOKEN):
+    req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    return urllib.request.urlopen(req, timeout=10)
 
 
 def config_path(proxy) -> str:
@@ -104,8 +123,7 @@ def test_invalid_config_is_refused_and_the_running_one_stays(server, fresh_db, s
     wait_log(p, "reload refused, the running configuration stays")
     assert "listener[0].namespace: \"bad*ns\" must not contain '*'" in p.output()
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST"),
-                               timeout=10)
+        post_reload(mport)
     assert e.value.code == 400 and b"listener[0].namespace: \"bad*ns\" must not contain" in e.value.read()
     assert Raw("127.0.0.1", port).call("SET", "k", "1") == b"+OK\r\n"
     d = redis.Redis(host=server.host, port=server.port, db=fresh_db)
@@ -116,8 +134,7 @@ def test_post_reload_applies_and_counts_generations(server, fresh_db, start_prox
     port, mport = free_port(), free_port()
     p = start_proxy(config_text=toml(server, fresh_db, port, "one", mport=mport), port=port)
     write(p, toml(server, fresh_db, port, "two", mport=mport))
-    reply = urllib.request.urlopen(
-        urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST"), timeout=10)
+    reply = post_reload(mport)
     assert reply.status == 200 and b"generation 2" in reply.read()
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
     assert b"keyspace_proxy_config_generation 2.0" in metrics
@@ -127,3 +144,78 @@ def test_post_reload_applies_and_counts_generations(server, fresh_db, start_prox
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{mport}/-/reload", timeout=10)  # GET
     assert e.value.code == 405
+
+
+# -- the reload token and the separate admin address (issue 13, item 6)
+
+def _post_error(mport, token=TOKEN, path="/-/reload"):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post_reload(mport, token) if path == "/-/reload" else urllib.request.urlopen(
+            f"http://127.0.0.1:{mport}{path}", timeout=10)
+    return e.value.code, e.value.read().decode()
+
+
+def test_reload_over_http_is_off_without_a_token_and_sighup_still_reloads(server, fresh_db, start_proxy):
+    port, mport = free_port(), free_port()
+    text = toml(server, fresh_db, port, "one", mport=mport).replace(f'[admin]\ntoken_file = "{token_file()}"\n', "")
+    p = start_proxy(config_text=text, port=port)
+    assert "POST /-/reload is off: no admin token" in p.output()
+    code, body = _post_error(mport, token=None)
+    assert code == 403 and "reload over HTTP is off" in body and "[admin] token_file" in body \
+        and "PROXY_ADMIN_TOKEN" in body and "SIGHUP" in body
+    code, _ = _post_error(mport, token="anything")  # no token configured: no token opens it
+    assert code == 403
+    write(p, text.replace('namespace = "one"', 'namespace = "two"'))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "generation 2")
+    assert Raw("127.0.0.1", port).call("SET", "k", "1") == b"+OK\r\n"
+    assert redis.Redis(host=server.host, port=server.port, db=fresh_db).get("two:k") == b"1"
+
+
+def test_reload_needs_the_right_bearer_token(server, fresh_db, start_proxy):
+    port, mport = free_port(), free_port()
+    p = start_proxy(config_text=toml(server, fresh_db, port, "one", mport=mport), port=port)
+    write(p, toml(server, fresh_db, port, "two", mport=mport))
+    for token in (None, "wrong", TOKEN + "x", TOKEN[:-1]):
+        code, body = _post_error(mport, token=token)
+        assert code == 401 and "Authorization: Bearer" in body, (token, code, body)
+    assert "POST /-/reload refused: wrong token" in p.output()
+    assert TOKEN not in p.output() and "wrong" not in p.output().replace("wrong token", "")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+    assert b"keyspace_proxy_config_generation 1.0" in metrics   # nothing reloaded
+    assert post_reload(mport).status == 200
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+    assert b"keyspace_proxy_config_generation 2.0" in metrics
+
+
+def test_admin_listen_serves_reload_apart_from_metrics(server, fresh_db, start_proxy, monkeypatch):
+    port, mport, aport = free_port(), free_port(), free_port()
+    monkeypatch.setenv("PROXY_ADMIN_TOKEN", "from-the-environment")
+    text = toml(server, fresh_db, port, "one", mport=mport).replace(
+        f'[admin]\ntoken_file = "{token_file()}"\n', f'[admin]\nlisten = "127.0.0.1:{aport}"\n')
+    p = start_proxy(config_text=text, port=port)
+    assert f"admin on http://127.0.0.1:{aport}: POST /-/reload with the admin token" in p.output()
+    code, body = _post_error(mport, token="from-the-environment")
+    assert code == 404 and f"served on the admin port 127.0.0.1:{aport} ([admin] listen)" in body
+    code, body = _post_error(aport, path="/metrics")
+    assert code == 404 and "[metrics] listen" in body
+    assert urllib.request.urlopen(f"http://127.0.0.1:{aport}/healthz", timeout=10).status == 200
+    assert _post_error(aport, token=TOKEN)[0] == 401
+    write(p, text.replace('namespace = "one"', 'namespace = "two"'))
+    reply = post_reload(aport, token="from-the-environment")
+    assert reply.status == 200 and b"generation 2" in reply.read()
+
+
+def test_token_settings_are_checked_at_start(server, fresh_db, tmp_path):
+    import subprocess
+    import sys
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    base = ["--listen", "127.0.0.1:0", "--upstream", f"redis://{server.host}:{server.port}/{fresh_db}"]
+    for extra, needle in (
+            (["--admin-token-file", str(tmp_path / "missing")], "--admin-token-file: cannot read"),
+            (["--admin-token-file", str(empty)], "--admin-token-file: " + repr(str(empty)) + " is empty"),
+            (["--admin-token-file", str(empty), "--admin-token", "x"], "give the token or a file holding it")):
+        r = subprocess.run([sys.executable, "-m", "proxy", *base, *extra], capture_output=True, text=True,
+                           timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")})
+        assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr)

@@ -24,7 +24,7 @@ import time
 import redis
 
 from proxy.embedded import free_port, start_server
-from runbook_helpers import (ROOT, RUNBOOK, Fleet, account, migrate, reload, require_sidekiq, sidekiq_job,
+from runbook_helpers import (RELOAD_TOKEN, ROOT, RUNBOOK, Fleet, account, migrate, reload, require_sidekiq, sidekiq_job,
                              summary)
 
 require_sidekiq()
@@ -71,7 +71,8 @@ def test_server_move_there_and_back(tmp_path):
     fleet = Fleet(tmp_path, f"redis://127.0.0.1:{app.port}/0", new_port, old_port)
     try:
         fleet.proxy = proxy = ProxyProcess([], step_config("step1-managed.toml", self_url, new_port, old_port, mport),
-                                           port=old_port, env={"REDIS_URL": managed_url})
+                                           port=old_port, env={"REDIS_URL": managed_url,
+                                                               "PROXY_ADMIN_TOKEN": RELOAD_TOKEN})
         cfg = tmp_path.__class__(os.path.join(proxy.tmp, "proxy.toml"))
 
         def check() -> None:

@@ -20,7 +20,8 @@ import time
 import redis
 
 from proxy.embedded import free_port, start_server
-from runbook_helpers import RUNBOOK, Fleet, account, migrate, reload, require_sidekiq, sidekiq_job, summary
+from runbook_helpers import (RUNBOOK, Fleet, account, migrate, reload, require_sidekiq, sidekiq_job, summary,
+                             token_file)
 
 require_sidekiq()
 
@@ -33,7 +34,8 @@ def step_config(name: str, upstream: str, new: int, old: int, metrics: int) -> s
             .replace("127.0.0.1:6380", f"127.0.0.1:{new}")
             .replace("127.0.0.1:6381", f"127.0.0.1:{old}")
             .replace("127.0.0.1:9121", f"127.0.0.1:{metrics}")
-            .replace("reload_grace = 10.0", "reload_grace = 4.0"))
+            .replace("reload_grace = 10.0", "reload_grace = 4.0")
+            .replace("/etc/keyspace-proxy/admin-token", token_file()))
 
 
 def test_sidekiq_runbook_end_to_end(tmp_path):

@@ -411,17 +411,21 @@ def test_sighup_rereads_the_certificate_for_new_connections(tls_server, tdb, cer
 def test_reload_with_an_unreadable_certificate_is_refused(tls_server, tdb, certs, start_proxy, tmp_path):
     port, mport = free_port(), free_port()
     text = _listener_toml(tls_server, tdb, port, certs.proxy_cert, certs.proxy_key, certs)
-    p = start_proxy(config_text=text + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n', port=port)
+    token = tmp_path / "admin-token"
+    token.write_text("t0ken\n")
+    admin = f'[metrics]\nlisten = "127.0.0.1:{mport}"\n[admin]\ntoken_file = "{token}"\n'
+    p = start_proxy(config_text=text + admin, port=port)
     path = os.path.join(p.tmp, "proxy.toml")
     with open(path, "w") as f:
-        f.write(text.replace(certs.proxy_key, "/no/such.key") + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
-    req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST")
+        f.write(text.replace(certs.proxy_key, "/no/such.key") + admin)
+    req = urllib.request.Request(f"http://127.0.0.1:{mport}/-/reload", method="POST",
+                                 headers={"Authorization": "Bearer t0ken"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400 and "listener[0].tls.cert_file, listener[0].tls.key_file" in e.value.read().decode()
     assert tls_proxy_client(p, certs.ca).ping()  # the running certificate stays
     with open(path, "w") as f:  # plain <-> TLS needs a new socket: refused, not half-applied
-        f.write(text.split("[listener.tls]")[0] + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+        f.write(text.split("[listener.tls]")[0] + admin)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert "TLS turned off" in e.value.read().decode()
@@ -480,6 +484,40 @@ def test_migrate_between_a_tls_server_and_a_plain_one(tls_server, plain_redis, c
     assert src.get("back:a") == b"1"
     src.flushdb()
     dst.flushdb()
+
+
+def test_max_clients_on_a_tls_listener_is_said_after_the_handshake(tls_server, tdb, certs, start_proxy):
+    """Redis drops a TLS client over maxclients without a word (nothing can be written
+    before the handshake); the proxy tells it after the handshake (issue 13, item 7)."""
+    import socket
+    port = free_port()
+    text = _listener_toml(tls_server, tdb, port, certs.proxy_cert, certs.proxy_key, certs)
+    p = start_proxy(config_text=text.replace('namespace = "r"\n', 'namespace = "r"\nmax_clients = 1\n'), port=port)
+    ctx = ssl.create_default_context(cafile=certs.ca)
+
+    def tls_ping() -> tuple[object, bytes]:
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=10), server_hostname="localhost")
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return s, data
+
+    deadline = time.monotonic() + 10
+    while True:  # the start-up check's connection holds the one slot until the proxy sees it go
+        first, reply = tls_ping()
+        if reply == b"+PONG\r\n" or time.monotonic() > deadline:
+            break
+        first.close()
+        time.sleep(0.05)
+    assert reply == b"+PONG\r\n"
+    second, reply = tls_ping()
+    assert reply == b"-ERR max number of clients reached\r\n"
+    second.close()
+    first.close()
 
 
 def test_migrate_tls_flags_per_side(mtls_server, plain_redis, certs):

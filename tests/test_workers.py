@@ -16,11 +16,13 @@ from conftest import ROOT, ProxyProcess
 from integration_helpers import Raw
 from proxy.embedded import free_port
 from proxy.workers import merge_metrics
-from test_reload import toml, wait_log, write
+from test_reload import TOKEN, toml, wait_log, write
 
 
-def get(url: str, method: str = "GET") -> tuple[int, str]:
+def get(url: str, method: str = "GET", token: str | None = TOKEN) -> tuple[int, str]:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if method == "POST" and token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read().decode()
@@ -166,6 +168,7 @@ def test_reload_reaches_every_worker_and_a_bad_file_reaches_none(server, fresh_d
         write(p, "this is = = not toml")
         status, body = get(admin + "/-/reload", "POST")
         assert status == 400 and "reload refused" in body
+        assert get(admin + "/-/reload", "POST", token="wrong")[0] == 401  # the supervisor checks the token
         write(p, toml(server, fresh_db, port, "two", mport=mport))
         status, body = get(admin + "/-/reload", "POST")
         assert status == 200, body
@@ -178,6 +181,27 @@ def test_reload_reaches_every_worker_and_a_bad_file_reaches_none(server, fresh_d
         p.process.send_signal(signal.SIGHUP)
         wait_for(lambda: metric(get(admin + "/metrics")[1], "keyspace_proxy_config_generation") == 3,
                  what="generation 3 in both workers")
+    finally:
+        assert p.stop() == 0
+
+
+def test_workers_serve_the_admin_address_apart_from_metrics(server, fresh_db):
+    port, mport, aport = free_port(), free_port(), free_port()
+
+    def config(ns):
+        text = toml(server, fresh_db, port, ns, mport=mport)
+        return text.replace("[admin]\n", f'[admin]\nlisten = "127.0.0.1:{aport}"\n')
+    p = ProxyProcess(["--workers", "2"], config_text=config("one"), port=port)
+    try:
+        wait_log(p, "2 workers listening")
+        assert f"admin on http://127.0.0.1:{aport}: POST /-/reload with the admin token" in p.output()
+        status, body = get(f"http://127.0.0.1:{mport}/-/reload", "POST")
+        assert status == 404 and f"127.0.0.1:{aport}" in body
+        assert get(f"http://127.0.0.1:{aport}/metrics")[0] == 404
+        assert get(f"http://127.0.0.1:{aport}/-/reload", "POST", token="wrong")[0] == 401
+        write(p, config("two"))
+        status, body = get(f"http://127.0.0.1:{aport}/-/reload", "POST")
+        assert status == 200 and "worker 0: generation 2" in body and "worker 1: generation 2" in body, body
     finally:
         assert p.stop() == 0
 
