@@ -310,9 +310,14 @@ def test_sidecar_deployment_wiring(dockerfile):
     assert vol["configMap"]["name"] == cm["metadata"]["name"] and mount["readOnly"]
     (key,) = cm["data"]
     assert env["PROXY_CONFIG"]["value"] == f"{mount['mountPath']}/{key}"
-    cfg = from_dict(tomllib.loads(cm["data"][key]))
+    cfg = from_dict(tomllib.loads(cm["data"][key]), environ={"CLIENT_PASSWORD": "from-a-secret"})
     (route,) = cfg.routes
     assert route.listen == ("127.0.0.1", ports["redis"])  # only the pod's containers reach it
+    # TLS to Redis, and clients authenticate at the proxy with a password from a Secret
+    assert route.upstream.tls is not None and route.upstream.tls.verify
+    (user,) = route.users.values()
+    assert user.name == "default" and user.source == ("password_env", "CLIENT_PASSWORD")
+    assert "secretKeyRef" in env["CLIENT_PASSWORD"]["valueFrom"]
     assert cfg.metrics_listen[1] == ports["metrics"]
     # reload: on the pod's localhost only, with a token from an optional Secret (none: off)
     assert cfg.admin_listen[0] == "127.0.0.1" and cfg.admin_token is None
@@ -324,8 +329,11 @@ def test_sidecar_deployment_wiring(dockerfile):
     assert {n for n in env if n.startswith("PROXY_")} <= set(ENV_FALLBACKS.values())
     # the app goes through the sidecar
     (app,) = [c for c in pod["spec"]["containers"] if c["name"] != "keyspace-proxy"]
-    app_env = {e["name"]: e.get("value") for e in app["env"]}
-    assert app_env["REDIS_URL"] == f"redis://127.0.0.1:{ports['redis']}/0"
+    app_env = {e["name"]: e for e in app["env"]}
+    assert app_env["REDIS_URL"]["value"] == f"redis://:$(CLIENT_PASSWORD)@127.0.0.1:{ports['redis']}/0"
+    # the same Secret on both sides (Kubernetes expands $(CLIENT_PASSWORD) from the line above it)
+    assert app_env["CLIENT_PASSWORD"]["valueFrom"] == env["CLIENT_PASSWORD"]["valueFrom"]
+    assert [e["name"] for e in app["env"]].index("CLIENT_PASSWORD") < [e["name"] for e in app["env"]].index("REDIS_URL")
     # probes, resources, hardening
     assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
@@ -384,14 +392,19 @@ def test_compose_file_matches_the_compose_specification(dockerfile):
     assert volume.split(":")[0] in compose["volumes"] and volume.endswith(":/data")
     build = proxy["build"]
     assert os.path.exists(os.path.join(DEPLOY, build["context"], build["dockerfile"]))
-    assert set(proxy["environment"]) <= set(ENV_FALLBACKS.values()) | {"REDIS_URL"}
-    assert proxy["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert set(proxy["environment"]) <= set(ENV_FALLBACKS.values()) | {"REDIS_URL", "PROXY_PASSWORD"}
+    # passwords on both hops, from deploy/.env (env.example lists them), never written in the file
+    assert proxy["environment"]["REDIS_URL"] == "redis://:${REDIS_PASSWORD}@redis:6379/0"
+    assert "${REDIS_PASSWORD" in " ".join(redis_svc["command"])
+    assert proxy["environment"]["PROXY_PASSWORD"].startswith("${PROXY_CLIENT_PASSWORD")
+    with open(os.path.join(DEPLOY, "env.example")) as f:
+        assert {"REDIS_PASSWORD", "PROXY_CLIENT_PASSWORD"} <= {ln.split("=")[0] for ln in f if "=" in ln}
     # the worker is another container: the proxy listens on the compose network, its port unpublished
     assert proxy["environment"]["PROXY_LISTEN"] == "0.0.0.0:6380"
     assert not any(p.split(":")[-1] == "6380" for p in proxy.get("ports", []))
     assert "PROXY_ADMIN_TOKEN" not in proxy["environment"]
     listen_port = dockerfile[2].env()["PROXY_LISTEN"].rpartition(":")[2]
-    assert worker["environment"]["REDIS_URL"] == f"redis://proxy:{listen_port}/0"
+    assert worker["environment"]["REDIS_URL"] == f"redis://:${{PROXY_CLIENT_PASSWORD}}@proxy:{listen_port}/0"
     assert worker["depends_on"]["proxy"]["condition"] == "service_healthy"  # the image's HEALTHCHECK
 
 
