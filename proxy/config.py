@@ -549,6 +549,7 @@ class Limits:
     # so twenty non-readers cannot add up to twenty limits (a sidecar has 256Mi).
     output_total_limit: int = _default("limits.output_total_limit")
     max_clients: int | None = _default("limits.max_clients")   # None: derived from RLIMIT_NOFILE at start
+    blocking_pool: int = _default("limits.blocking_pool")      # 0: blocking clients get dedicated connections
     idle_timeout: float = _default("limits.idle_timeout")      # 0: clients are never closed for idleness
     tcp_keepalive: int = _default("limits.tcp_keepalive")      # 0: off
     reply_timeout: float = _default("limits.reply_timeout")    # 0: an upstream may owe a reply forever

@@ -71,7 +71,7 @@ class ProxyCollector:
                         ["route", "reason"])
         commands = family("counter", "commands", "Commands received, by command (unknown names: other)",
                           ["route", "command"])
-        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused, unexpected_reply, output_limit, internal", ["route", "kind"])
+        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused, unexpected_reply, output_limit, internal, orphan_reply", ["route", "kind"])
         refused = family("counter", "refused_commands", "Commands refused by the route's policy",
                          ["route", "command"])
         keys = family("counter", "keys_rewritten", "Key arguments rewritten on the generic path", ["route"])
@@ -95,6 +95,20 @@ class ProxyCollector:
                             "Reconnect attempts (with backoff) to a down upstream that failed", ["route"])
         down = family("gauge", "upstream_down",
                       "1 while the route's upstream is marked down (requests fail at once, reconnecting)", ["route"])
+        pool_conns = family("gauge", "blocking_pool_connections",
+                            "Upstream connections of the route's blocking pool (limits.blocking_pool), by state: idle, "
+                            "busy (lent for a blocking command), opening, control (sending CLIENT UNBLOCK), orphan "
+                            "(its client left while blocked)", ["route", "state"])
+        pool_borrows = family("counter", "blocking_pool_borrows",
+                              "Blocking commands served on a borrowed pooled connection", ["route"])
+        pool_waits = family("counter", "blocking_pool_borrow_waits",
+                            "Blocking commands that waited for a pooled connection (the route's pool was full)",
+                            ["route"])
+        pools: dict[str, dict[str, int]] = {}
+        for (name, _), pool in dict(getattr(proxy, "bpools", {})).items():
+            mine = pools.setdefault(name, dict.fromkeys(("idle", "busy", "opening", "control", "orphan"), 0))
+            for state, n in pool.counts().items():
+                mine[state] += n
         depth = HistogramMetricFamily(PREFIX + "pipeline_depth", "Requests per client read", labels=["route"])
         req = HistogramMetricFamily(PREFIX + "request_duration_seconds",
                                     "Time from reading a batch of requests to writing its last reply",
@@ -149,10 +163,16 @@ class ProxyCollector:
                     st.upstream_up = 1 if ping(route.upstream) and not is_down else 0
                 up_up.add_metric(r, st.upstream_up)
             fenced.add_metric(r, st.upstream_fenced)
+            if route.users is None:
+                for state, n in pools.get(route.name, dict.fromkeys(("idle", "busy"), 0)).items():
+                    pool_conns.add_metric(r + [state], n)
+                pool_borrows.add_metric(r, st.blocking_borrows)
+                pool_waits.add_metric(r, st.blocking_waits)
             for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
                 fam.add_metric(r, h.buckets(), h.sum)
         yield from (clients, accepted, closed, rejected, commands, errors, refused, keys, received, sent,
-                    up_conns, up_opened, up_failed, up_up, fenced, timeouts, reconnects, down, depth, req, rtt,
+                    up_conns, up_opened, up_failed, up_up, fenced, timeouts, reconnects, down, pool_conns,
+                    pool_borrows, pool_waits, depth, req, rtt,
                     auth_ok, auth_failed)
 
 

@@ -434,6 +434,11 @@ FIELDS: tuple[Field, ...] = (
           help="client connections of the whole process (Redis's maxclients); the default is "
                "(RLIMIT_NOFILE - 64) / 2 when that is less than 10000, so each client can also "
                "hold an upstream connection"),
+    Field("limits.blocking_pool", Int(0), 16, "--blocking-pool", "PROXY_BLOCKING_POOL", metavar="N",
+          help="in shared upstream mode, upstream connections per route that serve blocking commands (BRPOP, "
+               "BLMOVE, BZPOPMIN, XREAD BLOCK...): a client borrows one for the call and gives it back with the "
+               "reply, and stays on its shared link; past N, blocking calls wait for one to come back "
+               "(0: each blocking client moves to a connection of its own for life)"),
     Field("limits.idle_timeout", Seconds(0.0), 0.0, "--idle-timeout", "PROXY_IDLE_TIMEOUT", metavar="S",
           help="close a client idle this long (0: never; Redis's timeout); not while it waits on a blocking "
                "command, is subscribed or in MONITOR"),

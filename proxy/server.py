@@ -18,6 +18,7 @@ from time import monotonic, perf_counter
 
 from proxy import fence
 from proxy.auth import Gate, Login, no_auth_commands
+from proxy.bpool import BlockingPool
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
 from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
@@ -142,6 +143,8 @@ class ClientConnection(asyncio.Protocol):
         self.active = True     # read from since the last tick (Proxy._tick: idle timeout)
         self.quiet_since = 0.0
         self.slot = None       # the listen address it is counted under (max_clients), until released
+        self.pooled = None     # a blocking pool connection lent for one blocking command (proxy/bpool.py)
+        self.pool_waiting = False
 
     # -- client side
 
@@ -213,6 +216,8 @@ class ClientConnection(asyncio.Protocol):
         s.start(g.first, g.rest)
         if s.need_link is not None:
             self._maybe_change_link()
+        elif s.need_borrow:
+            self._maybe_borrow()
         self.flush()
 
     def _start_connect(self) -> None:
@@ -291,7 +296,7 @@ class ClientConnection(asyncio.Protocol):
         """Called by the link after it handed this connection replies."""
         s = self.session
         if not (self.t_request or s.need_dedicated or s.need_link is not None or s.out_upstream
-                or s.owed_sent != self.registered or self.draining or s.close_when_done):
+                or s.owed_sent != self.registered or self.draining or s.close_when_done or s.need_borrow):
             # the common case: nothing to do but pass the replies on
             out = s.out_client
             if out and not self.closed:
@@ -309,7 +314,68 @@ class ClientConnection(asyncio.Protocol):
             self._maybe_leave_link()
         elif s.need_link is not None:
             self._maybe_change_link()
+        elif s.need_borrow:
+            self._maybe_borrow()
         self.flush()
+
+    # -- the blocking pool (proxy/bpool.py): one blocking command on a borrowed connection
+
+    def _maybe_borrow(self) -> None:
+        """Ask the route's pool for a connection once no shared reply is owed (order)."""
+        s = self.session
+        if s.need_borrow and s.shared_quiet and self.pooled is None and not self.pool_waiting \
+                and not self.closed:
+            self.pool_waiting = True
+            self.proxy.blocking_pool(self.route).borrow(self, (s.target.db, s.link_proto))
+
+    def lend(self, pc) -> None:
+        """The pool lent `pc`: the held blocking command goes there, alone."""
+        self.pool_waiting = False
+        s = self.session
+        if self.closed or not s.need_borrow:
+            return pc.pool.release(pc)
+        pc.command = s.held[0][0][:32] if s.held and type(s.held[0]) is list else b"?"
+        self.pooled = self.upstream = pc
+        self.reading_upstream = True
+        s.start_borrow()
+        self.flush()
+        self.borrowed_reply()
+
+    def borrowed_reply(self) -> None:
+        """After replies from the lent connection: once its one reply is in, give it back
+        and continue on the shared link."""
+        s = self.session
+        pc = self.pooled
+        if pc is None or s.pending or s.partial is not None or s._buf:
+            return
+        self.pooled = self.upstream = None
+        if not self.reading_upstream and pc.transport is not None:
+            pc.transport.resume_reading()
+        self.reading_upstream = True
+        self.link_paused = False
+        self.registered = s.owed_sent  # the borrowed reply was never the shared link's
+        pc.pool.release(pc)
+        if not self.closed:
+            s.end_borrow()
+            if s.need_borrow:
+                self._maybe_borrow()
+            self.flush()
+            self.apply_backpressure()
+
+    def _leave_pool(self) -> None:
+        """The client is going: a lent connection still blocked is abandoned (unblocked,
+        then closed), never lent again; a wait for one is cancelled."""
+        if self.pool_waiting:
+            self.pool_waiting = False
+            self.proxy.blocking_pool(self.route).cancel(self)
+        pc = self.pooled
+        if pc is None:
+            return
+        self.pooled = self.upstream = None
+        s = self.session
+        if not s.pending and s.partial is None and not s._buf:
+            return pc.pool.release(pc)
+        pc.pool.abandon(pc, in_flight=s.partial is not None or bool(s._buf))
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in["client"] += len(data)
@@ -322,6 +388,8 @@ class ClientConnection(asyncio.Protocol):
         s.client_data(data)
         if s.need_link is not None:
             self._maybe_change_link()
+        elif s.need_borrow:
+            self._maybe_borrow()
         self.flush()
         if not s.pending:
             self.t_request = 0.0  # answered locally (or nothing owed): not a round trip
@@ -436,6 +504,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()
+        if self.pooled is not None or self.pool_waiting:
+            self._leave_pool()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
 
@@ -454,6 +524,8 @@ class ClientConnection(asyncio.Protocol):
         self.stats.closed_reason(self.close_reason)
         log.debug("client closed", extra={"event": "client_closed", "route": self.route.name,
                                           "peer": _peer(self.peer), "reason": self.close_reason})
+        if self.pooled is not None or self.pool_waiting:
+            self._leave_pool()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         self.proxy.idle_changed()
@@ -1177,6 +1249,7 @@ class Proxy:
         self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
         self._trim_scheduled = False
         self.links: dict[tuple, SharedLink] = {}
+        self.bpools: dict[tuple, BlockingPool] = {}   # (route name, upstream): limits.blocking_pool
         # Latency histograms cost a clock read or two per batch; without an admin port
         # nobody can read them, so they are not kept. Counters are kept either way.
         self.timed = config.metrics_listen is not None
@@ -1373,6 +1446,10 @@ class Proxy:
         for link in list(self.links.values()):
             if link.route.upstream.sentinel == spec and link.addr == old:
                 link.retire(reason)
+        for pool in self.bpools.values():  # idle pooled connections to the old primary
+            if pool.route.upstream.sentinel == spec:
+                for pc in [pc for lst in pool.idle.values() for pc in lst if pc.addr == old]:
+                    pc.close()
         for c in list(self.clients):
             up = c.upstream
             if c.route.upstream.sentinel == spec and up is not None and up.addr == old and not c.closed:
@@ -1570,6 +1647,13 @@ class Proxy:
         self._trim_scheduled = False
         MALLOC_TRIM(0)
 
+    def blocking_pool(self, route: Route) -> BlockingPool:
+        key = (route.name, route.upstream)
+        pool = self.bpools.get(key)
+        if pool is None:
+            pool = self.bpools[key] = BlockingPool(self, route)
+        return pool
+
     def forget_link(self, link: SharedLink) -> None:
         key = (link.route.name, link.db, link.route.upstream, link.proto)
         if self.links.get(key) is link:
@@ -1598,6 +1682,8 @@ class Proxy:
             c.close("shutdown")
         for link in list(self.links.values()):
             link.close()
+        for pool in self.bpools.values():
+            pool.close_all()
         for w in self.sentinels.values():
             w.stop()
         for h in self.upstreams.values():

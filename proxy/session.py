@@ -227,6 +227,13 @@ class Session:
         # shell has a dedicated connection and every shared reply is in.
         self.shared = shared
         self.need_dedicated = False
+        # limits.blocking_pool: a blocking command on a shared link in the plain state is
+        # served by a pooled upstream connection borrowed for that one request
+        # (server.BlockingPool). `need_borrow` holds it until the shell lends one (once no
+        # shared reply is owed); `borrowing` holds later requests until its reply is in, so
+        # a pooled connection carries exactly one request and replies stay in order.
+        self.need_borrow = False
+        self.borrowing = False
         # RESP2 and RESP3 clients share different links: `link_proto` is the one this
         # session is on; `need_link` holds requests after a HELLO that changes it, until
         # the replies owed on the old link are in (the shell then calls switch_link).
@@ -458,7 +465,7 @@ class Session:
     def _waiting(self) -> bool:
         """Must the next request wait? (for a connection, a link, a confirmation, an emulation)"""
         return bool(self.held) or self.emu is not None or self.need_dedicated or self.need_link is not None \
-            or self.confirming > 0
+            or self.confirming > 0 or self.need_borrow or self.borrowing
 
     def _input_fault(self, message: str) -> None:
         """A malformed request: every request before it is executed and answered, then its
@@ -508,7 +515,10 @@ class Session:
             where = self._where_on_shared(rule, args)
             if where is not None:
                 if where == "dedicated":
-                    self.need_dedicated = True
+                    if "blocking" in rule.flags and self._may_borrow():
+                        self.need_borrow = True
+                    else:
+                        self.need_dedicated = True
                 else:
                     self.need_link = where
                 self.held.appendleft(args)  # replayed first once the connection is there
@@ -1144,6 +1154,31 @@ class Session:
             self._send([b"CLIENT", b"SETNAME", self.client_name], Req(INTERNAL, lambda raw: None))
         self._replay_held()
 
+    def _may_borrow(self) -> bool:
+        """May this blocking command go to a pooled connection? Only from the plain state:
+        nothing on the connection that the pooled one would lack (MULTI, subscriptions,
+        CLIENT REPLY OFF/SKIP, MONITOR, a confirmation awaited)."""
+        return self.limits.blocking_pool > 0 and self.tx is None and self.tx_open is None \
+            and not self._subscribed() and not self.sub_waiting and self.reply_on and not self.skip \
+            and not self.monitor and self.emu is None and not self.confirming and self.need_link is None \
+            and not self.locked
+
+    def start_borrow(self) -> None:
+        """The shell lent a pooled connection (set up for this route, db and protocol):
+        the held blocking command goes there, alone; what follows waits for its reply."""
+        self.need_borrow = False
+        self.shared = False
+        args = self.held.popleft()
+        self._handle_safely(args)
+        self.borrowing = bool(self.pending)
+
+    def end_borrow(self) -> None:
+        """Its reply is in (the shell took the connection back): on the shared link again."""
+        self.borrowing = False
+        self.shared = True
+        self.fast_blocked = True
+        self._replay_held()
+
     def switch_link(self) -> None:
         """Continue on the shared link of protocol `need_link`: the held requests, HELLO first."""
         self.link_proto, self.need_link = self.need_link, None
@@ -1152,7 +1187,8 @@ class Session:
     def _replay_held(self) -> None:
         held = self.held
         while held and self.emu is None and not self.need_dedicated and self.need_link is None \
-                and not self.confirming and not self.close_when_done:
+                and not self.confirming and not self.close_when_done and not self.need_borrow \
+                and not self.borrowing:
             item = held.popleft()
             if type(item) is Fault:
                 held.clear()
@@ -1207,7 +1243,8 @@ class Session:
             self._replay_held()
 
     def _waiting_for_reply(self) -> bool:
-        return self.emu is not None or self.need_dedicated or self.need_link is not None or self.confirming > 0
+        return self.emu is not None or self.need_dedicated or self.need_link is not None or self.confirming > 0 \
+            or self.need_borrow or self.borrowing
 
     def _streams(self) -> bool:
         """May the reply at the head be forwarded as its bytes arrive? (needs nothing)"""

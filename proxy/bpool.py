@@ -1,0 +1,366 @@
+"""A pool of upstream connections for blocking commands (limits.blocking_pool).
+
+In shared upstream mode a client in the plain state that sends a blocking command
+(BRPOP, BLMOVE, BZPOPMIN, XREAD BLOCK...) borrows one of its route's pooled connections
+for that one request and gives it back with the reply; it stays on its shared link
+(see Session.start_borrow / end_borrow and ClientConnection._maybe_borrow).
+
+Correct by construction: a pooled connection carries exactly one request at a time and
+is lent again only after its one reply arrived. Connections are set up once for one
+backend db and protocol (AUTH, HELLO 3, SELECT, then CLIENT ID), and lent only to a
+client of that db and protocol.
+
+Bounded per route: at most `limits.blocking_pool` connections (lent, idle or being
+opened). Past the bound a blocking call waits, in order, for a connection to come back
+(falling back to a dedicated connection would undo the bound the setting promises);
+the wait does not count against the command's own timeout, as time in a client-side
+pool does not. Idle connections are closed after IDLE_CLOSE seconds.
+
+A client that disconnects while blocked leaves its connection blocked in the server:
+it is never lent again. The pool first sends CLIENT UNBLOCK <its id> from another
+connection, so the server answers the blocked call as timed out and can no longer give
+it an element; then, once that one reply arrived, closes it. If the server had already
+served the call (an element popped for a client that is gone), that reply has nobody to
+go to: it is logged and counted as errors_total{kind="orphan_reply"}. Redis itself,
+when a blocked client disconnects, frees it before serving it, so the element stays in
+the list; an element it already wrote to a client that then vanished is lost there too.
+The proxy's window is the same: between the server serving the call and the proxy
+learning that the client is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from time import monotonic
+
+from proxy.config import connect_failure
+from proxy.resp import encode_command, frame_end, ProtocolError
+
+log = logging.getLogger("proxy")
+
+IDLE_CLOSE = 30.0   # seconds an idle pooled connection is kept
+# the reply of a blocking call that timed out (or was unblocked with CLIENT UNBLOCK)
+TIMED_OUT = (b"*-1\r\n", b"$-1\r\n", b"_\r\n")
+
+
+class PooledConnection(asyncio.Protocol):
+    """One upstream connection of a BlockingPool. States: opening (handshake owed),
+    idle, busy (lent to `client`), control (carrying a CLIENT UNBLOCK), orphan (its
+    borrower left while blocked: it waits for its one reply, then closes)."""
+
+    def __init__(self, pool: "BlockingPool", key: tuple[int, int]):
+        self.pool = pool
+        self.key = key               # (backend db, protocol)
+        self.transport = None
+        self.client = None           # the borrower while busy
+        self.state = "opening"
+        self.id: int | None = None   # CLIENT ID, for CLIENT UNBLOCK
+        self.owed = 0                # replies owed to the pool itself
+        self.buf = b""
+        self.addr = None
+        self.progress = False        # (ClientConnection.check_upstream reads these)
+        self.since = monotonic()
+        self.timer = None            # closes it when idle too long
+        self.on_reply = None         # control: what to do with the reply
+        self.command = b""           # the blocking command lent for (for the orphan log)
+
+    def connection_made(self, transport) -> None:
+        from proxy.server import _nodelay
+        self.transport = transport
+        _nodelay(transport, self.pool.proxy.config.limits.tcp_keepalive)
+        self.pool.stats.upstream_connections += 1
+        db, proto = self.key
+        cmds = self.pool.route.upstream.handshake(db, proto) + [[b"CLIENT", b"ID"]]
+        self.owed = len(cmds)
+        transport.write(b"".join(encode_command(a) for a in cmds))
+
+    def data_received(self, data: bytes) -> None:
+        c = self.client
+        if c is not None:
+            self.progress = True
+            c.stats.bytes_in["upstream"] += len(data)
+            c.session.upstream_data(data)
+            c.flush()
+            c.borrowed_reply()
+            return
+        self.pool.stats.bytes_in["upstream"] += len(data)
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        try:
+            while pos < len(buf) and self.transport is not None:
+                end = frame_end(buf, pos)
+                if end < 0:
+                    break
+                self._own_reply(buf[pos:end])
+                pos = end
+        except ProtocolError as e:
+            return self.pool.fail(self, f"upstream sent bytes that are not RESP: {e}")
+        self.buf = buf[pos:]
+
+    def _own_reply(self, raw: bytes) -> None:
+        state = self.state
+        if raw[:1] == b">":  # a RESP3 push nobody here asked for: not a reply
+            return
+        if state == "opening":
+            self.owed -= 1
+            if raw[:1] in (b"-", b"!"):
+                msg = raw[1:-2].decode("utf-8", "replace")
+                return self.pool.fail(self, f"upstream refused the proxy's handshake: {msg}")
+            if not self.owed:
+                self.id = int(raw[1:-2])
+                self.pool.opened(self)
+        elif state == "control":
+            fn, self.on_reply = self.on_reply, None
+            fn(raw)
+            self.pool.release(self)
+        elif state == "orphan":
+            if raw not in TIMED_OUT:
+                self.pool.orphan_reply(self)
+            self.close()
+        else:  # idle: the server sent a reply no request was waiting for
+            self.pool.stats.errors["unexpected_reply"] += 1
+            self.close()
+
+    def close(self) -> None:
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        pool = self.pool
+        pool.stats.upstream_connections -= 1
+        self.transport = None
+        pool.forget(self)
+        pool.refill()
+        c = self.client
+        if c is not None and not c.closed and not pool.proxy._stopping:
+            why = f"connection lost: {exc}" if exc else "connection closed by the server"
+            log.warning("route %s: pooled upstream %s", c.route.name, why,
+                        extra={"event": "upstream_error", "route": c.route.name})
+            c.session.upstream_lost(why)
+            c.flush()
+
+    # An upstream that does not read stops us reading its client (as UpstreamConnection).
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.link_paused = True
+            self.client.apply_backpressure()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.link_paused = False
+            self.client.apply_backpressure()
+
+
+class BlockingPool:
+    """A route's pooled connections for blocking commands, at most limits.blocking_pool."""
+
+    def __init__(self, proxy, route):
+        self.proxy = proxy
+        self.route = route
+        self.stats = proxy.stats[route.name]
+        self.conns: set[PooledConnection] = set()   # every one counted against the bound
+        self.idle: dict[tuple, list[PooledConnection]] = {}
+        self.waiters: deque = deque()                # [client, key, waited], in order
+        self.controls: deque = deque()               # CLIENT UNBLOCK ids to send
+
+    @property
+    def limit(self) -> int:
+        return self.proxy.config.limits.blocking_pool
+
+    def counts(self) -> dict[str, int]:
+        out = {"idle": 0, "busy": 0, "opening": 0, "control": 0, "orphan": 0}
+        for pc in self.conns:
+            out[pc.state] += 1
+        return out
+
+    # ---- borrowing
+
+    def borrow(self, client, key: tuple[int, int]) -> None:
+        """Lend `client` a connection of `key` now or when one is free (client.lend)."""
+        idle = self.idle.get(key)
+        if idle:
+            return self._lend(idle.pop(), client)
+        waiter = [client, key, False]
+        self.waiters.append(waiter)
+        if not self._make_room(key):
+            waiter[2] = True
+            self.stats.blocking_waits += 1
+
+    def _make_room(self, key) -> bool:
+        """Open a connection for `key` if the bound allows (closing an idle one of another
+        db or protocol if that makes room). False: the caller waits."""
+        if len(self.conns) >= self.limit:
+            for other, lst in self.idle.items():
+                if lst:
+                    lst.pop().close()
+                    break
+            else:
+                return False
+        self._open(key)
+        return True
+
+    def cancel(self, client) -> None:
+        """A waiting client left."""
+        for w in list(self.waiters):
+            if w[0] is client:
+                self.waiters.remove(w)
+
+    def _lend(self, pc: PooledConnection, client) -> None:
+        if pc.timer is not None:
+            pc.timer.cancel()
+            pc.timer = None
+        pc.state = "busy"
+        pc.client = client
+        self.stats.blocking_borrows += 1
+        client.lend(pc)
+
+    def release(self, pc: PooledConnection) -> None:
+        """Its one reply is in: lend it again, or keep it idle for a while."""
+        pc.client = None
+        pc.on_reply = None
+        if pc not in self.conns or pc.transport is None:
+            return
+        pc.state = "idle"
+        if self.controls:
+            return self._control(pc, self.controls.popleft())
+        for w in self.waiters:
+            if w[1] == pc.key and not w[0].closed:
+                self.waiters.remove(w)
+                return self._lend(pc, w[0])
+        if self.waiters:  # a waiter of another db or protocol: this slot is theirs
+            pc.close()
+            self._make_room(self.waiters[0][1])
+            return
+        self.idle.setdefault(pc.key, []).append(pc)
+        pc.timer = asyncio.get_running_loop().call_later(IDLE_CLOSE, self._expire, pc)
+
+    def _expire(self, pc: PooledConnection) -> None:
+        pc.timer = None
+        if pc.state == "idle":
+            pc.close()
+
+    # ---- opening
+
+    def _open(self, key) -> None:
+        if self.proxy._stopping:  # shutting down: its clients are being closed
+            return
+        pc = PooledConnection(self, key)
+        self.conns.add(pc)
+        asyncio.ensure_future(self._connect(pc))
+
+    async def _connect(self, pc: PooledConnection) -> None:
+        up = self.route.upstream
+        down = self.proxy.health(up).down_reason()
+        if down is not None:
+            return self.fail(pc, down)
+        loop = asyncio.get_running_loop()
+        host, port = up.host, up.port
+        try:
+            if up.sentinel is not None:
+                host, port = await self.proxy.sentinel_primary(up)
+            pc.addr = (host, port)
+            await asyncio.wait_for(loop.create_connection(lambda: pc, host, port, **up.ssl_args(host)),
+                                   self.proxy.config.limits.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.stats.upstream_failures += 1
+            reason = connect_failure(host, port, e, up.tls)
+            log.warning("route %s: blocking pool: %s", self.route.name, reason,
+                        extra={"event": "upstream_error", "route": self.route.name})
+            self.proxy.health(up).failed(reason, self.route.name)
+            return self.fail(pc, reason)
+        self.stats.upstream_opened += 1
+
+    def opened(self, pc: PooledConnection) -> None:
+        self.release(pc)
+
+    def fail(self, pc: PooledConnection, reason: str) -> None:
+        """A connection could not be set up (or broke while the pool held it): the
+        waiters of its db and protocol get the error, as a shared link's clients do."""
+        opening = pc.state == "opening"
+        pc.close()
+        if not opening:
+            return
+        for w in list(self.waiters):
+            if w[1] == pc.key:
+                self.waiters.remove(w)
+                c = w[0]
+                if not c.closed:
+                    c.session.upstream_lost(reason)
+                    c.flush()
+
+    def forget(self, pc: PooledConnection) -> None:
+        if pc in self.conns:
+            self.conns.discard(pc)
+            idle = self.idle.get(pc.key)
+            if idle and pc in idle:
+                idle.remove(pc)
+            if pc.timer is not None:
+                pc.timer.cancel()
+                pc.timer = None
+
+    def refill(self) -> None:
+        """A slot came free: open a connection for the oldest waiter, if none is on its way."""
+        while self.waiters and self.waiters[0][0].closed:
+            self.waiters.popleft()
+        if self.waiters and len(self.conns) < self.limit:
+            key = self.waiters[0][1]
+            wanted = sum(1 for w in self.waiters if w[1] == key)
+            coming = sum(1 for c in self.conns if c.state == "opening" and c.key == key)
+            if coming < wanted:
+                self._open(key)
+
+    # ---- a borrower that left while blocked
+
+    def abandon(self, pc: PooledConnection, in_flight: bool) -> None:
+        """The borrower of `pc` is gone with its blocking call unanswered. `in_flight`: part
+        of the reply had arrived already (the call was served): nobody can take it."""
+        pc.client = None
+        pc.command = pc.command or b"?"
+        if in_flight or pc.transport is None or self.proxy._stopping:
+            if in_flight:
+                self.orphan_reply(pc)
+            return pc.close()
+        pc.state = "orphan"
+        # unblock it from another connection: the server then answers it as timed out
+        idle = next((lst.pop() for lst in self.idle.values() if lst), None)
+        if idle is not None:
+            self._control(idle, pc.id)
+        elif pc.id is not None:
+            self.controls.append(pc.id)
+            if self.proxy._stopping:
+                return pc.close()
+            pc2 = PooledConnection(self, (0, 2))
+            self.conns.add(pc2)  # for a moment one over the bound: an orphan must not wait
+            asyncio.ensure_future(self._connect(pc2))
+
+    def _control(self, pc: PooledConnection, client_id: int) -> None:
+        if pc.timer is not None:
+            pc.timer.cancel()
+            pc.timer = None
+        pc.state = "control"
+
+        def done(raw: bytes) -> None:
+            if raw[:1] in (b"-", b"!"):
+                log.warning("route %s: blocking pool: CLIENT UNBLOCK %d refused (%s); closing that "
+                            "connection instead", self.route.name, client_id,
+                            raw[1:-2].decode("utf-8", "replace"))
+                for o in list(self.conns):
+                    if o.id == client_id and o.state == "orphan":
+                        o.close()
+        pc.on_reply = done
+        pc.transport.write(encode_command([b"CLIENT", b"UNBLOCK", str(client_id).encode()]))
+
+    def orphan_reply(self, pc: PooledConnection) -> None:
+        self.stats.errors["orphan_reply"] = self.stats.errors.get("orphan_reply", 0) + 1
+        log.warning("route %s: a blocking %s was served after its client disconnected; nobody can take "
+                    "its reply (an element it popped or moved is lost, as with a client that disconnects "
+                    "right after Redis served it)", self.route.name,
+                    pc.command.decode("latin-1", "replace").upper(),
+                    extra={"event": "orphan_reply", "route": self.route.name})
+
+    def close_all(self) -> None:
+        for pc in list(self.conns):
+            pc.close()

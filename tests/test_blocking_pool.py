@@ -1,0 +1,166 @@
+"""limits.blocking_pool (proxy/bpool.py): in shared mode a blocking command borrows a
+pooled upstream connection for the call and gives it back with the reply; the client
+stays on its shared link. Real servers; connection counts read from CLIENT LIST."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from integration_helpers import Raw, client, decode, encode, wait_blocked, wait_for
+from proxy.embedded import free_port
+from test_limits import metric, scrape
+
+
+@pytest.fixture
+def upstream_mode():
+    """The pool exists in shared mode only (dedicated mode: every client has its own)."""
+    return "shared"
+
+
+def upstream(server, db):
+    return ["--upstream", f"redis://{server.host}:{server.port}/{db}", "--namespace", "ns"]
+
+
+def server_conns(d, db: int) -> list[dict]:
+    """The server's connections on backend db `db` (the proxy's: links and pooled ones)."""
+    me = d.client_id()
+    return [c for c in d.client_list() if int(c["db"]) == db and int(c["id"]) != me]
+
+
+def in_thread(fn):
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported by result()
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def result(timeout=20):
+        t.join(timeout)
+        assert not t.is_alive(), "blocked call did not return"
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return result
+
+
+def test_blocking_commands_through_the_pool(server, fresh_db, start_proxy, d, proto):
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--metrics-listen", f"127.0.0.1:{mport}"])
+    r = client(p, protocol=proto)
+    r.client_setname("worker-1")  # a named client keeps its shared link (and the pool)
+    r.rpush("l", "a", "b", "c")
+    assert list(r.brpop(["nothing", "l"], timeout=1)) == [b"l", b"c"]
+    assert list(r.blpop(["l"], timeout=1)) == [b"l", b"a"]
+    assert r.blmove("l", "m", timeout=1, src="LEFT", dest="RIGHT") == b"b"
+    assert d.lrange("ns:m", 0, -1) == [b"b"]
+    r.zadd("z", {"x": 1, "y": 2})
+    got = r.bzpopmin(["z"], timeout=1)
+    assert list(got)[:2] == [b"z", b"x"]
+    r.xadd("s", {"f": "v"}, id="1-0")
+    got = r.xread({"s": "0-0"}, block=100)
+    names = [e[0] for e in got] if isinstance(got, list) else list(got)
+    assert names == [b"s"]
+    assert r.brpop(["empty"], timeout=0.1) is None  # timed out: nil, the connection is reusable
+    assert r.get("after") is None and r.set("after", 1) and r.get("after") == b"1"
+    assert r.client_getname() in ("worker-1", b"worker-1")
+    text = scrape(mport)
+    assert metric(text, "keyspace_proxy_blocking_pool_borrows_total") >= 6
+    assert metric(text, "keyspace_proxy_blocking_pool_connections", state="busy") == 0
+    assert metric(text, "keyspace_proxy_blocking_pool_connections", state="idle") == 1
+    # shared links (RESP2, and RESP3 after HELLO 3) and one pooled connection: the
+    # client never got its own
+    assert len(server_conns(d, fresh_db)) == 2 + (proto == 3)
+    r.close()
+
+
+def test_pipelined_requests_wait_for_the_blocking_reply(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db))
+    raw = Raw("127.0.0.1", p.port)
+    # SET before, BLPOP that must wait, then GET and RPUSH behind it: replies in order
+    raw.send(encode("SET", "k", "1"), encode("BLPOP", "q", "5"), encode("GET", "k"), encode("LLEN", "q"))
+    assert decode(raw.read(1)[0]) == b"OK"
+    wait_blocked(server, 1, "blpop")
+    assert raw.nothing_pending(0.1)  # GET waits behind the blocked BLPOP
+    d.rpush("ns:q", "v")
+    rest = [decode(x) for x in raw.read(3)]
+    assert rest == [[b"q", b"v"], b"1", 0]
+    raw.close()
+
+
+def test_many_blocked_clients_bounded_by_the_pool(server, fresh_db, start_proxy, d):
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--blocking-pool", "3",
+                                                  "--metrics-listen", f"127.0.0.1:{mport}"])
+    n = 8
+    clients = [client(p) for _ in range(n)]
+    for c in clients:
+        assert c.ping()
+    before = len(server_conns(d, fresh_db))  # the shared link (and whatever else the server has)
+    results = [in_thread(lambda c=c: c.brpop(["jobs"], timeout=15)) for c in clients]
+    wait_blocked(server, 3, "brpop")
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_borrow_waits_total") >= n - 3,
+             what="the others waiting for the pool")
+    # 8 clients blocked or waiting, 3 connections more on the server
+    assert len(server_conns(d, fresh_db)) <= before + 3
+    for i in range(n):
+        d.lpush("ns:jobs", f"j{i}")
+    got = sorted(res()[1] for res in results)
+    assert got == sorted(f"j{i}".encode() for i in range(n))  # each job to exactly one client
+    assert d.llen("ns:jobs") == 0
+    assert len(server_conns(d, fresh_db)) <= before + 3
+    for c in clients:
+        assert c.ping()
+        c.close()
+
+
+def test_client_killed_while_blocked_loses_no_job(server, fresh_db, start_proxy, d):
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--metrics-listen", f"127.0.0.1:{mport}"])
+    raw = Raw("127.0.0.1", p.port)
+    raw.send(encode("BRPOP", "jobs", "0"))
+    wait_blocked(server, 1, "brpop")
+    raw.sock.close()  # gone while blocked
+    # the proxy unblocks its pooled connection (CLIENT UNBLOCK), then closes it
+    wait_for(lambda: not any("b" in c["flags"] for c in server_conns(d, fresh_db)), what="unblocked")
+    d.lpush("ns:jobs", "job-1")
+    # the job is not given to the dead client's connection: the next worker gets it
+    w = client(p)
+    assert w.brpop(["jobs"], timeout=5) == (b"jobs", b"job-1")
+    text = scrape(mport)
+    assert metric(text, "keyspace_proxy_errors_total", kind="orphan_reply") == 0
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="orphan") == 0,
+             what="the orphan closed")
+    w.close()
+
+
+def test_blocking_reply_timeout_not_applied(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db) + ["--reply-timeout", "0.5"])
+    r = client(p)
+    t = in_thread(lambda: r.blpop(["q"], timeout=3))
+    wait_blocked(server, 1, "blpop")
+    time.sleep(1.5)  # past the reply timeout: a blocked call owes no timed reply
+    d.rpush("ns:q", "v")
+    assert list(t()) == [b"q", b"v"]
+    r.close()
+
+
+def test_pool_off_moves_to_a_dedicated_connection(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db) + ["--blocking-pool", "0"])
+    r = client(p)
+    assert r.brpop(["q"], timeout=0.1) is None
+    assert r.client_id() is not None  # PIN: works on its own connection
+    r.close()
+
+
+def test_wait_still_pins(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db))
+    r = client(p)
+    assert r.execute_command("WAIT", 0, 10) == 0
+    r.close()
