@@ -224,8 +224,14 @@ class BlockingPool:
         if pc not in self.conns or pc.transport is None:
             return
         pc.state = "idle"
-        if self.controls:
-            return self._control(pc, self.controls.popleft())
+        while self.controls:  # an orphan to unblock: only on the same server (not across a failover)
+            o = self.controls.popleft()
+            if o.state != "orphan" or o.transport is None:
+                continue
+            if o.addr != pc.addr:
+                o.close()
+                continue
+            return self._control(pc, o.id)
         for w in self.waiters:
             if w[1] == pc.key and not w[0].closed:
                 self.waiters.remove(w)
@@ -324,12 +330,13 @@ class BlockingPool:
                 self.orphan_reply(pc)
             return pc.close()
         pc.state = "orphan"
-        # unblock it from another connection: the server then answers it as timed out
-        idle = next((lst.pop() for lst in self.idle.values() if lst), None)
+        # unblock it from another connection to the same server: it then answers as timed out
+        idle = next((o for lst in self.idle.values() for o in lst if o.addr == pc.addr), None)
         if idle is not None:
+            self.idle[idle.key].remove(idle)
             self._control(idle, pc.id)
         elif pc.id is not None:
-            self.controls.append(pc.id)
+            self.controls.append(pc)
             if self.proxy._stopping:
                 return pc.close()
             pc2 = PooledConnection(self, (0, 2))

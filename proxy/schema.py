@@ -419,7 +419,8 @@ FIELDS: tuple[Field, ...] = (
           help="after a reload, how long a changed route's busy connections may finish"),
     Field("limits.upstream_mode", Choice(UPSTREAM_MODES), "shared", "--upstream-mode", "PROXY_UPSTREAM_MODE",
           metavar="MODE", help="shared: plain clients share an upstream connection per route and db "
-                               "(their own on MULTI, WATCH, blocking commands, SUBSCRIBE, ...); "
+                               "(their own on WATCH, SUBSCRIBE, ...; blocking commands borrow a pooled one, "
+                               "see blocking_pool); "
                                "dedicated: one upstream connection per client"),
     Field("limits.output_limit", Int(0, unit="bytes"), 64 * MiB, "--output-limit", "PROXY_OUTPUT_LIMIT",
           metavar="N", help="replies held for a client that does not read them before it is "

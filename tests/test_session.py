@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import DbTarget, Route, Upstream
+from proxy.config import DbTarget, Limits, Route, Upstream
 from proxy.keyspace import Keyspace
 from proxy.resp import encode_command
 from proxy.session import Session
@@ -614,7 +614,8 @@ def test_shared_session_sends_no_handshake_and_plain_commands_stay_shared():
                                  ("SUBSCRIBE", "ch"), ("HELLO", "3", "SETNAME", "n"), ("HELLO",),
                                  ("CLIENT", "NO-EVICT", "on")])
 def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
-    s = Session(make_route(db=3), shared=True)
+    # blocking_pool = 0: a blocking command moves too (with a pool it borrows; below)
+    s = Session(make_route(db=3), shared=True, limits=Limits(blocking_pool=0))
     s.client_data(c("GET", "a") + c(*cmd) + c("GET", "b"))
     assert s.take_upstream() == c("GET", "app:a")  # the rest waits
     assert s.need_dedicated and not s.shared_quiet
@@ -631,6 +632,31 @@ def test_stateful_command_moves_to_dedicated_after_shared_replies(cmd):
         out = s.take_upstream()
     b = c("GET", "other:b") if cmd[0] == "SELECT" else c("GET", "app:b")  # SELECT 1 -> db 7, namespace other
     assert not s.shared and out.endswith(b)
+
+
+def test_blocking_command_borrows_a_pooled_connection_in_order():
+    s = Session(make_route(db=3), shared=True)
+    s.client_data(c("GET", "a") + c("BLPOP", "q", "0") + c("GET", "b"))
+    assert s.take_upstream() == c("GET", "app:a")  # the rest waits for GET a's reply
+    assert s.need_borrow and not s.need_dedicated and not s.shared_quiet
+    assert shared_replies(s, enc("1")) == enc("1")
+    assert s.shared_quiet
+    s.start_borrow()  # the shell lent a pooled connection: no handshake, it has its own
+    assert s.take_upstream() == c("BLPOP", "app:q", "0")
+    assert s.borrowing and not s.shared
+    s.client_data(c("GET", "c"))
+    assert s.take_upstream() == b""  # one request at a time on a pooled connection
+    s.upstream_data(b"*2\r\n$5\r\napp:q\r\n$1\r\nv\r\n")
+    assert s.take_client() == b"*2\r\n$1\r\nq\r\n$1\r\nv\r\n" and not s.pending
+    s.end_borrow()  # given back: the shared link again, the held requests in order
+    assert s.shared and not s.borrowing
+    assert s.take_upstream() == c("GET", "app:b") + c("GET", "app:c")
+
+
+def test_blocking_command_inside_state_does_not_borrow():
+    s = Session(make_route(db=3), shared=True)
+    s.client_data(c("CLIENT", "REPLY", "SKIP") + c("BLPOP", "q", "0"))
+    assert s.need_dedicated and not s.need_borrow
 
 
 def test_plain_hello_moves_to_the_shared_link_of_its_protocol_in_order():
@@ -652,11 +678,12 @@ def test_plain_hello_moves_to_the_shared_link_of_its_protocol_in_order():
     s.client_data(c("HELLO", "3"))
     assert s.take_upstream() == c("HELLO", "3") and s.need_link is None
     shared_replies(s, hello)
-    # a blocking command later: the dedicated connection speaks RESP3 from its handshake on
-    s.client_data(c("BLPOP", "q", "0"))
+    # WATCH later (a blocking command borrows a pooled connection instead): the dedicated
+    # connection speaks RESP3 from its handshake on
+    s.client_data(c("WATCH", "q"))
     assert s.need_dedicated and s.shared_quiet
     s.switch_to_dedicated()
-    assert s.take_upstream() == c("HELLO", "3") + c("SELECT", "3") + c("BLPOP", "app:q", "0")
+    assert s.take_upstream() == c("HELLO", "3") + c("SELECT", "3") + c("WATCH", "app:q")
 
 
 def test_a_refused_client_subcommand_stays_shared():
@@ -685,8 +712,8 @@ def test_push_frames_on_a_resp3_link_are_not_replies():
 
 def test_emulation_then_dedicated_keeps_request_order():
     # FLUSHDB is emulated (requests held), then a blocking command needs a dedicated
-    # connection: the requests after it must not overtake it.
-    s = Session(make_route(), shared=True)
+    # connection (blocking_pool = 0): the requests after it must not overtake it.
+    s = Session(make_route(), shared=True, limits=Limits(blocking_pool=0))
     s.client_data(c("FLUSHDB") + c("GET", "a") + c("BLPOP", "q", "1") + c("GET", "b"))
     scan = s.take_upstream()
     assert scan == c("SCAN", "0", "MATCH", "app:*", "COUNT", "1000")
@@ -758,10 +785,11 @@ def test_client_name_is_held_by_the_proxy_on_a_shared_link():
     s.client_data(c("CLIENT", "SETNAME", "") + c("CLIENT", "GETNAME"))
     assert s.take_client() == b"+OK\r\n$-1\r\n"
     # a later move to a connection of its own takes the name along
-    s.client_data(c("CLIENT", "SETNAME", "w2") + c("BLPOP", "q", "0"))
+    # (WATCH; a blocking command borrows a pooled connection, and the name stays here)
+    s.client_data(c("CLIENT", "SETNAME", "w2") + c("WATCH", "q"))
     assert s.take_client() == b"+OK\r\n" and s.need_dedicated
     s.switch_to_dedicated()
-    assert s.take_upstream() == c("SELECT", "3") + c("CLIENT", "SETNAME", "w2") + c("BLPOP", "app:q", "0")
+    assert s.take_upstream() == c("SELECT", "3") + c("CLIENT", "SETNAME", "w2") + c("WATCH", "app:q")
 
 
 def test_a_whole_multi_block_goes_to_the_shared_link_in_one_piece():
