@@ -290,6 +290,8 @@ class ClientConnection(asyncio.Protocol):
             self.link.clients.add(self)
             self.link_paused = False
             s.switch_link()
+            if s.need_borrow:  # a blocking command held behind the HELLO
+                self._maybe_borrow()
             self.apply_backpressure()
 
     def after_shared_replies(self) -> None:

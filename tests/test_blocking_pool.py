@@ -164,3 +164,17 @@ def test_wait_still_pins(server, fresh_db, start_proxy, d):
     r = client(p)
     assert r.execute_command("WAIT", 0, 10) == 0
     r.close()
+
+
+def test_hello_3_then_blocking_borrows_a_resp3_connection(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db))
+    raw = Raw("127.0.0.1", p.port)
+    # HELLO 3 moves the client to the RESP3 link; the BLPOP behind it then borrows a RESP3
+    # pooled connection (its timeout reply is RESP3's null)
+    raw.send(encode("HELLO", "3"), encode("BLPOP", "q", "0.1"), encode("RPUSH", "q", "v"),
+             encode("BLPOP", "q", "1"))
+    hello, timed_out, pushed, popped = raw.read(4)
+    assert hello.startswith(b"%") and timed_out == b"_\r\n" and pushed == b":1\r\n"
+    assert decode(popped) == [b"q", b"v"]
+    assert [c for c in server_conns(d, fresh_db) if c.get("resp") == "3"]
+    raw.close()
