@@ -95,8 +95,10 @@ def test_named_clients_keep_the_shared_link(server, fresh_db, start_proxy, upstr
         assert _server_clients(server) - before <= 1
     with pytest.raises(redis.ResponseError, match="cannot contain spaces"):
         conns[0].client_setname("has space")
-    # a named client that moves to a connection of its own takes its name along
+    # a named client that moves to a connection of its own (WATCH; a blocking command
+    # borrows a pooled connection and keeps the shared link) takes its name along
     assert conns[1].blpop([f"q{uniq()}"], timeout=0.05) is None
+    assert conns[1].execute_command("WATCH", f"w{uniq()}") in (True, b"OK", "OK")
     assert conns[1].client_getname() == "worker-1"
     names = [c["name"] for c in direct(server).client_list()]
     assert "worker-1" in names
