@@ -6,7 +6,10 @@ Rule per command and subcommand from it, with these defaults:
 
   - a command with complete key specs is passed on a namespaced route (its keys
     rewritten) and may share an upstream connection, unless its flags say it
-    blocks (`blocking`) or subscribes (`pubsub`), which pin a connection;
+    blocks (`blocking`) or subscribes (`pubsub`), which pin a connection (on a
+    shared link, such a blocking command left at its default borrows a pooled
+    connection for the one call instead: Rule.poolable, limits.blocking_pool;
+    an entry that sets `effect` here, as WAIT's, keeps it pinned);
   - anything else (keyless, key positions not fully known, unknown to the
     table) is refused on a namespaced route and pins a connection elsewhere.
 

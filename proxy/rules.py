@@ -39,6 +39,10 @@ class Rule:
     reply: Callable | None = None      # replies.py transform (takes ks=)
     session: str | None = None         # Session method suffix
     subscribe: tuple | None = None     # (set, adding)
+    # On a shared link, may this PIN borrow a pooled connection for the one call instead
+    # (limits.blocking_pool)? A blocking command with all its keys known and no other reason
+    # to pin in the overlay: not WAIT/WAITAOF, which wait for this connection's own writes.
+    poolable: bool = False
 
     def treatment(self, policy: str, fenced: bool = False) -> str:
         """PASS, EMULATE or REFUSE on a namespaced route of `policy`; `fenced`: the route's
@@ -115,7 +119,9 @@ class RuleBook:
             everywhere=entry.get("everywhere", False), why=why,
             tenant=entry.get("tenant", policy), app=entry.get("app", policy),
             tenant_why=entry.get("tenant_why", ""), rewrite=rewrite,
-            reply=entry.get("reply"), session=entry.get("session"), subscribe=entry.get("subscribe"))
+            reply=entry.get("reply"), session=entry.get("session"), subscribe=entry.get("subscribe"),
+            poolable=complete and "blocking" in flags and "pubsub" not in flags and "effect" not in entry
+            and "effect" not in parent and entry.get("session") is None)
 
     def get(self, name: str) -> Rule:
         """The rule for a lowercase name ("get", "client|reply"), known or not."""

@@ -515,7 +515,7 @@ class Session:
             where = self._where_on_shared(rule, args)
             if where is not None:
                 if where == "dedicated":
-                    if "blocking" in rule.flags and self._may_borrow():
+                    if rule.poolable and self._may_borrow():
                         self.need_borrow = True
                     else:
                         self.need_dedicated = True

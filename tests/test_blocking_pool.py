@@ -163,6 +163,8 @@ def test_wait_still_pins(server, fresh_db, start_proxy, d):
     p = start_proxy(upstream(server, fresh_db))
     r = client(p)
     assert r.execute_command("WAIT", 0, 10) == 0
+    # it moved to a connection of its own: CLIENT ID is this connection's, stable
+    assert r.client_id() == r.client_id()
     r.close()
 
 
@@ -178,3 +180,14 @@ def test_hello_3_then_blocking_borrows_a_resp3_connection(server, fresh_db, star
     assert decode(popped) == [b"q", b"v"]
     assert [c for c in server_conns(d, fresh_db) if c.get("resp") == "3"]
     raw.close()
+
+
+def test_which_commands_borrow():
+    """The Rules say which pins may borrow: blocking commands with known keys, not WAIT."""
+    from proxy.rules import default_rules
+    rules = default_rules()
+    for name in ("blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin", "bzpopmax", "bzmpop",
+                 "xread", "xreadgroup"):
+        assert rules.lookup([name.encode()]).poolable, name
+    for name in ("wait", "waitaof", "subscribe", "get", "multi", "watch"):
+        assert not rules.lookup([name.encode()]).poolable, name
