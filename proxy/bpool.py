@@ -84,6 +84,8 @@ class PooledConnection(asyncio.Protocol):
             c.session.upstream_data(data)
             c.flush()
             c.borrowed_reply()
+            if c.session.idle:  # (a graceful stop waits for every client to be idle)
+                c.proxy.idle_changed()
             return
         self.pool.stats.bytes_in["upstream"] += len(data)
         buf = self.buf + data if self.buf else data
