@@ -341,7 +341,7 @@ class BlockingPool:
             self.controls.append(pc)
             if self.proxy._stopping:
                 return pc.close()
-            pc2 = PooledConnection(self, (0, 2))
+            pc2 = PooledConnection(self, pc.key)  # (then pooled like any other)
             self.conns.add(pc2)  # for a moment one over the bound: an orphan must not wait
             asyncio.ensure_future(self._connect(pc2))
 

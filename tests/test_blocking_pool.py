@@ -129,6 +129,8 @@ def test_client_killed_while_blocked_loses_no_job(server, fresh_db, start_proxy,
     raw.sock.close()  # gone while blocked
     # the proxy unblocks its pooled connection (CLIENT UNBLOCK), then closes it
     wait_for(lambda: not any("b" in c["flags"] for c in server_conns(d, fresh_db)), what="unblocked")
+    # unblocked by the proxy from another connection (then pooled), not by a close alone
+    assert [c for c in server_conns(d, fresh_db) if c["cmd"] == "client|unblock"]
     d.lpush("ns:jobs", "job-1")
     # the job is not given to the dead client's connection: the next worker gets it
     w = client(p)
