@@ -341,6 +341,8 @@ class BlockingPool:
             self.controls.append(pc)
             if self.proxy._stopping:
                 return pc.close()
+            if any(c.state == "opening" for c in self.conns):
+                return  # that one, once set up, sends the queued CLIENT UNBLOCKs first
             pc2 = PooledConnection(self, pc.key)  # (then pooled like any other)
             self.conns.add(pc2)  # for a moment one over the bound: an orphan must not wait
             asyncio.ensure_future(self._connect(pc2))
