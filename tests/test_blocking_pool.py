@@ -193,3 +193,19 @@ def test_which_commands_borrow():
         assert rules.lookup([name.encode()]).poolable, name
     for name in ("wait", "waitaof", "subscribe", "get", "multi", "watch"):
         assert not rules.lookup([name.encode()]).poolable, name
+
+
+def test_several_clients_killed_while_blocked(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db) + ["--blocking-pool", "3"])
+    raws = [Raw("127.0.0.1", p.port) for _ in range(3)]
+    for raw in raws:
+        raw.send(encode("BRPOP", "jobs", "0"))
+    wait_blocked(server, 3, "brpop")
+    for raw in raws:
+        raw.sock.close()
+    wait_for(lambda: not any("b" in c["flags"] for c in server_conns(d, fresh_db)), what="all unblocked")
+    d.lpush("ns:jobs", "a", "b", "c")
+    w = client(p)
+    got = sorted(w.brpop(["jobs"], timeout=5)[1] for _ in range(3))
+    assert got == [b"a", b"b", b"c"]  # none went to a dead client's connection
+    w.close()
