@@ -65,6 +65,7 @@ class PooledConnection(asyncio.Protocol):
         self.timer = None            # closes it when idle too long
         self.on_reply = None         # control: what to do with the reply
         self.command = b""           # the blocking command lent for (for the orphan log)
+        self.owes = False            # lent, its request sent, its whole reply not read yet
 
     def connection_made(self, transport) -> None:
         from proxy.server import _nodelay
@@ -81,7 +82,10 @@ class PooledConnection(asyncio.Protocol):
         if c is not None:
             self.progress = True
             c.stats.bytes_in["upstream"] += len(data)
-            c.session.upstream_data(data)
+            s = c.session
+            s.upstream_data(data)
+            if not s.pending and s.partial is None and not s._buf and s.upstream_error is None:
+                self.owes = False  # its one reply is in: it may be lent again
             c.flush()
             c.borrowed_reply()
             if c.session.idle:  # (a graceful stop waits for every client to be idle)
@@ -358,9 +362,12 @@ class BlockingPool:
                 log.warning("route %s: blocking pool: CLIENT UNBLOCK %d refused (%s); closing that "
                             "connection instead", self.route.name, client_id,
                             raw[1:-2].decode("utf-8", "replace"))
-                for o in list(self.conns):
-                    if o.id == client_id and o.state == "orphan":
-                        o.close()
+            elif raw != b":0\r\n":
+                return  # unblocked: its own (timed-out) reply follows, then it closes
+            # refused, or not blocked (its reply is already on its way or was read): close it
+            for o in list(self.conns):
+                if o.id == client_id and o.state == "orphan":
+                    o.close()
         pc.on_reply = done
         pc.transport.write(encode_command([b"CLIENT", b"UNBLOCK", str(client_id).encode()]))
 

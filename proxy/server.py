@@ -334,12 +334,13 @@ class ClientConnection(asyncio.Protocol):
         """The pool lent `pc`: the held blocking command goes there, alone."""
         self.pool_waiting = False
         s = self.session
-        if self.closed or not s.need_borrow:
-            return pc.pool.release(pc)
+        if self.closed or not s.need_borrow or not s.held or s.upstream_error is not None:
+            return pc.pool.release(pc)  # gone, or answered meanwhile (upstream lost)
         pc.command = s.held[0][0][:32] if s.held and type(s.held[0]) is list else b"?"
         self.pooled = self.upstream = pc
         self.reading_upstream = True
         s.start_borrow()
+        pc.owes = s.borrowing
         self.flush()
         self.borrowed_reply()
 
@@ -348,7 +349,7 @@ class ClientConnection(asyncio.Protocol):
         and continue on the shared link."""
         s = self.session
         pc = self.pooled
-        if pc is None or s.pending or s.partial is not None or s._buf:
+        if pc is None or pc.owes:
             return
         self.pooled = self.upstream = None
         if not self.reading_upstream and pc.transport is not None:
@@ -374,9 +375,9 @@ class ClientConnection(asyncio.Protocol):
         if pc is None:
             return
         self.pooled = self.upstream = None
-        s = self.session
-        if not s.pending and s.partial is None and not s._buf:
+        if not pc.owes:
             return pc.pool.release(pc)
+        s = self.session
         pc.pool.abandon(pc, in_flight=s.partial is not None or bool(s._buf))
 
     def data_received(self, data: bytes) -> None:

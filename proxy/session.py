@@ -1168,7 +1168,7 @@ class Session:
         the held blocking command goes there, alone; what follows waits for its reply."""
         self.need_borrow = False
         self.shared = False
-        args = self.held.popleft()
+        args = self.held.popleft()  # the blocking command (held first: handle's appendleft)
         self._handle_safely(args)
         self.borrowing = bool(self.pending)
 
@@ -1400,6 +1400,7 @@ class Session:
             return
         self.stats.errors["upstream"] += 1
         self.upstream_error = reason
+        self.need_borrow = False  # a blocking command waiting for a pooled connection is answered below
         self.fast_blocked = True
         self.input_closed = True
         err = error(f"ERR upstream unavailable ({reason})")

@@ -209,3 +209,19 @@ def test_several_clients_killed_while_blocked(server, fresh_db, start_proxy, d):
     got = sorted(w.brpop(["jobs"], timeout=5)[1] for _ in range(3))
     assert got == [b"a", b"b", b"c"]  # none went to a dead client's connection
     w.close()
+
+
+def test_shared_link_lost_while_blocked_on_the_pool(server, fresh_db, start_proxy, d):
+    p = start_proxy(upstream(server, fresh_db))
+    raw = Raw("127.0.0.1", p.port)  # (redis-py would retry the call on a new connection)
+    assert raw.call("PING") == b"+PONG\r\n"
+    raw.send(encode("BRPOP", "jobs", "0"), encode("PING"))
+    wait_blocked(server, 1, "brpop")
+    for c in server_conns(d, fresh_db):
+        if "b" not in c["flags"]:
+            d.client_kill_filter(_id=c["id"])  # the shared link: this client owes it nothing
+    # still blocked on its pooled connection: served there, then on a new shared link
+    d.lpush("ns:jobs", "job")
+    popped, pong = raw.read(2)
+    assert decode(popped) == [b"jobs", b"job"] and pong == b"+PONG\r\n"
+    raw.close()
