@@ -115,9 +115,10 @@ class RouteStats:
         self.refused: dict[str, int] = {}
         # unexpected_reply: a reply no request waited for (the link is closed, never the
         # reply handed on); output_limit: a client that did not read its replies was
-        # disconnected; internal: a bug cost one client its connection (logged).
+        # disconnected; internal: a bug cost one client its connection (logged);
+        # cluster_redirect: a -MOVED / -ASK answered -TRYAGAIN (proxy/cluster_route.py).
         self.errors = {"upstream": 0, "protocol": 0, "refused": 0, "unexpected_reply": 0, "output_limit": 0,
-                       "internal": 0}
+                       "internal": 0, "cluster_redirect": 0}
         self.keys_rewritten = 0
         self.bytes_in = {"client": 0, "upstream": 0}
         self.bytes_out = {"client": 0, "upstream": 0}
