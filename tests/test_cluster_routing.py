@@ -187,7 +187,9 @@ def test_primary_killed_and_replica_promoted(kind, start_proxy):
     try:
         victim = c.primaries[2]
         ns = ns_on(c, victim, "fo")
-        p = pinned_proxy(start_proxy, c, ns)
+        mport = free_port()
+        p = pinned_proxy(start_proxy, c, ns, "--metrics-listen", f"127.0.0.1:{mport}")
+        assert ready(mport)
         r = client(p)
         for i in range(50):
             r.rpush("safe", i)
@@ -205,8 +207,47 @@ def test_primary_killed_and_replica_promoted(kind, start_proxy):
         assert promoted.call("LLEN", f"{{{ns}}}:safe") == 50
         items = [x.decode() for x in r.lrange("live", 0, -1)]
         assert len(items) == len(set(items)) and not set(w.redirected) & set(items)
+        wait_until(lambda: ready(mport), "ready on the promoted replica")
+        # the slot served by nobody: not ready, and the reason says so
+        slot = key_slot(ns.encode())
+        for n in c.live():  # DELSLOTS is each node's own view: every node, or gossip does not agree
+            try:
+                n.call("CLUSTER", "DELSLOTS", slot)
+            except redis.ResponseError:
+                pass
+        wait_until(lambda: "no owner for hash slot" in readiness_text(mport), "not ready while the slot is uncovered")
     finally:
         c.stop()
+
+
+def ready(mport: int) -> bool:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/readyz", timeout=5) as r:
+            return r.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+def readiness_text(mport: int) -> str:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/readyz", timeout=5) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.read().decode()
+
+
+def test_not_ready_while_no_seed_answers(start_proxy):
+    """No slot map: not ready, and a request gets an error naming why (never a hang)."""
+    mport = free_port()
+    p = start_proxy(["--upstream", f"redis+cluster://127.0.0.1:{free_port()}", "--namespace", "x",
+                     "--slot", "pinned", "--metrics-listen", f"127.0.0.1:{mport}", "--connect-timeout", "1"])
+    assert "no slot map" in readiness_text(mport) and not ready(mport)
+    with pytest.raises(redis.RedisError, match="no slot map"):
+        client(p).get("k")
 
 
 def test_spread_routes_and_other_dbs_refused_on_a_cluster(cluster):
