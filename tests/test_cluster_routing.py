@@ -66,6 +66,34 @@ def test_a_pinned_route_runs_on_the_slot_owner(cluster, start_proxy):
     m = sub.get_message(timeout=10, ignore_subscribe_messages=True)
     assert (m["channel"], m["data"]) == (b"chan", b"hi")
     sub.close()
+    # shard channels are in the namespace's slot ({NS}:chan): on the owner too
+    ssub = client(p).pubsub()
+    ssub.ssubscribe("orders")
+    assert ssub.get_message(timeout=10)["type"] == "ssubscribe"
+    assert c.spublish("orders", "o1") == 1
+    m = ssub.get_message(timeout=10, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (b"orders", b"o1")
+    ssub.close()
+    # keyspace notifications are node-local: the owner's are the route's
+    owner.call("CONFIG", "SET", "notify-keyspace-events", "KA")
+    ksub = client(p).pubsub()
+    ksub.subscribe("__keyspace@0__:watched")
+    assert ksub.get_message(timeout=10)["type"] == "subscribe"
+    c.set("watched", "1")
+    m = ksub.get_message(timeout=10, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (b"__keyspace@0__:watched", b"set")
+    ksub.close()
+    # WATCH: a transaction aborted by a write from another client
+    w = client(p)
+    with w.pipeline(transaction=True) as tx:
+        tx.watch("a")
+        client(p).set("a", "changed")
+        tx.multi()
+        tx.set("a", "mine")
+        with pytest.raises(redis.WatchError):
+            tx.execute()
+    assert c.get("a") == b"changed"
+    c.delete("watched")
     # SELECT: client db 0 only by default (a cluster has db 0)
     with pytest.raises(redis.ResponseError):
         c.execute_command("SELECT", "1")
