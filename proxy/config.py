@@ -1036,7 +1036,8 @@ def _route_toml(r: Route, table: str) -> tuple[list[str], list[str]]:
         lines.append(f"[{table}.upstream_tls]")
         lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
                   if getattr(t, k) is not None]
-        if t.server_name or r.upstream.sentinel is None:  # a sentinel's nodes: each its own host
+        if t.server_name or (r.upstream.sentinel is None and r.upstream.cluster is None):
+            # (a sentinel's or a cluster's nodes: each its own host)
             lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
         lines.append(f"verify = {'true' if t.verify else 'false'}")
     if r.databases:
