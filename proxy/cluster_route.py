@@ -40,9 +40,12 @@ def route_slot(route) -> int:
     return key_slot(route.default.keyspace.namespace)
 
 
-def redirect_error(raw: bytes) -> tuple[bytes, Redirect] | None:
+def redirect_error(raw: bytes) -> tuple[bytes, Redirect | None] | None:
     """A reply `-MOVED slot host:port` or `-ASK slot host:port`: the error the client
-    gets instead, and the redirect. None for any other reply."""
+    gets instead, and the redirect. `-CLUSTERDOWN`: passed on as it is, with None (the map
+    should be read again). None for any other reply."""
+    if raw.startswith(b"-CLUSTERDOWN"):
+        return raw, None
     if not (raw.startswith(b"-MOVED ") or raw.startswith(b"-ASK ")):
         return None
     r = parse_redirect(raw[1:].rstrip(b"\r\n").decode("utf-8", "replace"))
@@ -189,9 +192,11 @@ class Topology:
             raise ClusterRouteError(why)
         return self.owner(slot)
 
-    def redirected(self, r: Redirect) -> None:
-        """A node answered -MOVED / -ASK: a MOVED is applied to the map at once (so new
-        connections go to the new owner), and the map is read again soon."""
+    def redirected(self, r: Redirect | None) -> None:
+        """A node answered -MOVED / -ASK (None: -CLUSTERDOWN): a MOVED is applied to the
+        map at once (so new connections go to the new owner), and the map is read again soon."""
+        if r is None:
+            return self.refresh_soon("CLUSTERDOWN")
         self.redirects[r.kind] = self.redirects.get(r.kind, 0) + 1
         if r.kind == "MOVED" and self.map is not None:
             addr = r.address("", self.map) if r.host else None  # "": a host we cannot know here

@@ -1431,11 +1431,12 @@ class Proxy:
 
     def cluster_redirect(self, up, redirect) -> None:
         """A node answered a request of a route on `up` with -MOVED / -ASK (the client got
-        -TRYAGAIN instead, Session): update the map."""
+        -TRYAGAIN instead, Session) or -CLUSTERDOWN (None, passed on): update the map."""
         t = self.clusters.get(cluster_key(up))
         if t is not None:
-            log.info("cluster upstream %s: %s %d %s:%d", up.masked(), redirect.kind, redirect.slot,
-                     redirect.host, redirect.port, extra={"event": "cluster"})
+            if redirect is not None:
+                log.info("cluster upstream %s: %s %d %s:%d", up.masked(), redirect.kind, redirect.slot,
+                         redirect.host, redirect.port, extra={"event": "cluster"})
             t.redirected(redirect)
 
     def cluster_changed(self, key, old, new) -> None:

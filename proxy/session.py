@@ -1305,7 +1305,8 @@ class Session:
         got = redirect_error(raw)
         if got is None:
             return raw
-        self.stats.errors["cluster_redirect"] += 1
+        if got[1] is not None:
+            self.stats.errors["cluster_redirect"] += 1
         if self.on_redirect is not None:
             self.on_redirect(got[1])
         return got[0]

@@ -207,6 +207,35 @@ def test_slot_migrated_during_traffic(cluster, start_proxy):
     assert dst.call("LLEN", f"{{{ns}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
 
 
+def test_blocked_brpop_when_its_slot_moves(cluster, start_proxy):
+    """A client blocked on the old owner gets an error (never a hang, never another's
+    reply), and blocks again on the new owner."""
+    src = cluster.primaries[2]
+    ns = ns_on(cluster, src, "blk")
+    p = pinned_proxy(start_proxy, cluster, ns)
+    box = {}
+
+    def block():
+        try:
+            box["v"] = client(p).brpop(["qa", "qb"], timeout=25)
+        except redis.RedisError as e:
+            box["e"] = e
+    t = threading.Thread(target=block)
+    t.start()
+    wait_until(lambda: src.blocked("brpop"), "the BRPOP blocked on the owner")
+    dst = cluster.primaries[0]
+    cluster.migrate_slot(key_slot(ns.encode()), dst)
+    t.join(30)
+    assert "v" not in box and ("hash slot" in str(box["e"])), box
+    t = threading.Thread(target=block)
+    box.clear()
+    t.start()
+    wait_until(lambda: dst.blocked("brpop"), "the BRPOP blocked on the new owner")
+    client(p).lpush("qb", "job")
+    t.join(30)
+    assert box == {"v": (b"qb", b"job")}
+
+
 @pytest.mark.parametrize("kind", ["valkey"])
 def test_primary_killed_and_replica_promoted(kind, start_proxy):
     """Its own cluster: a primary SIGKILLed under traffic; the proxy follows the promoted
@@ -315,3 +344,15 @@ def test_proxy_process_seed_list_with_a_dead_seed(cluster, start_proxy):
                      "--slot", "pinned"])
     assert client(p).set("k", "v") and client(p).get("k") == b"v"
     assert isinstance(p, ProxyProcess)
+
+
+def test_redirect_error_words_what_happened():
+    from proxy.cluster_route import redirect_error
+    out, r = redirect_error(b"-MOVED 3999 10.0.0.2:6381\r\n")
+    assert out.startswith(b"-TRYAGAIN proxy: hash slot 3999 of this namespace moved to 10.0.0.2:6381 ")
+    assert out.endswith(b"\r\n") and b"\r\n" not in out[:-2] and (r.kind, r.slot, r.port) == ("MOVED", 3999, 6381)
+    out, r = redirect_error(b"-ASK 12 ::1:7000\r\n")
+    assert b"being migrated to ::1:7000" in out and b"(-ASK)" in out and r.kind == "ASK"
+    assert redirect_error(b"-CLUSTERDOWN The cluster is down\r\n") == (b"-CLUSTERDOWN The cluster is down\r\n", None)
+    assert redirect_error(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n") is None
+    assert redirect_error(b"-ERR MOVED 1 h:1\r\n") is None and redirect_error(b"-MOVED nonsense\r\n") is None
