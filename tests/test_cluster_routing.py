@@ -356,3 +356,29 @@ def test_redirect_error_words_what_happened():
     assert redirect_error(b"-CLUSTERDOWN The cluster is down\r\n") == (b"-CLUSTERDOWN The cluster is down\r\n", None)
     assert redirect_error(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n") is None
     assert redirect_error(b"-ERR MOVED 1 h:1\r\n") is None and redirect_error(b"-MOVED nonsense\r\n") is None
+
+
+def test_reload_adds_a_pinned_route_on_another_cluster_slot(cluster, start_proxy):
+    """SIGHUP: a new pinned route on the cluster (another namespace, another primary)
+    works at once; the running one is untouched."""
+    import os
+    import signal
+    na, nb = ns_on(cluster, cluster.primaries[0], "ra"), ns_on(cluster, cluster.primaries[1], "rb")
+    seeds = f"redis+cluster://{cluster.seeds()}"
+    pa, pb = free_port(), free_port()
+    a = {"listen": f"127.0.0.1:{pa}", "upstream": seeds, "namespace": na, "slot": "pinned"}
+    p = start_proxy(config_text=proxy_toml([a]), port=pa)
+    ca = redis.Redis(host="127.0.0.1", port=pa, socket_timeout=10)
+    assert ca.set("k", "a")
+    with open(os.path.join(p.tmp, "proxy.toml"), "w") as f:
+        f.write(proxy_toml([a, {"listen": f"127.0.0.1:{pb}", "upstream": seeds, "namespace": nb, "slot": "pinned"}]))
+    p.process.send_signal(signal.SIGHUP)
+
+    def b_works():
+        try:
+            return redis.Redis(host="127.0.0.1", port=pb, socket_timeout=10).set("k", "b")
+        except redis.ConnectionError:
+            return False
+    wait_until(b_works, "the reloaded route")
+    assert ca.get("k") == b"a" and redis.Redis(host="127.0.0.1", port=pb).get("k") == b"b"
+    assert cluster.primaries[1].call("GET", f"{{{nb}}}:k") == b"b"
