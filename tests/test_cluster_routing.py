@@ -382,3 +382,17 @@ def test_reload_adds_a_pinned_route_on_another_cluster_slot(cluster, start_proxy
     wait_until(b_works, "the reloaded route")
     assert ca.get("k") == b"a" and redis.Redis(host="127.0.0.1", port=pb).get("k") == b"b"
     assert cluster.primaries[1].call("GET", f"{{{nb}}}:k") == b"b"
+
+
+def test_select_between_client_dbs_mapped_to_db_0(cluster, start_proxy):
+    ns = ns_on(cluster, cluster.primaries[2], "sel")
+    port = free_port()
+    start_proxy(config_text=proxy_toml([{"listen": f"127.0.0.1:{port}", "upstream": f"redis+cluster://{cluster.seeds()}",
+                                         "namespace": ns, "slot": "pinned",
+                                         "databases": {"1": {"db": 0, "namespace": ns}}}]), port=port)
+    c = redis.Redis(host="127.0.0.1", port=port, db=1, socket_timeout=10)
+    assert c.set("k", "v") and c.get("k") == b"v"
+    assert redis.Redis(host="127.0.0.1", port=port, db=0).get("k") == b"v"
+    with c.pipeline(transaction=True) as tx:
+        tx.execute_command("SELECT", "0").get("k").execute_command("SELECT", "1").incr("n")
+        assert tx.execute() == [True, b"v", True, 1]
