@@ -1437,7 +1437,9 @@ class Proxy:
             if redirect is not None:
                 log.info("cluster upstream %s: %s %d %s:%d", up.masked(), redirect.kind, redirect.slot,
                          redirect.host, redirect.port, extra={"event": "cluster"})
-            t.redirected(redirect)
+            # not now: this runs inside a connection's reply loop, and the move it causes
+            # closes connections (perhaps that one)
+            asyncio.get_running_loop().call_soon(t.redirected, redirect)
 
     def cluster_changed(self, key, old, new) -> None:
         """A cluster's map changed: every shared link and dedicated connection of a route
