@@ -1756,26 +1756,13 @@ async def _probe_fence(route: Route, addr: tuple[str, int]) -> tuple[bool, str]:
 async def _command_list(up, addr: tuple[str, int]) -> list[str]:
     import hiredis
 
-    from proxy.resp import encode_command
-    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args(addr[0]))
-    try:
-        cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
-        writer.write(b"".join(encode_command(c) for c in cmds))
-        parser = hiredis.Reader()
-        replies = []
-        while len(replies) < len(cmds):
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("closed")
-            parser.feed(data)
-            while (r := parser.gets()) is not False:
-                replies.append(r)
-        for cmd, reply in zip(cmds, replies):
-            if isinstance(reply, hiredis.ReplyError):
-                raise HandshakeError.of(cmd, str(reply))
-        return [n.decode().lower() for n in replies[-1]]
-    finally:
-        writer.close()
+    from proxy.sentinel import exchange
+    cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
+    replies = await exchange(addr, cmds, up.ssl_args(addr[0]))
+    for cmd, reply in zip(cmds, replies):
+        if isinstance(reply, hiredis.ReplyError):
+            raise HandshakeError.of(cmd, str(reply))
+    return [n.decode().lower() for n in replies[-1]]
 
 
 async def serve(config: Config, ready=None, load_config=None, worker: bool = False) -> None:
