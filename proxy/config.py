@@ -360,8 +360,8 @@ def apply_sentinel_auth(routes: list, vals: dict[str, tuple]) -> None:
             r.upstream = replace(up, sentinel=spec)
 
 
-# -- Redis Cluster upstreams: parsed, then refused until routing over a cluster exists
-# (docs/cluster.md says what is built and what is designed only).
+# -- Redis Cluster upstreams: pinned routes only (check_cluster_route; docs/cluster.md says
+# what is built and what is designed only).
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -413,12 +413,6 @@ def parse_cluster_url(url: str) -> ClusterUpstream:
     user, _, password = auth.partition(":")
     return ClusterUpstream(tuple(seeds), unquote(user) or None, unquote(password) or None,
                            UpstreamTLS() if scheme == "rediss+cluster" else None)
-
-
-def refuse_cluster(c: ClusterUpstream):
-    """Fail closed where a cluster URL cannot be used at all."""
-    raise Invalid(f"{c.masked()}: a Redis Cluster upstream is not supported here; point it at a single server "
-                  "or a cluster-mode-disabled primary with redis:// or rediss://")
 
 
 def check_cluster_route(route: "Route", label: str, where: str) -> "Route":
