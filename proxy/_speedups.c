@@ -555,6 +555,7 @@ frame_end(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 
 /* frame_run(buf, pos, limit, stop_at_push, pending) -> (end, m)
  *
+ * stop_at_push is a bool or flags (1: stop at a push, 2: stop at an error).
  * Frames up to `limit` complete replies from `pos` while the head entry of
  * `pending` (a deque) is None (a reply passed on as it is), popping each, and
  * returns where they end and how many. Stops early at an incomplete reply, at
@@ -571,9 +572,12 @@ frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_ssize_t len = PyBytes_GET_SIZE(argv[0]);
     Py_ssize_t pos = PyLong_AsSsize_t(argv[1]);
     Py_ssize_t limit = PyLong_AsSsize_t(argv[2]);
-    int push = PyObject_IsTrue(argv[3]);
-    if (PyErr_Occurred() || push < 0)
+    /* stop_at_push: a bool, or flags: 1 stop at a push, 2 stop at an error ('-', '!';
+     * a cluster route's Session looks at each for -MOVED / -ASK) */
+    long flags = PyLong_AsLong(argv[3]);
+    if (PyErr_Occurred())
         return NULL;
+    int push = (flags & 1) != 0, errors = (flags & 2) != 0;
     PyObject *pending = argv[4];
     Py_ssize_t start = pos, m = 0;
     if (pos >= 0) {
@@ -589,7 +593,7 @@ frame_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
                 return NULL;
             int plain = head == Py_None;
             Py_DECREF(head);
-            if (!plain || (push && b[pos] == '>'))
+            if (!plain || (push && b[pos] == '>') || (errors && (b[pos] == '-' || b[pos] == '!')))
                 break;
             Py_ssize_t e = frame(b, len, pos, 0);
             if (e < 0)

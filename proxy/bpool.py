@@ -187,8 +187,11 @@ class BlockingPool:
     def borrow(self, client, key: tuple[int, int]) -> None:
         """Lend `client` a connection of `key` now or when one is free (client.lend)."""
         idle = self.idle.get(key)
-        if idle:
-            return self._lend(idle.pop(), client)
+        while idle:
+            pc = idle.pop()
+            if self._current(pc):
+                return self._lend(pc, client)
+            pc.close()
         waiter = [client, key, False]
         self.waiters.append(waiter)
         if not self._make_room(key):
@@ -230,6 +233,8 @@ class BlockingPool:
         if pc not in self.conns or pc.transport is None:
             return
         pc.state = "idle"
+        if not self._current(pc):  # the primary or the slot's owner moved: not lent again
+            return pc.close()
         while self.controls:  # an orphan to unblock: only on the same server (not across a failover)
             o = self.controls.popleft()
             if o.state != "orphan" or o.transport is None:
@@ -248,6 +253,13 @@ class BlockingPool:
             return
         self.idle.setdefault(pc.key, []).append(pc)
         pc.timer = asyncio.get_running_loop().call_later(IDLE_CLOSE, self._expire, pc)
+
+    def _current(self, pc: PooledConnection) -> bool:
+        """Is `pc` connected to the node the route uses now (Sentinel primary, cluster slot owner)?"""
+        up = self.route.upstream
+        if up.sentinel is None and getattr(up, "cluster", None) is None:
+            return True
+        return self.proxy.primary_now(up) == pc.addr
 
     def _expire(self, pc: PooledConnection) -> None:
         pc.timer = None
@@ -271,8 +283,8 @@ class BlockingPool:
         loop = asyncio.get_running_loop()
         host, port = up.host, up.port
         try:
-            if up.sentinel is not None:
-                host, port = await self.proxy.sentinel_primary(up)
+            if up.sentinel is not None or getattr(up, "cluster", None) is not None:
+                host, port = await self.proxy.sentinel_primary(up)  # (a cluster route: its slot's owner)
             pc.addr = (host, port)
             await asyncio.wait_for(loop.create_connection(lambda: pc, host, port, **up.ssl_args(host)),
                                    self.proxy.config.limits.connect_timeout)

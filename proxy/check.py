@@ -65,6 +65,16 @@ def probe(up: Upstream, db: int, timeout: float) -> str | None:
     return None
 
 
+def _cluster_node(up: Upstream, timeout: float) -> str:
+    """Which node serves a pinned route on a cluster (the owner of its slot, now)."""
+    from proxy.cluster_route import ClusterRouteError, resolve
+    try:
+        addr, _ = resolve(up, up.slot, timeout)
+    except ClusterRouteError as e:
+        return f" (no owner: {e})"
+    return f", pinned hash slot {up.slot} served by {format_addr(*addr)}"
+
+
 def check_routes(cfg: Config, out=sys.stdout) -> int:
     """One line per route and client db; the number of problems."""
     problems = 0
@@ -78,6 +88,8 @@ def check_routes(cfg: Config, out=sys.stdout) -> int:
             addr = format_addr(*r.listen)
             where = (f"route {r.name}{'' if r.name == addr else f' ({addr})'}: upstream "
                      f"{r.upstream.masked().rsplit('/', 1)[0]}, client db {client_db} -> db {db}")
+            if err is None and r.upstream.cluster is not None:
+                where += _cluster_node(r.upstream, cfg.limits.connect_timeout)
             print(f"{where}: {'ok' if err is None else err}", file=out)
             problems += err is not None
     return problems

@@ -125,7 +125,7 @@ class ListenerTLS:
 def connect_failure(host: str, port: int, e: BaseException, tls: UpstreamTLS | None = None) -> str:
     """Why a connection to an upstream could not be opened, as one line for the log and
     the client: a TLS verification failure names what failed and the settings to look at."""
-    if isinstance(e, SentinelError):
+    if isinstance(e, SentinelError) or type(e).__name__ == "ClusterRouteError":
         return str(e)
     addr = format_addr(host, port)
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -161,10 +161,15 @@ class Upstream:
     # redis+sentinel://: the primary is found through these sentinels (proxy/sentinel.py);
     # host and port are then the first sentinel's, and the data node is address()
     sentinel: SentinelSpec | None = None
+    # redis+cluster://: a pinned route's node is the primary owning its namespace's slot
+    # (proxy/cluster_route.py); host and port are then the first seed's
+    cluster: "ClusterUpstream | None" = None
+    slot: int | None = None   # ... and the hash slot of the route's pinned namespace (check_cluster_route)
 
     @property
     def scheme(self) -> str:
-        return ("rediss" if self.tls is not None else "redis") + ("+sentinel" if self.sentinel else "")
+        return ("rediss" if self.tls is not None else "redis") + (
+            "+sentinel" if self.sentinel else "+cluster" if self.cluster else "")
 
     def masked(self) -> str:
         """The URL with credentials hidden, for logs."""
@@ -173,11 +178,16 @@ class Upstream:
             auth = (self.username or "") + ":***@"
         if self.sentinel is not None:
             return f"{self.scheme}://{auth}{self.sentinel.nodes_text()}/{self.sentinel.master}/{self.db}"
+        if self.cluster is not None:
+            return self.cluster.masked()
         return f"{self.scheme}://{auth}{format_addr(self.host, self.port)}/{self.db}"
 
     def address(self, timeout: float = 5.0) -> tuple[str, int]:
         """The data node: the URL's, or the primary the sentinels name now (asked with
         blocking sockets: for `check` and `migrate`; the proxy asks through its Watcher)."""
+        if self.cluster is not None:
+            from proxy.cluster_route import resolve as owner
+            return owner(self, self.slot if self.slot is not None else 0, timeout)[0]
         if self.sentinel is None:
             return self.host, self.port
         from proxy.sentinel import resolve
@@ -242,7 +252,8 @@ def parse_upstream(url: str) -> Upstream:
     system's CAs, verification on); [upstream_tls] settings are applied by the caller."""
     shown = repr(mask_url(url))
     if url.partition("://")[0] in CLUSTER_SCHEMES:
-        refuse_cluster(parse_cluster_url(url))
+        c = parse_cluster_url(url)  # routes on it are checked by check_cluster_route
+        return Upstream(c.seeds[0][0], c.seeds[0][1], 0, c.username, c.password, c.tls, cluster=c)
     if url.partition("://")[0] in ("redis+sentinel", "rediss+sentinel"):
         return parse_sentinel_url(url, shown)
     if "://" not in url:
@@ -349,8 +360,8 @@ def apply_sentinel_auth(routes: list, vals: dict[str, tuple]) -> None:
             r.upstream = replace(up, sentinel=spec)
 
 
-# -- Redis Cluster upstreams: parsed, then refused until routing over a cluster exists
-# (docs/cluster.md says what is built and what is designed only).
+# -- Redis Cluster upstreams: pinned routes only (check_cluster_route; docs/cluster.md says
+# what is built and what is designed only).
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -404,12 +415,35 @@ def parse_cluster_url(url: str) -> ClusterUpstream:
                            UpstreamTLS() if scheme == "rediss+cluster" else None)
 
 
-def refuse_cluster(c: ClusterUpstream):
-    """Fail closed: a valid cluster URL is refused at start, so nothing claims to route
-    over a cluster before that is built."""
-    raise Invalid(f"{c.masked()}: Redis Cluster upstreams are not supported yet (routing over a cluster is "
-                  "designed in docs/cluster.md, not built); point the proxy at a single server or a "
-                  "cluster-mode-disabled primary with redis:// or rediss://")
+def check_cluster_route(route: "Route", label: str, where: str) -> "Route":
+    """Fail closed: on a cluster only pinned routes are routed (every key of the route in
+    one slot, served by that slot's primary; docs/cluster.md). A spread route, a client
+    db mapped to a backend db other than 0 (a cluster has db 0 only), or client dbs whose
+    namespaces are in different slots are configuration errors."""
+    up = route.upstream
+    if up.cluster is None:
+        return route
+    targets = [("", route.default)] + [(f" (client db {c})", t) for c, t in sorted(route.databases.items())]
+    for w, t in targets:
+        if t.keyspace.mode != "add" or not t.keyspace.pinned:
+            raise ConfigError(f"{label}: route {route.name}{w} is on a Redis Cluster ({up.masked()}) and is not "
+                              "pinned: only slot = \"pinned\" routes (a namespace pinned to one hash slot) are "
+                              "routed over a cluster; set slot = \"pinned\" (--slot pinned) with a namespace "
+                              "(docs/cluster.md)")
+    for c, t in sorted(route.databases.items()):
+        if t.db != 0:
+            raise ConfigError(f"{where}.databases.{c}.db: a Redis Cluster has db 0 only (route {route.name} is on "
+                              f"{up.masked()}); map client db {c} to db = 0 with a namespace of its own")
+    from proxy.cluster import key_slot
+    slots = {key_slot(t.keyspace.namespace) for _, t in targets}
+    if len(slots) > 1:
+        raise ConfigError(f"{where}.databases: on a Redis Cluster the namespaces of all client dbs of route "
+                          f"{route.name} must be in one hash slot (the same namespace, or namespaces with the same "
+                          "key_slot): a route's connections go to one node; per-db nodes are not built "
+                          "(docs/cluster.md)")
+    # the slot travels with the upstream, so everything keyed by upstream (health,
+    # readiness, the node to connect to) is per (cluster, slot)
+    return replace(route, upstream=replace(up, slot=slots.pop()))
 
 
 def parse_url(url: str, field_name: str = "upstream") -> Upstream:
@@ -747,6 +781,7 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
     route = Route(name, listen, upstream, DbTarget(upstream.db, ks), databases, policy, listener_tls,
                   label("policy"), max_clients=vals.get("max_clients"))
     route = pin_route(route, vals.get("slot", "spread"), label("slot"))
+    route = check_cluster_route(route, label("slot"), where)
     if "user" in entry:
         route.users = build_users(entry, route, default_upstream, default_sep, index, labels, text,
                                   upstream_tls, tls_cache, environ)
@@ -996,7 +1031,8 @@ def _route_toml(r: Route, table: str) -> tuple[list[str], list[str]]:
         lines.append(f"[{table}.upstream_tls]")
         lines += [f"{k} = {_toml_str(getattr(t, k))}" for k in ("ca_file", "ca_dir", "cert_file", "key_file")
                   if getattr(t, k) is not None]
-        if t.server_name or r.upstream.sentinel is None:  # a sentinel's nodes: each its own host
+        if t.server_name or (r.upstream.sentinel is None and r.upstream.cluster is None):
+            # (a sentinel's or a cluster's nodes: each its own host)
             lines.append(f"server_name = {_toml_str(t.server_hostname(r.upstream.host))}")
         lines.append(f"verify = {'true' if t.verify else 'false'}")
     if r.databases:

@@ -71,7 +71,7 @@ class ProxyCollector:
                         ["route", "reason"])
         commands = family("counter", "commands", "Commands received, by command (unknown names: other)",
                           ["route", "command"])
-        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused, unexpected_reply, output_limit, internal, orphan_reply", ["route", "kind"])
+        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused, unexpected_reply, output_limit, internal, cluster_redirect, orphan_reply", ["route", "kind"])
         refused = family("counter", "refused_commands", "Commands refused by the route's policy",
                          ["route", "command"])
         keys = family("counter", "keys_rewritten", "Key arguments rewritten on the generic path", ["route"])
@@ -245,7 +245,7 @@ class AdminServer:
             if h is not None and h.down is not None:
                 why = f"upstream down ({h.down}); reconnecting"
             elif addr is None:
-                why = "no confirmed primary (a Sentinel failover is being followed)"
+                why = self.proxy.no_node_reason(route.upstream)
             elif not ping(route.upstream, self.ready_timeout, addr):
                 why = "upstream unreachable"
             st = self.proxy.stats.get(route.name)

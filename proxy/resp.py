@@ -76,10 +76,12 @@ def _frame_run(buf: bytes, pos: int, limit: int, stop_at_push: bool, pending) ->
     """Frame up to `limit` replies from `pos` while `pending` (a deque) starts with
     None entries (replies passed on as they are), popping them: (end, how many).
 
-    Stops at an incomplete reply and, with `stop_at_push`, at a RESP3 push."""
+    Stops at an incomplete reply and, with `stop_at_push` (a bool, or flags: 1 a push,
+    2 an error), at a RESP3 push / an error reply."""
     m = 0
+    flags = int(stop_at_push)  # a bool, or flags: 1 stop at a push, 2 stop at an error
     while m < limit and pending and pending[0] is None:
-        if stop_at_push and pos < len(buf) and buf[pos] == 0x3E:
+        if pos < len(buf) and ((flags & 1 and buf[pos] == 0x3E) or (flags & 2 and buf[pos] in (0x2D, 0x21))):
             break
         end = _frame_end(buf, pos)
         if end < 0:

@@ -211,7 +211,8 @@ class Address(Kind):
 
 
 class Url(Kind):
-    doc = "`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]` or `redis[s]+sentinel://[USER:PASSWORD@]HOST:PORT[,...]/MASTER[/DB]`"
+    doc = ("`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`, `redis[s]+sentinel://[USER:PASSWORD@]HOST:PORT[,...]/MASTER[/DB]` "
+           "or `redis[s]+cluster://[USER:PASSWORD@]HOST:PORT[,...]` (pinned routes only)")
 
     def parse(self, value, text: bool):
         from proxy.config import parse_upstream
@@ -355,7 +356,7 @@ FIELDS: tuple[Field, ...] = (
     Field("listener[].slot", Choice(SLOT_MODES), "spread", "--slot", "PROXY_SLOT", metavar="MODE",
           help="pinned: keys stored as `{NS}:key`, so the namespace is one cluster hash slot (MULTI, "
                "Lua, BRPOP across its keys); a client's own `{tag}` then no longer chooses the slot; "
-               "needs `namespace`"),
+               "needs `namespace`; required on a `redis+cluster://` upstream"),
     Field("listener[].tls.cert_file", Path(nonempty=True), None, "--tls-cert-file", "PROXY_TLS_CERT_FILE",
           metavar="FILE", default_doc="no TLS",
           help="clients must connect with TLS: the proxy's certificate (PEM, may hold the key too); "

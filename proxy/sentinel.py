@@ -229,24 +229,29 @@ def resolve(up, timeout: float) -> tuple[str, int]:
 
 # -- asyncio: the proxy's watcher
 
+async def exchange(addr, cmds, ssl_args: dict) -> list:
+    """Open a connection to `addr`, send `cmds`, return their replies as hiredis reads them
+    (errors as hiredis.ReplyError values), close. For the short exchanges of the asyncio side:
+    asking sentinels, the command table check at start."""
+    reader, writer = await asyncio.open_connection(addr[0], addr[1], **ssl_args)
+    try:
+        writer.write(b"".join(encode_command(c) for c in cmds))
+        parser = hiredis.Reader()
+        replies: list = []
+        while len(replies) < len(cmds):
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("connection closed")
+            parser.feed(data)
+            while (r := parser.gets()) is not False:
+                replies.append(r)
+        return replies
+    finally:
+        writer.close()
+
+
 async def _exchange(addr, cmds, timeout: float, ssl_args: dict) -> list:
-    async def go():
-        reader, writer = await asyncio.open_connection(addr[0], addr[1], **ssl_args)
-        try:
-            writer.write(b"".join(encode_command(c) for c in cmds))
-            parser = hiredis.Reader()
-            replies: list = []
-            while len(replies) < len(cmds):
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("connection closed")
-                parser.feed(data)
-                while (r := parser.gets()) is not False:
-                    replies.append(r)
-            return replies
-        finally:
-            writer.close()
-    return await asyncio.wait_for(go(), timeout)
+    return await asyncio.wait_for(exchange(addr, cmds, ssl_args), timeout)
 
 
 class Watcher:

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 from collections import deque
+from dataclasses import replace
 from time import monotonic, perf_counter
 
 from proxy import fence
@@ -175,6 +176,9 @@ class ClientConnection(asyncio.Protocol):
         """The session's upstream: a shared link, or a connection of its own."""
         self.session.facts = self.facts
         self.view.conns[self.session] = self  # one of the route's clients from here on
+        if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
+            up, proxy = self.route.upstream, self.proxy
+            self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)
         if self.shared:
             self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
@@ -235,8 +239,8 @@ class ClientConnection(asyncio.Protocol):
             return
         host, port = up.host, up.port
         try:
-            if up.sentinel is not None:
-                host, port = await self.proxy.sentinel_primary(up)
+            if up.sentinel is not None or up.cluster is not None:
+                host, port = await self.proxy.data_node(up)
             _, self.upstream = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamConnection(self), host, port, **up.ssl_args(host)),
                 self.proxy.config.limits.connect_timeout)
@@ -257,11 +261,12 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             self.upstream.transport.close()
             return
-        if up.sentinel is not None and self.proxy.primary_now(up) != (host, port):
+        if (up.sentinel is not None or up.cluster is not None) and self.proxy.primary_now(up) != (host, port):
             # the primary moved while this connection was being opened to it
             self.close_reason = "upstream_error"
-            self.session.upstream_lost(f"the primary of {up.sentinel.master!r} moved from {format_addr(host, port)} "
-                                       "(Sentinel failover)", tell_idle=True)
+            what = f"the primary of {up.sentinel.master!r}" if up.sentinel else f"the owner of hash slot {up.slot}"
+            self.session.upstream_lost(f"{what} moved from {format_addr(host, port)} "
+                                       f"({'Sentinel failover' if up.sentinel else 'Redis Cluster'})", tell_idle=True)
             self.flush()
             return
         self._maybe_leave_link()
@@ -676,8 +681,8 @@ class SharedLink(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         host, port = up.host, up.port
         try:
-            if up.sentinel is not None:
-                host, port = await self.proxy.sentinel_primary(up)
+            if up.sentinel is not None or up.cluster is not None:
+                host, port = await self.proxy.data_node(up)
             self.addr = (host, port)
             await asyncio.wait_for(loop.create_connection(lambda: self, host, port, **up.ssl_args(host)),
                                    self.proxy.config.limits.connect_timeout)
@@ -985,8 +990,8 @@ class UpstreamHealth:
                 delay = min(lim.reconnect_delay_max, lim.reconnect_delay * 2 ** min(self.failures, 30))
                 delay = delay / 2 + random.random() * delay / 2  # jitter: proxies started together spread out
                 await asyncio.sleep(delay)
-                addr = self.proxy.primary_now(up)  # a sentinel upstream: the primary it follows
-                why = "no confirmed primary (a Sentinel failover is being followed)" if addr is None \
+                addr = self.proxy.primary_now(up)  # a sentinel / cluster upstream: the node it follows
+                why = self.proxy.no_node_reason(up) if addr is None \
                     else await probe(up, lim, addr)
                 if why is None:
                     log.info("upstream %s answers again after %d failed attempt(s)", up.masked(), self.failures,
@@ -1268,6 +1273,7 @@ class Proxy:
         self.views: dict[str, ClientRegistry] = {}
         self.next_client_id = 0
         self.sentinels: dict = {}   # SentinelSpec -> sentinel.Watcher
+        self.clusters: dict = {}    # cluster Upstream (slot None) -> cluster_route.Topology
         # Limits: clients per process and per listen address (admitted, not yet gone).
         self.fd_limit = _fd_limit()
         self.max_clients = config.limits.max_clients or derived_max_clients(self.fd_limit)
@@ -1353,7 +1359,8 @@ class Proxy:
         self._start_ticking()
 
     async def start(self) -> None:
-        await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)))
+        await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)),
+                             *(t.start() for t in self.watch_clusters(self.config)))
         await self.check_fences(self.config.routes)
         for route in self.config.routes:
             await self._listen(route)
@@ -1384,7 +1391,7 @@ class Proxy:
                 fenced, detail = False, "no db of the route adds a namespace an ACL key pattern could fence"
             else:
                 up = route.upstream
-                addr = await self.sentinel_primary(up) if up.sentinel is not None else (up.host, up.port)
+                addr = await self.data_node(up)
                 fenced, detail = await asyncio.wait_for(_probe_fence(route, addr), self.config.limits.connect_timeout)
         except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
             if isinstance(e, HandshakeError):  # AUTH or SELECT refused: logged as an error for the route
@@ -1426,7 +1433,11 @@ class Proxy:
         return await w.wait(self.config.limits.connect_timeout)
 
     def primary_now(self, up) -> tuple[str, int] | None:
-        """The data node now: None while a sentinel upstream's primary is unknown."""
+        """The data node now: None while a sentinel upstream's primary is unknown, or
+        a cluster route's slot has no known owner."""
+        if up.cluster is not None:
+            t = self.clusters.get(cluster_key(up))
+            return t.owner(up.slot) if t is not None else None
         if up.sentinel is None:
             return up.host, up.port
         w = self.sentinels.get(up.sentinel)
@@ -1458,6 +1469,82 @@ class Proxy:
             if c.route.upstream.sentinel == spec and up is not None and up.addr == old and not c.closed:
                 c.session.upstream_lost(reason)
                 c.flush()
+
+    # -- pinned routes on a Redis Cluster (proxy/cluster_route.py): the node is the owner
+    # of the route's slot, followed like a Sentinel primary, plus MOVED / ASK
+
+    async def data_node(self, up) -> tuple[str, int]:
+        """Where a connection for `up` goes now: the URL's node, a sentinel upstream's
+        confirmed primary, a cluster route's slot owner (each waiting up to connect_timeout
+        while unknown). Raises SentinelError / ClusterRouteError (ConnectionErrors)."""
+        if up.cluster is not None:
+            t = self.clusters.get(cluster_key(up))
+            if t is None:  # its route was removed by a reload
+                from proxy.cluster_route import ClusterRouteError
+                raise ClusterRouteError(f"{up.masked()} is no longer configured")
+            return await t.wait_owner(up.slot, self.config.limits.connect_timeout)
+        if up.sentinel is not None:
+            return await self.sentinel_primary(up)
+        return up.host, up.port
+
+    def no_node_reason(self, up) -> str:
+        """Why primary_now(up) is None (readiness, the reconnect loop)."""
+        if up.cluster is not None:
+            t = self.clusters.get(cluster_key(up))
+            why = t.down_reason(up.slot) if t is not None else None
+            return f"no owner for hash slot {up.slot} on the cluster ({why or 'not configured'})"
+        return "no confirmed primary (a Sentinel failover is being followed)"
+
+    def watch_clusters(self, config: Config) -> list:
+        """A Topology per cluster upstream not followed yet, registered at once; the caller
+        starts them."""
+        from proxy.cluster_route import Topology
+        new = []
+        for route in config.all_routes():
+            up = route.upstream
+            key = cluster_key(up) if up.cluster is not None else None
+            if key is not None and key not in self.clusters:
+                t = self.clusters[key] = Topology(
+                    key, config.limits.connect_timeout, lambda old, m, key=key: self.cluster_changed(key, old, m))
+                new.append(t)
+        return new
+
+    def cluster_redirect(self, up, redirect) -> None:
+        """A node answered a request of a route on `up` with -MOVED / -ASK (the client got
+        -TRYAGAIN instead, Session) or -CLUSTERDOWN (None, passed on): update the map."""
+        t = self.clusters.get(cluster_key(up))
+        if t is not None:
+            if redirect is not None:
+                log.info("cluster upstream %s: %s %d %s:%d", up.masked(), redirect.kind, redirect.slot,
+                         redirect.host, redirect.port, extra={"event": "cluster"})
+            # not now: this runs inside a connection's reply loop, and the move it causes
+            # closes connections (perhaps that one)
+            asyncio.get_running_loop().call_soon(t.redirected, redirect)
+
+    def cluster_changed(self, key, old, new) -> None:
+        """A cluster's map changed: every shared link and dedicated connection of a route
+        on it whose node no longer owns the route's slot is moved, as after a Sentinel
+        switch (primary_changed): links retire after their owed replies, dedicated
+        connections are closed with an error for each owed reply."""
+        if old is None:
+            return
+        t = self.clusters.get(key)
+        if t is None:
+            return
+        for link in list(self.links.values()):
+            up = link.route.upstream
+            if up.cluster is not None and cluster_key(up) == key and link.addr is not None:
+                owner = t.owner(up.slot)
+                if owner != link.addr:
+                    link.retire(_slot_moved(up, link.addr, owner))
+        for c in list(self.clients):
+            u, up = c.upstream, c.route.upstream
+            if up.cluster is not None and cluster_key(up) == key and u is not None and u.addr is not None \
+                    and not c.closed:
+                owner = t.owner(up.slot)
+                if owner != u.addr:
+                    c.session.upstream_lost(_slot_moved(up, u.addr, owner))
+                    c.flush()
 
     async def _listen(self, route: Route) -> None:
         listen = route.listen
@@ -1523,6 +1610,8 @@ class Proxy:
         self._reload_tls(new_routes)
         for w in self.watch_sentinels(new):
             asyncio.ensure_future(w.start())
+        for t in self.watch_clusters(new):
+            asyncio.ensure_future(t.start())
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
@@ -1590,6 +1679,9 @@ class Proxy:
         used = {up.sentinel for _, up in current}
         for spec in [s for s in self.sentinels if s not in used]:  # no route follows it any more
             self.sentinels.pop(spec).stop()
+        used = {cluster_key(up) for _, up in current if up.cluster is not None}
+        for key in [k for k in self.clusters if k not in used]:
+            self.clusters.pop(key).stop()
         for key, link in list(self.links.items()):
             if (key[0], key[2]) not in current and not link.owners:
                 del self.links[key]
@@ -1606,7 +1698,7 @@ class Proxy:
                 continue
             seen.add(up)
             try:
-                addr = await self.sentinel_primary(up) if up.sentinel is not None else (up.host, up.port)
+                addr = await self.data_node(up)
                 names = await asyncio.wait_for(_command_list(up, addr), self.config.limits.connect_timeout)
             except HandshakeError as e:  # AUTH or SELECT refused: so will every client of the route be
                 log.error("route %s: upstream %s: %s", route.name, up.masked(), e, extra={"event": "upstream_error"})
@@ -1689,9 +1781,23 @@ class Proxy:
             pool.close_all()
         for w in self.sentinels.values():
             w.stop()
+        for t in self.clusters.values():
+            t.stop()
         for h in self.upstreams.values():
             if h.task is not None:
                 h.task.cancel()
+
+
+def cluster_key(up):
+    """The cluster a route's upstream is on (routes of several slots share its Topology)."""
+    return replace(up, slot=None)
+
+
+def _slot_moved(up, old, new) -> str:
+    log.warning("cluster upstream %s: hash slot %d moved from %s to %s", up.masked(), up.slot, format_addr(*old),
+                format_addr(*new) if new else "no owner", extra={"event": "cluster"})
+    return (f"hash slot {up.slot} of this route moved from {format_addr(*old)}"
+            + (f" to {format_addr(*new)}" if new else "") + " (Redis Cluster resharding or failover)")
 
 
 class HandshakeError(RuntimeError):
@@ -1739,26 +1845,13 @@ async def _probe_fence(route: Route, addr: tuple[str, int]) -> tuple[bool, str]:
 async def _command_list(up, addr: tuple[str, int]) -> list[str]:
     import hiredis
 
-    from proxy.resp import encode_command
-    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args(addr[0]))
-    try:
-        cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
-        writer.write(b"".join(encode_command(c) for c in cmds))
-        parser = hiredis.Reader()
-        replies = []
-        while len(replies) < len(cmds):
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("closed")
-            parser.feed(data)
-            while (r := parser.gets()) is not False:
-                replies.append(r)
-        for cmd, reply in zip(cmds, replies):
-            if isinstance(reply, hiredis.ReplyError):
-                raise HandshakeError.of(cmd, str(reply))
-        return [n.decode().lower() for n in replies[-1]]
-    finally:
-        writer.close()
+    from proxy.sentinel import exchange
+    cmds = up.handshake() + [[b"COMMAND", b"LIST"]]
+    replies = await exchange(addr, cmds, up.ssl_args(addr[0]))
+    for cmd, reply in zip(cmds, replies):
+        if isinstance(reply, hiredis.ReplyError):
+            raise HandshakeError.of(cmd, str(reply))
+    return [n.decode().lower() for n in replies[-1]]
 
 
 async def serve(config: Config, ready=None, load_config=None, worker: bool = False) -> None:

@@ -46,6 +46,7 @@ from proxy.keyspace import show as show_name
 from proxy.overlay import CONFIG_GET_SAFE
 from proxy.keyspecs import KeySpecError
 from proxy.pubsub import MESSAGES, ChannelMap, rewrite_frame
+from proxy.cluster_route import redirect_error
 from proxy.resp import (OK, PartialReply, ProtocolError, RequestReader, encode_command, error, frame_end,
                         frame_run, is_error, pack_command, split, string_value)
 from proxy.rewrite import KEYS, SLOW, Ctx, Plan, compile_plan, fast_spec, refusal, rewrite, rewrite_rule
@@ -243,6 +244,12 @@ class Session:
         # requests...). Every state change goes through `handle` or `upstream_lost`,
         # which set this; the next read checks the state once and clears it.
         self.fast_blocked = True
+        # A pinned route on a Redis Cluster (proxy/cluster_route.py): every error reply is
+        # looked at (frame_run flag 2), a -MOVED / -ASK is answered -TRYAGAIN instead and
+        # reported to `on_redirect` (the shell follows the slot).
+        self.cluster = route.upstream.cluster is not None
+        self.run_flags = 2 if self.cluster else 0
+        self.on_redirect = None
         if not shared:
             self.handshake()
         if view is None:
@@ -1214,7 +1221,7 @@ class Session:
                 if pending and pending[0] is None and not self.sub_waiting and not self.monitor \
                         and not (self.proto == 2 and self._subscribed()):
                     # the common case: replies that need nothing, passed on as they came
-                    end, m = frame_run(buf, pos, len(pending), True, pending)
+                    end, m = frame_run(buf, pos, len(pending), 1 | self.run_flags, pending)
                     if m:
                         out.append(buf[pos:end])
                         pos = end
@@ -1293,7 +1300,7 @@ class Session:
         pending = self.pending
         start = pos
         # a RESP3 push is no reply: the link skips it
-        pos, m = frame_run(buf, pos, limit, self.link_proto == 3, pending)
+        pos, m = frame_run(buf, pos, limit, (self.link_proto == 3) | self.run_flags, pending)
         if m:
             self.out_client.append(buf[start:pos])
             if pending and pending[0] is not None:
@@ -1302,6 +1309,8 @@ class Session:
 
     def shared_reply(self, raw: bytes, first: int) -> None:
         """One reply from a shared upstream connection (framed by the link)."""
+        if first == 0x2D and self.cluster:
+            raw = self._redirected(raw)
         pending = self.pending
         if pending and pending[0] is None:
             pending.popleft()
@@ -1326,7 +1335,22 @@ class Session:
         s = self.subs
         return bool(s["channel"] or s["pattern"] or s["shard"])
 
+    def _redirected(self, raw: bytes) -> bytes:
+        """A -MOVED / -ASK never reaches the client (it speaks to one ordinary Redis):
+        the request was not run, so it gets -TRYAGAIN naming what happened, and the
+        shell is told, so the route follows its slot."""
+        got = redirect_error(raw)
+        if got is None:
+            return raw
+        if got[1] is not None:
+            self.stats.errors["cluster_redirect"] += 1
+        if self.on_redirect is not None:
+            self.on_redirect(got[1])
+        return got[0]
+
     def _reply(self, raw: bytes, first: int) -> None:
+        if first == 0x2D and self.cluster:
+            raw = self._redirected(raw)
         if first == 0x3E:  # '>' RESP3 push: pub/sub, invalidations; never a reply to a request
             return self._pubsub(raw)
         if self.monitor and first == 0x2B:

@@ -316,7 +316,7 @@ def test_slots_constant():
     assert SLOTS == 16384 and key_slot(b"\xff" * 100) < SLOTS
 
 
-# -- redis+cluster:// URLs: parsed into seed nodes, refused at start until routing exists
+# -- redis+cluster:// URLs: parsed into seed nodes; routes that are not pinned refused at start
 
 
 @pytest.mark.parametrize("url, seeds, user, password, tls", [
@@ -364,15 +364,18 @@ def _start_refused(args: list[str]) -> str:
 
 
 def test_cluster_upstream_refused_at_start(cluster, tmp_path):
-    """Even with a real cluster at the seeds: a clear refusal, not a proxy that half works."""
+    """Even with a real cluster at the seeds: a route that is not pinned gets a clear
+    refusal naming slot = "pinned" (only pinned routes are routed over a cluster,
+    tests/test_cluster_routing.py), not a proxy that half works."""
     seeds = cluster.seeds()
     err = _start_refused(["--listen", "127.0.0.1:0", "--namespace", "app",
                           "--upstream", f"redis+cluster://:secret@{seeds}"])
-    assert f"--upstream: redis+cluster://:***@{seeds}: Redis Cluster upstreams are not supported yet" in err
-    assert "docs/cluster.md" in err and "secret" not in err
+    assert f"slot: route 127.0.0.1:0 is on a Redis Cluster (redis+cluster://:***@{seeds}) and is not pinned" in err
+    assert 'slot = "pinned" (--slot pinned)' in err and "docs/cluster.md" in err and "secret" not in err
     path = tmp_path / "p.toml"
     path.write_text(f'[[listener]]\nlisten = "127.0.0.1:0"\nupstream = "rediss+cluster://{seeds}"\n')
     err = _start_refused(["--config", str(path)])
-    assert f"listener[0].upstream: rediss+cluster://{seeds}: Redis Cluster upstreams are not supported yet" in err
+    assert f"listener[0].slot: route 127.0.0.1:0 is on a Redis Cluster (rediss+cluster://{seeds}) and is not pinned" \
+        in err
     err = _start_refused(["check", "--listen", "127.0.0.1:0", "--upstream", f"redis+cluster://{seeds}/3"])
     assert "a cluster has db 0 only" in err
