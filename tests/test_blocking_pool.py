@@ -220,6 +220,13 @@ def test_shared_link_lost_while_blocked_on_the_pool(server, fresh_db, start_prox
     for c in server_conns(d, fresh_db):
         if "b" not in c["flags"]:
             d.client_kill_filter(_id=c["id"])  # the shared link: this client owes it nothing
+    other = Raw("127.0.0.1", p.port)
+
+    def new_link():  # (a request that meets the dying link gets its error, as on any shared link)
+        return other.call("PING") == b"+PONG\r\n" or other.close() or setattr(other, "sock", Raw(
+            "127.0.0.1", p.port).sock)
+    wait_for(new_link, what="the proxy on a new shared link")
+    other.close()
     # still blocked on its pooled connection: served there, then on a new shared link
     d.lpush("ns:jobs", "job")
     popped, pong = raw.read(2)
