@@ -171,6 +171,7 @@ class BlockingPool:
         self.idle: dict[tuple, list[PooledConnection]] = {}
         self.waiters: deque = deque()                # [client, key, waited], in order
         self.controls: deque = deque()               # CLIENT UNBLOCK ids to send
+        self.retired = False   # a reload changed or removed the route's upstream: lend, never keep
 
     @property
     def limit(self) -> int:
@@ -243,6 +244,12 @@ class BlockingPool:
                 o.close()
                 continue
             return self._control(pc, o.id)
+        if self.retired:  # draining clients of the old route only: no connection kept to the old server
+            for w in self.waiters:
+                if w[1] == pc.key and not w[0].closed:
+                    self.waiters.remove(w)
+                    return self._lend(pc, w[0])
+            return pc.close()
         for w in self.waiters:
             if w[1] == pc.key and not w[0].closed:
                 self.waiters.remove(w)
@@ -390,6 +397,16 @@ class BlockingPool:
                     "right after Redis served it)", self.route.name,
                     pc.command.decode("latin-1", "replace").upper(),
                     extra={"event": "orphan_reply", "route": self.route.name})
+
+    def retire(self) -> None:
+        """A reload took the route's upstream away: idle connections close now, busy ones
+        once their one reply is in (so the old server is left without connections, as the
+        runbooks check before migrating)."""
+        self.retired = True
+        for lst in self.idle.values():
+            for pc in lst:
+                pc.close()
+        self.idle.clear()
 
     def close_all(self) -> None:
         for pc in list(self.conns):

@@ -1657,6 +1657,14 @@ class Proxy:
                 kept = (now.users or {}).get(name) if now is not None else None
                 if kept != user:
                     stale.add(id(user.route))
+        # blocking pools whose route and upstream are gone: no idle connection kept to the old server
+        current = {(r.name, r.upstream) for route in new_routes.values() for r in route.with_users()}
+        for key, pool in list(self.bpools.items()):
+            if key not in current:
+                if pool.retired and not pool.conns:
+                    del self.bpools[key]
+                else:
+                    pool.retire()
         draining = [c for c in self.clients if id(c.route) in stale]
         for c in draining:
             c.drain()
