@@ -1072,6 +1072,8 @@ class Listener:
         self.paused = False
         self.logged = float("-inf")
         self.quiet = 0
+        self.tls_logged = float("-inf")
+        self.tls_quiet = 0
 
     @classmethod
     def bind(cls, host: str, port: int, reuse_port: bool) -> list:
@@ -1152,8 +1154,27 @@ class Listener:
         except Exception as e:  # a TLS handshake that failed, a client gone at once
             if counted:
                 self.proxy.unadmit(route.listen)
-            log.debug("listener %s: connection not set up: %s", route.name, e)
             conn.close()
+            if self.ssl is not None and isinstance(e, ssl.SSLError):
+                self._tls_failed(route, e)
+            else:
+                log.debug("listener %s: connection not set up: %s", route.name, e)
+
+    def _tls_failed(self, route: Route, e: ssl.SSLError) -> None:
+        """A client's TLS handshake failed (plain TCP to a TLS port, a CA it does not trust, no or
+        a wrong client certificate): counted as errors_total{kind="tls_handshake"}, logged at
+        most once per LIMIT_LOG_WINDOW per listener (a scanner must not flood the log)."""
+        st = self.proxy.stats.get(route.name)
+        if st is not None:
+            st.errors["tls_handshake"] += 1
+        now = monotonic()
+        if now - self.tls_logged < LIMIT_LOG_WINDOW:
+            self.tls_quiet += 1
+            return
+        self.tls_logged, quiet, self.tls_quiet = now, self.tls_quiet, 0
+        log.warning("listener %s: a client's TLS handshake failed: %s%s", route.name,
+                    getattr(e, "reason", None) or e, f"; {quiet} more since the last such line" if quiet else "",
+                    extra={"event": "tls_handshake"})
 
     def _turned_away(self, route: Route, reason: str) -> None:
         st = self.proxy.stats[route.name]
