@@ -1558,6 +1558,7 @@ class Proxy:
                 owner = t.owner(up.slot)
                 if owner != link.addr:
                     link.retire(_slot_moved(up, link.addr, owner))
+        self._cluster_pools_moved(key, t)
         for c in list(self.clients):
             u, up = c.upstream, c.route.upstream
             if up.cluster is not None and cluster_key(up) == key and u is not None and u.addr is not None \
@@ -1566,6 +1567,18 @@ class Proxy:
                 if owner != u.addr:
                     c.session.upstream_lost(_slot_moved(up, u.addr, owner))
                     c.flush()
+
+    def _cluster_pools_moved(self, key, t) -> None:
+        """Idle blocking-pool connections of routes on the cluster `key` whose node no longer
+        owns the route's slot close now (busy ones: their client is moved with the dedicated
+        connections in cluster_changed, and BlockingPool.release keeps none off the owner)."""
+        for pool in self.bpools.values():
+            up = pool.route.upstream
+            if up.cluster is None or cluster_key(up) != key:
+                continue
+            owner = t.owner(up.slot)
+            for pc in [pc for lst in pool.idle.values() for pc in lst if pc.addr != owner]:
+                pc.close()
 
     async def _listen(self, route: Route) -> None:
         listen = route.listen
