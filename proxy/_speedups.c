@@ -15,11 +15,13 @@
  *   frame_end      where one RESP2/RESP3 reply ends (-1 incomplete, -2 "ask Python").
  *   frame_run      frame a run of replies that pass through unchanged and pop
  *                  their `None` entries from the session's pending deque.
+ *   Hist           a latency histogram as plain counters: since(t0) is one call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_FIXED 16          /* key positions a fixed Spec may hold */
 #define MAX_ARGS (1 << 20)    /* larger requests go the Python way */
@@ -119,6 +121,162 @@ static PyTypeObject SpecType = {
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Spec_init,
     .tp_members = Spec_members,
+};
+
+/* ------------------------------------------------------------------ Hist */
+
+/* A latency histogram kept as plain counters (issue 16 item 5): `since(t0)` reads
+ * the clock (CLOCK_MONOTONIC, the clock of time.perf_counter() on Linux) and adds
+ * one to the bucket of now - t0, in one call; the cumulative buckets Prometheus
+ * wants are built from `counts` only when scraped (proxy/stats.py). Buckets as
+ * bisect_left on `bounds`: a value equal to a bound counts in that bound's bucket. */
+#define HIST_MAX 32
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;                          /* bounds; counts has n + 1 (the last: +Inf) */
+    double bounds[HIST_MAX];
+    unsigned long long counts[HIST_MAX + 1];
+    double sum;
+} HistObject;
+
+static int
+Hist_init(HistObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"bounds", NULL};
+    PyObject *bounds;
+    double b[HIST_MAX];
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!", kwlist, &PyTuple_Type, &bounds))
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(bounds);
+    if (n < 1 || n > HIST_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a histogram needs 1 to 32 bounds");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        b[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (b[i] == -1.0 && PyErr_Occurred())
+            return -1;
+        if (i && !(b[i] > b[i - 1])) {
+            PyErr_SetString(PyExc_ValueError, "histogram bounds must increase");
+            return -1;
+        }
+    }
+    self->n = n;
+    memcpy(self->bounds, b, sizeof(double) * n);
+    memset(self->counts, 0, sizeof(self->counts));
+    self->sum = 0.0;
+    return 0;
+}
+
+static void
+hist_add(HistObject *self, double v)
+{
+    Py_ssize_t i = 0;
+    while (i < self->n && v > self->bounds[i])
+        i++;
+    self->counts[i]++;
+    self->sum += v;
+}
+
+static PyObject *
+Hist_observe(HistObject *self, PyObject *arg)
+{
+    double v = PyFloat_AsDouble(arg);
+    if (v == -1.0 && PyErr_Occurred())
+        return NULL;
+    hist_add(self, v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Hist_since(HistObject *self, PyObject *arg)
+{
+    double t0 = PyFloat_AsDouble(arg);
+    if (t0 == -1.0 && PyErr_Occurred())
+        return NULL;
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* as CPython makes perf_counter(): nanoseconds as a double, then / 1e9 */
+    double now = (double)((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9;
+    hist_add(self, now - t0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Hist_get_counts(HistObject *self, void *closure)
+{
+    PyObject *out = PyList_New(self->n + 1);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i <= self->n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(self->counts[i]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static PyObject *
+Hist_get_bounds(HistObject *self, void *closure)
+{
+    PyObject *out = PyTuple_New(self->n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        PyObject *v = PyFloat_FromDouble(self->bounds[i]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static PyObject *
+Hist_get_count(HistObject *self, void *closure)
+{
+    unsigned long long total = 0;
+    for (Py_ssize_t i = 0; i <= self->n; i++)
+        total += self->counts[i];
+    return PyLong_FromUnsignedLongLong(total);
+}
+
+static PyObject *
+Hist_get_sum(HistObject *self, void *closure)
+{
+    return PyFloat_FromDouble(self->sum);
+}
+
+static PyMethodDef Hist_methods[] = {
+    {"observe", (PyCFunction)Hist_observe, METH_O, "observe(value): one more in value's bucket"},
+    {"since", (PyCFunction)Hist_since, METH_O, "since(t0): observe(time.perf_counter() - t0)"},
+    {NULL}
+};
+
+static PyGetSetDef Hist_getset[] = {
+    {"counts", (getter)Hist_get_counts, NULL, "per-bucket counts, the last one +Inf (a new list)", NULL},
+    {"bounds", (getter)Hist_get_bounds, NULL, "the bucket bounds", NULL},
+    {"count", (getter)Hist_get_count, NULL, "values observed", NULL},
+    {"sum", (getter)Hist_get_sum, NULL, "their sum", NULL},
+    {NULL}
+};
+
+static PyTypeObject HistType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.Hist",
+    .tp_doc = "Histogram(bounds): counts per bucket and a sum, kept in C (see proxy/stats.py).",
+    .tp_basicsize = sizeof(HistObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Hist_init,
+    .tp_methods = Hist_methods,
+    .tp_getset = Hist_getset,
 };
 
 /* ------------------------------------------------------------------ numbers */
@@ -726,12 +884,20 @@ PyInit__speedups(void)
 {
     if (PyType_Ready(&SpecType) < 0)
         return NULL;
+    if (PyType_Ready(&HistType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
     Py_INCREF(&SpecType);
     if (PyModule_AddObject(m, "Spec", (PyObject *)&SpecType) < 0) {
         Py_DECREF(&SpecType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&HistType);
+    if (PyModule_AddObject(m, "Hist", (PyObject *)&HistType) < 0) {
+        Py_DECREF(&HistType);
         Py_DECREF(m);
         return NULL;
     }

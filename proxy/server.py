@@ -302,9 +302,9 @@ class ClientConnection(asyncio.Protocol):
     def after_shared_replies(self) -> None:
         """Called by the link after it handed this connection replies."""
         s = self.session
-        if not (self.t_request or s.need_dedicated or s.need_link is not None or s.out_upstream
+        if not (s.need_dedicated or s.need_link is not None or s.out_upstream
                 or s.owed_sent != self.registered or self.draining or s.close_when_done or s.need_borrow):
-            # the common case: nothing to do but pass the replies on
+            # the common case: nothing to do but pass the replies on (and time the batch)
             out = s.out_client
             if out and not self.closed:
                 data = out[0] if len(out) == 1 else b"".join(out)
@@ -313,9 +313,12 @@ class ClientConnection(asyncio.Protocol):
                 self.stats.bytes_out["client"] += len(data)
                 if self.client_paused:
                     self._check_output_limit()
+            if self.t_request and not s.pending:
+                self.stats.request_seconds.since(self.t_request)
+                self.t_request = 0.0
             return
         if self.t_request and not s.pending:
-            self.stats.request_seconds.observe(perf_counter() - self.t_request)
+            self.stats.request_seconds.since(self.t_request)
             self.t_request = 0.0
         if s.need_dedicated:
             self._maybe_leave_link()
@@ -433,15 +436,19 @@ class ClientConnection(asyncio.Protocol):
                 link.submit(self, up, owed)
             if s.need_dedicated and self.upstream is None and not self.connecting and not self.closed:
                 self._start_connect()
-        elif self.upstream is not None and self.upstream.transport is not None:
-            out = s.take_upstream()
-            if out:
-                self.upstream.transport.write(out)
-                self.stats.bytes_out["upstream"] += len(out)
-                if self.t_request and not self.t_sent:
-                    self.t_sent = perf_counter()
-        elif s.upstream_error is not None:
-            s.take_upstream()
+        else:
+            up = s.out_upstream
+            if up:
+                upstream = self.upstream
+                if upstream is not None and upstream.transport is not None:
+                    out = up[0] if len(up) == 1 else b"".join(up)  # (one request per read at depth 1)
+                    up.clear()
+                    upstream.transport.write(out)
+                    self.stats.bytes_out["upstream"] += len(out)
+                    if self.t_request and not self.t_sent:
+                        self.t_sent = perf_counter()
+                elif s.upstream_error is not None:
+                    up.clear()
         out = s.out_client
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
@@ -604,15 +611,15 @@ class UpstreamConnection(asyncio.Protocol):
         if c.t_sent:
             # One sample per batch of requests, not per command: cheap and still the
             # distribution a user feels.
-            now = perf_counter()
-            c.stats.roundtrip_seconds.observe(now - c.t_sent)
+            c.stats.roundtrip_seconds.since(c.t_sent)
             c.t_sent = 0.0
-        c.session.upstream_data(data)
+        s = c.session
+        s.upstream_data(data)
         c.flush()
-        if c.t_request and not c.session.pending:
-            c.stats.request_seconds.observe(perf_counter() - c.t_request)
+        if c.t_request and not s.pending:
+            c.stats.request_seconds.since(c.t_request)
             c.t_request = 0.0
-        if c.session.idle:
+        if c.proxy._idle is not None and s.idle:  # (only a stopping proxy waits for idle clients)
             c.proxy.idle_changed()
 
     def connection_lost(self, exc) -> None:
@@ -757,7 +764,7 @@ class SharedLink(asyncio.Protocol):
         self.stats.bytes_in["upstream"] += len(data)
         self.progress = True
         if self.t_sent:
-            self.stats.roundtrip_seconds.observe(perf_counter() - self.t_sent)
+            self.stats.roundtrip_seconds.since(self.t_sent)
             self.t_sent = 0.0
         buf = self.buf + data if self.buf else data  # self.buf: at most a header line
         self.buf = b""

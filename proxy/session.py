@@ -1218,10 +1218,10 @@ class Session:
                     return
             self._buf = b""
             n = len(buf)
-            pending, out = self.pending, self.out_client
+            pending, out, subs = self.pending, self.out_client, self.subs
             while pos < n:
                 if pending and pending[0] is None and not self.sub_waiting and not self.monitor \
-                        and not (self.proto == 2 and self._subscribed()):
+                        and not (self.proto == 2 and (subs["channel"] or subs["pattern"] or subs["shard"])):
                     # the common case: replies that need nothing, passed on as they came
                     end, m = frame_run(buf, pos, len(pending), 1 | self.run_flags, pending)
                     if m:

@@ -8,6 +8,9 @@ collector (metrics.py) turns them into metric families only when scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
+from time import perf_counter
+
+from proxy.speedups import C
 
 REFUSAL_LOG_BURST = 10     # refusal log lines per route ...
 REFUSAL_LOG_WINDOW = 10.0  # ... per this many seconds
@@ -16,29 +19,50 @@ SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Histogram:
-    """Cumulative-at-read histogram: per-bucket counts, a sum and a count."""
+class PyHistogram:
+    """A histogram as plain counters: per-bucket counts and a sum (the count and the
+    cumulative buckets are worked out when read, i.e. when scraped). `since(t0)`
+    observes perf_counter() - t0. The reference for proxy._speedups.Hist, which
+    does the same in one C call."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
-        self.count = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
-        self.count += 1
 
-    def buckets(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for bound, n in zip(self.bounds, self.counts):
-            total += n
-            out.append((repr(float(bound)), total))
-        out.append(("+Inf", total + self.counts[-1]))
-        return out
+    def since(self, t0: float) -> None:
+        self.observe(perf_counter() - t0)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+def buckets(self) -> list[tuple[str, int]]:
+    """Cumulative (upper bound, count) pairs, +Inf last, as Prometheus wants them."""
+    out, total = [], 0
+    counts = self.counts
+    for bound, n in zip(self.bounds, counts):
+        total += n
+        out.append((repr(float(bound)), total))
+    out.append(("+Inf", total + counts[-1]))
+    return out
+
+
+# The latency histograms: two per batch of requests while the admin port is on, so the
+# C version (one call: read the clock, add one to a bucket) where it is compiled.
+_Hist = C.Hist if C is not None and hasattr(C, "Hist") else PyHistogram
+
+
+class Histogram(_Hist):
+    __slots__ = ()
+    buckets = buckets
 
 
 class DepthHistogram:
@@ -78,7 +102,7 @@ class DepthHistogram:
     def count(self) -> int:
         return sum(self.hits)
 
-    buckets = Histogram.buckets
+    buckets = buckets
 
 
 class LogLimit:

@@ -359,3 +359,53 @@ def test_partial_reply_refuses_garbage():
         resp.PartialReply().feed(b"*2\r\n?x\r\n", 0)
     with pytest.raises(ProtocolError):
         resp.PartialReply().feed(b"$" + b"9" * 70000, 0)
+
+
+# ------------------------------------------------------------------ latency histograms (issue 16 item 5)
+
+from proxy.stats import SECONDS_BUCKETS, Histogram, PyHistogram  # noqa: E402
+
+_seconds = st.one_of(st.sampled_from(list(SECONDS_BUCKETS) + [0.0, -1.0, 1e9]),
+                     st.floats(min_value=-1.0, max_value=100.0, allow_nan=False))
+
+
+@FAST
+@given(st.lists(_seconds, max_size=60))
+def test_hist_matches_python(values):
+    """The C histogram puts every value in the bucket bisect_left puts it in (a value equal
+    to a bound in that bound's bucket), sums as Python does, and reads back the same."""
+    c, py = C.Hist(SECONDS_BUCKETS), PyHistogram(SECONDS_BUCKETS)
+    for v in values:
+        c.observe(v)
+        py.observe(v)
+    assert c.counts == py.counts
+    assert c.count == py.count == len(values)
+    assert c.sum == pytest.approx(py.sum)
+    assert c.bounds == SECONDS_BUCKETS
+
+
+def test_hist_since_reads_the_clock_of_perf_counter():
+    """since(t0) observes perf_counter() - t0: the C call reads the same clock."""
+    from time import perf_counter, sleep
+    for h in (Histogram(SECONDS_BUCKETS), PyHistogram(SECONDS_BUCKETS)):
+        t0 = perf_counter()
+        sleep(0.002)
+        h.since(t0)
+        elapsed = perf_counter() - t0
+        assert h.count == 1
+        assert 0.002 <= h.sum <= elapsed
+        assert h.counts[0] == 0  # (not below 100 µs: the clocks agree)
+
+
+def test_hist_buckets_are_cumulative_when_read():
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 2.0, 3.0):
+        h.observe(v)
+    assert h.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 5)]
+    assert h.count == 5 and h.sum == pytest.approx(5.65)
+
+
+def test_hist_refuses_nonsense():
+    for bad in [(), (1.0, 0.5), (1.0, 1.0), tuple(float(i) for i in range(1, 40)), ("x",)]:
+        with pytest.raises((ValueError, TypeError)):
+            C.Hist(bad)
