@@ -3,7 +3,10 @@ limits.blocking_pool at several sizes (0: every BRPOP worker moves to a connecti
 own, as before the pool), in interleaved rounds: jobs/s and the Redis connections each
 target holds at the end of each part (issue 16, item 3). Prints a markdown table.
 
-    python bench/sidekiq_pool.py [--rounds 3] [--pools 0,16] [--jobs 20000]
+    python bench/sidekiq_pool.py [--rounds 3] [--pools 0,16] [--jobs 20000] [--baseline-rev main]
+
+With --baseline-rev REV, proxy/ as of REV (its own snapshot, bench/run.py's snapshot_proxy) runs
+with the same pool sizes in the same rounds, as `REV blocking_pool=N`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pools", default="0,16", help="limits.blocking_pool sizes, comma-separated")
     ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--baseline-rev", default=None, metavar="REV",
+                    help="also proxy/ as of this commit, same pool sizes, same rounds")
     args = ap.parse_args()
     shape = sidekiq_load.Shape(jobs=args.jobs)
     tmp = tempfile.mkdtemp(prefix="ksp-bpool-")
@@ -35,12 +40,18 @@ def main() -> int:
     redis = start_server("redis")
     try:
         src, desc = run.snapshot_proxy(tmp, None)
+        snaps = [("keyspace-proxy", src)]
+        if args.baseline_rev:
+            bsrc, bdesc = run.snapshot_proxy(tmp, args.baseline_rev, "src-baseline", "--baseline-rev")
+            snaps.append((args.baseline_rev, bsrc))
+            desc += f"; baseline {bdesc}"
         targets = {"direct": None}
         for n in args.pools.split(","):
-            p, _ = run.start_keyspace_proxy(redis.port, tmp, ["--blocking-pool", n], src,
-                                            f"keyspace-proxy blocking_pool={n}")
-            procs.append(p)
-            targets[p.name] = p
+            for label, where in snaps:
+                p, _ = run.start_keyspace_proxy(redis.port, tmp, ["--blocking-pool", n], where,
+                                                f"{label} blocking_pool={n}")
+                procs.append(p)
+                targets[p.name] = p
         for p in procs:
             run.wait_ping(p)
         res: dict[str, list[dict]] = {t: [] for t in targets}
@@ -68,6 +79,20 @@ def main() -> int:
                   f"| {statistics.median(r['saturated']['clients'] for r in rows):.0f} "
                   f"| {statistics.median(r['paced']['p50_ms'] for r in rows):.3f} "
                   f"| {statistics.median(r['paced']['clients'] for r in rows):.0f} |")
+
+        def cpu_ratio(a: str, b: str) -> str:
+            r = [x["saturated"]["proxy_us"] / y["saturated"]["proxy_us"] for x, y in zip(res[a], res[b])]
+            return "**%.2f** (%.2f-%.2f)" % (statistics.median(r), min(r), max(r))
+        pools = args.pools.split(",")
+        print("\nSame-run ratios of proxy CPU per job (median of per-round ratios, min-max):\n")
+        for label, _ in snaps:
+            for n in pools[1:]:
+                a, b = f"{label} blocking_pool={n}", f"{label} blocking_pool={pools[0]}"
+                print(f"- {a} / {b}: {cpu_ratio(a, b)}")
+        if args.baseline_rev:
+            for n in pools:
+                a, b = f"keyspace-proxy blocking_pool={n}", f"{args.baseline_rev} blocking_pool={n}"
+                print(f"- {a} / {b}: {cpu_ratio(a, b)}")
     finally:
         for p in procs:
             p.stop()

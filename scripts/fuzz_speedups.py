@@ -20,6 +20,9 @@ same bytes (check_one):
   frame_end      against proxy.resp._frame_end wherever C does not answer -2.
   frame_run      C then the Python framer on the rest must end where the
                  Python framer alone ends, popping the same entries.
+  Hist           every input also builds a latency histogram from its bytes read
+                 as doubles (bounds, then values): C.Hist must refuse exactly the
+                 bounds hist_error refuses, else count like PyHistogram (bisect_left).
 
 tests/test_speedups_invariants.py runs check_one on stored_inputs() (the seeds
 below plus tests/data/fuzz_speedups_corpus.txt): the bounded check CI runs.
@@ -257,6 +260,39 @@ def _check_frame_run(C, data, bits, limit, nentries):
 _BASE_SPECS = None
 
 
+def hist_error(bounds) -> str | None:
+    """Why C.Hist refuses these bounds (None: it takes them)."""
+    if not 1 <= len(bounds) <= 32:
+        return "a histogram needs 1 to 32 bounds"
+    if any(not b > a for a, b in zip(bounds, bounds[1:])):  # (NaN compares false: refused)
+        return "histogram bounds must increase"
+    return None
+
+
+def _check_hist(C, buf: bytes) -> None:
+    import math
+    import struct
+    from proxy.stats import PyHistogram
+    if len(buf) < 9:
+        return
+    nb = buf[0] % 36
+    doubles = [struct.unpack_from("<d", buf, i)[0] for i in range(1, len(buf) - 7, 8)]
+    bounds, values = tuple(doubles[:nb]), doubles[nb:]
+    err = hist_error(bounds)
+    try:
+        h = C.Hist(bounds)
+    except ValueError:
+        assert err is not None, bounds
+        return
+    assert err is None, (bounds, err)
+    ref = PyHistogram(bounds)
+    for v in values:
+        h.observe(v)
+        ref.observe(v)
+    assert h.counts == ref.counts and h.count == len(values), (bounds, values)
+    assert h.sum == ref.sum or (math.isnan(h.sum) and math.isnan(ref.sum)), (h.sum, ref.sum)
+
+
 def check_one(buf: bytes) -> None:
     """One fuzz input: 4 control bytes (target, mode/bits, limit, max_bulk), then data."""
     global _BASE_SPECS
@@ -264,6 +300,7 @@ def check_one(buf: bytes) -> None:
     if _BASE_SPECS is None:
         # built once and never changed: rewrite_plain caches look-ups per dict
         _BASE_SPECS = {name: C.Spec(*p) for name, p in SPEC_PARAMS.items()}
+    _check_hist(C, buf)
     if len(buf) < 4:
         return
     sel, a, b, c = buf[0] % 4, buf[1], buf[2], buf[3]
