@@ -350,7 +350,8 @@ class ClientConnection(asyncio.Protocol):
         s.start_borrow()
         pc.owes = s.borrowing
         self.flush()
-        self.borrowed_reply()
+        if not pc.owes:  # answered without the server (refused, or upstream lost meanwhile)
+            self.borrowed_reply()
 
     def borrowed_reply(self) -> None:
         """After replies from the lent connection: once its one reply is in, give it back

@@ -1147,8 +1147,9 @@ class Session:
     @property
     def shared_quiet(self) -> bool:
         """No reply owed on the shared connection: the session may leave it."""
+        pending = self.pending
         return self.emu is None and self.partial is None \
-            and all(e is not None and e.kind == LOCAL for e in self.pending)
+            and (not pending or all(e is not None and e.kind == LOCAL for e in pending))
 
     def switch_to_dedicated(self) -> None:
         """Continue on a dedicated upstream connection: handshake, then the held requests."""
