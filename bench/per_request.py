@@ -1,0 +1,119 @@
+"""What one request costs the proxy, counted rather than timed (issue 16 items 4 and 5):
+Python-visible calls per request (cProfile's call count: Python functions and the
+builtins they call) or system calls per request (`strace -c -f`), under redis-benchmark
+-c 50 -P 1 -t set,get, for an upstream mode, admin port on or off, and a proxy/ tree.
+Counts do not depend on how busy the machine is, which timings on a shared machine do.
+
+    python bench/per_request.py calls --mode dedicated --admin       # this tree
+    python bench/per_request.py calls --mode shared --src /tmp/main  # another checkout (proxy/ built there)
+    python bench/per_request.py syscalls --mode dedicated --show 12
+
+Both start their own redis-server (bench/run.py's) and `python -m proxy` (add mode,
+namespace `bench`). `calls` runs the proxy twice under cProfile: once with a short warm-up
+only (plans made, connections opened), once with the warm-up and the measured run, and
+divides the difference by the requests of the measured run. `syscalls` attaches strace
+to the proxy (needs strace and ptrace permission) around the measured run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import run  # noqa: E402
+from proxy.embedded import free_port, start_server  # noqa: E402
+
+
+def bench(port: int, n: int, tests: str = "set,get") -> None:
+    subprocess.run(["redis-benchmark", "-h", run.HOST, "-p", str(port), "-c", "50", "-P", "1", "-n", str(n),
+                    "-t", tests], capture_output=True, check=True)
+
+
+def start(src: str, redis_port: int, mode: str, admin: bool, prefix: list[str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    argv = [sys.executable] + prefix + ["-m", "proxy", "--listen", f"{run.HOST}:{port}", "--upstream",
+                                        f"redis://{run.HOST}:{redis_port}/0", "--namespace", run.NAMESPACE,
+                                        "--upstream-mode", mode]
+    if admin:
+        argv += ["--metrics-listen", f"{run.HOST}:{free_port()}"]
+    p = subprocess.Popen(argv, cwd=src, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = run.Proc("keyspace-proxy", port, p, os.devnull)
+    run.wait_ping(proc, 30)
+    return p, port
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["calls", "syscalls"])
+    ap.add_argument("--mode", choices=["shared", "dedicated"], default="shared")
+    ap.add_argument("--admin", action="store_true", help="with --metrics-listen (latency histograms kept)")
+    ap.add_argument("--src", default=run.ROOT, help="a directory holding proxy/ (default: this tree)")
+    ap.add_argument("--requests", type=int, default=20000, help="per test (redis-benchmark -n)")
+    ap.add_argument("--show", type=int, default=0, help="also list the N most frequent calls / system calls")
+    args = ap.parse_args()
+    redis = start_server("redis")
+    tmp = tempfile.mkdtemp(prefix="ksp-per-request-")
+    n = 2 * args.requests
+    label = f"{args.what}, {args.mode} mode, admin port {'on' if args.admin else 'off'}, {args.src}"
+    try:
+        if args.what == "calls":
+            counts = []
+            for measured in (False, True):
+                out = os.path.join(tmp, f"{measured}.prof")
+                p, port = start(args.src, redis.port, args.mode, args.admin, ["-m", "cProfile", "-o", out])
+                bench(port, 100, "get")  # warm-up: plans, Specs, connections
+                if measured:
+                    bench(port, args.requests)
+                p.send_signal(signal.SIGTERM)
+                p.wait(60)
+                counts.append(pstats.Stats(out))
+            base, st = counts
+            print(f"{label}: {(st.total_calls - base.total_calls) / n:.1f} Python-visible calls per request")
+            if args.show:
+                before = {k: v[1] for k, v in base.stats.items()}
+                rows = sorted(((v[1] - before.get(k, 0)) / n, k) for k, v in st.stats.items())[::-1]
+                for per, (f, line, name) in rows[:args.show]:
+                    print(f"  {per:6.2f}  {os.path.basename(f)}:{line}({name})")
+        else:
+            if not shutil.which("strace"):
+                print("bench/per_request.py: strace is not on PATH", file=sys.stderr)
+                return 2
+            p, port = start(args.src, redis.port, args.mode, args.admin, [])
+            bench(port, 100, "get")
+            out = os.path.join(tmp, "strace.txt")
+            st = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(p.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
+            bench(port, args.requests)
+            st.send_signal(signal.SIGINT)
+            st.wait(60)
+            p.terminate()
+            p.wait(60)
+            calls = {}
+            for line in open(out):
+                f = line.split()
+                if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+                    calls[f[-1]] = int(f[3])
+            total = sum(calls.values())
+            print(f"{label}: {total / n:.2f} system calls per request (write {calls.get('write', 0) / n:.2f}, "
+                  f"read {calls.get('read', 0) / n:.2f}, epoll_pwait {calls.get('epoll_pwait', 0) / n:.3f})")
+            for name, c in sorted(calls.items(), key=lambda kv: -kv[1])[:args.show]:
+                print(f"  {c / n:8.3f}  {name}")
+    finally:
+        redis.process.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
