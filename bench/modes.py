@@ -6,6 +6,7 @@ report; nothing is written to docs/ (copy it into a hand-written notes block).
     python bench/modes.py --baseline-rev main            # 5 rounds, -c 50 -P 1 -t set,get
     python bench/modes.py --rounds 3 --pipeline 16 --requests 400000
     python bench/modes.py --no-baseline --rounds 1 --requests 5000   # smoke check
+    python bench/modes.py --modes shared --rounds 9      # admin port on against off, more rounds
 
 Every keyspace-proxy target is `python -m proxy` of one snapshot (bench/run.py's
 snapshot_proxy: the working tree, or `git archive` of the baseline with its C hot path
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", type=int, default=1)
     ap.add_argument("--requests", type=int, default=100000, help="per test per run (redis-benchmark -n)")
     ap.add_argument("--tests", default="set,get")
+    ap.add_argument("--modes", default="shared,dedicated", help="upstream modes to run (comma-separated)")
     args = ap.parse_args(argv)
     missing = run.check_tools()
     if missing:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(twem)
         targets: dict[str, run.Proc | None] = {"direct": None, "twemproxy": twem}
         ports = {"direct": redis.port, "twemproxy": twem.port}
-        for (rev, (src, _)), mode, admin in itertools.product(srcs.items(), ("shared", "dedicated"), (True, False)):
+        modes = args.modes.split(",")
+        for (rev, (src, _)), mode, admin in itertools.product(srcs.items(), modes, (True, False)):
             name = f"{rev} {mode} admin {'on' if admin else 'off'}"
             p, _ = run.start_keyspace_proxy(redis.port, tmp, ["--upstream-mode", mode], src, name, admin)
             procs.append(p)
@@ -135,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         print("| ratio | proxy CPU | req/s |")
         print("|---|---:|---:|")
         for rev in srcs:
-            for admin in ("on", "off"):
+            for admin in ("on", "off") if len(modes) == 2 else ():
                 a, b = f"{rev} dedicated admin {admin}", f"{rev} shared admin {admin}"
                 print(f"| {a} / {b} | {ratio(col(a, 'proxy'), col(b, 'proxy'))} | {ratio(col(a, 'rps'), col(b, 'rps'))} |")
-            for mode in ("shared", "dedicated"):
+            for mode in modes:
                 a, b = f"{rev} {mode} admin on", f"{rev} {mode} admin off"
                 print(f"| {a} / {b} | {ratio(col(a, 'proxy'), col(b, 'proxy'))} | {ratio(col(a, 'rps'), col(b, 'rps'))} |")
         if not args.no_baseline:
-            for mode, admin in itertools.product(("shared", "dedicated"), ("on", "off")):
+            for mode, admin in itertools.product(modes, ("on", "off")):
                 a, b = f"tree {mode} admin {admin}", f"{args.baseline_rev} {mode} admin {admin}"
                 print(f"| {a} / {b} | {ratio(col(a, 'proxy'), col(b, 'proxy'))} | {ratio(col(a, 'rps'), col(b, 'rps'))} |")
     except run.BenchError as e:
