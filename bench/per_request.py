@@ -7,9 +7,11 @@ Counts do not depend on how busy the machine is, which timings on a shared machi
     python bench/per_request.py calls --mode dedicated --admin       # this tree
     python bench/per_request.py calls --mode shared --src /tmp/main  # another checkout (proxy/ built there)
     python bench/per_request.py syscalls --mode dedicated --show 12
+    python bench/per_request.py calls --load sidekiq --blocking-pool 16   # per job of bench/sidekiq_load.py
 
 Both start their own redis-server (bench/run.py's) and `python -m proxy` (add mode,
-namespace `bench`). `calls` runs the proxy twice under cProfile: once with a short warm-up
+namespace `bench`). With `--load sidekiq` the measured run is bench/sidekiq_load.py's
+saturated part (`--requests` jobs, no paced part) and the counts are per job. `calls` runs the proxy twice under cProfile: once with a short warm-up
 only (plans made, connections opened), once with the warm-up and the measured run, and
 divides the difference by the requests of the measured run. `syscalls` attaches strace
 to the proxy (needs strace and ptrace permission) around the measured run.
@@ -39,14 +41,24 @@ def bench(port: int, n: int, tests: str = "set,get") -> None:
                     "-t", tests], capture_output=True, check=True)
 
 
-def start(src: str, redis_port: int, mode: str, admin: bool, prefix: list[str]) -> tuple[subprocess.Popen, int]:
+def sidekiq(port: int, jobs: int) -> None:
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sidekiq_load.py"),
+                    "--port", str(port), "--jobs", str(jobs), "--paced-seconds", "0"], capture_output=True, check=True)
+
+
+def start(src: str, redis_port: int, mode: str, admin: bool, prefix: list[str],
+          pool: int | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     argv = [sys.executable] + prefix + ["-m", "proxy", "--listen", f"{run.HOST}:{port}", "--upstream",
                                         f"redis://{run.HOST}:{redis_port}/0", "--namespace", run.NAMESPACE,
                                         "--upstream-mode", mode]
     if admin:
         argv += ["--metrics-listen", f"{run.HOST}:{free_port()}"]
-    p = subprocess.Popen(argv, cwd=src, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if pool is not None:
+        argv += ["--blocking-pool", str(pool)]
+    # the Sidekiq-shaped load's EVALSHA needs the app policy (as bench/run.py sets it)
+    env = dict(os.environ, PROXY_POLICY="app")
+    p = subprocess.Popen(argv, cwd=src, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     proc = run.Proc("keyspace-proxy", port, p, os.devnull)
     run.wait_ping(proc, 30)
     return p, port
@@ -58,27 +70,39 @@ def main() -> int:
     ap.add_argument("--mode", choices=["shared", "dedicated"], default="shared")
     ap.add_argument("--admin", action="store_true", help="with --metrics-listen (latency histograms kept)")
     ap.add_argument("--src", default=run.ROOT, help="a directory holding proxy/ (default: this tree)")
-    ap.add_argument("--requests", type=int, default=20000, help="per test (redis-benchmark -n)")
+    ap.add_argument("--requests", type=int, default=20000, help="per test (redis-benchmark -n), or jobs")
+    ap.add_argument("--load", choices=["benchmark", "sidekiq"], default="benchmark")
+    ap.add_argument("--blocking-pool", type=int, default=None, help="limits.blocking_pool (default: the proxy's)")
     ap.add_argument("--show", type=int, default=0, help="also list the N most frequent calls / system calls")
     args = ap.parse_args()
     redis = start_server("redis")
     tmp = tempfile.mkdtemp(prefix="ksp-per-request-")
-    n = 2 * args.requests
-    label = f"{args.what}, {args.mode} mode, admin port {'on' if args.admin else 'off'}, {args.src}"
+    n = 2 * args.requests if args.load == "benchmark" else args.requests
+    unit = "request" if args.load == "benchmark" else "job"
+    label = (f"{args.what}, {args.mode} mode, admin port {'on' if args.admin else 'off'}"
+             + (f", blocking_pool {args.blocking_pool}" if args.blocking_pool is not None else "")
+             + (", bench/sidekiq_load.py" if args.load == "sidekiq" else "") + f", {args.src}")
+
+    def measured_run(port: int) -> None:
+        if args.load == "benchmark":
+            bench(port, args.requests)
+        else:
+            sidekiq(port, args.requests)
     try:
         if args.what == "calls":
             counts = []
             for measured in (False, True):
                 out = os.path.join(tmp, f"{measured}.prof")
-                p, port = start(args.src, redis.port, args.mode, args.admin, ["-m", "cProfile", "-o", out])
+                p, port = start(args.src, redis.port, args.mode, args.admin, ["-m", "cProfile", "-o", out],
+                                args.blocking_pool)
                 bench(port, 100, "get")  # warm-up: plans, Specs, connections
                 if measured:
-                    bench(port, args.requests)
+                    measured_run(port)
                 p.send_signal(signal.SIGTERM)
                 p.wait(60)
                 counts.append(pstats.Stats(out))
             base, st = counts
-            print(f"{label}: {(st.total_calls - base.total_calls) / n:.1f} Python-visible calls per request")
+            print(f"{label}: {(st.total_calls - base.total_calls) / n:.1f} Python-visible calls per {unit}")
             if args.show:
                 before = {k: v[1] for k, v in base.stats.items()}
                 rows = sorted(((v[1] - before.get(k, 0)) / n, k) for k, v in st.stats.items())[::-1]
@@ -88,13 +112,13 @@ def main() -> int:
             if not shutil.which("strace"):
                 print("bench/per_request.py: strace is not on PATH", file=sys.stderr)
                 return 2
-            p, port = start(args.src, redis.port, args.mode, args.admin, [])
+            p, port = start(args.src, redis.port, args.mode, args.admin, [], args.blocking_pool)
             bench(port, 100, "get")
             out = os.path.join(tmp, "strace.txt")
             st = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(p.pid)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
-            bench(port, args.requests)
+            measured_run(port)
             st.send_signal(signal.SIGINT)
             st.wait(60)
             p.terminate()
@@ -105,7 +129,7 @@ def main() -> int:
                 if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
                     calls[f[-1]] = int(f[3])
             total = sum(calls.values())
-            print(f"{label}: {total / n:.2f} system calls per request (write {calls.get('write', 0) / n:.2f}, "
+            print(f"{label}: {total / n:.2f} system calls per {unit} (write {calls.get('write', 0) / n:.2f}, "
                   f"read {calls.get('read', 0) / n:.2f}, epoll_pwait {calls.get('epoll_pwait', 0) / n:.3f})")
             for name, c in sorted(calls.items(), key=lambda kv: -kv[1])[:args.show]:
                 print(f"  {c / n:8.3f}  {name}")

@@ -88,7 +88,7 @@ class PooledConnection(asyncio.Protocol):
                 self.owes = False  # its one reply is in: it may be lent again
             c.flush()
             c.borrowed_reply()
-            if c.session.idle:  # (a graceful stop waits for every client to be idle)
+            if c.proxy._idle is not None and c.session.idle:  # (only a graceful stop waits for idle clients)
                 c.proxy.idle_changed()
             return
         self.pool.stats.bytes_in["upstream"] += len(data)
