@@ -65,3 +65,37 @@ def test_cluster_bench_quick():
     for target in ("direct --cluster", "proxy, 3 namespaces", "proxy, 1 namespace"):
         assert out.count(f"| {target} | ") == 2, out
     assert "load average at the end" in out
+
+
+@pytest.mark.timeout(120)
+def test_modes_bench_quick():
+    """bench/modes.py (issue 16 items 4-5): shared and dedicated, admin port on and off, with
+    direct and twemproxy in the same rounds; prints its tables (figures meaningless here)."""
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        msg = f"bench/modes.py needs {', '.join(missing)} (apt-get install redis-server redis-tools nutcracker)"
+        if CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    r = subprocess.run([sys.executable, "bench/modes.py", "--no-baseline", "--rounds", "1", "--requests", "2000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    for target in ("direct", "twemproxy", "tree shared admin on", "tree shared admin off",
+                   "tree dedicated admin on", "tree dedicated admin off"):
+        assert f"| {target} | " in r.stdout, r.stdout
+    assert "| tree dedicated admin on / tree shared admin on | **" in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_per_request_counts():
+    """bench/per_request.py calls: Python-visible calls per request under cProfile, a plain
+    number (the tables in docs/benchmarks.md, notes "lean", come from it)."""
+    if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        if CI:
+            pytest.fail("bench/per_request.py needs redis-server and redis-benchmark")
+        pytest.skip("bench/per_request.py needs redis-server and redis-benchmark")
+    r = subprocess.run([sys.executable, "bench/per_request.py", "calls", "--mode", "dedicated", "--requests", "2000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    per = float(r.stdout.split(": ")[1].split()[0])
+    assert 5 < per < 200, r.stdout
