@@ -8,7 +8,7 @@ collector (metrics.py) turns them into metric families only when scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
-from time import perf_counter
+from time import get_clock_info, perf_counter
 
 from proxy.speedups import C
 
@@ -56,8 +56,10 @@ def buckets(self) -> list[tuple[str, int]]:
 
 
 # The latency histograms: two per batch of requests while the admin port is on, so the
-# C version (one call: read the clock, add one to a bucket) where it is compiled.
-_Hist = C.Hist if C is not None and hasattr(C, "Hist") else PyHistogram
+# C version (one call: read the clock, add one to a bucket) where it is compiled and
+# reads perf_counter's clock (CLOCK_MONOTONIC: Linux; elsewhere perf_counter may use another).
+_SAME_CLOCK = get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)"
+_Hist = C.Hist if C is not None and hasattr(C, "Hist") and _SAME_CLOCK else PyHistogram
 
 
 class Histogram(_Hist):
