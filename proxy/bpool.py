@@ -404,9 +404,8 @@ class BlockingPool:
         once their one reply is in (so the old server is left without connections, as the
         runbooks check before migrating)."""
         self.retired = True
-        for lst in self.idle.values():
-            for pc in lst:
-                pc.close()
+        for pc in [pc for lst in self.idle.values() for pc in lst]:  # (close() edits the lists)
+            pc.close()
         self.idle.clear()
 
     def close_all(self) -> None:
