@@ -363,8 +363,6 @@ class BlockingPool:
             self._control(idle, pc.id)
         elif pc.id is not None:
             self.controls.append(pc)
-            if self.proxy._stopping:
-                return pc.close()
             if any(c.state == "opening" for c in self.conns):
                 return  # that one, once set up, sends the queued CLIENT UNBLOCKs first
             pc2 = PooledConnection(self, pc.key)  # (then pooled like any other)
