@@ -1304,6 +1304,7 @@ class Proxy:
         self.take_reserve()
         self.upstreams: dict = {}            # Upstream -> UpstreamHealth
         self._ticking = None
+        self._reloading = asyncio.Lock()
 
     def view(self, route_name: str) -> ClientRegistry:
         v = self.views.get(route_name)
@@ -1638,7 +1639,12 @@ class Proxy:
         New connections get the new routes at once; existing connections of a changed
         or removed route are closed at their next safe point (no reply owed, not in
         MULTI), so their clients reconnect onto the new route; after the grace period
-        the rest are closed too."""
+        the rest are closed too. One reload at a time (SIGHUP and POST /-/reload may
+        come together): each compares its file with what the previous one applied."""
+        async with self._reloading:  # (the fence checks await: another reload could run meanwhile)
+            return await self._reload(new)
+
+    async def _reload(self, new: Config) -> str:
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
         self._reload_tls(new_routes)

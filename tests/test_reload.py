@@ -219,3 +219,31 @@ def test_token_settings_are_checked_at_start(server, fresh_db, tmp_path):
         r = subprocess.run([sys.executable, "-m", "proxy", *base, *extra], capture_output=True, text=True,
                            timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")})
         assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr)
+
+
+def test_a_reload_waits_for_the_one_under_way(server, fresh_db, start_proxy):
+    """Two reloads at once (SIGHUP while the previous one is still checking a tenant
+    route's fence) run one after the other: the second sees what the first applied. Run
+    side by side, the second compared the new file with the listeners as they were
+    before the first, and kept a listener its file no longer has."""
+    port, port_b = free_port(), free_port()
+    silent = socket.socket()  # an upstream that accepts and never answers: the fence check waits
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(20)
+    base = (f'upstream = "redis://{server.host}:{server.port}/{fresh_db}"\n[limits]\nconnect_timeout = 5\n'
+            f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "one"\n')
+    p = start_proxy(config_text=base, port=port)
+    with_b = (base + f'[[listener]]\nname = "b"\nlisten = "127.0.0.1:{port_b}"\nnamespace = "t"\npolicy = "tenant"\n'
+              f'upstream = "redis://127.0.0.1:{silent.getsockname()[1]}/0"\n')
+    write(p, with_b)
+    p.process.send_signal(signal.SIGHUP)
+    probe, _ = silent.accept()  # the first reload is checking b's fence now
+    write(p, base)  # b removed again
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload: generation 3", timeout=30)
+    assert "reload refused" not in p.output()
+    with pytest.raises(OSError):  # b is gone: the running listeners are the file's
+        socket.create_connection(("127.0.0.1", port_b), timeout=5).close()
+    probe.close()
+    silent.close()
