@@ -1408,18 +1408,19 @@ class Proxy:
                      "trusted); upstream ACL fence not checked", route.name,
                      extra={"event": "fence", "route": route.name})
             return
+        up = route.upstream
+        addr = (up.host, up.port)
         try:
             if not fence.prefixes(route):  # strip mode only: nothing for an ACL key pattern to hold
                 fenced, detail = False, "no db of the route adds a namespace an ACL key pattern could fence"
             else:
-                up = route.upstream
                 addr = await self.data_node(up)
                 fenced, detail = await asyncio.wait_for(_probe_fence(route, addr), self.config.limits.connect_timeout)
         except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
             if isinstance(e, HandshakeError):  # AUTH or SELECT refused: logged as an error for the route
                 e = "the upstream refused the proxy's handshake"
-            elif isinstance(e, OSError):
-                e = connect_failure(route.upstream.host, route.upstream.port, e, route.upstream.tls)
+            elif isinstance(e, OSError):  # (the data node's address: a sentinel's primary, a slot's owner)
+                e = connect_failure(*addr, e, up.tls)
             fenced, detail = False, f"could not check ({e or type(e).__name__})"
         st.upstream_fenced = 1 if fenced else 0
         if fenced:
@@ -1862,7 +1863,7 @@ async def _probe_fence(route: Route, addr: tuple[str, int]) -> tuple[bool, str]:
     one command at a time."""
     import hiredis
     up = route.upstream
-    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args())
+    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args(addr[0]))  # its own name
     parser = hiredis.Reader()
 
     async def call(cmd: list[bytes]):
