@@ -78,6 +78,18 @@ def test_sentinel_urls():
             parse_upstream(url)
 
 
+def test_sentinel_url_password_with_a_slash_is_neither_cut_nor_shown():
+    """The credentials end at the last '@' (as mask_url and redis+cluster:// read them): a
+    password holding '/' or '@' unencoded is the password, never part of a sentinel
+    address (whose error message would have shown it)."""
+    up = parse_upstream("redis+sentinel://app:se/cr@t@10.0.0.1:26379,10.0.0.2/mymaster/2")
+    assert (up.username, up.password, up.db, up.sentinel.master) == ("app", "se/cr@t", 2, "mymaster")
+    assert up.sentinel.nodes == (("10.0.0.1", 26379), ("10.0.0.2", 26379))
+    with pytest.raises(Invalid) as e:
+        parse_upstream("redis+sentinel://app:Zq/9wX@10.0.0.1:x/mymaster")
+    assert "Zq" not in str(e.value) and "9wX" not in str(e.value)
+
+
 def test_sentinel_credentials_are_their_own_setting():
     listener = [{"listen": "127.0.0.1:6380"}]
     cfg = from_dict({"upstream": "redis+sentinel://:datapass@h:1/m", "listener": listener,
