@@ -1732,9 +1732,9 @@ class Proxy:
         for key in [k for k in self.clusters if k not in used]:
             self.clusters.pop(key).stop()
         for key, link in list(self.links.items()):
-            if (key[0], key[2]) not in current and not link.owners:
-                del self.links[key]
-                link.close()
+            if (key[0], key[2]) not in current:
+                # its route is gone: closed now, or once the replies still owed on it are in
+                link.retire("its route was changed or removed by a reload")
 
     async def check_commands(self) -> None:
         """Log commands the upstream has that the generated table does not know.

@@ -247,3 +247,39 @@ def test_a_reload_waits_for_the_one_under_way(server, fresh_db, start_proxy):
         socket.create_connection(("127.0.0.1", port_b), timeout=5).close()
     probe.close()
     silent.close()
+
+
+def test_a_shared_link_owing_replies_at_the_end_of_grace_closes_once_they_are_in(server, fresh_db, start_proxy):
+    """The route moves to another db while a client waits on its shared link for a reply
+    (the server paused): the grace period closes the client, and the old link, whose route
+    no reload will use again, closes once the reply owed on it is in; it is not kept open
+    to the old server."""
+    port = free_port()
+    other = fresh_db % 15 + 1
+
+    def text(db):
+        return (f'upstream = "redis://{server.host}:{server.port}/{db}"\n[limits]\nreload_grace = 0.5\n'
+                f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "one"\n')
+    p = start_proxy(config_text=text(fresh_db), port=port)
+    d = redis.Redis(host=server.host, port=server.port, db=fresh_db, socket_timeout=30)
+    me = d.client_id()
+
+    def on_old_db():
+        return [c for c in d.client_list() if int(c["db"]) == fresh_db and int(c["id"]) != me]
+    c = Raw("127.0.0.1", port)
+    assert c.call("PING") == b"+PONG\r\n"
+    d.client_pause(4000, all=False)  # writes wait: the SET below is owed on the link
+    try:
+        c.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+        write(p, text(other))
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload: generation 2")
+        assert closed_by_peer(c.sock, timeout=10)  # closed at the end of the grace period
+    finally:
+        c.close()
+    wait_log(p, "grace period over, closing 1 connection(s) still busy")
+    deadline = time.monotonic() + 20  # the pause ends, the reply comes in, the link closes
+    while on_old_db() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not on_old_db(), on_old_db()
+    d.close()
