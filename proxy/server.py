@@ -1725,6 +1725,11 @@ class Proxy:
         for c in left:
             c.close("reload")
         current = {(rr.name, rr.upstream) for r in self.routes.values() for rr in r.with_users()}
+        used = {up for _, up in current}
+        for up in [u for u in self.upstreams if u not in used]:  # no route needs it: no more probing
+            h = self.upstreams.pop(up)
+            if h.task is not None:
+                h.task.cancel()
         used = {up.sentinel for _, up in current}
         for spec in [s for s in self.sentinels if s not in used]:  # no route follows it any more
             self.sentinels.pop(spec).stop()

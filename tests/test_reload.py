@@ -283,3 +283,55 @@ def test_a_shared_link_owing_replies_at_the_end_of_grace_closes_once_they_are_in
         time.sleep(0.05)
     assert not on_old_db(), on_old_db()
     d.close()
+
+
+def test_the_reconnect_loop_of_an_upstream_no_route_uses_stops(server, fresh_db, start_proxy):
+    """An upstream marked down is probed with backoff until it answers; once a reload took
+    its last route away (after the grace period) nobody needs it: the probing stops."""
+    import threading
+    dead_port, port = free_port(), free_port()
+
+    def text(upstream):
+        return (f'upstream = "{upstream}"\n[limits]\nreload_grace = 0.2\nreconnect_delay_max = 0.2\n'
+                f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "one"\n')
+    p = start_proxy(config_text=text(f"redis://127.0.0.1:{dead_port}/0"), port=port)
+    c = Raw("127.0.0.1", port)
+    assert c.call("PING").startswith(b"-ERR upstream unavailable")  # refused: marked down, probed from now on
+    c.close()
+    wait_log(p, "is down")
+    # now something listens there, accepting and closing: each probe is seen, and still fails
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    dead.bind(("127.0.0.1", dead_port))
+    dead.listen(64)
+    dead.settimeout(0.2)
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = dead.accept()
+            except OSError:
+                continue
+            seen.append(time.monotonic())
+            conn.close()
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen, "the down upstream is probed"
+        write(p, text(f"redis://{server.host}:{server.port}/{fresh_db}"))
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload: generation 2")
+        assert Raw("127.0.0.1", port).call("PING") == b"+PONG\r\n"
+        time.sleep(1.0)  # the grace period (0.2 s) is over, and a probe under way has come
+        after = time.monotonic()
+        time.sleep(2.0)  # ten reconnect delays
+        assert not [ts for ts in seen if ts > after], "nothing probes the old upstream any more"
+    finally:
+        stop.set()
+        t.join(5)
+        dead.close()
