@@ -1397,13 +1397,16 @@ class Proxy:
         await asyncio.gather(*(self._check_fence(r) for r in routes))
 
     async def _check_fence(self, route: Route) -> None:
+        # (the flag changes once the answer is in: meanwhile the running route of that name,
+        # on a reload, keeps what the last check found)
         st = self.stats.setdefault(route.name, RouteStats(route.name))
-        st.upstream_fenced = 0
         if not route.namespaced:
+            st.upstream_fenced = 0
             log.info("route %s: policy %s, no namespace: the policy changes nothing here", route.name,
                      route.policy, extra={"event": "fence", "route": route.name})
             return
         if route.policy != "tenant":
+            st.upstream_fenced = 0
             log.info("route %s: policy app: scripts and read-only server commands pass (the application is "
                      "trusted); upstream ACL fence not checked", route.name,
                      extra={"event": "fence", "route": route.name})

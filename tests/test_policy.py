@@ -151,6 +151,44 @@ def test_fenced_upstream_user_allows_scripts_on_tenant(server, fresh_db, start_p
             fn()
 
 
+
+def test_a_reload_checking_the_fence_again_leaves_the_running_route_fenced(server, fresh_db, start_proxy,
+                                                                          acl_users):
+    """A reload changes the route (here: another upstream, which is slow to answer the
+    check): while the new route's fence is being checked, the running route's clients keep
+    what the last check found (scripts pass), instead of being refused for the duration."""
+    import signal
+
+    from integration_helpers import Raw
+    from proxy.embedded import free_port
+    from test_reload import wait_log, write
+    fenced, _ = acl_users
+    silent = socket.socket()  # accepts and never answers: the check of the new route waits
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(20)
+    port = free_port()
+
+    def text(upstream):
+        return (f'[limits]\nconnect_timeout = 5\n[[listener]]\nname = "r"\nlisten = "127.0.0.1:{port}"\n'
+                f'namespace = "pol"\npolicy = "tenant"\nupstream = "{upstream}"\n')
+    p = start_proxy(config_text=text(f"redis://{fenced}:pw@{server.host}:{server.port}/{fresh_db}"), port=port)
+    assert "upstream user fenced by a Redis ACL" in p.output()
+    c = Raw("127.0.0.1", port)
+    assert c.call("MULTI") == b"+OK\r\n"  # inside MULTI: not drained by the reload until EXEC/DISCARD
+    write(p, text(f"redis://127.0.0.1:{silent.getsockname()[1]}/0"))
+    p.process.send_signal(signal.SIGHUP)
+    probe, _ = silent.accept()  # the new route's fence check is under way
+    try:
+        assert c.call("EVAL", "return 1", "0") == b"+QUEUED\r\n"
+        assert c.call("EXEC") == b"*1\r\n:1\r\n"
+        wait_log(p, "reload: generation 2", timeout=30)
+    finally:
+        c.close()
+        probe.close()
+        silent.close()
+
+
 def test_unfenced_upstream_user_leaves_scripts_refused(server, fresh_db, start_proxy, acl_users):
     _, loose = acl_users
     p = start(start_proxy, server, fresh_db, ns="pol", auth=f"{loose}:pw@", metrics=True)
