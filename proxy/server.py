@@ -1383,34 +1383,35 @@ class Proxy:
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)),
                              *(t.start() for t in self.watch_clusters(self.config)))
-        await self.check_fences(self.config.routes)
+        self._apply_fences(await self.check_fences(self.config.routes))
         for route in self.config.routes:
             await self._listen(route)
         self._start_ticking()
 
-    async def check_fences(self, routes: list) -> None:
+    async def check_fences(self, routes: list) -> dict[str, int]:
         """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
         log line per route (each user's route for a listener with users, which sends
-        nothing upstream itself); the result is the route's keyspace_proxy_route_upstream_fenced."""
+        nothing upstream itself). Returns {route name: 1 or 0}, for _apply_fences once the
+        routes are in use (a reload refused meanwhile leaves the running routes' flags alone)."""
         routes = [r for listener in routes for r in
                   ([u.route for u in listener.users.values()] if listener.users is not None else [listener])]
-        await asyncio.gather(*(self._check_fence(r) for r in routes))
+        return dict(zip((r.name for r in routes), await asyncio.gather(*(self._check_fence(r) for r in routes))))
 
-    async def _check_fence(self, route: Route) -> None:
-        # (the flag changes once the answer is in: meanwhile the running route of that name,
-        # on a reload, keeps what the last check found)
-        st = self.stats.setdefault(route.name, RouteStats(route.name))
+    def _apply_fences(self, found: dict[str, int]) -> None:
+        """The route's keyspace_proxy_route_upstream_fenced, which lets its scripts pass (Ctx.fenced)."""
+        for name, fenced in found.items():
+            self.stats.setdefault(name, RouteStats(name)).upstream_fenced = fenced
+
+    async def _check_fence(self, route: Route) -> int:
         if not route.namespaced:
-            st.upstream_fenced = 0
             log.info("route %s: policy %s, no namespace: the policy changes nothing here", route.name,
                      route.policy, extra={"event": "fence", "route": route.name})
-            return
+            return 0
         if route.policy != "tenant":
-            st.upstream_fenced = 0
             log.info("route %s: policy app: scripts and read-only server commands pass (the application is "
                      "trusted); upstream ACL fence not checked", route.name,
                      extra={"event": "fence", "route": route.name})
-            return
+            return 0
         up = route.upstream
         addr = (up.host, up.port)
         try:
@@ -1425,13 +1426,13 @@ class Proxy:
             elif isinstance(e, OSError):  # (the data node's address: a sentinel's primary, a slot's owner)
                 e = connect_failure(*addr, e, up.tls)
             fenced, detail = False, f"could not check ({e or type(e).__name__})"
-        st.upstream_fenced = 1 if fenced else 0
         if fenced:
             log.info("route %s: policy tenant, upstream user fenced by a Redis ACL (%s): scripts and functions "
                      "pass", route.name, detail, extra={"event": "fence", "route": route.name})
         else:
             log.info("route %s: policy tenant, upstream user not fenced by a Redis ACL (%s): scripts and "
                      "functions are refused", route.name, detail, extra={"event": "fence", "route": route.name})
+        return 1 if fenced else 0
 
     # -- Sentinel upstreams (proxy/sentinel.py): where the primary is, and a switch
 
@@ -1660,9 +1661,11 @@ class Proxy:
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
         # new and changed routes: is their upstream user fenced? (checked before they take clients)
-        await self.check_fences([r for r in new_routes.values() if r.listen not in old or old[r.listen] != r])
+        fences = await self.check_fences([r for r in new_routes.values()
+                                          if r.listen not in old or old[r.listen] != r])
         for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
             await self._listen(route)
+        self._apply_fences(fences)  # (no await since the binds: no client was taken meanwhile)
         for route in removed:
             self.listeners.pop(route.listen).close()
             del self.routes[route.listen]

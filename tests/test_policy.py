@@ -189,6 +189,40 @@ def test_a_reload_checking_the_fence_again_leaves_the_running_route_fenced(serve
         silent.close()
 
 
+
+def test_a_refused_reload_leaves_the_fence_as_it_was(server, fresh_db, start_proxy, acl_users, d):
+    """A reload that would move a tenant route onto an ACL-fenced user is refused (a new
+    listener's port is taken): the route stays on its unfenced user, and its scripts stay
+    refused. (The refused reload's check had marked the route fenced: fail open, a script
+    of the running route could read any key.)"""
+    import signal
+
+    from integration_helpers import Raw
+    from proxy.embedded import free_port
+    from test_reload import wait_log, write
+    fenced, loose = acl_users
+    d.set("elsewhere", "another tenant's")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = free_port()
+
+    def text(user, extra=""):
+        return (f'[[listener]]\nname = "r"\nlisten = "127.0.0.1:{port}"\nnamespace = "pol"\npolicy = "tenant"\n'
+                f'upstream = "redis://{user}:pw@{server.host}:{server.port}/{fresh_db}"\n' + extra)
+    p = start_proxy(config_text=text(loose), port=port)
+    assert "upstream user not fenced by a Redis ACL" in p.output()
+    write(p, text(fenced, f'[[listener]]\nname = "b"\nlisten = "127.0.0.1:{busy.getsockname()[1]}"\n'
+                          'namespace = "b"\n'))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload refused")
+    c = Raw("127.0.0.1", port)
+    got = c.call("EVAL", "return redis.call('GET', 'elsewhere')", "0")
+    assert got.startswith(b"-ERR command 'EVAL' is refused"), got
+    c.close()
+    busy.close()
+
+
 def test_unfenced_upstream_user_leaves_scripts_refused(server, fresh_db, start_proxy, acl_users):
     _, loose = acl_users
     p = start(start_proxy, server, fresh_db, ns="pol", auth=f"{loose}:pw@", metrics=True)
