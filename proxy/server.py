@@ -1388,19 +1388,22 @@ class Proxy:
             await self._listen(route)
         self._start_ticking()
 
-    async def check_fences(self, routes: list) -> dict[str, int]:
+    async def check_fences(self, routes: list) -> dict[str, tuple]:
         """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
         log line per route (each user's route for a listener with users, which sends
-        nothing upstream itself). Returns {route name: 1 or 0}, for _apply_fences once the
-        routes are in use (a reload refused meanwhile leaves the running routes' flags alone)."""
+        nothing upstream itself). Returns {route name: (1 or 0, fence.key)}, for _apply_fences
+        once the routes are in use (a reload refused meanwhile leaves the running routes' flags
+        alone)."""
         routes = [r for listener in routes for r in
                   ([u.route for u in listener.users.values()] if listener.users is not None else [listener])]
-        return dict(zip((r.name for r in routes), await asyncio.gather(*(self._check_fence(r) for r in routes))))
+        found = await asyncio.gather(*(self._check_fence(r) for r in routes))
+        return {r.name: (fenced, fence.key(r)) for r, fenced in zip(routes, found)}
 
-    def _apply_fences(self, found: dict[str, int]) -> None:
+    def _apply_fences(self, found: dict[str, tuple]) -> None:
         """The route's keyspace_proxy_route_upstream_fenced, which lets its scripts pass (Ctx.fenced)."""
-        for name, fenced in found.items():
-            self.stats.setdefault(name, RouteStats(name)).upstream_fenced = fenced
+        for name, (fenced, key) in found.items():
+            st = self.stats.setdefault(name, RouteStats(name))
+            st.upstream_fenced, st.fenced_for = fenced, key
 
     async def _check_fence(self, route: Route) -> int:
         if not route.namespaced:

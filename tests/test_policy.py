@@ -223,6 +223,41 @@ def test_a_refused_reload_leaves_the_fence_as_it_was(server, fresh_db, start_pro
     busy.close()
 
 
+
+def test_a_route_moved_onto_a_fenced_user_does_not_fence_its_old_connections(server, fresh_db, start_proxy,
+                                                                            acl_users, d):
+    """A reload moves a tenant route from an unfenced upstream user to an ACL-fenced one:
+    the new route's scripts pass, but a connection still on the old route (busy in a MULTI
+    until the grace period) is still on the unfenced user: its scripts stay refused (they
+    passed, and read another tenant's key)."""
+    import signal
+
+    from integration_helpers import Raw
+    from proxy.embedded import free_port
+    from test_reload import wait_log, write
+    fenced, loose = acl_users
+    d.set("elsewhere", "another tenant's")
+    port = free_port()
+
+    def text(user):
+        return (f'[[listener]]\nname = "r"\nlisten = "127.0.0.1:{port}"\nnamespace = "pol"\npolicy = "tenant"\n'
+                f'upstream = "redis://{user}:pw@{server.host}:{server.port}/{fresh_db}"\n')
+    p = start_proxy(config_text=text(loose), port=port)
+    old = Raw("127.0.0.1", port)
+    assert old.call("MULTI") == b"+OK\r\n"  # busy: on the old route until EXEC or the grace period
+    write(p, text(fenced))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload: generation 2")
+    assert "upstream user fenced by a Redis ACL" in p.output()
+    new = Raw("127.0.0.1", port)
+    assert new.call("EVAL", "return redis.call('GET', KEYS[1])", "1", "k") == b"$-1\r\n"  # fenced: passes
+    got = old.call("EVAL", "return redis.call('GET', 'elsewhere')", "0")
+    assert got.startswith(b"-ERR command 'EVAL' is refused"), got
+    assert old.call("DISCARD") == b"+OK\r\n"
+    old.close()
+    new.close()
+
+
 def test_unfenced_upstream_user_leaves_scripts_refused(server, fresh_db, start_proxy, acl_users):
     _, loose = acl_users
     p = start(start_proxy, server, fresh_db, ns="pol", auth=f"{loose}:pw@", metrics=True)
