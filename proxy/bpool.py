@@ -363,8 +363,6 @@ class BlockingPool:
             self._control(idle, pc.id)
         elif pc.id is not None:
             self.controls.append(pc)
-            if self.proxy._stopping:
-                return pc.close()
             if any(c.state == "opening" for c in self.conns):
                 return  # that one, once set up, sends the queued CLIENT UNBLOCKs first
             pc2 = PooledConnection(self, pc.key)  # (then pooled like any other)
@@ -404,9 +402,8 @@ class BlockingPool:
         once their one reply is in (so the old server is left without connections, as the
         runbooks check before migrating)."""
         self.retired = True
-        for lst in self.idle.values():
-            for pc in lst:
-                pc.close()
+        for pc in [pc for lst in self.idle.values() for pc in lst]:  # (close() edits the lists)
+            pc.close()
         self.idle.clear()
 
     def close_all(self) -> None:

@@ -311,10 +311,8 @@ def parse_sentinel_url(url: str, shown: str) -> Upstream:
     if "?" in rest or "#" in rest:
         raise Invalid(f"a sentinel URL takes no query or fragment ({SENTINEL_FORM}) in {shown} "
                       "(percent-encode '?' or '#' in a password: %3F, %23)")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at:
-        hosts, userinfo = netloc, ""
+    userinfo, at, rest = rest.rpartition("@")  # the last '@': a password may hold '/' or '@' (as mask_url)
+    hosts, _, path = rest.partition("/")
     nodes = []
     for part in hosts.split(","):
         if not part:

@@ -49,6 +49,13 @@ def prefixes(route) -> list[bytes]:
     return sorted({t.keyspace.prefix for t in dbs if t.keyspace.mode == "add"})
 
 
+def key(route) -> tuple:
+    """What a fence check's answer holds for: the upstream (its user) and the prefixes it
+    fences. Routes of one name before and after a reload share their stats; the answer for
+    one is not the other's unless this is equal (rewrite.Ctx.fenced)."""
+    return route.upstream, tuple(prefixes(route))
+
+
 def probe(route):
     ps = prefixes(route)
     if not ps:

@@ -24,7 +24,7 @@ class Ctx:
     """What a rewrite may look at: the connection's current keyspace, its route's db map and
     policy, and (through `stats`) whether the route's upstream user is fenced by an ACL."""
 
-    __slots__ = ("ks", "route", "target", "rules", "stats", "tenant")
+    __slots__ = ("ks", "route", "target", "rules", "stats", "tenant", "_fence_key")
 
     def __init__(self, route, target, rules: RuleBook, stats=None):
         self.route = route
@@ -34,11 +34,19 @@ class Ctx:
         self.stats = stats
         # the tenant fence holds where there is a namespace to fence
         self.tenant = getattr(route, "policy", "tenant") == "tenant" and self.ks.mode != "none"
+        self._fence_key = None
 
     @property
     def fenced(self) -> bool:
-        """The route's upstream user is fenced to the namespace by a Redis ACL (checked at start)."""
-        return self.ks.mode == "add" and self.stats is not None and self.stats.upstream_fenced == 1
+        """The route's upstream user is fenced to the namespace by a Redis ACL (checked at start
+        and reload: the answer is this route's, not that of another route of the same name)."""
+        st = self.stats
+        if not (self.ks.mode == "add" and st is not None and st.upstream_fenced == 1):
+            return False
+        if self._fence_key is None:
+            from proxy.fence import key
+            self._fence_key = key(self.route)
+        return st.fenced_for == self._fence_key
 
     def treat(self, rule: Rule) -> str:
         """PASS, EMULATE or REFUSE: the rule's treatment on this route and db."""

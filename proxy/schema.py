@@ -138,6 +138,19 @@ class Text(Kind):
         return value
 
 
+class Secret(Text):
+    """A password: an error never shows the value (a password of digits written without
+    quotes is still the password)."""
+
+    def parse(self, value, text: bool) -> str:
+        if not isinstance(value, str):
+            what = ("true or false" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+                    else "a table" if isinstance(value, dict) else "an array" if isinstance(value, list)
+                    else "a " + type(value).__name__)
+            raise Invalid(f"expected a string (quoted), got {what} (not shown: a password)")
+        return super().parse(value, text)
+
+
 class Bool(Kind):
     doc = "`true` or `false`"
     TRUE = ("true", "yes", "on", "1")
@@ -354,7 +367,7 @@ def _cluster(prefix: str, top: bool) -> tuple[Field, ...]:
                    + ("" if top else " / [listener.upstream_tls]") + ")"),
         Field(f"{prefix}.username", Text(nonempty=True), None, default_doc="none",
               help="the nodes' ACL user, as USER in the URL (needs password)"),
-        Field(f"{prefix}.password", Text(nonempty=True), None, default_doc="none",
+        Field(f"{prefix}.password", Secret(nonempty=True), None, default_doc="none",
               help="the nodes' password or AUTH token, as PASSWORD in the URL"),
     )
 
@@ -371,7 +384,7 @@ FIELDS: tuple[Field, ...] = (
     Field("sentinel.username", Text(nonempty=True), None, "--sentinel-username", "PROXY_SENTINEL_USERNAME",
           metavar="USER", default_doc="none",
           help="redis+sentinel:// upstreams: the sentinels' ACL user (the URL's credentials are the data nodes')"),
-    Field("sentinel.password", Text(nonempty=True), None, "--sentinel-password", "PROXY_SENTINEL_PASSWORD",
+    Field("sentinel.password", Secret(nonempty=True), None, "--sentinel-password", "PROXY_SENTINEL_PASSWORD",
           metavar="PASSWORD", default_doc="none",
           help="redis+sentinel://: the sentinels' password (their `requirepass`), not the data nodes'; "
                "prefer the variable to the flag (ps shows flags)"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 from dataclasses import dataclass
 
 import hiredis
@@ -177,12 +176,8 @@ def _summary(spec: SentinelSpec, errors: list[str]) -> str:
 
 # -- blocking: check, migrate, the readiness probe
 
-def _exchange_sync(addr, cmds, timeout: float, up=None) -> list:
-    if up is not None:
-        s = up.open_socket(timeout, addr)
-    else:
-        s = socket.create_connection(addr, timeout=timeout)
-    with s:
+def _exchange_sync(addr, cmds, timeout: float, up) -> list:
+    with up.open_socket(timeout, addr) as s:  # (TLS for rediss+...://)
         s.settimeout(timeout)
         s.sendall(b"".join(encode_command(c) for c in cmds))
         reader = hiredis.Reader()
@@ -197,34 +192,60 @@ def _exchange_sync(addr, cmds, timeout: float, up=None) -> list:
         return replies
 
 
-def resolve(up, timeout: float) -> tuple[str, int]:
-    """The primary of a sentinel upstream, asked now with blocking sockets. Raises SentinelError."""
+def _asking(up, nodes, avoided=lambda addr: False):
+    """The asking loop, without IO (for `resolve` and Watcher.ask alike): ask the sentinels
+    in order, then confirm with ROLE on the node named. Yields (addr, commands) and is sent
+    their replies, or has the exchange's OSError, TimeoutError or hiredis.ProtocolError
+    thrown in. Returns (the sentinel that answered, the primary); raises SentinelError
+    naming what each sentinel answered."""
     from proxy.config import format_addr
-    spec = up.sentinel
-    errors = []
-    for node in spec.nodes:
+    spec, errors = up.sentinel, []
+    for node in nodes:
         where = f"sentinel {format_addr(*node)}"
         try:
             cmds = _ask_commands(spec)
-            replies = _exchange_sync(node, cmds, timeout, up if up.tls is not None else None)
+            replies = yield node, cmds
             if (why := _failed(cmds, replies, sentinel=True)) is not None:
                 errors.append(f"{where}: {why}")
                 continue
             addr = master_addr(replies[-1])
-            if addr is None:
-                errors.append(f"{where}: does not know master {spec.master!r}")
-                continue
-            cmds = _role_commands(up)
-            replies = _exchange_sync(addr, cmds, timeout, up)
-            if (why := _failed(cmds, replies)) is not None:
-                errors.append(f"{where} names {format_addr(*addr)}: {why}")
-            elif not is_primary(replies[-1]):
-                errors.append(f"{where} names {format_addr(*addr)}, which is not a primary (a failover under way?)")
-            else:
-                return addr
-        except (OSError, hiredis.ProtocolError) as e:
+        except (OSError, asyncio.TimeoutError, hiredis.ProtocolError) as e:  # (SentinelError too)
             errors.append(f"{where}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}")
+            continue
+        if addr is None:
+            errors.append(f"{where}: does not know master {spec.master!r}")
+            continue
+        if avoided(addr):
+            errors.append(f"{where} still names {format_addr(*addr)}, the primary being failed over")
+            continue
+        try:
+            cmds = _role_commands(up)
+            replies = yield addr, cmds
+        except (OSError, asyncio.TimeoutError, hiredis.ProtocolError) as e:
+            errors.append(f"{where} names {format_addr(*addr)}, unreachable: {e.__class__.__name__} {e}".rstrip())
+            continue
+        if (why := _failed(cmds, replies)) is not None:
+            errors.append(f"{where} names {format_addr(*addr)}: {why}")
+        elif not is_primary(replies[-1]):
+            errors.append(f"{where} names {format_addr(*addr)}, which is not a primary (a failover under way?)")
+        else:
+            return node, addr
     raise SentinelError(_summary(spec, errors))
+
+
+def resolve(up, timeout: float) -> tuple[str, int]:
+    """The primary of a sentinel upstream, asked now with blocking sockets. Raises SentinelError."""
+    gen = _asking(up, up.sentinel.nodes)
+    step, reply = gen.send, None
+    while True:
+        try:
+            addr, cmds = step(reply)
+        except StopIteration as stop:
+            return stop.value[1]
+        try:  # (TLS to the sentinels too for rediss+sentinel://: open_socket)
+            step, reply = gen.send, _exchange_sync(addr, cmds, timeout, up)
+        except (OSError, hiredis.ProtocolError) as e:
+            step, reply = gen.throw, e
 
 
 # -- asyncio: the proxy's watcher
@@ -296,31 +317,21 @@ class Watcher:
         return self.state.primary
 
     async def ask(self) -> tuple[str, int]:
-        """Ask the sentinels in order; confirm with ROLE. Raises SentinelError."""
-        from proxy.config import format_addr
-        spec, errors = self.spec, []
-        for node in self.order:
-            where = f"sentinel {format_addr(*node)}"
+        """Ask the sentinels in order; confirm with ROLE (_asking). Raises SentinelError."""
+        now = asyncio.get_running_loop().time()
+        gen = _asking(self.up, self.order, lambda addr: self.state.avoided(addr, now))
+        step, reply = gen.send, None
+        while True:
             try:
-                cmds = _ask_commands(spec)
-                replies = await _exchange(node, cmds, self.timeout, self._ssl(node) if self.up.tls else {})
-                if (why := _failed(cmds, replies, sentinel=True)) is not None:
-                    errors.append(f"{where}: {why}")
-                    continue
-                addr = master_addr(replies[-1])
-                if addr is None:
-                    errors.append(f"{where}: does not know master {spec.master!r}")
-                    continue
-                if self.state.avoided(addr, asyncio.get_running_loop().time()):
-                    errors.append(f"{where} still names {format_addr(*addr)}, the primary being failed over")
-                    continue
-                if not await self._is_primary(addr, errors, where):
-                    continue
+                addr, cmds = step(reply)
+            except StopIteration as stop:
+                node, primary = stop.value
                 self.order.good(node)
-                return addr
+                return primary
+            try:
+                step, reply = gen.send, await _exchange(addr, cmds, self.timeout, self._ssl(addr))
             except (OSError, asyncio.TimeoutError, hiredis.ProtocolError) as e:
-                errors.append(f"{where}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}")
-        raise SentinelError(_summary(spec, errors))
+                step, reply = gen.throw, e
 
     async def _is_primary(self, addr, errors: list, where: str) -> bool:
         from proxy.config import format_addr

@@ -1312,6 +1312,7 @@ class Proxy:
         self.take_reserve()
         self.upstreams: dict = {}            # Upstream -> UpstreamHealth
         self._ticking = None
+        self._reloading = asyncio.Lock()
 
     def view(self, route_name: str) -> ClientRegistry:
         v = self.views.get(route_name)
@@ -1390,51 +1391,59 @@ class Proxy:
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.watch_sentinels(self.config)),
                              *(t.start() for t in self.watch_clusters(self.config)))
-        await self.check_fences(self.config.routes)
+        self._apply_fences(await self.check_fences(self.config.routes))
         for route in self.config.routes:
             await self._listen(route)
         self._start_ticking()
 
-    async def check_fences(self, routes: list) -> None:
+    async def check_fences(self, routes: list) -> dict[str, tuple]:
         """Is each tenant route's upstream user fenced by a Redis ACL? (proxy/fence.py) One
         log line per route (each user's route for a listener with users, which sends
-        nothing upstream itself); the result is the route's keyspace_proxy_route_upstream_fenced."""
+        nothing upstream itself). Returns {route name: (1 or 0, fence.key)}, for _apply_fences
+        once the routes are in use (a reload refused meanwhile leaves the running routes' flags
+        alone)."""
         routes = [r for listener in routes for r in
                   ([u.route for u in listener.users.values()] if listener.users is not None else [listener])]
-        await asyncio.gather(*(self._check_fence(r) for r in routes))
+        found = await asyncio.gather(*(self._check_fence(r) for r in routes))
+        return {r.name: (fenced, fence.key(r)) for r, fenced in zip(routes, found)}
 
-    async def _check_fence(self, route: Route) -> None:
-        st = self.stats.setdefault(route.name, RouteStats(route.name))
-        st.upstream_fenced = 0
+    def _apply_fences(self, found: dict[str, tuple]) -> None:
+        """The route's keyspace_proxy_route_upstream_fenced, which lets its scripts pass (Ctx.fenced)."""
+        for name, (fenced, key) in found.items():
+            st = self.stats.setdefault(name, RouteStats(name))
+            st.upstream_fenced, st.fenced_for = fenced, key
+
+    async def _check_fence(self, route: Route) -> int:
         if not route.namespaced:
             log.info("route %s: policy %s, no namespace: the policy changes nothing here", route.name,
                      route.policy, extra={"event": "fence", "route": route.name})
-            return
+            return 0
         if route.policy != "tenant":
             log.info("route %s: policy app: scripts and read-only server commands pass (the application is "
                      "trusted); upstream ACL fence not checked", route.name,
                      extra={"event": "fence", "route": route.name})
-            return
+            return 0
+        up = route.upstream
+        addr = (up.host, up.port)
         try:
             if not fence.prefixes(route):  # strip mode only: nothing for an ACL key pattern to hold
                 fenced, detail = False, "no db of the route adds a namespace an ACL key pattern could fence"
             else:
-                up = route.upstream
                 addr = await self.data_node(up)
                 fenced, detail = await asyncio.wait_for(_probe_fence(route, addr), self.config.limits.connect_timeout)
         except Exception as e:  # unreachable now: fail closed (scripts refused) until a reload checks again
             if isinstance(e, HandshakeError):  # AUTH or SELECT refused: logged as an error for the route
                 e = "the upstream refused the proxy's handshake"
-            elif isinstance(e, OSError):
-                e = connect_failure(route.upstream.host, route.upstream.port, e, route.upstream.tls)
+            elif isinstance(e, OSError):  # (the data node's address: a sentinel's primary, a slot's owner)
+                e = connect_failure(*addr, e, up.tls)
             fenced, detail = False, f"could not check ({e or type(e).__name__})"
-        st.upstream_fenced = 1 if fenced else 0
         if fenced:
             log.info("route %s: policy tenant, upstream user fenced by a Redis ACL (%s): scripts and functions "
                      "pass", route.name, detail, extra={"event": "fence", "route": route.name})
         else:
             log.info("route %s: policy tenant, upstream user not fenced by a Redis ACL (%s): scripts and "
                      "functions are refused", route.name, detail, extra={"event": "fence", "route": route.name})
+        return 1 if fenced else 0
 
     # -- Sentinel upstreams (proxy/sentinel.py): where the primary is, and a switch
 
@@ -1646,7 +1655,12 @@ class Proxy:
         New connections get the new routes at once; existing connections of a changed
         or removed route are closed at their next safe point (no reply owed, not in
         MULTI), so their clients reconnect onto the new route; after the grace period
-        the rest are closed too."""
+        the rest are closed too. One reload at a time (SIGHUP and POST /-/reload may
+        come together): each compares its file with what the previous one applied."""
+        async with self._reloading:  # (the fence checks await: another reload could run meanwhile)
+            return await self._reload(new)
+
+    async def _reload(self, new: Config) -> str:
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
         self._reload_tls(new_routes)
@@ -1658,9 +1672,11 @@ class Proxy:
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
         # new and changed routes: is their upstream user fenced? (checked before they take clients)
-        await self.check_fences([r for r in new_routes.values() if r.listen not in old or old[r.listen] != r])
+        fences = await self.check_fences([r for r in new_routes.values()
+                                          if r.listen not in old or old[r.listen] != r])
         for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
             await self._listen(route)
+        self._apply_fences(fences)  # (no await since the binds: no client was taken meanwhile)
         for route in removed:
             self.listeners.pop(route.listen).close()
             del self.routes[route.listen]
@@ -1726,6 +1742,11 @@ class Proxy:
         for c in left:
             c.close("reload")
         current = {(rr.name, rr.upstream) for r in self.routes.values() for rr in r.with_users()}
+        used = {up for _, up in current}
+        for up in [u for u in self.upstreams if u not in used]:  # no route needs it: no more probing
+            h = self.upstreams.pop(up)
+            if h.task is not None:
+                h.task.cancel()
         used = {up.sentinel for _, up in current}
         for spec in [s for s in self.sentinels if s not in used]:  # no route follows it any more
             self.sentinels.pop(spec).stop()
@@ -1733,9 +1754,9 @@ class Proxy:
         for key in [k for k in self.clusters if k not in used]:
             self.clusters.pop(key).stop()
         for key, link in list(self.links.items()):
-            if (key[0], key[2]) not in current and not link.owners:
-                del self.links[key]
-                link.close()
+            if (key[0], key[2]) not in current:
+                # its route is gone: closed now, or once the replies still owed on it are in
+                link.retire("its route was changed or removed by a reload")
 
     async def check_commands(self) -> None:
         """Log commands the upstream has that the generated table does not know.
@@ -1864,7 +1885,7 @@ async def _probe_fence(route: Route, addr: tuple[str, int]) -> tuple[bool, str]:
     one command at a time."""
     import hiredis
     up = route.upstream
-    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args())
+    reader, writer = await asyncio.open_connection(addr[0], addr[1], **up.ssl_args(addr[0]))  # its own name
     parser = hiredis.Reader()
 
     async def call(cmd: list[bytes]):

@@ -1046,7 +1046,8 @@ class Session:
                 f"psub={len(subs['pattern'])} ssub={len(subs['shard'])} "
                 f"multi={len(self.tx) if self.tx is not None else -1} watch=0 qbuf=0 qbuf-free=0 argv-mem=0 "
                 f"multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r "
-                f"cmd={self._label or 'NULL'} user={user} redir=-1 resp={self.proto}\n").encode("latin-1")
+                f"cmd={self._label or 'NULL'} user={user} redir=-1 resp={self.proto}\n"
+                ).encode("utf-8", "surrogateescape")  # (a user name is any TOML string)
 
     def _cmd_client_info(self, args, show) -> None:
         if self.ctx.treat(self.rules.get("client|info")) != EMULATE or len(args) != 2:

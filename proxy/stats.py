@@ -161,6 +161,7 @@ class RouteStats:
         # 1: the upstream user is fenced to the namespace by a Redis ACL (checked at start
         # and on reload, server.probe_fence); 0: it is not, or it was not checked
         self.upstream_fenced = 0
+        self.fenced_for = None   # fence.key() of the route that check was for
         # Clients turned away at accept: max_clients (the process's), listener_max_clients
         # (the listener's), fd_limit (accept() itself failed: out of file descriptors).
         self.rejected: dict[str, int] = {}

@@ -511,3 +511,18 @@ def test_rendered_configuration_keeps_each_field_in_its_table():
                  "upstream_tls": listener["upstream_tls"]}
     assert b["password_env"] == "V" and b["namespace"] == "bn" and set(b["databases"]) == {"3"}
     assert "secret" not in render_toml(cfg) and sha("x") not in render_toml(cfg)
+
+
+def test_client_list_with_a_user_name_outside_latin1(server, fresh_db, start_proxy, ns):
+    """A user name is any TOML string: CLIENT LIST / CLIENT INFO on a tenant route show
+    it (UTF-8), and cost nobody their connection."""
+    port = free_port()
+    text = toml_for(port, f"redis://{server.host}:{server.port}/{fresh_db}", [
+        {"name": "用户", "password_sha256": sha("upw"), "namespace": ns[0], "policy": "tenant"}])
+    p = start_proxy(config_text=text, port=port)
+    r = raw(p)
+    r.send(("AUTH", "用户", "upw"), ("CLIENT", "INFO"), ("CLIENT", "LIST"), ("PING",))
+    ok, info, listing, pong = r.read(4)
+    assert ok == b"+OK\r\n" and pong == b"+PONG\r\n"
+    assert "user=用户 ".encode() in info and "user=用户 ".encode() in listing
+    assert "internal error" not in p.output()

@@ -232,3 +232,34 @@ def test_shared_link_lost_while_blocked_on_the_pool(server, fresh_db, start_prox
     popped, pong = raw.read(2)
     assert decode(popped) == [b"jobs", b"job"] and pong == b"+PONG\r\n"
     raw.close()
+
+
+def test_reload_retires_every_idle_pooled_connection(server, fresh_db, start_proxy, d):
+    """A reload that moves the route to another upstream closes every idle pooled
+    connection to the old one at once (BlockingPool.retire), not one in two."""
+    import signal
+
+    from test_reload import wait_log, write
+    port = free_port()
+
+    def toml(db):
+        return (f'[limits]\nupstream_mode = "shared"\nreload_grace = 60\n'
+                f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\n'
+                f'upstream = "redis://{server.host}:{server.port}/{db}"\nnamespace = "ns"\n')
+    p = start_proxy(config_text=toml(fresh_db), port=port)
+    clients = [client(p) for _ in range(4)]
+    results = [in_thread(lambda c=c: c.brpop(["jobs"], timeout=15)) for c in clients]
+    wait_blocked(server, 4, "brpop")
+    d.lpush("ns:jobs", "a", "b", "c", "d")
+    assert sorted(res()[1] for res in results) == [b"a", b"b", b"c", b"d"]
+
+    def pooled():  # the pool's connections: their last command was the blocking one
+        return [c for c in server_conns(d, fresh_db) if c["cmd"] == "brpop"]
+    assert len(pooled()) == 4  # idle in the pool, all of one db and protocol
+    other = fresh_db % 15 + 1
+    write(p, toml(other))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload: generation 2")
+    wait_for(lambda: not pooled(), timeout=10, what="every idle pooled connection to the old db closed")
+    for c in clients:
+        c.close()

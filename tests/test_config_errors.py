@@ -69,6 +69,11 @@ ROWS = [
      "got an empty array"),
     ([], {}, BASE + '[listener.cluster]\nseeds = ["h:7000", 7001]\n',
      'listener[0].cluster.seeds: expected "HOST:PORT" strings, got 7001 in the array'),
+    # a password of the wrong type is not shown (digits written without quotes)
+    ([], {}, '[cluster]\nseeds = ["h:7000"]\npassword = 84736251\n' + BASE,
+     "cluster.password: expected a string (quoted), got a number (not shown: a password)"),
+    ([], {}, 'upstream = "redis+sentinel://h:26379/m"\n[sentinel]\npassword = 84736251\n' + BASE,
+     "sentinel.password: expected a string (quoted), got a number (not shown: a password)"),
     ([], {}, '[cluster]\nseeds = ["h:70000"]\n' + BASE,
      "cluster.seeds: port must be a number from 1 to 65535 in seed 'h:70000'"),
     ([], {}, '[cluster]\nseeds = ["::1:7000"]\n' + BASE,

@@ -151,6 +151,113 @@ def test_fenced_upstream_user_allows_scripts_on_tenant(server, fresh_db, start_p
             fn()
 
 
+
+def test_a_reload_checking_the_fence_again_leaves_the_running_route_fenced(server, fresh_db, start_proxy,
+                                                                          acl_users):
+    """A reload changes the route (here: another upstream, which is slow to answer the
+    check): while the new route's fence is being checked, the running route's clients keep
+    what the last check found (scripts pass), instead of being refused for the duration."""
+    import signal
+
+    from integration_helpers import Raw
+    from proxy.embedded import free_port
+    from test_reload import wait_log, write
+    fenced, _ = acl_users
+    silent = socket.socket()  # accepts and never answers: the check of the new route waits
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(20)
+    port = free_port()
+
+    def text(upstream):
+        return (f'[limits]\nconnect_timeout = 5\n[[listener]]\nname = "r"\nlisten = "127.0.0.1:{port}"\n'
+                f'namespace = "pol"\npolicy = "tenant"\nupstream = "{upstream}"\n')
+    p = start_proxy(config_text=text(f"redis://{fenced}:pw@{server.host}:{server.port}/{fresh_db}"), port=port)
+    assert "upstream user fenced by a Redis ACL" in p.output()
+    c = Raw("127.0.0.1", port)
+    assert c.call("MULTI") == b"+OK\r\n"  # inside MULTI: not drained by the reload until EXEC/DISCARD
+    write(p, text(f"redis://127.0.0.1:{silent.getsockname()[1]}/0"))
+    p.process.send_signal(signal.SIGHUP)
+    probe, _ = silent.accept()  # the new route's fence check is under way
+    try:
+        assert c.call("EVAL", "return 1", "0") == b"+QUEUED\r\n"
+        assert c.call("EXEC") == b"*1\r\n:1\r\n"
+        wait_log(p, "reload: generation 2", timeout=30)
+    finally:
+        c.close()
+        probe.close()
+        silent.close()
+
+
+
+def test_a_refused_reload_leaves_the_fence_as_it_was(server, fresh_db, start_proxy, acl_users, d):
+    """A reload that would move a tenant route onto an ACL-fenced user is refused (a new
+    listener's port is taken): the route stays on its unfenced user, and its scripts stay
+    refused. (The refused reload's check had marked the route fenced: fail open, a script
+    of the running route could read any key.)"""
+    import signal
+
+    from integration_helpers import Raw
+    from proxy.embedded import free_port
+    from test_reload import wait_log, write
+    fenced, loose = acl_users
+    d.set("elsewhere", "another tenant's")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = free_port()
+
+    def text(user, extra=""):
+        return (f'[[listener]]\nname = "r"\nlisten = "127.0.0.1:{port}"\nnamespace = "pol"\npolicy = "tenant"\n'
+                f'upstream = "redis://{user}:pw@{server.host}:{server.port}/{fresh_db}"\n' + extra)
+    p = start_proxy(config_text=text(loose), port=port)
+    assert "upstream user not fenced by a Redis ACL" in p.output()
+    write(p, text(fenced, f'[[listener]]\nname = "b"\nlisten = "127.0.0.1:{busy.getsockname()[1]}"\n'
+                          'namespace = "b"\n'))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload refused")
+    c = Raw("127.0.0.1", port)
+    got = c.call("EVAL", "return redis.call('GET', 'elsewhere')", "0")
+    assert got.startswith(b"-ERR command 'EVAL' is refused"), got
+    c.close()
+    busy.close()
+
+
+
+def test_a_route_moved_onto_a_fenced_user_does_not_fence_its_old_connections(server, fresh_db, start_proxy,
+                                                                            acl_users, d):
+    """A reload moves a tenant route from an unfenced upstream user to an ACL-fenced one:
+    the new route's scripts pass, but a connection still on the old route (busy in a MULTI
+    until the grace period) is still on the unfenced user: its scripts stay refused (they
+    passed, and read another tenant's key)."""
+    import signal
+
+    from integration_helpers import Raw
+    from proxy.embedded import free_port
+    from test_reload import wait_log, write
+    fenced, loose = acl_users
+    d.set("elsewhere", "another tenant's")
+    port = free_port()
+
+    def text(user):
+        return (f'[[listener]]\nname = "r"\nlisten = "127.0.0.1:{port}"\nnamespace = "pol"\npolicy = "tenant"\n'
+                f'upstream = "redis://{user}:pw@{server.host}:{server.port}/{fresh_db}"\n')
+    p = start_proxy(config_text=text(loose), port=port)
+    old = Raw("127.0.0.1", port)
+    assert old.call("MULTI") == b"+OK\r\n"  # busy: on the old route until EXEC or the grace period
+    write(p, text(fenced))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload: generation 2")
+    assert "upstream user fenced by a Redis ACL" in p.output()
+    new = Raw("127.0.0.1", port)
+    assert new.call("EVAL", "return redis.call('GET', KEYS[1])", "1", "k") == b"$-1\r\n"  # fenced: passes
+    got = old.call("EVAL", "return redis.call('GET', 'elsewhere')", "0")
+    assert got.startswith(b"-ERR command 'EVAL' is refused"), got
+    assert old.call("DISCARD") == b"+OK\r\n"
+    old.close()
+    new.close()
+
+
 def test_unfenced_upstream_user_leaves_scripts_refused(server, fresh_db, start_proxy, acl_users):
     _, loose = acl_users
     p = start(start_proxy, server, fresh_db, ns="pol", auth=f"{loose}:pw@", metrics=True)

@@ -219,3 +219,119 @@ def test_token_settings_are_checked_at_start(server, fresh_db, tmp_path):
         r = subprocess.run([sys.executable, "-m", "proxy", *base, *extra], capture_output=True, text=True,
                            timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")})
         assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr)
+
+
+def test_a_reload_waits_for_the_one_under_way(server, fresh_db, start_proxy):
+    """Two reloads at once (SIGHUP while the previous one is still checking a tenant
+    route's fence) run one after the other: the second sees what the first applied. Run
+    side by side, the second compared the new file with the listeners as they were
+    before the first, and kept a listener its file no longer has."""
+    port, port_b = free_port(), free_port()
+    silent = socket.socket()  # an upstream that accepts and never answers: the fence check waits
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(20)
+    base = (f'upstream = "redis://{server.host}:{server.port}/{fresh_db}"\n[limits]\nconnect_timeout = 5\n'
+            f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "one"\n')
+    p = start_proxy(config_text=base, port=port)
+    with_b = (base + f'[[listener]]\nname = "b"\nlisten = "127.0.0.1:{port_b}"\nnamespace = "t"\npolicy = "tenant"\n'
+              f'upstream = "redis://127.0.0.1:{silent.getsockname()[1]}/0"\n')
+    write(p, with_b)
+    p.process.send_signal(signal.SIGHUP)
+    probe, _ = silent.accept()  # the first reload is checking b's fence now
+    write(p, base)  # b removed again
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "reload: generation 3", timeout=30)
+    assert "reload refused" not in p.output()
+    with pytest.raises(OSError):  # b is gone: the running listeners are the file's
+        socket.create_connection(("127.0.0.1", port_b), timeout=5).close()
+    probe.close()
+    silent.close()
+
+
+def test_a_shared_link_owing_replies_at_the_end_of_grace_closes_once_they_are_in(server, fresh_db, start_proxy):
+    """The route moves to another db while a client waits on its shared link for a reply
+    (the server paused): the grace period closes the client, and the old link, whose route
+    no reload will use again, closes once the reply owed on it is in; it is not kept open
+    to the old server."""
+    port = free_port()
+    other = fresh_db % 15 + 1
+
+    def text(db):
+        return (f'upstream = "redis://{server.host}:{server.port}/{db}"\n[limits]\nreload_grace = 0.5\n'
+                f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "one"\n')
+    p = start_proxy(config_text=text(fresh_db), port=port)
+    d = redis.Redis(host=server.host, port=server.port, db=fresh_db, socket_timeout=30)
+    me = d.client_id()
+
+    def on_old_db():
+        return [c for c in d.client_list() if int(c["db"]) == fresh_db and int(c["id"]) != me]
+    c = Raw("127.0.0.1", port)
+    assert c.call("PING") == b"+PONG\r\n"
+    d.client_pause(4000, all=False)  # writes wait: the SET below is owed on the link
+    try:
+        c.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+        write(p, text(other))
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload: generation 2")
+        assert closed_by_peer(c.sock, timeout=10)  # closed at the end of the grace period
+    finally:
+        c.close()
+    wait_log(p, "grace period over, closing 1 connection(s) still busy")
+    deadline = time.monotonic() + 20  # the pause ends, the reply comes in, the link closes
+    while on_old_db() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not on_old_db(), on_old_db()
+    d.close()
+
+
+def test_the_reconnect_loop_of_an_upstream_no_route_uses_stops(server, fresh_db, start_proxy):
+    """An upstream marked down is probed with backoff until it answers; once a reload took
+    its last route away (after the grace period) nobody needs it: the probing stops."""
+    import threading
+    dead_port, port = free_port(), free_port()
+
+    def text(upstream):
+        return (f'upstream = "{upstream}"\n[limits]\nreload_grace = 0.2\nreconnect_delay_max = 0.2\n'
+                f'[[listener]]\nname = "app"\nlisten = "127.0.0.1:{port}"\nnamespace = "one"\n')
+    p = start_proxy(config_text=text(f"redis://127.0.0.1:{dead_port}/0"), port=port)
+    c = Raw("127.0.0.1", port)
+    assert c.call("PING").startswith(b"-ERR upstream unavailable")  # refused: marked down, probed from now on
+    c.close()
+    wait_log(p, "is down")
+    # now something listens there, accepting and closing: each probe is seen, and still fails
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    dead.bind(("127.0.0.1", dead_port))
+    dead.listen(64)
+    dead.settimeout(0.2)
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = dead.accept()
+            except OSError:
+                continue
+            seen.append(time.monotonic())
+            conn.close()
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen, "the down upstream is probed"
+        write(p, text(f"redis://{server.host}:{server.port}/{fresh_db}"))
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload: generation 2")
+        assert Raw("127.0.0.1", port).call("PING") == b"+PONG\r\n"
+        time.sleep(1.0)  # the grace period (0.2 s) is over, and a probe under way has come
+        after = time.monotonic()
+        time.sleep(2.0)  # ten reconnect delays
+        assert not [ts for ts in seen if ts > after], "nothing probes the old upstream any more"
+    finally:
+        stop.set()
+        t.join(5)
+        dead.close()

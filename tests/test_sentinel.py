@@ -78,6 +78,18 @@ def test_sentinel_urls():
             parse_upstream(url)
 
 
+def test_sentinel_url_password_with_a_slash_is_neither_cut_nor_shown():
+    """The credentials end at the last '@' (as mask_url and redis+cluster:// read them): a
+    password holding '/' or '@' unencoded is the password, never part of a sentinel
+    address (whose error message would have shown it)."""
+    up = parse_upstream("redis+sentinel://app:se/cr@t@10.0.0.1:26379,10.0.0.2/mymaster/2")
+    assert (up.username, up.password, up.db, up.sentinel.master) == ("app", "se/cr@t", 2, "mymaster")
+    assert up.sentinel.nodes == (("10.0.0.1", 26379), ("10.0.0.2", 26379))
+    with pytest.raises(Invalid) as e:
+        parse_upstream("redis+sentinel://app:Zq/9wX@10.0.0.1:x/mymaster")
+    assert "Zq" not in str(e.value) and "9wX" not in str(e.value)
+
+
 def test_sentinel_credentials_are_their_own_setting():
     listener = [{"listen": "127.0.0.1:6380"}]
     cfg = from_dict({"upstream": "redis+sentinel://:datapass@h:1/m", "listener": listener,
@@ -382,6 +394,56 @@ def test_rediss_sentinel_over_tls(tmp_path):
             redis.Redis(port=pport).set("k", "over-tls")
             assert redis.Redis(port=node.port, db=2).get("t:k") == b"over-tls"
             assert node.port != data_tls_port and "primary is 127.0.0.1:%d" % data_tls_port in p.output()
+        finally:
+            p.stop()
+    finally:
+        sen.terminate()
+        sen.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+        node.stop()
+
+
+def test_fence_probe_verifies_the_data_node_by_its_own_name(tmp_path):
+    """A tenant route on rediss+sentinel://: the fence check's connection to the primary
+    checks the primary's certificate against the primary's address, as every other
+    connection to it does, not against the first sentinel's name (the sentinel's
+    certificate names localhost only, the data node's 127.0.0.1 only)."""
+    if not shutil.which("redis-server") and os.environ.get("CI") != "true":
+        pytest.skip("needs redis-server")
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    paths = {}
+    for name, cert in (("sentinel", ca.issue_cert("localhost")), ("node", ca.issue_cert("127.0.0.1"))):
+        paths[name] = (str(tmp_path / f"{name}.crt"), str(tmp_path / f"{name}.key"))
+        cert.cert_chain_pems[0].write_to_path(paths[name][0])
+        cert.private_key_pem.write_to_path(paths[name][1])
+    ca_file = str(tmp_path / "ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    data_tls_port = free_port()
+    node = start_server("redis", extra=["--tls-port", str(data_tls_port), "--tls-cert-file", paths["node"][0],
+                                        "--tls-key-file", paths["node"][1], "--tls-ca-cert-file", ca_file,
+                                        "--tls-auth-clients", "no"])
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="ksp-sentinel-")
+    with open(os.path.join(workdir, "sentinel.conf"), "w") as f:
+        f.write(f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                f"tls-cert-file {paths['sentinel'][0]}\ntls-key-file {paths['sentinel'][1]}\n"
+                f"tls-ca-cert-file {ca_file}\ntls-auth-clients no\ntls-replication yes\n"
+                f"sentinel monitor tlsmaster 127.0.0.1 {data_tls_port} 1\n"
+                "sentinel down-after-milliseconds tlsmaster 600000\n")
+    sen = subprocess.Popen(["redis-server", os.path.join(workdir, "sentinel.conf"), "--sentinel"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        pport = free_port()
+        text = (f'upstream = "rediss+sentinel://localhost:{port}/tlsmaster/2"\n[upstream_tls]\nca_file = "{ca_file}"\n'
+                f'[[listener]]\nlisten = "127.0.0.1:{pport}"\nnamespace = "t"\npolicy = "tenant"\n')
+        p = ProxyProcess([], text, port=pport)
+        try:
+            redis.Redis(port=pport).set("k", "over-tls")  # the data connections verify 127.0.0.1
+            assert redis.Redis(port=node.port, db=2).get("t:k") == b"over-tls"
+            out = p.output()
+            # the default user may touch any key: the check ran, and says so
+            assert "not fenced by a Redis ACL (a key outside the namespace is allowed" in out, out
+            assert "could not check" not in out
         finally:
             p.stop()
     finally:
