@@ -39,19 +39,7 @@ import run  # noqa: E402
 from proxy.embedded import start_server  # noqa: E402
 
 
-def cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of pid and its descendants."""
-    user = system = 0
-    for p in run.proc_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / run.CLK_TCK, system / run.CLK_TCK
+cpu_split = run.cpu_split
 
 
 def ratio(xs: list[float], ys: list[float]) -> str:

@@ -158,9 +158,9 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of pid and its descendants, in seconds."""
-    total = 0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of pid and its descendants."""
+    user = system = 0
     for p in proc_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
@@ -168,8 +168,26 @@ def cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / CLK_TCK
+        user += int(fields[11])    # utime, stime (fields 14 and 15 of stat)
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of pid and its descendants, in seconds."""
+    return sum(cpu_split(pid))
+
+
+def write_notes(doc: str, name: str, block: str) -> None:
+    """Put `block` (a whole `<!-- notes: NAME -->` ... `<!-- /notes: NAME -->` block) in
+    `doc` in place of the block of that name, or at its end: how the side scripts (tls.py,
+    cluster.py, ...) record their figures without regenerating the rest of the file."""
+    text = open(doc).read()
+    pat = re.compile(rf"^<!-- notes: {re.escape(name)} -->$.*?^<!-- /notes: {re.escape(name)} -->$", re.S | re.M)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(doc, "w") as f:
+        f.write(text)
+    print(f"written to {doc}", file=sys.stderr)
 
 
 def rss_kb(pid: int) -> int:

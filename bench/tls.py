@@ -28,7 +28,6 @@ import argparse
 import csv
 import io
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -37,18 +36,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/run.py
 
 from proxy.embedded import free_port, start_server  # noqa: E402
+import run  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+cpu_seconds = run.cpu_seconds
 
 
 def make_certs(d: str) -> dict:
@@ -182,12 +178,7 @@ def main() -> int:
     block = "\n".join(lines)
     print(block)
     if a.write:
-        text = open(DOC).read()
-        pat = re.compile(r"^<!-- notes: tls -->$.*?^<!-- /notes: tls -->$", re.S | re.M)
-        text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-        with open(DOC, "w") as f:
-            f.write(text)
-        print(f"written to {DOC}", file=sys.stderr)
+        run.write_notes(DOC, "tls", block)
     return 0
 
 
