@@ -14,6 +14,7 @@ asynchronous replication itself can lose (see _check_writes)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -355,6 +356,29 @@ def test_a_users_route_with_a_sentinel_upstream(topology):
         p.stop()
 
 
+@contextlib.contextmanager
+def tls_sentinel(node, data_tls_port: int, cert: str, key: str, ca: str):
+    """One redis-server --sentinel on a TLS port (certificate cert/key) monitoring the TLS
+    primary `node` at data_tls_port as `tlsmaster` (never failing it over): yields the
+    sentinel's port; stops both at the end."""
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="ksp-sentinel-")
+    with open(os.path.join(workdir, "sentinel.conf"), "w") as f:
+        f.write(f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                f"tls-cert-file {cert}\ntls-key-file {key}\n"
+                f"tls-ca-cert-file {ca}\ntls-auth-clients no\ntls-replication yes\n"
+                f"sentinel monitor tlsmaster 127.0.0.1 {data_tls_port} 1\n"
+                "sentinel down-after-milliseconds tlsmaster 600000\n")
+    sen = subprocess.Popen(["redis-server", os.path.join(workdir, "sentinel.conf"), "--sentinel"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield port
+    finally:
+        sen.terminate()
+        sen.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+        node.stop()
+
+
 def test_rediss_sentinel_over_tls(tmp_path):
     """rediss+sentinel://: the sentinel and the data node both over TLS, verified with
     [upstream_tls] ca_file (each against its own host); check and the proxy both."""
@@ -367,16 +391,7 @@ def test_rediss_sentinel_over_tls(tmp_path):
            "--tls-ca-cert-file", certs.ca, "--tls-auth-clients", "no"]
     data_tls_port = free_port()
     node = start_server("redis", extra=["--tls-port", str(data_tls_port), *tls])
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="ksp-sentinel-")
-    with open(os.path.join(workdir, "sentinel.conf"), "w") as f:
-        f.write(f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {workdir}\n"
-                f"tls-cert-file {certs.server_cert}\ntls-key-file {certs.server_key}\n"
-                f"tls-ca-cert-file {certs.ca}\ntls-auth-clients no\ntls-replication yes\n"
-                f"sentinel monitor tlsmaster 127.0.0.1 {data_tls_port} 1\n"
-                "sentinel down-after-milliseconds tlsmaster 600000\n")
-    sen = subprocess.Popen(["redis-server", os.path.join(workdir, "sentinel.conf"), "--sentinel"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with tls_sentinel(node, data_tls_port, certs.server_cert, certs.server_key, certs.ca) as port:
         text = (f'upstream = "rediss+sentinel://127.0.0.1:{port}/tlsmaster/2"\n'
                 f'[upstream_tls]\nca_file = "{certs.ca}"\n')
         cfg = tmp_path / "proxy.toml"
@@ -396,11 +411,6 @@ def test_rediss_sentinel_over_tls(tmp_path):
             assert node.port != data_tls_port and "primary is 127.0.0.1:%d" % data_tls_port in p.output()
         finally:
             p.stop()
-    finally:
-        sen.terminate()
-        sen.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
-        node.stop()
 
 
 def test_fence_probe_verifies_the_data_node_by_its_own_name(tmp_path):
@@ -423,16 +433,7 @@ def test_fence_probe_verifies_the_data_node_by_its_own_name(tmp_path):
     node = start_server("redis", extra=["--tls-port", str(data_tls_port), "--tls-cert-file", paths["node"][0],
                                         "--tls-key-file", paths["node"][1], "--tls-ca-cert-file", ca_file,
                                         "--tls-auth-clients", "no"])
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="ksp-sentinel-")
-    with open(os.path.join(workdir, "sentinel.conf"), "w") as f:
-        f.write(f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {workdir}\n"
-                f"tls-cert-file {paths['sentinel'][0]}\ntls-key-file {paths['sentinel'][1]}\n"
-                f"tls-ca-cert-file {ca_file}\ntls-auth-clients no\ntls-replication yes\n"
-                f"sentinel monitor tlsmaster 127.0.0.1 {data_tls_port} 1\n"
-                "sentinel down-after-milliseconds tlsmaster 600000\n")
-    sen = subprocess.Popen(["redis-server", os.path.join(workdir, "sentinel.conf"), "--sentinel"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with tls_sentinel(node, data_tls_port, paths["sentinel"][0], paths["sentinel"][1], ca_file) as port:
         pport = free_port()
         text = (f'upstream = "rediss+sentinel://localhost:{port}/tlsmaster/2"\n[upstream_tls]\nca_file = "{ca_file}"\n'
                 f'[[listener]]\nlisten = "127.0.0.1:{pport}"\nnamespace = "t"\npolicy = "tenant"\n')
@@ -446,11 +447,6 @@ def test_fence_probe_verifies_the_data_node_by_its_own_name(tmp_path):
             assert "could not check" not in out
         finally:
             p.stop()
-    finally:
-        sen.terminate()
-        sen.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
-        node.stop()
 
 
 def _raw_ping(port: int) -> bytes:
