@@ -424,12 +424,19 @@ def check_cluster_route(route: "Route", label: str, where: str) -> "Route":
     if up.cluster is None:
         return route
     targets = [("", route.default)] + [(f" (client db {c})", t) for c, t in sorted(route.databases.items())]
+    pinned = [t.keyspace.mode == "add" and t.keyspace.pinned for _, t in targets]
+    if not any(pinned):
+        # a spread route: every request to the owner of its keys' slot (proxy/spread.py)
+        for c, t in sorted(route.databases.items()):
+            if t.db != 0:
+                raise ConfigError(f"{where}.databases.{c}.db: a Redis Cluster has db 0 only (route {route.name} is "
+                                  f"on {up.masked()}); map client db {c} to db = 0 with a namespace of its own")
+        return route
     for w, t in targets:
         if t.keyspace.mode != "add" or not t.keyspace.pinned:
             raise ConfigError(f"{label}: route {route.name}{w} is on a Redis Cluster ({up.masked()}) and is not "
-                              "pinned: only slot = \"pinned\" routes (a namespace pinned to one hash slot) are "
-                              "routed over a cluster; set slot = \"pinned\" (--slot pinned) with a namespace "
-                              "(docs/cluster.md)")
+                              "pinned while another client db of it is: a route is pinned (slot = \"pinned\", "
+                              "every db) or spread (no db pinned); per-db nodes are not built (docs/cluster.md)")
     for c, t in sorted(route.databases.items()):
         if t.db != 0:
             raise ConfigError(f"{where}.databases.{c}.db: a Redis Cluster has db 0 only (route {route.name} is on "

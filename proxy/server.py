@@ -146,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         self.slot = None       # the listen address it is counted under (max_clients), until released
         self.pooled = None     # a blocking pool connection lent for one blocking command (proxy/bpool.py)
         self.pool_waiting = False
+        self.spread = None     # a spread route over a cluster: its node connections (proxy/spread_io.py)
 
     # -- client side
 
@@ -179,7 +180,11 @@ class ClientConnection(asyncio.Protocol):
         if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
             up, proxy = self.route.upstream, self.proxy
             self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)
-        if self.shared:
+        if self.session.spread is not None:  # a connection per node, opened as requests need them
+            from proxy.spread_io import SpreadIO
+            self.shared = False
+            self.spread = SpreadIO(self)
+        elif self.shared:
             self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
         else:
@@ -418,6 +423,8 @@ class ClientConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         """Send what the session has for either side (runs after every event)."""
+        if self.spread is not None:
+            return self.spread.flush()
         s = self.session
         if s.shared:
             up = s.out_upstream
@@ -516,6 +523,8 @@ class ClientConnection(asyncio.Protocol):
             self._leave_pool()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        if self.spread is not None:
+            self.spread.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -536,6 +545,8 @@ class ClientConnection(asyncio.Protocol):
             self._leave_pool()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        if self.spread is not None:
+            self.spread.close()
         self.proxy.idle_changed()
 
     def check_upstream(self, now: float, limit: float) -> None:
@@ -579,6 +590,8 @@ class ClientConnection(asyncio.Protocol):
             (self.transport.resume_reading if read_client else self.transport.pause_reading)()
         up = self.upstream.transport if self.upstream is not None else None
         read_upstream = not (self.client_paused and not shared)
+        if self.spread is not None:
+            self.spread.backpressure(read_upstream)
         if up is not None and read_upstream != self.reading_upstream:
             self.reading_upstream = read_upstream
             (up.resume_reading if read_upstream else up.pause_reading)()
@@ -1492,6 +1505,8 @@ class Proxy:
         if up.cluster is not None:
             t = self.clusters.get(cluster_key(up))
             why = t.down_reason(up.slot) if t is not None else None
+            if up.slot is None:
+                return f"the cluster's map does not cover every slot ({why or 'not configured'})"
             return f"no owner for hash slot {up.slot} on the cluster ({why or 'not configured'})"
         return "no confirmed primary (a Sentinel failover is being followed)"
 

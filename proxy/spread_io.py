@@ -1,0 +1,241 @@
+"""The asyncio side of a spread route over a Redis Cluster (proxy/spread.py decides).
+
+Each client of a spread route has its own connection to each primary it uses (opened
+when a request first goes there, with the route's handshake and the connection state
+the client set so far), like a dedicated upstream connection per node. Replies are
+framed per node and handed to the client's `Mux`, which gives the Session one reply per
+request in request order. A node connection that fails ends the client as a lost
+dedicated connection does (every owed reply answered with the error: the proxy cannot
+know which requests ran)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+
+from proxy.config import connect_failure, format_addr
+from proxy.resp import ProtocolError, encode_command, frame_end
+from proxy.spread import Mux
+
+log = logging.getLogger("keyspace-proxy")
+
+
+class SpreadIO:
+    """Owned by a ClientConnection whose Session has `spread` set."""
+
+    def __init__(self, conn):
+        from proxy.server import cluster_key
+        self.conn = conn
+        self.session = conn.session
+        self.up = conn.route.upstream
+        self.topology = conn.proxy.clusters.get(cluster_key(self.up))
+        self.mux = Mux(self.owner, self.primaries)
+        self.nodes: dict[tuple, NodeConn] = {}
+        self.paused = False        # the client does not read: node connections are not read either
+        self._flushing = False
+
+    # -- the map
+
+    def owner(self, slot: int):
+        t = self.topology
+        return t.owner(slot) if t is not None else None
+
+    def primaries(self) -> list:
+        t = self.topology
+        if t is None or t.map is None:
+            return []
+        tls = self.up.tls is not None
+        prim = t.map.primaries()
+        first = {id(sh.primary): min(r[0] for r in sh.ranges) for sh in t.map.shards if sh.primary is not None
+                 and sh.ranges}
+        prim.sort(key=lambda n: first.get(id(n), 0))
+        return [(n.addr[0], n.port_for(tls)) for n in prim]
+
+    # -- moving bytes
+
+    def flush(self) -> None:
+        """Send what the session has for the nodes, give it the replies that are complete
+        in order, then write to the client (as ClientConnection.flush does)."""
+        c, s, mux = self.conn, self.session, self.mux
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while True:
+                if s.out_upstream:
+                    if s.upstream_error is None:
+                        for dest in s.out_upstream:
+                            mux.submit(dest)
+                    s.out_upstream.clear()
+                for addr, chunks in mux.take_writes().items():
+                    self.node(addr).write(b"".join(chunks))
+                replies = mux.ready()
+                if not replies or s.upstream_error is not None:
+                    break
+                s.upstream_data(b"".join(replies))
+                if c.t_request and not s.pending:
+                    c.stats.request_seconds.observe(perf_counter() - c.t_request)
+                    c.t_request = 0.0
+        finally:
+            self._flushing = False
+        out = s.out_client
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not c.closed:
+                c.transport.write(data)
+                c.stats.bytes_out["client"] += len(data)
+                if c.client_paused:
+                    c._check_output_limit()
+        if (c.draining or s.close_when_done) and not c.closed:
+            c._maybe_close()
+        if s.idle:
+            c.proxy.idle_changed()
+
+    def node(self, addr) -> "NodeConn":
+        n = self.nodes.get(addr)
+        if n is None:
+            n = self.nodes[addr] = NodeConn(self, addr)
+            asyncio.ensure_future(n.connect())
+        return n
+
+    def lost(self, reason: str, tell_idle: bool = False) -> None:
+        s = self.session
+        if s.upstream_error is None:
+            log.warning("route %s: upstream %s", self.conn.route.name, reason,
+                        extra={"event": "upstream_error", "route": self.conn.route.name})
+        self.conn.close_reason = "upstream_error"
+        s.upstream_lost(reason, tell_idle=tell_idle)
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        for n in list(self.nodes.values()):
+            n.close()
+
+    def backpressure(self, read: bool) -> None:
+        self.paused = not read
+        for n in self.nodes.values():
+            n.reading(read)
+
+
+class NodeConn(asyncio.Protocol):
+    """One client's connection to one primary."""
+
+    def __init__(self, io: SpreadIO, addr: tuple):
+        self.io = io
+        self.addr = addr
+        self.transport = None
+        self.out: list[bytes] = []
+        self.buf = b""
+        self.closed = False
+        self.is_reading = True
+        up = io.up
+        # the route's handshake, then the client's connection state so far (HELLO 3,
+        # CLIENT SETNAME...): their replies are the connection's own
+        cmds = [encode_command(a) for a in up.handshake(0)] + list(io.mux.state)
+        self.own = len(cmds)
+        self.out = cmds
+
+    async def connect(self) -> None:
+        io = self.io
+        up = io.up
+        host, port = self.addr
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self, host, port, **up.ssl_args(host)),
+                                   io.conn.proxy.config.limits.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            io.conn.stats.upstream_failures += 1
+            if not self.closed:
+                io.lost(connect_failure(host, port, e, up.tls), tell_idle=True)
+            return
+        io.conn.stats.upstream_opened += 1
+
+    def connection_made(self, transport) -> None:
+        if self.closed or self.io.conn.closed:
+            transport.close()
+            return
+        self.transport = transport
+        from proxy.server import _nodelay
+        _nodelay(transport, self.io.conn.proxy.config.limits.tcp_keepalive)
+        self.io.conn.stats.upstream_connections += 1
+        if not self.is_reading:
+            transport.pause_reading()
+        if self.out:
+            self.write(b"")
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            if data:
+                self.out.append(data)
+            return
+        if self.out:
+            data = b"".join(self.out) + data
+            self.out = []
+        if data:
+            self.transport.write(data)
+            self.io.conn.stats.bytes_out["upstream"] += len(data)
+
+    def data_received(self, data: bytes) -> None:
+        io = self.io
+        io.conn.stats.bytes_in["upstream"] += len(data)
+        io.conn.active = True
+        buf = self.buf + data if self.buf else data
+        pos, n = 0, len(buf)
+        mux = io.mux
+        try:
+            while pos < n:
+                end = frame_end(buf, pos)
+                if end < 0:
+                    break
+                raw = buf[pos:end]
+                pos = end
+                if self.own:
+                    self.own -= 1
+                    if raw[:1] in (b"-", b"!"):
+                        msg = raw[1:-2].decode("utf-8", "replace")
+                        return io.lost(f"upstream {format_addr(*self.addr)} refused the proxy's handshake: {msg}")
+                    continue
+                if raw[:1] == b">":  # a RESP3 push belongs to no request
+                    io.session.upstream_data(raw)
+                    continue
+                if not mux.owes(self.addr):
+                    io.conn.stats.errors["unexpected_reply"] += 1
+                    return io.lost(f"{format_addr(*self.addr)} sent a reply no request was waiting for")
+                mux.node_reply(self.addr, raw)
+        except ProtocolError as e:
+            return io.lost(f"upstream {format_addr(*self.addr)} sent bytes that are not RESP: {e}")
+        self.buf = buf[pos:]
+        io.flush()
+
+    def connection_lost(self, exc) -> None:
+        io = self.io
+        if self.transport is not None:
+            io.conn.stats.upstream_connections -= 1
+        if not self.closed and not io.conn.closed:
+            why = f"connection to {format_addr(*self.addr)} lost: {exc}" if exc else \
+                f"connection closed by {format_addr(*self.addr)}"
+            self.closed = True
+            io.lost(why)
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def reading(self, on: bool) -> None:
+        if on != self.is_reading:
+            self.is_reading = on
+            if self.transport is not None and not self.closed:
+                (self.transport.resume_reading if on else self.transport.pause_reading)()
+
+    def pause_writing(self) -> None:
+        self.io.conn.link_paused = True
+        self.io.conn.apply_backpressure()
+
+    def resume_writing(self) -> None:
+        self.io.conn.link_paused = False
+        self.io.conn.apply_backpressure()

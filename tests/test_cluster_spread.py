@@ -1,0 +1,239 @@
+"""Spread (unpinned) routes over a real Redis / Valkey Cluster (proxy/spread.py,
+proxy/spread_io.py): every request goes to the primary owning the slot of its rewritten
+keys, multi-key commands are split per slot and merged, keyless ones fan out, and a
+client's replies come back in order whatever nodes answered them. Against the `cluster`
+fixture (tests/cluster_helpers.py: 3 primaries + 3 replicas). A spread route has no
+shared links (each client has its own connection per node), so one upstream mode."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import redis
+
+from cluster_helpers import wait_until
+from conftest import ProxyProcess
+from integration_helpers import Raw, client, uniq
+from proxy.cluster import key_slot
+
+
+@pytest.fixture(scope="module")
+def spread(cluster):
+    """(proxy, namespace): a spread route with namespace NS on the cluster."""
+    ns = uniq("sp")
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", ns, "--policy", "app"])
+    yield p, ns
+    p.stop()
+
+
+def owner_has(cluster, key: bytes) -> bool:
+    """Is `key` stored on the primary owning its slot? (the others answer -MOVED for it)"""
+    return cluster.primary_for(key_slot(key)).call("EXISTS", key) == 1
+
+
+def test_keys_land_on_the_owners_of_their_slots(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    keys = [f"k{i}" for i in range(30)]
+    for k in keys:
+        assert c.set(k, k)
+    assert [c.get(k) for k in keys] == [k.encode() for k in keys]
+    for k in keys:
+        assert owner_has(cluster, f"{ns}:{k}".encode())
+    # the namespace spreads: all three primaries hold some of them
+    holders = {cluster.primary_for(key_slot(f"{ns}:{k}".encode())).port for k in keys}
+    assert len(holders) == 3
+    # client hash tags choose the slot: {u}:a and {u}:b stay together
+    assert c.set("{u1}:a", "1") and c.set("{u1}:b", "2")
+    assert c.eval("return redis.call('get', KEYS[1]) .. redis.call('get', KEYS[2])", 2, "{u1}:a", "{u1}:b") \
+        == b"12"
+
+
+def test_split_commands_answer_as_one_redis(cluster, spread):
+    """MGET, MSET, DEL, UNLINK, EXISTS, TOUCH over keys of many slots: the replies one
+    Redis holding the same keys gives (a dict stands for it: values in key order, counts
+    of keys, duplicates counted as Redis counts them)."""
+    p, ns = spread
+    c = client(p)
+    pre = uniq("s")
+    keys = [f"{pre}:{i}" for i in range(40)]
+    model = {k: f"v{i}".encode() for i, k in enumerate(keys)}
+    assert c.mset(model) is True
+    probe = keys[::3] + [f"{pre}:missing", keys[0]]
+    assert c.mget(probe) == [model.get(k) for k in probe]
+    assert c.exists(*probe) == sum(k in model for k in probe)
+    assert c.touch(*probe) == sum(k in model for k in probe)
+    assert c.delete(*keys[:10], f"{pre}:missing") == 10
+    assert c.unlink(*keys[10:20], keys[10]) == 10
+    for k in keys[:20]:
+        del model[k]
+    assert c.mget(keys) == [model.get(k) for k in keys]
+    for k in keys[20:]:
+        assert owner_has(cluster, f"{ns}:{k}".encode())
+    # one slot: not split, the server's own reply (errors included)
+    assert c.mget("{t}a", "{t}b") == [None, None]
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+        c.execute_command("MSET", "a")
+
+
+def test_cross_slot_commands_are_refused_by_the_proxy(spread):
+    p, _ = spread
+    c = client(p)
+    a, b = "x1", "x2"
+    assert key_slot(a.encode()) != key_slot(b.encode())
+    for cmd in (["MSETNX", a, "1", b, "2"], ["SINTERSTORE", a, b], ["RENAME", a, b], ["BLMPOP", "1", "2", a, b, "LEFT"]):
+        with pytest.raises(redis.ResponseError) as e:
+            c.execute_command(*cmd)
+        # redis-py names the error by its code (CROSSSLOT) and keeps the text after it
+        assert type(e.value) is redis.exceptions.ClusterCrossSlotError, cmd
+        assert str(e.value) == "Keys in request don't hash to the same slot", cmd
+    # fail closed: what is not routed on a spread route is refused naming the command, the route and why
+    with pytest.raises(redis.ResponseError, match="WAIT is refused on route .*: on a spread route over a Redis "
+                                                  "Cluster it waits for this connection's own writes"):
+        c.execute_command("WAIT", "0", "0")
+    with pytest.raises(redis.ResponseError, match="SUBSCRIBE is refused on route .*subscriptions"):
+        c.execute_command("SUBSCRIBE", "ch")
+    assert c.ping() is True
+
+
+def test_pipelines_over_several_nodes_come_back_in_order(spread):
+    """Reply integrity: ECHO tokens interleaved with writes and reads over many slots,
+    from several clients at once: every reply is its own request's."""
+    p, _ = spread
+    errors = []
+
+    def run(n: int) -> None:
+        try:
+            c = client(p)
+            rnd = random.Random(n)
+            for rounds in range(20):
+                pipe = c.pipeline(transaction=False)
+                expect = []
+                for i in range(50):
+                    k = f"ri{n}:{rnd.randrange(10000)}"
+                    tok = f"t{n}.{rounds}.{i}"
+                    pipe.set(k, tok)
+                    expect.append(True)
+                    pipe.echo(tok)
+                    expect.append(tok.encode())
+                    pipe.get(k)
+                    expect.append(tok.encode())
+                    if i % 7 == 0:
+                        pipe.mget(k, f"ri{n}:none{i}", k)
+                        expect.append([tok.encode(), None, tok.encode()])
+                got = pipe.execute()
+                if got != expect:
+                    errors.append((n, rounds, [(g, e) for g, e in zip(got, expect) if g != e][:3]))
+                    return
+        except Exception as e:  # reported below
+            errors.append((n, repr(e)))
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_keyless_commands_and_scripts(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    assert c.ping() is True and c.echo("hi") == b"hi"
+    assert c.time() and c.info("server")["redis_version"]
+    sha = c.script_load("return redis.call('incr', KEYS[1])")
+    for n in cluster.primaries:  # script caches are per node: loaded on every primary
+        assert n.call("SCRIPT", "EXISTS", sha) == [1]
+    assert [c.evalsha(sha, 1, f"e{i}") for i in range(10)] == [1] * 10
+    assert c.eval("return 7", 0) == 7
+
+
+def test_scan_keys_dbsize_flushdb_over_every_primary(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    c.flushdb()
+    assert c.dbsize() == 0 and c.keys("*") == [] and c.randomkey() is None
+    names = {f"sc:{i}".encode() for i in range(300)} | {f"other:{i}".encode() for i in range(50)}
+    pipe = c.pipeline(transaction=False)
+    for k in names:
+        pipe.set(k, "1")
+    pipe.execute()
+    assert c.dbsize() == 350
+    assert sorted(c.keys("*")) == sorted(names)
+    assert sorted(c.keys("sc:*")) == sorted(k for k in names if k.startswith(b"sc:"))
+    # SCAN: every key exactly once over the three nodes, with MATCH and COUNT
+    seen = list(c.scan_iter(count=7))
+    assert sorted(seen) == sorted(names)
+    seen = list(c.scan_iter(match="other:*", count=1000))
+    assert sorted(seen) == sorted(k for k in names if k.startswith(b"other:"))
+    cursor, batch = c.scan(0, count=5)
+    assert cursor != 0
+    assert c.randomkey() in names
+    # the keys really are on every primary
+    for n in cluster.primaries:
+        assert n.call("KEYS", f"{ns}:*")
+    c.flushdb()
+    assert c.dbsize() == 0
+    assert all(n.call("KEYS", f"{ns}:*") == [] for n in cluster.primaries)
+
+
+def test_multi_exec_in_one_slot_and_crossslot(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    with c.pipeline(transaction=True) as tx:
+        tx.set("{acct}:a", "1").incr("{acct}:n").get("{acct}:a")
+        assert tx.execute() == [True, 1, b"1"]
+    owner = cluster.primary_for(key_slot(f"{ns}:{{acct}}:a".encode()))
+    assert owner.call("GET", f"{ns}:{{acct}}:n") == b"1"
+    # keys of two slots in one transaction: CROSSSLOT for the command, EXECABORT at EXEC
+    with c.pipeline(transaction=True) as tx:
+        tx.set("{acct}:a", "2").set("{other}:b", "3")
+        with pytest.raises(redis.ResponseError):
+            tx.execute()
+    assert c.get("{acct}:a") == b"1" and c.get("{other}:b") is None
+    # MULTI typed command by command; a keyless transaction
+    r = Raw("127.0.0.1", p.port)
+    for cmd, reply in ((("MULTI",), b"+OK\r\n"), (("PING",), b"+QUEUED\r\n"), (("INCR", "{acct}:n"), b"+QUEUED\r\n"),
+                       (("EXEC",), b"*2\r\n+PONG\r\n:2\r\n"), (("MULTI",), b"+OK\r\n"),
+                       (("PING",), b"+QUEUED\r\n"), (("EXEC",), b"*1\r\n+PONG\r\n")):
+        r.send(cmd)
+        assert r.read() == [reply], cmd
+    # a command refused while queueing: EXEC answers EXECABORT and nothing runs
+    r.send(("MULTI",), ("TIME", "x"), ("SET", "{acct}:z", "1"), ("EXEC",))
+    assert r.read(4) == [b"+OK\r\n", b"-ERR wrong number of arguments for 'time' command\r\n", b"+QUEUED\r\n",
+                         b"-EXECABORT Transaction discarded because of previous errors.\r\n"]
+    assert c.get("{acct}:z") is None
+    # WATCH: aborted by another client's write
+    with c.pipeline(transaction=True) as tx:
+        tx.watch("{acct}:a")
+        client(p).set("{acct}:a", "changed")
+        tx.multi()
+        tx.set("{acct}:a", "mine")
+        with pytest.raises(redis.WatchError):
+            tx.execute()
+    assert c.get("{acct}:a") == b"changed"
+
+
+def test_brpop_blocks_on_the_owner(cluster, spread):
+    p, ns = spread
+    q = "{jobs}:q"
+    owner = cluster.primary_for(key_slot(f"{ns}:{q}".encode()))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("v", client(p).brpop([q, "{jobs}:q2"], timeout=20)))
+    t.start()
+    wait_until(lambda: owner.blocked("brpop"), "the BRPOP blocked on the owner")
+    client(p).lpush(q, "job")
+    t.join(20)
+    assert box["v"] == (q.encode(), b"job")
+
+
+def test_publish_is_cluster_wide(cluster, spread):
+    p, ns = spread
+    sub = cluster.primaries[2].client().pubsub()
+    sub.subscribe(f"{ns}:news")
+    assert sub.get_message(timeout=10)["type"] == "subscribe"
+    assert client(p).publish("news", "hi") >= 0
+    m = sub.get_message(timeout=10, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (f"{ns}:news".encode(), b"hi")
+    sub.close()
