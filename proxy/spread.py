@@ -216,8 +216,21 @@ class Router:
 def first_error(replies: list[bytes]) -> bytes | None:
     for r in replies:
         if is_error(r):
+            if len(replies) > 1 and (r.startswith(b"-MOVED ") or r.startswith(b"-ASK ")) \
+                    and not all(is_error(x) for x in replies):
+                return split_redirect(r)
             return r
     return None
+
+
+def split_redirect(raw: bytes) -> bytes:
+    """A part of a split command was redirected while other parts ran: the client must
+    not read the usual "the command was not run"."""
+    words = raw[1:].split()
+    where = words[2].decode("utf-8", "replace") if len(words) > 2 else "?"
+    return error(f"TRYAGAIN proxy: hash slot {words[1].decode('utf-8', 'replace')} moved to {where} (-"
+                 f"{words[0].decode()}: Redis Cluster resharding); the command was split over hash slots and ran "
+                 "for the keys of the other slots only: retry it")
 
 
 def first_reply(replies: list[bytes]) -> bytes:

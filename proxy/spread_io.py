@@ -110,6 +110,14 @@ class SpreadIO:
         self.flush()
         self.close()
 
+    def redirected(self, raw: bytes) -> None:
+        """A -MOVED / -ASK for one part of a split request: the map follows it (a whole
+        request's redirect reaches the Session, which reports it itself)."""
+        from proxy.cluster_route import redirect_error
+        got = redirect_error(raw)
+        if got is not None and got[1] is not None and self.session.on_redirect is not None:
+            self.session.on_redirect(got[1])
+
     def close(self) -> None:
         for n in list(self.nodes.values()):
             n.close()
@@ -201,6 +209,9 @@ class NodeConn(asyncio.Protocol):
                 if raw[:1] == b">":  # a RESP3 push belongs to no request
                     io.session.upstream_data(raw)
                     continue
+                if raw[:4] in (b"-MOV", b"-ASK") and len(mux.owed.get(self.addr) or ()) and \
+                        mux.owed[self.addr][0][0] is not None and len(mux.owed[self.addr][0][0].replies) > 1:
+                    io.redirected(raw)  # a split part: the merged reply may no longer say MOVED
                 if not mux.owes(self.addr):
                     io.conn.stats.errors["unexpected_reply"] += 1
                     return io.lost(f"{format_addr(*self.addr)} sent a reply no request was waiting for")
