@@ -237,3 +237,64 @@ def test_publish_is_cluster_wide(cluster, spread):
     m = sub.get_message(timeout=10, ignore_subscribe_messages=True)
     assert (m["channel"], m["data"]) == (f"{ns}:news".encode(), b"hi")
     sub.close()
+
+
+def test_slot_migrated_during_traffic(cluster, spread):
+    """Pipelines of RPUSH (in a slot being migrated) + ECHO + SET (other slots) from three
+    clients while the slot moves: a redirect is answered -TRYAGAIN (not run), every
+    acknowledged write is stored exactly once, every ECHO is its own."""
+    from test_cluster_routing import Writer, _check_writes
+
+    class MixedWriter(Writer):
+        def run(self) -> None:
+            c = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=20)
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                v = f"{self.tag}-{i}"
+                try:
+                    with c.pipeline(transaction=False) as pl:
+                        pl.rpush(self.key, v).echo(v).set(f"other:{self.tag}:{i % 50}", v)
+                        r = pl.execute(raise_on_error=False)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    self.unknown.append(v)
+                    continue
+                if isinstance(r[0], redis.ResponseError):
+                    text = str(r[0])
+                    if "proxy: hash slot" in text:
+                        self.redirected.append(v)
+                        self.asks += "-ASK" in text
+                    else:
+                        self.unknown.append(v)
+                elif isinstance(r[0], int) and r[1] == v.encode() and r[2] is True:
+                    self.acked.append(v)
+                else:
+                    self.mismatch.append((v, r))
+            c.close()
+
+    p, ns = spread
+    tag = uniq("mig")
+    slot = key_slot(tag.encode())
+    src = cluster.primary_for(slot)
+    dst = next(n for n in cluster.primaries if n is not src)
+    writers = [MixedWriter(p.port, f"{{{tag}}}:list{i}", f"w{i}") for i in range(3)]
+    for w in writers:
+        w.start()
+    try:
+        wait_until(lambda: all(len(w.acked) >= 20 for w in writers), "traffic before the migration")
+        cluster.begin_migration(slot, src, dst)
+        cluster.move_keys(slot, src, dst)
+        wait_until(lambda: sum(w.asks for w in writers) >= 3, "ASK answered as TRYAGAIN")
+        cluster.move_keys(slot, src, dst)
+        cluster.finish_migration(slot, dst)
+        marks = [len(w.acked) for w in writers]
+        wait_until(lambda: all(len(w.acked) >= m + 20 for w, m in zip(writers, marks)), "traffic on the new owner")
+    finally:
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join(30)
+    c = client(p)
+    for i, w in enumerate(writers):
+        _check_writes([w], c.lrange(f"{{{tag}}}:list{i}", 0, -1))
+    assert dst.call("LLEN", f"{ns}:{{{tag}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
