@@ -52,6 +52,9 @@ Fields (all optional):
                CONCAT / SUM every primary, the arrays joined (KEYS) / the integers added (DBSIZE)
                FIRST_VALUE  every primary, the first reply that is not nil (RANDOMKEY)
                TX           MULTI / EXEC / DISCARD: the transaction goes to the owner of its keys
+               SUBSCRIBE    the SUBSCRIBE family: the connection stays on one node while
+                            subscribed (classic channels: any node, messages are cluster-wide;
+                            shard channels: the owner of their slot)
   cluster_why  with cluster=NOT_ROUTED: why (shown in the refusal)
 
 Policies (a route's `policy`, see README "Policies"): `tenant` is a fence against code
@@ -70,9 +73,9 @@ PASS, EMULATE, REFUSE, FENCED = "pass", "emulate", "refuse", "fenced"
 SLOT, ANY, EVERY, FIRST_KEY, TX = "slot", "any", "every", "first-key", "tx"
 SPLIT_VALUES, SPLIT_SUM, SPLIT_OK = "split-values", "split-sum", "split-ok"
 SCAN_NODES, CONCAT, SUM, FIRST_VALUE = "scan-nodes", "concat", "sum", "first-value"
-NOT_ROUTED = "not-routed"
+NOT_ROUTED, SUBSCRIBE = "not-routed", "subscribe"
 CLUSTER_CLASSES = (SLOT, ANY, EVERY, FIRST_KEY, TX, SPLIT_VALUES, SPLIT_SUM, SPLIT_OK, SCAN_NODES, CONCAT, SUM,
-                   FIRST_VALUE, NOT_ROUTED, STATE)
+                   FIRST_VALUE, NOT_ROUTED, STATE, SUBSCRIBE)
 
 
 def O(**kw) -> dict:  # noqa: E743 - short on purpose: the table below reads as a table
@@ -88,7 +91,6 @@ _LIBRARY = "function libraries are shared by every route and a function can reac
 _KEYS_DECLARED = "its declared keys are rewritten (app: the code is trusted to use only them)"
 _SPLIT = "its keys are split per hash slot over the cluster's primaries and the replies merged in key order"
 _OWN_WRITES = "it waits for this connection's own writes, which a spread route spreads over several nodes"
-_SUBS_NOT_BUILT = "subscriptions on a spread route are not built yet (a pinned route has them)"
 
 # CONFIG GET on a tenant route answers these parameters only (glob patterns are matched
 # against this list, never sent): each says nothing about other tenants and is what
@@ -267,17 +269,17 @@ OVERLAY: dict[str, dict] = {
                          cluster_why="invalidations come from every node; not built on a spread route",
                          why="PREFIX arguments are key prefixes; BCAST gets the namespace as prefix"),
     "client|trackinginfo": O(rewrite=h.h_client_trackinginfo, effect=PIN, why="lists key prefixes"),
-    "subscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=NOT_ROUTED, cluster_why=_SUBS_NOT_BUILT, subscribe=("channel", True),
+    "subscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("channel", True),
                    why="channels are fenced like keys; messages arrive on the connection"),
-    "unsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=NOT_ROUTED, cluster_why=_SUBS_NOT_BUILT, subscribe=("channel", False),
+    "unsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("channel", False),
                      why="channels are fenced like keys"),
-    "psubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=NOT_ROUTED, cluster_why=_SUBS_NOT_BUILT, subscribe=("pattern", True),
+    "psubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("pattern", True),
                     why="patterns are fenced like key globs"),
-    "punsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=NOT_ROUTED, cluster_why=_SUBS_NOT_BUILT, subscribe=("pattern", False),
+    "punsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("pattern", False),
                       why="patterns are fenced like key globs"),
-    "ssubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=NOT_ROUTED, cluster_why=_SUBS_NOT_BUILT, subscribe=("shard", True),
+    "ssubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("shard", True),
                     why="shard channels are fenced like keys"),
-    "sunsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=NOT_ROUTED, cluster_why=_SUBS_NOT_BUILT, subscribe=("shard", False),
+    "sunsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("shard", False),
                       why="shard channels are fenced like keys"),
 
     # ---- streams of replies, or none

@@ -47,7 +47,7 @@ from proxy.overlay import CONFIG_GET_SAFE
 from proxy.keyspecs import KeySpecError
 from proxy.pubsub import MESSAGES, ChannelMap, rewrite_frame
 from proxy.cluster_route import redirect_error
-from proxy.spread import Router, not_routed
+from proxy.spread import Router
 from proxy.resp import (OK, PartialReply, ProtocolError, RequestReader, encode_command, error, frame_end,
                         frame_run, is_error, pack_command, split, string_value)
 from proxy.rewrite import KEYS, SLOW, Ctx, Plan, compile_plan, fast_spec, refusal, rewrite, rewrite_rule
@@ -978,9 +978,6 @@ class Session:
 
     def _cmd_subscribe(self, args, show) -> None:
         which, adding = self.rules.get(args[0].lower().decode("latin-1")).subscribe
-        if self.spread is not None:
-            rule = self.rules.get(args[0].lower().decode("latin-1"))
-            return self._refuse(not_routed(rule.name, self.route.name, rule.cluster_why), show)
         if self.tx is not None:
             return self._refuse(f"ERR {args[0].decode('latin-1').upper()} inside MULTI is refused by the "
                                 "proxy: subscription state changes only outside transactions", show)
@@ -990,7 +987,13 @@ class Session:
                 args[i] = mapper(args[i])
         except Refused as e:
             return self._refuse(str(e), show)
-        self.out_upstream.append(encode_command(args))
+        if self.spread is not None:  # a spread route on a cluster: the node of its subscriptions
+            dest = self.spread.dest(args, False)
+            if dest.local is not None:
+                return self._refuse(dest.local, show)
+            self.out_upstream.append(dest)
+        else:
+            self.out_upstream.append(encode_command(args))
         n = len(args) - 1
         if n == 0 and adding:
             return self._expect(self._entry(None, show))  # arity error from the server

@@ -31,7 +31,7 @@ from collections import deque
 
 from proxy.cluster import CrossSlot, common_slot, group_by_slot, key_slot
 from proxy.overlay import (ANY, CONCAT, EVERY, FIRST_KEY, FIRST_VALUE, NOT_ROUTED, SCAN_NODES, SLOT, SPLIT_OK,
-                           SPLIT_SUM, SPLIT_VALUES, STATE, SUM, TX)
+                           SPLIT_SUM, SPLIT_VALUES, STATE, SUBSCRIBE, SUM, TX)
 from proxy.resp import encode_command, error, is_error, split
 
 CROSSSLOT = "CROSSSLOT Keys in request don't hash to the same slot"
@@ -40,7 +40,7 @@ CROSSSLOT = "CROSSSLOT Keys in request don't hash to the same slot"
 CURSOR_NODES = 1024
 
 # where a part goes
-TO_SLOT, TO_HOME, TO_EVERY, TO_INDEX, TO_TX = range(5)
+TO_SLOT, TO_HOME, TO_EVERY, TO_INDEX, TO_TX, TO_NODE = range(6)
 
 
 class TxDest:
@@ -60,13 +60,19 @@ class Dest:
     """Where one client request goes. `local`: answered by the proxy with this error
     (never sent). `parts`: [(where, arg, data)], `merge(replies) -> reply`."""
 
-    __slots__ = ("parts", "merge", "local", "state")
+    __slots__ = ("parts", "merge", "local", "state", "sub")
 
-    def __init__(self, parts=None, merge=None, local: str | None = None, state: bool = False):
+    def __init__(self, parts=None, merge=None, local: str | None = None, state: bool = False, sub: bool = False):
         self.parts = parts or []
         self.merge = merge
         self.local = local
         self.state = state   # connection state: also sent to node connections opened later
+        self.sub = sub       # a subscription: the connection stays on its node (Mux.sticky)
+
+
+def _addr(addr) -> str:
+    from proxy.config import format_addr
+    return format_addr(*addr)
 
 
 def not_routed(name: str, route: str, why: str) -> str:
@@ -79,13 +85,32 @@ class Router:
     """Chooses the Dest of each request of one client (the Session calls `dest` with the
     rewritten arguments, in order). Keeps the transaction's slot and WATCH's slot."""
 
-    def __init__(self, rules, route_name: str):
+    def __init__(self, rules, route_name: str, owner=None, home=None):
         self.rules = rules
         self.route_name = route_name
         self.tx: TxDest | None = None
         self.watch_slot: int | None = None
+        # the map, read by the shell (proxy/spread_io.py): slot -> node address, the home node
+        self.owner = owner or (lambda slot: None)
+        self.home = home or (lambda: None)
+        # Subscribed: every request goes to the node of the subscriptions, whose frames
+        # (messages, confirmations, replies) reach the Session as they come; set by a
+        # SUBSCRIBE-family request, cleared by the shell once no subscription is left.
+        self.sticky = None
 
     def dest(self, args: list[bytes], in_tx: bool) -> Dest:
+        d = self._dest(args, in_tx)
+        if self.sticky is None or d.local is not None or d.sub:
+            return d
+        for where, arg, _ in d.parts:
+            if not (where == TO_HOME or (where == TO_SLOT and self.owner(arg) == self.sticky)):
+                name = self.rules.lookup(args).name
+                return Dest(local=not_routed(name, self.route_name, "a connection with subscriptions stays on the "
+                                             f"node of its subscriptions ({_addr(self.sticky)}), and this request "
+                                             "needs another node: unsubscribe first, or use another connection"))
+        return Dest([(TO_NODE, self.sticky, d.parts[0][2])], None)
+
+    def _dest(self, args: list[bytes], in_tx: bool) -> Dest:
         """`in_tx`: the Session has a MULTI open (False for MULTI itself and EXEC)."""
         rule = self.rules.lookup(args)
         c = rule.cluster
@@ -95,6 +120,8 @@ class Router:
         if c == NOT_ROUTED:
             return Dest(local=not_routed(name, self.route_name, rule.cluster_why))
         data = encode_command(args)
+        if c == SUBSCRIBE:
+            return self._subscribe(rule, args, data)
         if self.tx is not None:
             return self._in_tx(rule, args, data)
         if c == TX:
@@ -161,6 +188,31 @@ class Router:
         args = list(args)
         args[1] = str(server).encode()
         return Dest([(TO_INDEX, index, encode_command(args))], None)  # the Mux re-encodes the cursor
+
+    def _subscribe(self, rule, args, data) -> Dest:
+        """The node of the subscriptions: shard channels' slot owner, else the node the
+        connection is on (classic messages are cluster-wide: any node has them all)."""
+        addr = self.sticky
+        if rule.subscribe[0] == "shard" and len(args) > 1:
+            try:
+                slot = common_slot(args[1:])
+            except CrossSlot:
+                return Dest(local=CROSSSLOT)
+            node = self.owner(slot)
+            if node is None:
+                return Dest(local="CLUSTERDOWN proxy: no primary serves the hash slot of these shard channels in the "
+                                  "proxy's map of the cluster")
+            if addr is not None and node != addr:
+                return Dest(local=not_routed(rule.name, self.route_name, "this connection's subscriptions are on "
+                                             f"{_addr(addr)} and these shard channels are served by {_addr(node)}: "
+                                             "subscribe to them on another connection"))
+            addr = node
+        if addr is None:
+            addr = self.home()
+            if addr is None:
+                return Dest(local="CLUSTERDOWN proxy: no node in the proxy's map of the cluster")
+        self.sticky = addr
+        return Dest([(TO_NODE, addr, data)], None, sub=True)
 
     # -- transactions: one slot, one node
 
@@ -318,6 +370,7 @@ class Mux:
         self.writes: dict = {}          # addr -> [bytes]
         self.state: list[bytes] = []    # connection state sent so far (for nodes opened later)
         self.home = None
+        self.sticky = None              # subscribed: requests go here, its frames to the Session as they come
 
     def _home(self):
         if self.home is None:
@@ -326,6 +379,11 @@ class Mux:
         return self.home
 
     def submit(self, dest: Dest) -> None:
+        if dest.sub or (self.sticky is not None and dest.local is None):
+            # on the subscriptions' node (the shell entered it once nothing else was owed)
+            (_, addr, data), = dest.parts
+            self.writes.setdefault(addr, []).append(data)
+            return
         if dest.local is not None:
             e = Entry(1, first_reply)
             e.replies[0], e.left = error(dest.local), 0

@@ -31,6 +31,9 @@ class SpreadIO:
         self.up = conn.route.upstream
         self.topology = conn.proxy.clusters.get(cluster_key(self.up))
         self.mux = Mux(self.owner, self.primaries)
+        router = self.session.spread
+        router.owner, router.home = self.owner, self.mux._home
+        self.backlog: list = []    # requests after a subscription that waits for the other nodes' replies
         self.nodes: dict[tuple, NodeConn] = {}
         self.paused = False        # the client does not read: node connections are not read either
         self._flushing = False
@@ -63,10 +66,11 @@ class SpreadIO:
         self._flushing = True
         try:
             while True:
-                if s.out_upstream:
+                if s.out_upstream or self.backlog:
                     if s.upstream_error is None:
-                        for dest in s.out_upstream:
-                            mux.submit(dest)
+                        self._submit(s.out_upstream)
+                    else:
+                        self.backlog.clear()
                     s.out_upstream.clear()
                 for addr, chunks in mux.take_writes().items():
                     self.node(addr).write(b"".join(chunks))
@@ -88,10 +92,29 @@ class SpreadIO:
                 c.stats.bytes_out["client"] += len(data)
                 if c.client_paused:
                     c._check_output_limit()
+        if mux.sticky is not None and not s.pending and not s._subscribed() and not s.sub_waiting \
+                and not self.backlog:
+            mux.sticky = s.spread.sticky = None  # no subscription left: requests go to every node again
         if (c.draining or s.close_when_done) and not c.closed:
             c._maybe_close()
         if s.idle:
             c.proxy.idle_changed()
+
+    def _submit(self, dests: list) -> None:
+        """Into the Mux in order. A subscription moves the connection onto one node: only
+        once every reply owed by the other nodes is in (then that node's frames reach the
+        Session as they come), so what follows it waits in `backlog` until then."""
+        mux = self.mux
+        if self.backlog:
+            self.backlog += dests
+            dests, self.backlog = self.backlog, []
+        for i, dest in enumerate(dests):
+            if dest.sub and mux.sticky is None:
+                if not mux.idle:
+                    self.backlog = list(dests[i:])
+                    return
+                mux.sticky = dest.parts[0][1]
+            mux.submit(dest)
 
     def node(self, addr) -> "NodeConn":
         n = self.nodes.get(addr)
@@ -206,7 +229,9 @@ class NodeConn(asyncio.Protocol):
                         msg = raw[1:-2].decode("utf-8", "replace")
                         return io.lost(f"upstream {format_addr(*self.addr)} refused the proxy's handshake: {msg}")
                     continue
-                if raw[:1] == b">":  # a RESP3 push belongs to no request
+                if raw[:1] == b">" or mux.sticky == self.addr:
+                    # a RESP3 push belongs to no request; on the subscriptions' node every
+                    # frame goes to the Session as it comes (it tells messages from replies)
                     io.session.upstream_data(raw)
                     continue
                 if raw[:4] in (b"-MOV", b"-ASK") and len(mux.owed.get(self.addr) or ()) and \

@@ -93,8 +93,9 @@ def test_cross_slot_commands_are_refused_by_the_proxy(spread):
     with pytest.raises(redis.ResponseError, match="WAIT is refused on route .*: on a spread route over a Redis "
                                                   "Cluster it waits for this connection's own writes"):
         c.execute_command("WAIT", "0", "0")
-    with pytest.raises(redis.ResponseError, match="SUBSCRIBE is refused on route .*subscriptions"):
-        c.execute_command("SUBSCRIBE", "ch")
+    with pytest.raises(redis.ResponseError, match="CLIENT TRACKING is refused on route .*invalidations come from "
+                                                  "every node"):
+        c.execute_command("CLIENT", "TRACKING", "on")
     assert c.ping() is True
 
 
@@ -228,15 +229,49 @@ def test_brpop_blocks_on_the_owner(cluster, spread):
     assert box["v"] == (q.encode(), b"job")
 
 
-def test_publish_is_cluster_wide(cluster, spread):
+def test_pub_sub(cluster, spread):
+    """SUBSCRIBE / PSUBSCRIBE on one node (messages are cluster-wide), SSUBSCRIBE on the
+    owner of the channel's slot; PUBLISH / SPUBLISH through the proxy."""
     p, ns = spread
-    sub = cluster.primaries[2].client().pubsub()
-    sub.subscribe(f"{ns}:news")
+    c = client(p)
+    # a message published on another node reaches a subscriber through the proxy
+    sub = client(p).pubsub()
+    sub.subscribe("news")
+    sub.psubscribe("new*")
     assert sub.get_message(timeout=10)["type"] == "subscribe"
-    assert client(p).publish("news", "hi") >= 0
-    m = sub.get_message(timeout=10, ignore_subscribe_messages=True)
-    assert (m["channel"], m["data"]) == (f"{ns}:news".encode(), b"hi")
+    assert sub.get_message(timeout=10)["type"] == "psubscribe"
+    cluster.primaries[2].call("PUBLISH", f"{ns}:news", "direct")
+    assert c.publish("news", "hi") >= 1
+    got = [sub.get_message(timeout=10, ignore_subscribe_messages=True) for _ in range(4)]
+    assert sorted((m["type"], m["channel"], m["data"]) for m in got) == [
+        ("message", b"news", b"direct"), ("message", b"news", b"hi"),
+        ("pmessage", b"news", b"direct"), ("pmessage", b"news", b"hi")]
     sub.close()
+    # shard channels: on the owner of their slot
+    owner = cluster.primary_for(key_slot(f"{ns}:orders".encode()))
+    ssub = client(p).pubsub()
+    ssub.ssubscribe("orders")
+    assert ssub.get_message(timeout=10)["type"] == "ssubscribe"
+    assert owner.call("PUBSUB", "SHARDNUMSUB", f"{ns}:orders")[1] == 1
+    assert c.spublish("orders", "o1") == 1
+    m = ssub.get_message(timeout=10, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (b"orders", b"o1")
+    ssub.close()
+    # RESP3: commands between messages on the subscriptions' node; after the last
+    # UNSUBSCRIBE the connection reaches every node again
+    r = Raw("127.0.0.1", p.port)
+    r.send(("HELLO", "3"))
+    assert r.read()[0].startswith(b"%")
+    r.send(("SUBSCRIBE", "ch3"))
+    assert r.read() == [b">3\r\n$9\r\nsubscribe\r\n$3\r\nch3\r\n:1\r\n"]
+    r.send(("PING",), ("KEYS", "*"))
+    first, second = r.read(2)
+    assert first == b"+PONG\r\n" and b"stays on the node of its subscriptions" in second
+    r.send(("UNSUBSCRIBE",))
+    assert r.read() == [b">3\r\n$11\r\nunsubscribe\r\n$3\r\nch3\r\n:0\r\n"]
+    keys = [f"after{i}" for i in range(12)]
+    r.send(*[("SET", k, "1") for k in keys], ("DEL", *keys))
+    assert r.read(13) == [b"+OK\r\n"] * 12 + [b":12\r\n"]
 
 
 def test_slot_migrated_during_traffic(cluster, spread):
@@ -298,3 +333,21 @@ def test_slot_migrated_during_traffic(cluster, spread):
     for i, w in enumerate(writers):
         _check_writes([w], c.lrange(f"{{{tag}}}:list{i}", 0, -1))
     assert dst.call("LLEN", f"{ns}:{{{tag}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+
+def test_resp3_and_connection_state_reach_every_node(cluster, spread):
+    """HELLO 3 and CLIENT SETNAME go to every node the client uses, opened before or after."""
+    p, ns = spread
+    c = client(p, protocol=3)
+    name = uniq("nm")
+    c.client_setname(name)
+    keys = [f"r3:{i}" for i in range(30)]
+    for k in keys:
+        c.hset(k, mapping={"f": k})
+    assert [c.hgetall(k) for k in keys] == [{b"f": k.encode()} for k in keys]
+    assert c.mget([f"nope{i}" for i in range(10)]) == [None] * 10
+    assert c.client_getname() == name.encode()
+    # every primary has a connection of this client, named and speaking RESP3
+    for n in cluster.primaries:
+        lines = [ln for ln in n.call("CLIENT", "LIST").decode().splitlines() if f"name={name} " in ln]
+        assert lines and all("resp=3" in ln for ln in lines), n

@@ -9,7 +9,8 @@ import random
 from proxy.cluster import key_slot
 from proxy.resp import encode_command
 from proxy.rules import default_rules
-from proxy.spread import (CROSSSLOT, CURSOR_NODES, TO_EVERY, TO_HOME, TO_INDEX, TO_SLOT, TO_TX, Mux, Router,
+from proxy.spread import (CROSSSLOT, CURSOR_NODES, TO_EVERY, TO_HOME, TO_INDEX, TO_NODE, TO_SLOT, TO_TX, Mux,
+                          Router,
                           encode_cursor, scan_reply)
 
 RULES = default_rules()
@@ -45,10 +46,10 @@ def test_keyless_and_fan_out():
 
 
 def test_not_routed_is_refused_naming_command_route_and_why():
-    for cmd, why in ((("WAIT", "0", "0"), "own writes"), (("SUBSCRIBE", "c"), "subscriptions"),
+    for cmd, why in ((("WAIT", "0", "0"), "own writes"), (("CLIENT", "TRACKING", "on"), "invalidations"),
                      (("RESET",), "log out"), (("NOSUCHCMD",), "does not know it")):
         d = dest(*cmd)
-        assert d.local.startswith(f"ERR {cmd[0]} is refused on route r1: on a spread route over a Redis Cluster")
+        assert d.local.startswith(f"ERR {' '.join(cmd[:2]) if cmd[0] == 'CLIENT' else cmd[0]} is refused on route r1: on a spread route over a Redis Cluster")
         assert why in d.local and 'slot = "pinned"' in d.local, d.local
 
 
@@ -176,3 +177,19 @@ def test_no_owner_is_an_error_in_place():
     mux.submit(dest("GET", "a"))
     (reply,) = mux.ready()
     assert reply.startswith(b"-CLUSTERDOWN proxy: no primary serves this hash slot")
+
+
+def test_subscriptions_keep_the_connection_on_one_node():
+    nodes = {key_slot(b"{a}c"): ("n", 1)}
+    r = Router(RULES, "r1", owner=lambda s: nodes.get(s, ("n", 0)), home=lambda: ("n", 0))
+    d = dest("SSUBSCRIBE", "{a}c", "{a}d", r=r)
+    assert d.sub and d.parts[0][:2] == (TO_NODE, ("n", 1)) and r.sticky == ("n", 1)
+    assert dest("SUBSCRIBE", "x", r=r).parts[0][1] == ("n", 1)         # classic: where the connection is
+    assert "served by" in dest("SSUBSCRIBE", "zz", r=r).local           # shard channels of another node
+    assert dest("SSUBSCRIBE", "{a}c", "zz", r=r).local == CROSSSLOT
+    assert dest("PING", r=r).parts[0][:2] == (TO_NODE, ("n", 1))
+    assert dest("GET", "{a}k", r=r).parts[0][:2] == (TO_NODE, ("n", 1))
+    assert "stays on the node of its subscriptions" in dest("GET", "other", r=r).local
+    assert "stays on the node" in dest("KEYS", "*", r=r).local
+    r.sticky = None  # unsubscribed (the shell clears it)
+    assert dest("GET", "other", r=r).parts[0][0] == TO_SLOT
