@@ -29,12 +29,16 @@ from __future__ import annotations
 
 from collections import deque
 
-from proxy.cluster import CrossSlot, common_slot, group_by_slot, key_slot
+from proxy.cluster import CrossSlot, common_slot, group_by_slot, key_slot, parse_redirect
 from proxy.overlay import (ANY, CONCAT, EVERY, FIRST_KEY, FIRST_VALUE, NOT_ROUTED, SCAN_NODES, SLOT, SPLIT_OK,
                            SPLIT_SUM, SPLIT_VALUES, STATE, SUBSCRIBE, SUM, TX)
 from proxy.resp import encode_command, error, is_error, split
 
 CROSSSLOT = "CROSSSLOT Keys in request don't hash to the same slot"
+# A request answered -MOVED / -ASK is sent again where the redirect says, at most this
+# many times; then the client gets the redirect as -TRYAGAIN (Session._redirected).
+MAX_REDIRECTS = 5
+ASKING = encode_command([b"ASKING"])
 # A SCAN cursor of a spread route: server cursor * CURSOR_NODES + the node's index among
 # the primaries ordered by their lowest slot (a decimal integer any client parses).
 CURSOR_NODES = 1024
@@ -362,9 +366,12 @@ class Mux:
     in `queue`; `node_reply(addr, raw)` fills the entry owed by that node's oldest request;
     `ready()` gives the replies of the completed prefix of the queue, in request order."""
 
-    def __init__(self, owner, primaries):
+    def __init__(self, owner, primaries, locate=None):
         self.owner = owner
         self.primaries = primaries
+        # locate(redirect, addr of the node that sent it) -> where to send it again, or None
+        self.locate = locate or (lambda r, addr: r.address(addr[0]))
+        self.redirects: list = []       # followed since the shell last looked (it tells the Topology)
         self.queue: deque[Entry] = deque()
         self.owed: dict = {}            # addr -> deque of (entry, index)
         self.writes: dict = {}          # addr -> [bytes]
@@ -435,11 +442,12 @@ class Mux:
             tx.addr = self.owner(tx.slot) if tx.slot is not None else self._home()
             tx.addr = tx.addr or ("", 0)
             for held in tx.held:
-                self._send(tx.addr, *held)
+                self._send(tx.addr, *held, resend=False)
             tx.held.clear()
-        self._send(tx.addr, e, i, data)
+        # a transaction is never re-sent in part: a redirect inside it reaches the client
+        self._send(tx.addr, e, i, data, resend=False)
 
-    def _send(self, addr, e: Entry | None, i: int, data: bytes) -> None:
+    def _send(self, addr, e: Entry | None, i: int, data: bytes, resend: bool = True, tries: int = 0) -> None:
         if not addr or addr == ("", 0):
             if e is None:
                 return
@@ -447,13 +455,26 @@ class Mux:
                                  "cluster; the command was not run")
             e.left -= 1
             return
-        self.owed.setdefault(addr, deque()).append((e, i))
+        # the bytes are kept until the reply, to be sent again after a redirect
+        self.owed.setdefault(addr, deque()).append((e, i, data if resend else None, tries))
         self.writes.setdefault(addr, []).append(data)
 
     def node_reply(self, addr, raw: bytes) -> None:
-        """A whole reply frame from node `addr` (raises IndexError if none is owed)."""
-        e, i = self.owed[addr].popleft()
-        if e is not None:  # None: a reply the proxy gave already (a held MULTI)
+        """A whole reply frame from node `addr` (raises IndexError if none is owed). A
+        -MOVED / -ASK means the request was not run: it is sent again where the redirect
+        says (ASK: behind ASKING, whose reply is the proxy's), into the same place of the
+        reorder queue, so the client's replies stay in order."""
+        e, i, data, tries = self.owed[addr].popleft()
+        if data is not None and raw[:2] in (b"-M", b"-A") and tries < MAX_REDIRECTS \
+                and (raw.startswith(b"-MOVED ") or raw.startswith(b"-ASK ")):
+            r = parse_redirect(raw[1:].rstrip(b"\r\n").decode("utf-8", "replace"))
+            to = self.locate(r, addr) if r is not None else None
+            if to is not None:
+                self.redirects.append(r)
+                if r.kind == "ASK":
+                    self._send(to, None, 0, ASKING, resend=False)
+                return self._send(to, e, i, data, tries=tries + 1)
+        if e is not None:  # None: a reply the proxy gave already (a held MULTI, ASKING)
             e.replies[i] = raw
             e.left -= 1
 

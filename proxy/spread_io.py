@@ -30,7 +30,7 @@ class SpreadIO:
         self.session = conn.session
         self.up = conn.route.upstream
         self.topology = conn.proxy.clusters.get(cluster_key(self.up))
-        self.mux = Mux(self.owner, self.primaries)
+        self.mux = Mux(self.owner, self.primaries, self.locate)
         router = self.session.spread
         router.owner, router.home = self.owner, self.mux._home
         self.backlog: list = []    # requests after a subscription that waits for the other nodes' replies
@@ -54,6 +54,10 @@ class SpreadIO:
                  and sh.ranges}
         prim.sort(key=lambda n: first.get(id(n), 0))
         return [(n.addr[0], n.port_for(tls)) for n in prim]
+
+    def locate(self, r, addr):
+        t = self.topology
+        return r.address(addr[0], t.map if t is not None else None)
 
     # -- moving bytes
 
@@ -133,13 +137,13 @@ class SpreadIO:
         self.flush()
         self.close()
 
-    def redirected(self, raw: bytes) -> None:
-        """A -MOVED / -ASK for one part of a split request: the map follows it (a whole
-        request's redirect reaches the Session, which reports it itself)."""
-        from proxy.cluster_route import redirect_error
-        got = redirect_error(raw)
-        if got is not None and got[1] is not None and self.session.on_redirect is not None:
-            self.session.on_redirect(got[1])
+    def redirected(self) -> None:
+        """Requests the Mux sent again after -MOVED / -ASK: the map follows a MOVED at
+        once (Topology.redirected), as when a pinned route's client gets -TRYAGAIN."""
+        rs, self.mux.redirects = self.mux.redirects, []
+        if self.session.on_redirect is not None:
+            for r in rs:
+                self.session.on_redirect(r)
 
     def close(self) -> None:
         for n in list(self.nodes.values()):
@@ -234,13 +238,12 @@ class NodeConn(asyncio.Protocol):
                     # frame goes to the Session as it comes (it tells messages from replies)
                     io.session.upstream_data(raw)
                     continue
-                if raw[:4] in (b"-MOV", b"-ASK") and len(mux.owed.get(self.addr) or ()) and \
-                        mux.owed[self.addr][0][0] is not None and len(mux.owed[self.addr][0][0].replies) > 1:
-                    io.redirected(raw)  # a split part: the merged reply may no longer say MOVED
                 if not mux.owes(self.addr):
                     io.conn.stats.errors["unexpected_reply"] += 1
                     return io.lost(f"{format_addr(*self.addr)} sent a reply no request was waiting for")
                 mux.node_reply(self.addr, raw)
+                if mux.redirects:
+                    io.redirected()
         except ProtocolError as e:
             return io.lost(f"upstream {format_addr(*self.addr)} sent bytes that are not RESP: {e}")
         self.buf = buf[pos:]

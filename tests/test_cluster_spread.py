@@ -163,11 +163,13 @@ def test_scan_keys_dbsize_flushdb_over_every_primary(cluster, spread):
     assert c.dbsize() == 350
     assert sorted(c.keys("*")) == sorted(names)
     assert sorted(c.keys("sc:*")) == sorted(k for k in names if k.startswith(b"sc:"))
-    # SCAN: every key exactly once over the three nodes, with MATCH and COUNT
+    # SCAN over the three nodes, with MATCH and COUNT: every key, none from outside. (A key
+    # twice is what Redis's own SCAN may give while a node's table is being rehashed, as
+    # just after these writes; that each node is walked once is tests/test_spread.py's.)
     seen = list(c.scan_iter(count=7))
-    assert sorted(seen) == sorted(names)
+    assert set(seen) == names
     seen = list(c.scan_iter(match="other:*", count=1000))
-    assert sorted(seen) == sorted(k for k in names if k.startswith(b"other:"))
+    assert set(seen) == {k for k in names if k.startswith(b"other:")}
     cursor, batch = c.scan(0, count=5)
     assert cursor != 0
     assert c.randomkey() in names
@@ -276,8 +278,10 @@ def test_pub_sub(cluster, spread):
 
 def test_slot_migrated_during_traffic(cluster, spread):
     """Pipelines of RPUSH (in a slot being migrated) + ECHO + SET (other slots) from three
-    clients while the slot moves: a redirect is answered -TRYAGAIN (not run), every
-    acknowledged write is stored exactly once, every ECHO is its own."""
+    clients while the slot moves: every -ASK and -MOVED is followed by the proxy (the
+    request was not run; it is sent again where the redirect says, its reply in its
+    place), so no client sees one; every acknowledged write is stored exactly once,
+    every ECHO is its own."""
     from test_cluster_routing import Writer, _check_writes
 
     class MixedWriter(Writer):
@@ -317,9 +321,12 @@ def test_slot_migrated_during_traffic(cluster, spread):
         w.start()
     try:
         wait_until(lambda: all(len(w.acked) >= 20 for w in writers), "traffic before the migration")
+        asking = lambda: int(dst.info("commandstats").get("cmdstat_asking", {}).get("calls", 0))  # noqa: E731
+        before = asking()
         cluster.begin_migration(slot, src, dst)
         cluster.move_keys(slot, src, dst)
-        wait_until(lambda: sum(w.asks for w in writers) >= 3, "ASK answered as TRYAGAIN")
+        # keys already moved: the old owner answers -ASK, the proxy sends ASKING + the request to dst
+        wait_until(lambda: asking() >= before + 3, "ASK followed by the proxy")
         cluster.move_keys(slot, src, dst)
         cluster.finish_migration(slot, dst)
         marks = [len(w.acked) for w in writers]
@@ -332,6 +339,7 @@ def test_slot_migrated_during_traffic(cluster, spread):
     c = client(p)
     for i, w in enumerate(writers):
         _check_writes([w], c.lrange(f"{{{tag}}}:list{i}", 0, -1))
+        assert w.redirected == [] and w.unknown == [], (w.redirected[:3], w.unknown[:3])
     assert dst.call("LLEN", f"{ns}:{{{tag}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
 
 

@@ -193,3 +193,32 @@ def test_subscriptions_keep_the_connection_on_one_node():
     assert "stays on the node" in dest("KEYS", "*", r=r).local
     r.sticky = None  # unsubscribed (the shell clears it)
     assert dest("GET", "other", r=r).parts[0][0] == TO_SLOT
+
+
+def test_moved_and_ask_are_sent_again_in_place():
+    nodes = [("n", 0), ("n", 1), ("n", 2)]
+    mux = Mux(lambda s: nodes[0], lambda: nodes)
+    for cmd in (("SET", "a", "1"), ("ECHO", "e"), ("GET", "a")):
+        mux.submit(dest(*cmd))
+    (addr, chunks), = mux.take_writes().items()
+    assert addr == nodes[0] and len(chunks) == 3
+    mux.node_reply(addr, b"-MOVED 15495 n:1\r\n")   # not run: sent again to n:1
+    mux.node_reply(addr, b"$1\r\ne\r\n")
+    mux.node_reply(addr, b"-ASK 15495 n:2\r\n")     # ASKING + the request to n:2
+    assert mux.ready() == []                          # the first reply is not in yet: order kept
+    w = mux.take_writes()
+    assert w == {nodes[1]: [chunks[0]], nodes[2]: [b"*1\r\n$6\r\nASKING\r\n", chunks[2]]}
+    assert [r.kind for r in mux.redirects] == ["MOVED", "ASK"]
+    mux.node_reply(nodes[2], b"+OK\r\n")            # ASKING's reply: the proxy's own
+    mux.node_reply(nodes[2], b"$1\r\n1\r\n")
+    mux.node_reply(nodes[1], b"+OK\r\n")
+    assert mux.ready() == [b"+OK\r\n", b"$1\r\ne\r\n", b"$1\r\n1\r\n"]
+    # a request redirected again and again: after MAX_REDIRECTS the client gets the redirect
+    from proxy.spread import MAX_REDIRECTS
+    mux.submit(dest("GET", "b"))
+    for _ in range(MAX_REDIRECTS):
+        (addr, _), = mux.take_writes().items()
+        mux.node_reply(addr, b"-MOVED 3300 n:0\r\n")
+    (addr, _), = mux.take_writes().items()
+    mux.node_reply(addr, b"-MOVED 3300 n:0\r\n")
+    assert mux.ready() == [b"-MOVED 3300 n:0\r\n"]   # Session._redirected makes it -TRYAGAIN
