@@ -359,3 +359,29 @@ def test_resp3_and_connection_state_reach_every_node(cluster, spread):
     for n in cluster.primaries:
         lines = [ln for ln in n.call("CLIENT", "LIST").decode().splitlines() if f"name={name} " in ln]
         assert lines and all("resp=3" in ln for ln in lines), n
+
+
+def test_blocked_brpop_follows_its_slot(cluster, spread):
+    """A BRPOP blocked on a node whose slot moves is answered -MOVED by the server (it
+    was not served): the proxy blocks it again on the new owner, and the client gets the
+    job pushed there (with the command's whole timeout again)."""
+    p, ns = spread
+    tag = uniq("blk")
+    slot = key_slot(tag.encode())
+    src = cluster.primary_for(slot)
+    dst = next(n for n in cluster.primaries if n is not src)
+    box = {}
+
+    def block():
+        try:
+            box["v"] = client(p, socket_timeout=40).brpop([f"{{{tag}}}:qa", f"{{{tag}}}:qb"], timeout=30)
+        except redis.RedisError as e:
+            box["e"] = e
+    t = threading.Thread(target=block)
+    t.start()
+    wait_until(lambda: src.blocked("brpop"), "the BRPOP blocked on the owner")
+    cluster.migrate_slot(slot, dst)
+    wait_until(lambda: dst.blocked("brpop"), "the BRPOP blocked again on the new owner")
+    client(p).lpush(f"{{{tag}}}:qb", "job")
+    t.join(40)
+    assert box == {"v": (f"{{{tag}}}:qb".encode(), b"job")}
