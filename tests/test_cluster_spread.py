@@ -385,3 +385,48 @@ def test_blocked_brpop_follows_its_slot(cluster, spread):
     client(p).lpush(f"{{{tag}}}:qb", "job")
     t.join(40)
     assert box == {"v": (f"{{{tag}}}:qb".encode(), b"job")}
+
+
+def test_primary_killed_and_replica_promoted():
+    """Its own cluster: a primary SIGKILLed under traffic over every slot. A client with
+    a request on the dead node gets `upstream unavailable` (the proxy cannot know whether
+    it ran) and is closed; new connections reach the promoted replica once the map is
+    read again; readiness follows; writes WAITed for on the node before the kill are there."""
+    from cluster_helpers import start_cluster
+    from proxy.embedded import free_port
+    from test_cluster_routing import ready, readiness_text
+    c = start_cluster("valkey")
+    p = None
+    try:
+        victim = c.primaries[2]
+        mport = free_port()
+        ns = uniq("fo")
+        p = ProxyProcess(["--upstream", f"redis+cluster://{c.seeds()}", "--namespace", ns, "--policy", "app",
+                          "--metrics-listen", f"127.0.0.1:{mport}"])
+        assert ready(mport)
+        r = client(p)
+        keys = [f"safe{i}" for i in range(60)]
+        r.mset({k: k for k in keys})
+        for n in c.primaries:  # every write on its replica before the kill
+            assert n.call("WAIT", 1, 10000) == 1
+        held = client(p)
+        assert held.get(next(k for k in keys if c.primary_for(key_slot(f"{ns}:{k}".encode())) is victim))
+        c.kill_primary(victim)
+        # the held connection used the dead node: its next request there fails, never hangs
+        with pytest.raises(redis.RedisError):
+            for k in keys:
+                held.get(k)
+        wait_until(lambda: client(p).mget(keys) == [k.encode() for k in keys], "every key read again")
+        wait_until(lambda: ready(mport), "ready again")
+        # slots served by nobody: not ready, and the reason says so
+        slot = key_slot(f"{ns}:{keys[0]}".encode())
+        for n in c.live():
+            try:
+                n.call("CLUSTER", "DELSLOTS", slot)
+            except redis.ResponseError:
+                pass
+        wait_until(lambda: "does not cover every slot" in readiness_text(mport), "not ready while uncovered")
+    finally:
+        if p is not None:
+            p.stop()
+        c.stop()
