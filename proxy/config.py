@@ -360,8 +360,9 @@ def apply_sentinel_auth(routes: list, vals: dict[str, tuple]) -> None:
             r.upstream = replace(up, sentinel=spec)
 
 
-# -- Redis Cluster upstreams: pinned routes only (check_cluster_route; docs/cluster.md says
-# what is built and what is designed only).
+# -- Redis Cluster upstreams: pinned routes (one slot, its owner) and spread routes (each
+# request to the owner of its keys' slot, proxy/spread.py); check_cluster_route; docs/cluster.md
+# says what is built and what is designed only.
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -416,10 +417,11 @@ def parse_cluster_url(url: str) -> ClusterUpstream:
 
 
 def check_cluster_route(route: "Route", label: str, where: str) -> "Route":
-    """Fail closed: on a cluster only pinned routes are routed (every key of the route in
-    one slot, served by that slot's primary; docs/cluster.md). A spread route, a client
-    db mapped to a backend db other than 0 (a cluster has db 0 only), or client dbs whose
-    namespaces are in different slots are configuration errors."""
+    """Fail closed: a route on a cluster is pinned (every key of the route in one slot,
+    served by that slot's primary) or spread (no db pinned: each request to the owner of
+    its keys' slot, proxy/spread.py); docs/cluster.md. A client db mapped to a backend db
+    other than 0 (a cluster has db 0 only), pinned and unpinned dbs in one route, or
+    pinned dbs whose namespaces are in different slots are configuration errors."""
     up = route.upstream
     if up.cluster is None:
         return route
