@@ -552,6 +552,8 @@ class ClientConnection(asyncio.Protocol):
     def check_upstream(self, now: float, limit: float) -> None:
         """limits.reply_timeout on a dedicated connection: a reply owed (not to a blocking
         command) and no byte from the server for `limit` seconds: the connection is dead."""
+        if self.spread is not None:
+            return self.spread.check(now, limit)
         up = self.upstream
         if up is None or up.transport is None or self.closed:
             return
@@ -1358,7 +1360,7 @@ class Proxy:
         for c in list(self.clients):
             if c.closed:
                 continue
-            if reply and c.upstream is not None:
+            if reply and (c.upstream is not None or c.spread is not None):
                 c.check_upstream(now, reply)
             if idle:
                 # a client still at the gate (not authenticated) owes nothing: it may be closed

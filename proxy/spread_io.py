@@ -149,6 +149,22 @@ class SpreadIO:
         for n in list(self.nodes.values()):
             n.close()
 
+    def check(self, now: float, limit: float) -> None:
+        """limits.reply_timeout: a node owes this client a reply (none to a blocking command
+        is owed) and has sent no byte for `limit` seconds: the connection is dead."""
+        if self.conn.closed:
+            return
+        timed = self.session.owes_timed_reply()
+        for n in list(self.nodes.values()):
+            if n.progress or not timed or not self.mux.owes(n.addr) or n.transport is None:
+                n.progress = False
+                n.since = now
+            elif now - n.since >= limit:
+                from proxy.config import format_addr
+                self.conn.stats.upstream_timeouts += 1
+                return self.lost(f"no reply from {format_addr(*n.addr)} within {limit:g}s ([limits] reply_timeout); "
+                                 "connection declared dead")
+
     def backpressure(self, read: bool) -> None:
         self.paused = not read
         for n in self.nodes.values():
@@ -166,6 +182,8 @@ class NodeConn(asyncio.Protocol):
         self.buf = b""
         self.closed = False
         self.is_reading = True
+        self.progress = False   # bytes arrived since the last tick (limits.reply_timeout)
+        self.since = 0.0
         up = io.up
         # the route's handshake, then the client's connection state so far (HELLO 3,
         # CLIENT SETNAME...): their replies are the connection's own
@@ -215,6 +233,7 @@ class NodeConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         io = self.io
+        self.progress = True
         io.conn.stats.bytes_in["upstream"] += len(data)
         io.conn.active = True
         buf = self.buf + data if self.buf else data

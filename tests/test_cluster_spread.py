@@ -409,13 +409,19 @@ def test_primary_killed_and_replica_promoted():
         r.mset({k: k for k in keys})
         for n in c.primaries:  # every write on its replica before the kill
             assert n.call("WAIT", 1, 10000) == 1
-        held = client(p)
-        assert held.get(next(k for k in keys if c.primary_for(key_slot(f"{ns}:{k}".encode())) is victim))
+        on_victim = next(k for k in keys if c.primary_for(key_slot(f"{ns}:{k}".encode())) is victim)
+        held = Raw("127.0.0.1", p.port)
+        held.send(("GET", on_victim))
+        assert held.read() == [b"$%d\r\n%s\r\n" % (len(on_victim), on_victim.encode())]
         c.kill_primary(victim)
-        # the held connection used the dead node: its next request there fails, never hangs
-        with pytest.raises(redis.RedisError):
-            for k in keys:
-                held.get(k)
+        # the held connection used the dead node: it is closed (an error for a request owed
+        # then), never left hanging
+        try:
+            held.send(("GET", on_victim))
+            got = held.sock.recv(65536)
+        except OSError:
+            got = b""
+        assert got == b"" or got.startswith(b"-ERR upstream unavailable"), got
         wait_until(lambda: client(p).mget(keys) == [k.encode() for k in keys], "every key read again")
         wait_until(lambda: ready(mport), "ready again")
         # slots served by nobody: not ready, and the reason says so
@@ -430,3 +436,25 @@ def test_primary_killed_and_replica_promoted():
         if p is not None:
             p.stop()
         c.stop()
+
+
+def test_reply_timeout_on_a_node_connection(cluster):
+    """limits.reply_timeout: a node that owes a reply and sends nothing (here: its writes
+    paused by CLIENT PAUSE) is declared dead; the client gets the reason, never a hang.
+    A blocked BRPOP owes a reply the server may take as long as asked: never timed."""
+    ns = uniq("rt")
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", ns, "--policy", "app",
+                      "--reply-timeout", "1"])
+    try:
+        key = "paused"
+        node = cluster.primary_for(key_slot(f"{ns}:{key}".encode()))
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("v", client(p).brpop(["{q}x"], timeout=2)))
+        t.start()
+        node.call("CLIENT", "PAUSE", 5000, "WRITE")  # far longer than the timeout
+        with pytest.raises(redis.RedisError, match=r"within 1s \(\[limits\] reply_timeout\)"):
+            client(p).set(key, "1")
+        t.join(20)
+        assert box == {"v": None}   # the BRPOP ran out its own timeout: not declared dead
+    finally:
+        p.stop()
