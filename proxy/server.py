@@ -585,7 +585,7 @@ class ClientConnection(asyncio.Protocol):
         self.apply_backpressure()
 
     def apply_backpressure(self) -> None:
-        shared = self.session.shared
+        shared = self.session.shared or (self.spread is not None and self.spread.shared)
         read_client = not (self.client_paused and shared) and not self.link_paused and not self.closed
         if read_client != self.reading_client and not self.closed:
             self.reading_client = read_client
@@ -1272,6 +1272,7 @@ class Proxy:
         self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
         self._trim_scheduled = False
         self.links: dict[tuple, SharedLink] = {}
+        self.spread_links: dict = {}   # (route name, upstream, node): spread_io.NodeLink (spread routes)
         self.bpools: dict[tuple, BlockingPool] = {}   # (route name, upstream): limits.blocking_pool
         # Latency histograms cost a clock read or two per batch; without an admin port
         # nobody can read them, so they are not kept. Counters are kept either way.
@@ -1355,7 +1356,7 @@ class Proxy:
         lim = self.config.limits
         idle, reply = lim.idle_timeout, lim.reply_timeout
         if reply:
-            for link in list(self.links.values()):
+            for link in list(self.links.values()) + list(self.spread_links.values()):
                 link.check(now, reply)
         for c in list(self.clients):
             if c.closed:
@@ -1711,6 +1712,9 @@ class Proxy:
             if (key[0], key[2]) not in current and not link.owners:
                 del self.links[key]
                 link.close()
+        for key, link in list(self.spread_links.items()):
+            if (key[0], key[1]) not in current and not link.owners:
+                link.close()
 
     async def check_commands(self) -> None:
         """Log commands the upstream has that the generated table does not know.
@@ -1800,7 +1804,7 @@ class Proxy:
                 log.warning("drain timeout: closing %d connections with replies owed", len(self.clients))
         for c in list(self.clients):
             c.close("shutdown")
-        for link in list(self.links.values()):
+        for link in list(self.links.values()) + list(self.spread_links.values()):
             link.close()
         for pool in self.bpools.values():
             pool.close_all()

@@ -64,7 +64,7 @@ class Dest:
     """Where one client request goes. `local`: answered by the proxy with this error
     (never sent). `parts`: [(where, arg, data)], `merge(replies) -> reply`."""
 
-    __slots__ = ("parts", "merge", "local", "state", "sub")
+    __slots__ = ("parts", "merge", "local", "state", "sub", "own", "hello")
 
     def __init__(self, parts=None, merge=None, local: str | None = None, state: bool = False, sub: bool = False):
         self.parts = parts or []
@@ -72,6 +72,8 @@ class Dest:
         self.local = local
         self.state = state   # connection state: also sent to node connections opened later
         self.sub = sub       # a subscription: the connection stays on its node (Mux.sticky)
+        self.own = False     # needs the client's own node connections (connection state, MULTI, blocking)
+        self.hello = 0       # a plain HELLO 2 / 3: the node links of that protocol
 
 
 def _addr(addr) -> str:
@@ -104,6 +106,12 @@ class Router:
 
     def dest(self, args: list[bytes], in_tx: bool) -> Dest:
         d = self._dest(args, in_tx)
+        if d.local is None:
+            # exactly one reply and no connection state: may share a node link (spread_io.NodeLink)
+            rule = self.rules.lookup(args)
+            d.own = not rule.shareable or rule.cluster in (STATE, TX, SUBSCRIBE) or self.tx is not None
+            if rule.name == "hello" and len(args) == 2 and args[1] in (b"2", b"3") and self.tx is None:
+                d.own, d.hello = False, int(args[1])  # RESP2 and RESP3 clients share different links
         if self.sticky is None or d.local is not None or d.sub:
             return d
         for where, arg, _ in d.parts:
@@ -112,7 +120,9 @@ class Router:
                 return Dest(local=not_routed(name, self.route_name, "a connection with subscriptions stays on the "
                                              f"node of its subscriptions ({_addr(self.sticky)}), and this request "
                                              "needs another node: unsubscribe first, or use another connection"))
-        return Dest([(TO_NODE, self.sticky, d.parts[0][2])], None)
+        d = Dest([(TO_NODE, self.sticky, d.parts[0][2])], None)
+        d.own = True
+        return d
 
     def _dest(self, args: list[bytes], in_tx: bool) -> Dest:
         """`in_tx`: the Session has a MULTI open (False for MULTI itself and EXEC)."""

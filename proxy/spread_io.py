@@ -1,17 +1,23 @@
 """The asyncio side of a spread route over a Redis Cluster (proxy/spread.py decides).
 
-Each client of a spread route has its own connection to each primary it uses (opened
-when a request first goes there, with the route's handshake and the connection state
-the client set so far), like a dedicated upstream connection per node. Replies are
-framed per node and handed to the client's `Mux`, which gives the Session one reply per
-request in request order. A node connection that fails ends the client as a lost
-dedicated connection does (every owed reply answered with the error: the proxy cannot
-know which requests ran)."""
+With `upstream_mode = "shared"` (the default) a client's plain requests (exactly one
+reply, no connection state) go on the route's shared link to each node (`NodeLink`,
+one per route and node, carrying many clients' requests, as server.SharedLink does for
+one server). Once a client needs connections of its own (connection state such as
+HELLO 3 or CLIENT SETNAME, MULTI, WATCH, a blocking command, a subscription) it moves,
+for good and once its shared replies are in, to its own connection to each primary it
+uses (`NodeConn`, opened on first use with the route's handshake and the connection
+state sent so far); in dedicated mode it starts there. Either way each node's replies
+are framed and handed to the client's `Mux`, which gives the Session one reply per
+request in request order. A node connection or link that fails ends its clients as a
+lost dedicated connection does (every owed reply answered with the error: the proxy
+cannot know which requests ran)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from time import perf_counter
 
 from proxy.config import connect_failure, format_addr
@@ -33,8 +39,11 @@ class SpreadIO:
         self.mux = Mux(self.owner, self.primaries, self.locate)
         router = self.session.spread
         router.owner, router.home = self.owner, self.mux._home
-        self.backlog: list = []    # requests after a subscription that waits for the other nodes' replies
+        self.backlog: list = []    # requests waiting until the other nodes' replies are in (see _submit)
         self.nodes: dict[tuple, NodeConn] = {}
+        self.shared = conn.proxy.config.limits.upstream_mode == "shared"   # on the node links, for now
+        self.links: set = set()    # the NodeLinks this client has used (backpressure)
+        self.proto = 2             # the protocol of the links it uses (HELLO 3: the RESP3 links)
         self.paused = False        # the client does not read: node connections are not read either
         self._flushing = False
 
@@ -77,7 +86,10 @@ class SpreadIO:
                         self.backlog.clear()
                     s.out_upstream.clear()
                 for addr, chunks in mux.take_writes().items():
-                    self.node(addr).write(b"".join(chunks))
+                    if self.shared:
+                        self.link(addr).submit(self, chunks)
+                    else:
+                        self.node(addr).write(b"".join(chunks))
                 replies = mux.ready()
                 if not replies or s.upstream_error is not None:
                     break
@@ -113,12 +125,43 @@ class SpreadIO:
             self.backlog += dests
             dests, self.backlog = self.backlog, []
         for i, dest in enumerate(dests):
-            if dest.sub and mux.sticky is None:
+            # leaving the shared links (for good) or entering a subscription: once nothing is
+            # owed any more, so no request runs out of order and no reply arrives on a channel
+            # the Mux does not expect
+            hello = dest.hello and self.shared and dest.hello != self.proto
+            if (dest.own and self.shared) or (dest.sub and mux.sticky is None) or hello:
                 if not mux.idle:
                     self.backlog = list(dests[i:])
                     return
-                mux.sticky = dest.parts[0][1]
+                if hello:
+                    self.leave_links(shared=True)
+                    self.proto = dest.hello
+                elif self.shared:
+                    self.leave_links()
+                if dest.sub:
+                    mux.sticky = dest.parts[0][1]
             mux.submit(dest)
+
+    def link(self, addr) -> "NodeLink":
+        proxy = self.conn.proxy
+        key = (self.conn.route.name, self.up, addr, self.proto)
+        link = proxy.spread_links.get(key)
+        if link is None or link.lost:
+            link = proxy.spread_links[key] = NodeLink(proxy, self.conn.route, addr, key, self.proto)
+            asyncio.ensure_future(link.connect())
+        if self not in link.clients:
+            link.clients.add(self)
+            self.links.add(link)
+        return link
+
+    def leave_links(self, shared: bool = False) -> None:
+        self.shared = shared
+        for link in self.links:
+            link.clients.discard(self)
+        self.links.clear()
+        if self.conn.link_paused:
+            self.conn.link_paused = False
+            self.conn.apply_backpressure()
 
     def node(self, addr) -> "NodeConn":
         n = self.nodes.get(addr)
@@ -148,6 +191,9 @@ class SpreadIO:
     def close(self) -> None:
         for n in list(self.nodes.values()):
             n.close()
+        for link in self.links:
+            link.clients.discard(self)
+        self.links.clear()
 
     def check(self, now: float, limit: float) -> None:
         """limits.reply_timeout: a node owes this client a reply (none to a blocking command
@@ -297,3 +343,173 @@ class NodeConn(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.io.conn.link_paused = False
         self.io.conn.apply_backpressure()
+
+
+class NodeLink(asyncio.Protocol):
+    """One connection to one primary carrying the plain requests of many clients of a
+    spread route (one protocol, no connection state): the node's replies come back in the order
+    the requests were written, so `owners` ([SpreadIO, replies owed] runs) says whose each
+    is; each goes to that client's Mux."""
+
+    def __init__(self, proxy, route, addr: tuple, key, proto: int = 2):
+        self.proxy = proxy
+        self.route = route
+        self.addr = addr
+        self.key = key
+        self.stats = proxy.stats[route.name]
+        self.transport = None
+        self.owners: deque = deque()
+        self.clients: set = set()
+        self.buf = b""
+        self.lost: str | None = None
+        self.progress = False
+        self.since = 0.0
+        cmds = [encode_command(a) for a in route.upstream.handshake(0, proto)]
+        self.out: list[bytes] = cmds
+        self.own = len(cmds)   # the handshake's replies are the link's own
+        self.scheduled = False
+
+    async def connect(self) -> None:
+        up = self.route.upstream
+        host, port = self.addr
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self, host, port, **up.ssl_args(host)),
+                                   self.proxy.config.limits.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.stats.upstream_failures += 1
+            self.fail(connect_failure(host, port, e, up.tls))
+            return
+        self.stats.upstream_opened += 1
+
+    def connection_made(self, transport) -> None:
+        if self.lost:
+            transport.close()
+            return
+        self.transport = transport
+        from proxy.server import _nodelay
+        _nodelay(transport, self.proxy.config.limits.tcp_keepalive)
+        self.stats.upstream_connections += 1
+        self.flush()
+
+    def submit(self, io: SpreadIO, chunks: list[bytes]) -> None:
+        """A client's requests (one reply each), written at the end of this loop iteration
+        together with the other clients'."""
+        if self.lost:
+            return io.lost(self.lost)
+        self.out += chunks
+        last = self.owners[-1] if self.owners else None
+        if last is not None and last[0] is io:
+            last[1] += len(chunks)
+        else:
+            self.owners.append([io, len(chunks)])
+        if not self.scheduled and self.transport is not None:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.out and self.transport is not None and not self.lost:
+            data = b"".join(self.out)
+            self.out.clear()
+            self.transport.write(data)
+            self.stats.bytes_out["upstream"] += len(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.progress = True
+        self.stats.bytes_in["upstream"] += len(data)
+        buf = self.buf + data if self.buf else data
+        pos, n = 0, len(buf)
+        touched: dict = {}
+        owners = self.owners
+        try:
+            while pos < n:
+                end = frame_end(buf, pos)
+                if end < 0:
+                    break
+                raw = buf[pos:end]
+                pos = end
+                if self.own:
+                    self.own -= 1
+                    if raw[:1] in (b"-", b"!"):
+                        msg = raw[1:-2].decode("utf-8", "replace")
+                        raise ProtocolError(f"upstream {format_addr(*self.addr)} refused the proxy's handshake: {msg}")
+                    continue
+                if raw[:1] == b">":  # no client here asked for a push
+                    continue
+                if not owners:
+                    raise ProtocolError("the server sent a reply no request was waiting for")
+                run = owners[0]
+                io = run[0]
+                run[1] -= 1
+                if not run[1]:
+                    owners.popleft()
+                if io.conn.closed or io.session.upstream_error is not None:
+                    continue  # a reply for a client that left
+                if not io.mux.owes(self.addr):
+                    raise ProtocolError("a reply for a client that owed none")
+                io.mux.node_reply(self.addr, raw)
+                if io.mux.redirects:
+                    io.redirected()
+                touched[io] = True
+        except ProtocolError as e:
+            self.buf = b""
+            self.fail(str(e))
+            return
+        self.buf = buf[pos:]
+        for io in touched:
+            io.flush()
+
+    def check(self, now: float, limit: float) -> None:
+        """limits.reply_timeout: replies owed (a shared link carries no blocking command)
+        and no byte from the node for `limit` seconds: the link is dead."""
+        if self.lost or self.transport is None:
+            return
+        if self.progress or not self.owners:
+            self.progress = False
+            self.since = now
+        elif now - self.since >= limit:
+            self.stats.upstream_timeouts += 1
+            self.fail(f"no reply from {format_addr(*self.addr)} within {limit:g}s ([limits] reply_timeout); "
+                      "connection declared dead")
+            self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        if self.transport is not None:
+            self.stats.upstream_connections -= 1
+        self.fail(f"connection to {format_addr(*self.addr)} lost: {exc}" if exc else
+                  f"connection closed by {format_addr(*self.addr)}")
+
+    def fail(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = reason
+        if self.proxy.spread_links.get(self.key) is self:
+            del self.proxy.spread_links[self.key]
+        if self.transport is not None:
+            self.transport.close()
+        owed = [run[0] for run in self.owners]
+        self.owners.clear()
+        for io in dict.fromkeys(owed):
+            if not io.conn.closed:
+                io.lost(reason)
+
+    def close(self) -> None:
+        """Closed by the proxy (stop, its route gone): not an upstream failure."""
+        if not self.lost:
+            self.lost = "closed by the proxy"
+            if self.proxy.spread_links.get(self.key) is self:
+                del self.proxy.spread_links[self.key]
+        if self.transport is not None:
+            self.transport.close()
+
+    # the node not reading: stop reading the requests of every client on this link
+    def pause_writing(self) -> None:
+        for io in list(self.clients):
+            io.conn.link_paused = True
+            io.conn.apply_backpressure()
+
+    def resume_writing(self) -> None:
+        for io in list(self.clients):
+            io.conn.link_paused = False
+            io.conn.apply_backpressure()

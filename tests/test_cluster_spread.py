@@ -458,3 +458,48 @@ def test_reply_timeout_on_a_node_connection(cluster):
         assert box == {"v": None}   # the BRPOP ran out its own timeout: not declared dead
     finally:
         p.stop()
+
+
+def test_plain_requests_share_one_link_per_node(cluster, spread):
+    """upstream_mode shared (the default): plain requests of many clients go on one link
+    per node; a client that needs connection state (CLIENT SETNAME) or a transaction
+    moves to connections of its own, its replies still in order."""
+    p, ns = spread
+
+    def connected():
+        return [int(n.info("clients")["connected_clients"]) for n in cluster.primaries]
+    keys = [f"sh{i}" for i in range(30)]
+    client(p).mset({k: k for k in keys})
+    before = connected()
+    clients = [client(p) for _ in range(20)]
+    for c in clients:
+        assert c.mget(keys) == [k.encode() for k in keys] and c.get(keys[0]) == keys[0].encode()
+    after = connected()
+    assert all(a - b <= 2 for a, b in zip(after, before)), (before, after)
+    # one of them takes connection state: its own connections from here on
+    own = clients[0]
+    own.client_setname("mine")
+    pipe = own.pipeline(transaction=False)
+    for k in keys:
+        pipe.get(k).echo(k)
+    assert pipe.execute() == [x for k in keys for x in (k.encode(), k.encode())]
+    assert connected()[0] >= after[0] + 1
+    assert [c.get(keys[1]) for c in clients] == [keys[1].encode()] * 20
+
+
+def test_dedicated_mode(cluster):
+    """upstream_mode dedicated: every client on connections of its own from the start."""
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", uniq("dm"),
+                      "--policy", "app", "--upstream-mode", "dedicated"])
+    try:
+        c = client(p)
+        keys = [f"d{i}" for i in range(30)]
+        pipe = c.pipeline(transaction=False)
+        for k in keys:
+            pipe.set(k, k).echo(k)
+        assert pipe.execute() == [x for k in keys for x in (True, k.encode())]
+        assert c.mget(keys) == [k.encode() for k in keys] and c.delete(*keys) == 30
+        with c.pipeline(transaction=True) as tx:
+            assert tx.set("{d}a", "1").incr("{d}n").execute() == [True, 1]
+    finally:
+        p.stop()
