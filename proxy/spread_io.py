@@ -22,6 +22,7 @@ from time import perf_counter
 
 from proxy.config import connect_failure, format_addr
 from proxy.resp import ProtocolError, encode_command, frame_end
+from proxy.session import SHARED_MAX_OWED
 from proxy.spread import Mux
 
 log = logging.getLogger("keyspace-proxy")
@@ -129,15 +130,18 @@ class SpreadIO:
             # owed any more, so no request runs out of order and no reply arrives on a channel
             # the Mux does not expect
             hello = dest.hello and self.shared and dest.hello != self.proto
-            if (dest.own and self.shared) or (dest.sub and mux.sticky is None) or hello:
+            # a deep pipeline gains nothing from sharing and would hold the others' replies
+            # up: past SHARED_MAX_OWED owed replies the client moves to its own connections
+            own = self.shared and (dest.own or len(mux.queue) >= SHARED_MAX_OWED)
+            if own or (dest.sub and mux.sticky is None) or hello:
                 if not mux.idle:
                     self.backlog = list(dests[i:])
                     return
-                if hello:
+                if own:
+                    self.leave_links()
+                elif hello:
                     self.leave_links(shared=True)
                     self.proto = dest.hello
-                elif self.shared:
-                    self.leave_links()
                 if dest.sub:
                     mux.sticky = dest.parts[0][1]
             mux.submit(dest)
