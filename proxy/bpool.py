@@ -122,7 +122,8 @@ class PooledConnection(asyncio.Protocol):
             fn(raw)
             self.pool.release(self)
         elif state == "orphan":
-            if raw not in TIMED_OUT:
+            # (an error served nothing: the -MOVED of a slot moved away while it was blocked)
+            if raw not in TIMED_OUT and raw[:1] not in (b"-", b"!"):
                 self.pool.orphan_reply(self)
             self.close()
         else:  # idle: the server sent a reply no request was waiting for
@@ -290,8 +291,8 @@ class BlockingPool:
         loop = asyncio.get_running_loop()
         host, port = up.host, up.port
         try:
-            if up.sentinel is not None or getattr(up, "cluster", None) is not None:
-                host, port = await self.proxy.sentinel_primary(up)  # (a cluster route: its slot's owner)
+            # the URL's node, a Sentinel primary, a cluster route's slot owner
+            host, port = await self.proxy.data_node(up)
             pc.addr = (host, port)
             await asyncio.wait_for(loop.create_connection(lambda: pc, host, port, **up.ssl_args(host)),
                                    self.proxy.config.limits.connect_timeout)

@@ -395,25 +395,60 @@ def parse_cluster_url(url: str) -> ClusterUpstream:
         raise Invalid(f"unexpected query or fragment in {shown} (a cluster URL takes none)")
     if slash and path not in ("", "0"):
         raise Invalid(f"a cluster has db 0 only, got /{path} in {shown}")
-    seeds = []
-    for part in hosts.split(","):
-        host, port = part, "6379"
-        if part.startswith("["):
-            end = part.find("]")
-            host, tail = part[1:end], part[end + 1:]
-            if end < 0 or (tail and not tail.startswith(":")):
-                raise Invalid(f"bad seed {part!r} in {shown}: write IPv6 as [::1]:7000")
-            port = tail[1:] or port
-        elif ":" in part:
-            host, _, port = part.rpartition(":")
-        if not host or ":" in host and not part.startswith("["):
-            raise Invalid(f"bad seed {part!r} in {shown}: expected HOST:PORT (IPv6 as [::1]:7000)")
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise Invalid(f"port must be a number from 1 to 65535 in seed {part!r} of {shown}")
-        seeds.append((host, int(port)))
+    seeds = [parse_seed(part, f" in {shown}", f" of {shown}") for part in hosts.split(",")]
     user, _, password = auth.partition(":")
     return ClusterUpstream(tuple(seeds), unquote(user) or None, unquote(password) or None,
                            UpstreamTLS() if scheme == "rediss+cluster" else None)
+
+
+def parse_seed(part: str, in_: str = "", of: str = "") -> tuple[str, int]:
+    """One seed node, `HOST[:PORT]` (IPv6 in brackets; 6379 when left out), of a cluster
+    URL or of a [cluster] seeds list. Raises Invalid (`in_`/`of`: where, for the message)."""
+    host, port = part, "6379"
+    if part.startswith("["):
+        end = part.find("]")
+        host, tail = part[1:end], part[end + 1:]
+        if end < 0 or (tail and not tail.startswith(":")):
+            raise Invalid(f"bad seed {part!r}{in_}: write IPv6 as [::1]:7000")
+        port = tail[1:] or port
+    elif ":" in part:
+        host, _, port = part.rpartition(":")
+    if not host or ":" in host and not part.startswith("[") or any(c.isspace() for c in host):
+        raise Invalid(f"bad seed {part!r}{in_}: expected HOST:PORT (IPv6 as [::1]:7000)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise Invalid(f"port must be a number from 1 to 65535 in seed {part!r}{of}")
+    return host, int(port)
+
+
+def cluster_table(vals: dict[str, tuple], where: str) -> Upstream:
+    """A `[cluster]` / `[listener.cluster]` table (fields checked by the schema, as
+    {name: (value, label)}): the same Upstream as the redis+cluster:// URL of those seeds
+    and credentials (rediss+cluster:// with `tls = true`), so both spellings are one cluster."""
+    if "seeds" not in vals:
+        raise ConfigError(f"{where}.seeds: required (the nodes asked for the slot map, e.g. "
+                          "seeds = [\"10.0.0.1:6379\", \"10.0.0.2:6379\"])")
+    seeds = vals["seeds"][0]
+    user = vals.get("username", (None,))[0]
+    password = vals.get("password", (None,))[0]
+    if user is not None and password is None:
+        raise ConfigError(f"{vals['username'][1]}: given without {where}.password")
+    c = ClusterUpstream(tuple(seeds), user, password, UpstreamTLS() if vals.get("tls", (False,))[0] else None)
+    return Upstream(c.seeds[0][0], c.seeds[0][1], 0, c.username, c.password, c.tls, cluster=c)
+
+
+def choose_upstream(entry: dict, where: str, label, section: str, labels: dict | None = None,
+                    text: bool = False) -> Upstream | None:
+    """The upstream a table gives: its `upstream` URL, or its seed-list `cluster` table
+    (never both), or None."""
+    if "cluster" not in entry:
+        return _value(f"{section}upstream", entry["upstream"], label("upstream"), text) if "upstream" in entry \
+            else None
+    table = f"{where}cluster" if where else "cluster"
+    if "upstream" in entry:
+        toml = section.replace("[]", "") + "cluster"  # the table as TOML spells it: [listener.cluster]
+        raise ConfigError(f"{label('upstream')}, {table}: give the upstream either as a URL or as a [{toml}] "
+                          "seed list, not both")
+    return cluster_table(sub_table(entry, "cluster", f"{section}cluster", where, labels, text), table)
 
 
 def check_cluster_route(route: "Route", label: str, where: str) -> "Route":
@@ -643,7 +678,7 @@ def read_token(path: str, label: str) -> str:
     return token
 
 
-SUBTABLES = ("databases", "tls", "upstream_tls", "user")  # [listener.X] tables
+SUBTABLES = ("databases", "tls", "upstream_tls", "user", "cluster")  # [listener.X] tables
 # What a [[listener.user]] may set of its listener's route (any route field, so a field
 # added to [[listener]] works per user too): all but the listener's address, name, TLS.
 NOT_PER_USER = ("listen", "name", "tls", "user", "max_clients")  # max_clients: counted per listener
@@ -736,8 +771,9 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
     vals = {k: _value(f"listener[].{k}", v, label(k), text) for k, v in entry.items() if k not in SUBTABLES}
     listen = vals["listen"]
     name = vals.get("name") or format_addr(*listen)
-    if "upstream" in vals:
-        upstream = vals["upstream"]
+    own = choose_upstream(entry, f"{where}.", label, "listener[].", labels, text)
+    if own is not None:
+        upstream = own
     elif isinstance(default_upstream, Upstream):
         upstream = default_upstream
     else:
@@ -745,7 +781,8 @@ def build_route(entry: dict, default_upstream, default_sep: str, index: int,
     own_tls = sub_table(entry, "upstream_tls", "listener[].upstream_tls", f"{where}.", labels, text)
     if own_tls and upstream.tls is None:
         raise ConfigError(f"{where}.upstream_tls: the upstream is {upstream.masked()}, plain TCP; "
-                          "write rediss:// to connect with TLS")
+                          + ("set tls = true in its cluster table" if "cluster" in entry else "write rediss://")
+                          + " to connect with TLS")
     if upstream.tls is not None:
         upstream = replace(upstream, tls=make_upstream_tls({**(upstream_tls or {}), **own_tls}, tls_cache))
     listener_tls = make_listener_tls(sub_table(entry, "tls", "listener[].tls", f"{where}.", labels, text),
@@ -850,6 +887,9 @@ def build_users(entry: dict, listener: Route, default_upstream, default_sep: str
         if "namespace" in t or "strip_namespace" in t:  # the user chooses the mode
             merged.pop("namespace", None)
             merged.pop("strip_namespace", None)
+        if "upstream" in t or "cluster" in t:  # ... and its server, as a URL or a seed list
+            merged.pop("upstream", None)
+            merged.pop("cluster", None)
         if "upstream_tls" in t and isinstance(t["upstream_tls"], dict) and isinstance(entry.get("upstream_tls"), dict):
             merged["upstream_tls"] = {**entry["upstream_tls"], **t["upstream_tls"]}
             t = {k: v for k, v in t.items() if k != "upstream_tls"}
@@ -927,7 +967,7 @@ def _table(data: dict, key: str) -> dict:
     return v
 
 
-TOP_TABLES = ("listener", "metrics", "admin", "limits", "log", "upstream_tls", "sentinel")
+TOP_TABLES = ("listener", "metrics", "admin", "limits", "log", "upstream_tls", "sentinel", "cluster")
 
 
 def from_dict(data: dict, upstream_override: str | None = None, upstream_label: str = "--upstream",
@@ -945,9 +985,7 @@ def from_dict(data: dict, upstream_override: str | None = None, upstream_label: 
     for k, (raw, lab) in (upstream_tls_override or {}).items():
         up_tls[k] = (_value(f"upstream_tls.{k}", raw, lab, True), lab)
     tls_cache: dict = {}
-    default_upstream = parse_url(DEFAULT_UPSTREAM)
-    if "upstream" in data:
-        default_upstream = _value("upstream", data["upstream"], "upstream")
+    default_upstream = choose_upstream(data, "", lambda k: k, "") or parse_url(DEFAULT_UPSTREAM)
     if upstream_override:
         default_upstream = parse_url(upstream_override, upstream_label)
     elif environ.get("REDIS_URL"):

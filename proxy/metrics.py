@@ -71,7 +71,7 @@ class ProxyCollector:
                         ["route", "reason"])
         commands = family("counter", "commands", "Commands received, by command (unknown names: other)",
                           ["route", "command"])
-        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused, unexpected_reply, output_limit, internal, cluster_redirect, orphan_reply", ["route", "kind"])
+        errors = family("counter", "errors", "Errors, by kind: upstream, protocol, refused, unexpected_reply, output_limit, internal, cluster_redirect, orphan_reply, tls_handshake", ["route", "kind"])
         refused = family("counter", "refused_commands", "Commands refused by the route's policy",
                          ["route", "command"])
         keys = family("counter", "keys_rewritten", "Key arguments rewritten on the generic path", ["route"])

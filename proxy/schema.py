@@ -221,6 +221,26 @@ class Url(Kind):
         return parse_upstream(value)
 
 
+class Seeds(Kind):
+    """A cluster's seed nodes: an array of `"HOST:PORT"` strings (IPv6 as `"[::1]:7000"`,
+    port 6379 when left out), at least one; as a flag or variable, comma-separated."""
+    doc = 'array of `"HOST:PORT"`'
+
+    def parse(self, value, text: bool) -> tuple[tuple[str, int], ...]:
+        from proxy.config import parse_seed
+        if text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, list) or not value:
+            raise Invalid(f'expected an array of "HOST:PORT" strings, e.g. ["10.0.0.1:6379", "10.0.0.2:6379"], '
+                          f"got {'an empty array' if value == [] else show(value, text)}")
+        out = []
+        for v in value:
+            if not isinstance(v, str):
+                raise Invalid(f'expected "HOST:PORT" strings, got {show(v, text)} in the array')
+            out.append(parse_seed(v))
+        return tuple(out)
+
+
 class Path(Text):
     doc = "file path"
 
@@ -319,6 +339,26 @@ def _upstream_tls(prefix: str, top: bool) -> tuple[Field, ...]:
           "rediss://: verify the server's certificate and name; false is logged as a warning at start"),
     )
 
+def _cluster(prefix: str, top: bool) -> tuple[Field, ...]:
+    """A Redis Cluster upstream written as a seed-list table instead of a
+    `redis+cluster://` URL: top-level [cluster] (instead of `upstream`) and a listener's
+    [listener.cluster] (instead of its `upstream`); the same upstream as the URL."""
+    instead = "`upstream = \"redis+cluster://...\"`" + ("" if top else " in the listener")
+    return (
+        Field(f"{prefix}.seeds", Seeds(), default_doc="required in the table",
+              help=f"a Redis Cluster upstream as a table, instead of {instead} (not both; the same upstream): "
+                   "the nodes asked for the slot map, in order; pinned or spread routes (see Cluster)"
+                   + ("; `--upstream` and REDIS_URL win over it as over `upstream`" if top else "")),
+        Field(f"{prefix}.tls", Bool(), False,
+              help="connect with TLS, as rediss+cluster:// (settings from [upstream_tls]"
+                   + ("" if top else " / [listener.upstream_tls]") + ")"),
+        Field(f"{prefix}.username", Text(nonempty=True), None, default_doc="none",
+              help="the nodes' ACL user, as USER in the URL (needs password)"),
+        Field(f"{prefix}.password", Text(nonempty=True), None, default_doc="none",
+              help="the nodes' password or AUTH token, as PASSWORD in the URL"),
+    )
+
+
 FIELDS: tuple[Field, ...] = (
     Field("config", Path(nonempty=True), flag="--config", env="PROXY_CONFIG", toml=False, metavar="FILE",
           help="TOML file with one `[[listener]]` per route; listeners then come from the file only"),
@@ -335,6 +375,7 @@ FIELDS: tuple[Field, ...] = (
           metavar="PASSWORD", default_doc="none",
           help="redis+sentinel://: the sentinels' password (their `requirepass`), not the data nodes'; "
                "prefer the variable to the flag (ps shows flags)"),
+    *_cluster("cluster", top=True),
     Field("listener[].name", Text(nonempty=True), default_doc="the address",
           help="the route's name in logs, metrics and errors; unique"),
     Field("listener[].listen", Address(), None, "--listen", "PROXY_LISTEN", default_doc="required",
@@ -368,12 +409,13 @@ FIELDS: tuple[Field, ...] = (
           metavar="FILE", default_doc="not asked for",
           help="clients must present a certificate signed by one of these CAs (PEM): mutual TLS"),
     *_upstream_tls("listener[].upstream_tls", top=False),
+    *_cluster("listener[].cluster", top=False),
     Field("listener[].user[].name", Text(nonempty=True), default_doc="required",
           help="`[[listener.user]]`: clients must authenticate (AUTH name password, HELLO 3 AUTH name "
                "password) and the user selects the route; `default` is the user of a one-argument "
                "AUTH password; exactly one of password_sha256, password_file, password_env. The table may also "
                "set the listener's route fields for this user: namespace, strip_namespace, separator, upstream "
-               "(its own credentials), databases, upstream_tls"),
+               "(its own credentials) or cluster, databases, upstream_tls"),
     Field("listener[].user[].password_sha256", Sha256(), None, "--password-sha256", "PROXY_PASSWORD_SHA256",
           metavar="HEX",
           help="the user's password as its SHA-256 (the flag and variable: the `default` user of the flags' "

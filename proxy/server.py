@@ -1087,6 +1087,8 @@ class Listener:
         self.paused = False
         self.logged = float("-inf")
         self.quiet = 0
+        self.tls_logged = float("-inf")
+        self.tls_quiet = 0
 
     @classmethod
     def bind(cls, host: str, port: int, reuse_port: bool) -> list:
@@ -1167,8 +1169,27 @@ class Listener:
         except Exception as e:  # a TLS handshake that failed, a client gone at once
             if counted:
                 self.proxy.unadmit(route.listen)
-            log.debug("listener %s: connection not set up: %s", route.name, e)
             conn.close()
+            if self.ssl is not None and isinstance(e, ssl.SSLError):
+                self._tls_failed(route, e)
+            else:
+                log.debug("listener %s: connection not set up: %s", route.name, e)
+
+    def _tls_failed(self, route: Route, e: ssl.SSLError) -> None:
+        """A client's TLS handshake failed (plain TCP to a TLS port, a CA it does not trust, no or
+        a wrong client certificate): counted as errors_total{kind="tls_handshake"}, logged at
+        most once per LIMIT_LOG_WINDOW per listener (a scanner must not flood the log)."""
+        st = self.proxy.stats.get(route.name)
+        if st is not None:
+            st.errors["tls_handshake"] += 1
+        now = monotonic()
+        if now - self.tls_logged < LIMIT_LOG_WINDOW:
+            self.tls_quiet += 1
+            return
+        self.tls_logged, quiet, self.tls_quiet = now, self.tls_quiet, 0
+        log.warning("listener %s: a client's TLS handshake failed: %s%s", route.name,
+                    getattr(e, "reason", None) or e, f"; {quiet} more since the last such line" if quiet else "",
+                    extra={"event": "tls_handshake"})
 
     def _turned_away(self, route: Route, reason: str) -> None:
         st = self.proxy.stats[route.name]
@@ -1555,6 +1576,7 @@ class Proxy:
                 owner = t.owner(up.slot)
                 if owner != link.addr:
                     link.retire(_slot_moved(up, link.addr, owner))
+        self._cluster_pools_moved(key, t)
         for c in list(self.clients):
             u, up = c.upstream, c.route.upstream
             if up.cluster is not None and cluster_key(up) == key and u is not None and u.addr is not None \
@@ -1563,6 +1585,18 @@ class Proxy:
                 if owner != u.addr:
                     c.session.upstream_lost(_slot_moved(up, u.addr, owner))
                     c.flush()
+
+    def _cluster_pools_moved(self, key, t) -> None:
+        """Idle blocking-pool connections of routes on the cluster `key` whose node no longer
+        owns the route's slot close now (busy ones: their client is moved with the dedicated
+        connections in cluster_changed, and BlockingPool.release keeps none off the owner)."""
+        for pool in self.bpools.values():
+            up = pool.route.upstream
+            if up.cluster is None or cluster_key(up) != key:
+                continue
+            owner = t.owner(up.slot)
+            for pc in [pc for lst in pool.idle.values() for pc in lst if pc.addr != owner]:
+                pc.close()
 
     async def _listen(self, route: Route) -> None:
         listen = route.listen

@@ -1204,8 +1204,9 @@ class Session:
         """May this blocking command go to a pooled connection? Only from the plain state:
         nothing on the connection that the pooled one would lack (MULTI, subscriptions,
         CLIENT REPLY OFF/SKIP, MONITOR, a confirmation awaited)."""
-        # (not on a cluster route yet: its blocked calls follow slot moves on a connection of their own)
-        return self.limits.blocking_pool > 0 and not self.cluster and self.tx is None and self.tx_open is None \
+        # (on a cluster route the pool's connections are on the slot's owner, and moved with it:
+        # Proxy.cluster_changed)
+        return self.limits.blocking_pool > 0 and self.tx is None and self.tx_open is None \
             and not self._subscribed() and not self.sub_waiting and self.reply_on and not self.skip \
             and not self.monitor and self.emu is None and not self.confirming and self.need_link is None \
             and not self.locked

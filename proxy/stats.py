@@ -117,9 +117,10 @@ class RouteStats:
         # reply handed on); output_limit: a client that did not read its replies was
         # disconnected; internal: a bug cost one client its connection (logged);
         # cluster_redirect: a -MOVED / -ASK answered -TRYAGAIN (proxy/cluster_route.py);
-        # orphan_reply: a blocking command served after its client left (proxy/bpool.py).
+        # orphan_reply: a blocking command served after its client left (proxy/bpool.py);
+        # tls_handshake: a client's TLS handshake with a TLS listener failed (server.Listener).
         self.errors = {"upstream": 0, "protocol": 0, "refused": 0, "unexpected_reply": 0, "output_limit": 0,
-                       "internal": 0, "cluster_redirect": 0, "orphan_reply": 0}
+                       "internal": 0, "cluster_redirect": 0, "orphan_reply": 0, "tls_handshake": 0}
         # limits.blocking_pool: blocking commands served on a borrowed pooled connection,
         # and those that waited for one because the route's pool was full
         self.blocking_borrows = 0

@@ -46,6 +46,7 @@ class ClusterNode:
     bus_port: int = 0
     id: str = ""
     primary_of: "ClusterNode | None" = None   # set for a replica
+    tls_port: int = 0                         # a TLS cluster: the port clients use (the plain one stays, for the tests)
 
     @property
     def host(self) -> str:
@@ -106,6 +107,10 @@ class Cluster:
 
     def seeds(self) -> str:
         return ",".join(format_addr(n.host, n.port) for n in self.primaries)
+
+    def tls_seeds(self) -> str:
+        """The primaries' TLS ports (a TLS cluster)."""
+        return ",".join(format_addr(n.host, n.tls_port) for n in self.primaries)
 
     def by_id(self, node_id: str) -> ClusterNode:
         return next(n for n in self.nodes if n.id == node_id)
@@ -189,7 +194,8 @@ class Cluster:
             keys = src.call("CLUSTER", "GETKEYSINSLOT", slot, n)
             if not keys:
                 break
-            src.call("MIGRATE", dst.host, dst.port, "", 0, 10000, "KEYS", *keys)
+            # (tls-cluster yes: MIGRATE connects with TLS, so to the TLS port)
+            src.call("MIGRATE", dst.host, dst.tls_port or dst.port, "", 0, 10000, "KEYS", *keys)
             moved += len(keys)
         return moved
 
@@ -264,12 +270,22 @@ NODE_CONFIG = [
 ]
 
 
+def tls_config(cert: str, key: str, ca: str) -> list[str]:
+    """Node options for a TLS cluster (start_cluster(tls=...)): clients, the cluster bus and
+    replication over TLS, client certificates not asked for (each node presents its
+    certificate to the others as a client). The node's `--tls-port` is added per node."""
+    return ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", ca,
+            "--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "no"]
+
+
 def start_cluster(kind: str = "valkey", primaries: int = 3, replicas_per_primary: int = 1,
                   extra: list[str] | None = None, host: str = "127.0.0.1",
-                  slots: list[list[tuple[int, int]]] | None = None) -> Cluster:
+                  slots: list[list[tuple[int, int]]] | None = None, tls: list[str] | None = None) -> Cluster:
     """Start and join a cluster. `slots`: the inclusive slot ranges of each primary
     (CLUSTER ADDSLOTSRANGE), all 16384 covered; default an even split. `host`: where
-    every node listens (`::1` for IPv6). Stops whatever it started if anything fails."""
+    every node listens (`::1` for IPv6). `tls`: tls_config(...): every node also gets a
+    TLS port (ClusterNode.tls_port; CLUSTER SHARDS lists it as `tls-port`), the plain
+    port stays for the harness. Stops whatever it started if anything fails."""
     if slots is None:
         step = 16384 // primaries
         slots = [[(i * step, 16383 if i == primaries - 1 else (i + 1) * step - 1)] for i in range(primaries)]
@@ -280,11 +296,13 @@ def start_cluster(kind: str = "valkey", primaries: int = 3, replicas_per_primary
         for _ in range(primaries * (1 + replicas_per_primary)):
             # the bus port given, not derived (port + 10000 may be taken, or above 65535)
             bus = free_port(host)
+            tls_port = free_port(host) if tls else 0
+            own = ["--tls-port", str(tls_port)] + tls if tls else []
             # die_with_parent: a killed test run leaves no cluster behind (nodes are
             # started from the thread that runs the tests, which lives as long as they)
-            server = start_server(kind, host=host, extra=NODE_CONFIG + ["--cluster-port", str(bus)] + (extra or []),
-                                  die_with_parent=True)
-            started.append(ClusterNode(server, bus_port=bus))
+            server = start_server(kind, host=host, extra=NODE_CONFIG + ["--cluster-port", str(bus)] + own +
+                                  (extra or []), die_with_parent=True)
+            started.append(ClusterNode(server, bus_port=bus, tls_port=tls_port))
         prims = started[:primaries]
         reps = started[primaries:]
         for n in started:

@@ -45,3 +45,23 @@ def test_bench_quick(tmp_path):
     assert "<!-- notes: profile -->\n## Mine\nkeep me\n<!-- /notes: profile -->" in text
     assert text.count("<!-- notes: profile -->") == 1
     assert "old\n" not in text and "trailing" not in text
+
+
+@pytest.mark.timeout(120)
+def test_cluster_bench_quick():
+    """bench/cluster.py --quick (issue 15 item 7): a three-primary cluster, redis-benchmark
+    --cluster straight at it and through pinned routes; prints its notes block."""
+    missing = [t for t in ("redis-server", "redis-benchmark") if not shutil.which(t)]
+    if missing:
+        msg = f"the cluster bench needs {', '.join(missing)} (apt-get install redis-server redis-tools)"
+        if CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    r = subprocess.run([sys.executable, "bench/cluster.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=110)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    out = r.stdout
+    assert out.startswith("<!-- notes: cluster -->") and out.rstrip().endswith("<!-- /notes: cluster -->")
+    for target in ("direct --cluster", "proxy, 3 namespaces", "proxy, 1 namespace"):
+        assert out.count(f"| {target} | ") == 2, out
+    assert "load average at the end" in out

@@ -400,3 +400,21 @@ def test_select_between_client_dbs_mapped_to_db_0(cluster, start_proxy):
     with c.pipeline(transaction=True) as tx:
         tx.execute_command("SELECT", "0").get("k").execute_command("SELECT", "1").incr("n")
         assert tx.execute() == [True, b"v", True, 1]
+
+
+def test_a_seed_list_table_instead_of_the_url(cluster, start_proxy):
+    """[cluster] seeds = [...] at the top, [listener.cluster] for one listener: the same
+    cluster upstream as the URL (config.cluster_table), here with a dead seed first."""
+    na, nb = ns_on(cluster, cluster.primaries[0], "ta"), ns_on(cluster, cluster.primaries[2], "tb")
+    seeds = ", ".join(f'"{n.host}:{n.port}"' for n in cluster.primaries)
+    pa, pb = free_port(), free_port()
+    start_proxy(config_text=(
+        f'[cluster]\nseeds = ["127.0.0.1:{free_port()}", {seeds}]\n'
+        f'[[listener]]\nlisten = "127.0.0.1:{pa}"\nnamespace = "{na}"\nslot = "pinned"\n'
+        f'[[listener]]\nlisten = "127.0.0.1:{pb}"\nnamespace = "{nb}"\nslot = "pinned"\n'
+        f'[listener.cluster]\nseeds = ["{cluster.primaries[1].host}:{cluster.primaries[1].port}"]\n'), port=pa)
+    ca = redis.Redis(host="127.0.0.1", port=pa, socket_timeout=10)
+    cb = redis.Redis(host="127.0.0.1", port=pb, socket_timeout=10)
+    assert ca.set("k", "a") and cb.set("k", "b") and ca.get("k") == b"a" and cb.get("k") == b"b"
+    assert cluster.primaries[0].call("GET", f"{{{na}}}:k") == b"a"
+    assert cluster.primaries[2].call("GET", f"{{{nb}}}:k") == b"b"

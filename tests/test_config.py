@@ -163,3 +163,47 @@ def test_effective_configuration_round_trips():
     assert [(r.name, r.listen, r.default, r.databases) for r in again.routes] == \
         [(r.name, r.listen, r.default, r.databases) for r in cfg.routes]
     assert again.limits == cfg.limits and again.metrics_listen == cfg.metrics_listen
+
+
+def test_a_cluster_seed_list_is_the_cluster_url():
+    """[cluster] / [listener.cluster] (seeds, tls, username, password) give the same upstream
+    as the redis+cluster:// URL of those seeds: one Topology, one upstream in logs and check."""
+    import tomllib
+
+    from proxy.cluster import key_slot
+    from proxy.config import render_toml
+    pinned = {"namespace": "app", "slot": "pinned"}
+    url = from_dict({"upstream": "rediss+cluster://u:pw@h1:7000,[::1]:7001,h3",
+                     "listener": [{"listen": "127.0.0.1:7000", **pinned}]}, environ={})
+    seeds = {"seeds": ["h1:7000", "[::1]:7001", "h3"], "tls": True, "username": "u", "password": "pw"}
+    top = from_dict({"cluster": seeds, "listener": [{"listen": "127.0.0.1:7000", **pinned}]}, environ={})
+    own = from_dict({"listener": [{"listen": "127.0.0.1:7000", **pinned, "cluster": seeds}]}, environ={})
+    up = url.routes[0].upstream
+    assert top.routes[0].upstream == own.routes[0].upstream == up
+    assert up.cluster.seeds == (("h1", 7000), ("::1", 7001), ("h3", 6379)) and up.slot == key_slot(b"app")
+    assert up.tls is not None and up.masked() == "rediss+cluster://u:***@h1:7000,[::1]:7001,h3:6379"
+    # [upstream_tls] applies to it as to a rediss+cluster:// URL; plain without tls = true
+    tls = from_dict({"cluster": seeds, "upstream_tls": {"verify": False},
+                     "listener": [{"listen": "127.0.0.1:7000", **pinned}]}, environ={})
+    assert tls.routes[0].upstream.tls.verify is False
+    plain = from_dict({"listener": [{"listen": "127.0.0.1:7000", **pinned, "cluster": {"seeds": ["h1:7000"]}}]},
+                      environ={})
+    assert plain.routes[0].upstream.tls is None and plain.routes[0].upstream.masked() == "redis+cluster://h1:7000"
+    # a listener's own upstream wins over the top-level [cluster]; a user may choose its own
+    mixed = from_dict({"cluster": seeds, "listener": [
+        {"listen": "127.0.0.1:7000", **pinned},
+        {"listen": "127.0.0.1:7001", "upstream": "redis://h9:6379/2"},
+        {"listen": "127.0.0.1:7002", **pinned, "user": [
+            {"name": "b", "password_sha256": "0" * 64, "namespace": "b", "cluster": {"seeds": ["h8:7000"]}},
+            {"name": "c", "password_sha256": "1" * 64, "upstream": "redis://h7:6379/0", "slot": "spread"}]}]},
+        environ={})
+    assert mixed.routes[1].upstream.host == "h9" and mixed.routes[0].upstream == up
+    users = mixed.routes[2].users
+    assert users["b"].route.upstream.cluster.seeds == (("h8", 7000),) and users["b"].route.upstream.slot == key_slot(b"b")
+    assert users["c"].route.upstream.host == "h7" and users["c"].route.upstream.cluster is None
+    # --upstream / REDIS_URL win over the file's [cluster] as over its upstream
+    over = from_dict({"cluster": seeds, "listener": [{"listen": "127.0.0.1:7000"}]}, "redis://h5:6379/0", environ={})
+    assert over.routes[0].upstream.host == "h5"
+    # check's output (the URL form) is a configuration that gives it again
+    again = from_dict(tomllib.loads(render_toml(own).replace("u:***@", "u:pw@")), environ={})
+    assert again.routes[0].upstream == up

@@ -45,13 +45,47 @@ ROWS = [
     # -- unknown fields in every section
     ([], {}, BASE + '[metrics]\nlisten = "127.0.0.1:9121"\nport = 9121\n', "metrics.port: unknown field (known: listen)"),
     ([], {}, BASE + '[log]\ncolour = true\n', "log.colour: unknown field (known: format, level)"),
-    ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: databases, listen, max_clients, "
-                                        "name, namespace, policy, separator, slot, strip_namespace, tls, upstream, "
-                                        "upstream_tls, user)"),
-    ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: admin, limits, listener, log, "
-                                        "metrics, sentinel, separator, upstream, upstream_tls)"),
+    ([], {}, BASE + 'colour = true\n', "listener[0].colour: unknown field (known: cluster, databases, listen, "
+                                        "max_clients, name, namespace, policy, separator, slot, strip_namespace, tls, "
+                                        "upstream, upstream_tls, user)"),
+    ([], {}, 'colour = true\n' + BASE, "colour: unknown top-level field (known: admin, cluster, limits, listener, "
+                                        "log, metrics, sentinel, separator, upstream, upstream_tls)"),
     ([], {}, BASE + '[listener.databases]\n1 = { db = 2, prefix = "x" }\n',
      "listener[0].databases.1.prefix: unknown field (known: db, namespace, separator, strip_namespace)"),
+    # -- a cluster upstream as a seed list ([cluster], [listener.cluster])
+    ([], {}, 'upstream = "redis+cluster://h:7000"\n[cluster]\nseeds = ["h:7000"]\n' + BASE,
+     "upstream, cluster: give the upstream either as a URL or as a [cluster] seed list, not both"),
+    ([], {}, BASE + 'upstream = "redis+cluster://h:7000"\n[listener.cluster]\nseeds = ["h:7000"]\n',
+     "listener[0].upstream, listener[0].cluster: give the upstream either as a URL or as a [listener.cluster] seed "
+     "list, not both"),
+    ([], {}, BASE + 'namespace = "a"\nslot = "pinned"\n[listener.cluster]\ntls = true\n',
+     'listener[0].cluster.seeds: required (the nodes asked for the slot map, e.g. seeds = ["10.0.0.1:6379", '
+     '"10.0.0.2:6379"])'),
+    ([], {}, BASE + '[listener.cluster]\nseeds = "h:7000,h:7001"\n',
+     'listener[0].cluster.seeds: expected an array of "HOST:PORT" strings, e.g. ["10.0.0.1:6379", "10.0.0.2:6379"], '
+     'got "h:7000,h:7001"'),
+    ([], {}, BASE + '[listener.cluster]\nseeds = []\n',
+     'listener[0].cluster.seeds: expected an array of "HOST:PORT" strings, e.g. ["10.0.0.1:6379", "10.0.0.2:6379"], '
+     "got an empty array"),
+    ([], {}, BASE + '[listener.cluster]\nseeds = ["h:7000", 7001]\n',
+     'listener[0].cluster.seeds: expected "HOST:PORT" strings, got 7001 in the array'),
+    ([], {}, '[cluster]\nseeds = ["h:70000"]\n' + BASE,
+     "cluster.seeds: port must be a number from 1 to 65535 in seed 'h:70000'"),
+    ([], {}, '[cluster]\nseeds = ["::1:7000"]\n' + BASE,
+     "cluster.seeds: bad seed '::1:7000': expected HOST:PORT (IPv6 as [::1]:7000)"),
+    ([], {}, '[cluster]\nseeds = ["h:7000"]\nport = 7000\n' + BASE,
+     "cluster.port: unknown field (known: password, seeds, tls, username)"),
+    ([], {}, '[cluster]\nseeds = ["h:7000"]\nusername = "app"\n' + BASE,
+     "cluster.username: given without cluster.password"),
+    # (a spread route on a cluster is accepted since spread routing was built; another db is not)
+    ([], {}, '[cluster]\nseeds = ["h:7000"]\n' + BASE + 'namespace = "a"\n[listener.databases.1]\ndb = 1\n'
+     'namespace = "b"\n',
+     "listener[0].databases.1.db: a Redis Cluster has db 0 only (route 127.0.0.1:7000 is on redis+cluster://h:7000); "
+     "map client db 1 to db = 0 with a namespace of its own"),
+    ([], {}, BASE + 'namespace = "a"\nslot = "pinned"\n[listener.cluster]\nseeds = ["h:7000"]\n'
+     '[listener.upstream_tls]\nverify = false\n',
+     "listener[0].upstream_tls: the upstream is redis+cluster://h:7000, plain TCP; set tls = true in its cluster "
+     "table to connect with TLS"),
     # -- listeners
     ([], {}, BASE + 'namespace = 5\n', "listener[0].namespace: expected a string, got 5"),
     ([], {}, BASE + 'namespace = "x*"\n', "listener[0].namespace: \"x*\" must not contain '*': it breaks SORT BY/GET "

@@ -571,9 +571,23 @@ def scrape(port: int) -> dict[str, set[str]]:
 def test_dashboard_and_alerts_name_only_exported_metrics(server, fresh_db, start_proxy):
     """Needs the metrics endpoint of the operations work (proxy/metrics.py)."""
     import socket
-    mport = free_port()
-    p = start_proxy(["--upstream", f"redis://{server.host}:{server.port}/{fresh_db}", "--namespace", "ns",
-                     "--metrics-listen", f"127.0.0.1:{mport}"])
+    import hashlib
+    mport, port, uport = free_port(), free_port(), free_port()
+    upstream = f"redis://{server.host}:{server.port}/{fresh_db}"
+    # a plain listener and one with a user, so the auth metrics have samples (and labels) too
+    p = start_proxy(config_text=(
+        f'[metrics]\nlisten = "127.0.0.1:{mport}"\n'
+        f'[[listener]]\nname = "main"\nlisten = "127.0.0.1:{port}"\nupstream = "{upstream}"\nnamespace = "ns"\n'
+        f'[[listener]]\nname = "users"\nlisten = "127.0.0.1:{uport}"\nupstream = "{upstream}"\n'
+        f'namespace = "nsu"\nmax_clients = 1\n[[listener.user]]\nname = "alice"\n'
+        f'password_sha256 = "{hashlib.sha256(b"apw").hexdigest()}"\n'), port=port)
+    held = redis.Redis(port=uport, username="alice", password="apw")
+    assert held.ping()
+    with pytest.raises(redis.ConnectionError, match="max number of clients"):
+        redis.Redis(port=uport).ping()  # rejected: samples for client_connections_rejected
+    held.close()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=uport, username="alice", password="wrong").ping()
     r = redis.Redis(port=p.port)
     pipe = r.pipeline(transaction=False)
     for i in range(5):
@@ -599,6 +613,14 @@ def test_dashboard_and_alerts_name_only_exported_metrics(server, fresh_db, start
     named = {m for q in queries for m in METRIC.findall(q)}
     missing = sorted(named - set(exported))
     assert not missing, f"named in deploy/ but not exported: {missing}; exported: {sorted(exported)}"
+    # and the other way: every family the proxy exports has a panel or an alert (an operator
+    # should not have to find a metric by reading proxy/metrics.py)
+    families = {m.removesuffix("_total") for m in exported if m.startswith("keyspace_proxy_")
+                and not m.endswith(("_created", "_bucket", "_sum", "_count"))}
+    shown = {m.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+             for m in named}
+    unshown = sorted(families - shown)
+    assert not unshown, f"exported but in no dashboard panel or alert: {unshown}"
     # label names used in selectors and groupings exist on the metrics (where samples show labels)
     for q in queries:
         used_metrics = METRIC.findall(q)

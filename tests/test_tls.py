@@ -15,6 +15,7 @@ and the tests look at the data through it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -335,8 +336,10 @@ def tls_proxy_client(p, ca, **kw) -> redis.Redis:
 
 
 def test_clients_over_tls_to_the_proxy(tls_server, tdb, certs, start_proxy):
+    mport = free_port()
     p = start_proxy(["--upstream", tls_server.url(tdb), "--upstream-tls-ca-file", certs.ca, "--namespace", "c",
-                     "--tls-cert-file", certs.proxy_cert, "--tls-key-file", certs.proxy_key])
+                     "--tls-cert-file", certs.proxy_cert, "--tls-key-file", certs.proxy_key,
+                     "--metrics-listen", f"127.0.0.1:{mport}"])
     r = tls_proxy_client(p, certs.ca)
     assert r.set("k", "v") and r.get("k") == b"v"
     with r.pipeline(transaction=True) as tx:
@@ -349,6 +352,13 @@ def test_clients_over_tls_to_the_proxy(tls_server, tdb, certs, start_proxy):
         tls_proxy_client(p, certs.other_ca).ping()  # a client that does not trust the proxy's CA
     assert r.ping()  # the failed handshakes hurt no one
     assert f"127.0.0.1:{p.port}, TLS -> rediss://" in p.output()
+    # counted and logged (one line for the burst, then quiet for LIMIT_LOG_WINDOW)
+    out = wait_log(p, "a client's TLS handshake failed")
+    line = next(x for x in out.splitlines() if "a client's TLS handshake failed" in x)
+    assert f"127.0.0.1:{p.port}" in line, line
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+    failed = re.search(r'keyspace_proxy_errors_total\{kind="tls_handshake",route="[^"]*"\} (\S+)', text)
+    assert failed and float(failed.group(1)) >= 1, text
 
 
 def test_clients_must_present_a_certificate_when_the_listener_has_a_ca(tls_server, tdb, certs, start_proxy):
