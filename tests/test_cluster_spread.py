@@ -503,3 +503,39 @@ def test_dedicated_mode(cluster):
             assert tx.set("{d}a", "1").incr("{d}n").execute() == [True, 1]
     finally:
         p.stop()
+
+
+def test_many_clients_on_the_shared_links_get_their_own_replies(cluster, spread):
+    """Reply integrity on the shared node links: eight clients with short pipelines (so
+    they stay on the links) of SET + ECHO + GET + MGET over many slots at once."""
+    p, _ = spread
+    errors = []
+
+    clients = [client(p) for _ in range(8)]  # kept open until the connections are counted
+
+    def run(n: int) -> None:
+        try:
+            c = clients[n]
+            rnd = random.Random(100 + n)
+            for rounds in range(60):
+                pipe = c.pipeline(transaction=False)
+                expect = []
+                for i in range(5):
+                    k, tok = f"ln{n}:{rnd.randrange(5000)}", f"l{n}.{rounds}.{i}"
+                    pipe.set(k, tok).echo(tok).get(k).mget(k, f"ln{n}:none", k)
+                    expect += [True, tok.encode(), tok.encode(), [tok.encode(), None, tok.encode()]]
+                got = pipe.execute()
+                if got != expect:
+                    errors.append((n, rounds, [(g, e) for g, e in zip(got, expect) if g != e][:3]))
+                    return
+        except Exception as e:  # reported below
+            errors.append((n, repr(e)))
+    before = [int(x.info("clients")["connected_clients"]) for x in cluster.primaries]
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    after = [int(x.info("clients")["connected_clients"]) for x in cluster.primaries]
+    assert all(a - b <= 2 for a, b in zip(after, before)), (before, after)  # they were on the links
