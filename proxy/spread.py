@@ -360,12 +360,13 @@ def scan_reply(raw: bytes, index: int, nodes: int) -> bytes:
 # ---- the reorder queue
 
 class Entry:
-    __slots__ = ("replies", "left", "merge")
+    __slots__ = ("replies", "left", "merge", "seq")
 
-    def __init__(self, n: int, merge):
+    def __init__(self, n: int, merge, seq: int = 0):
         self.replies: list = [None] * n
         self.left = n
         self.merge = merge
+        self.seq = seq       # the request's place among the client's requests
 
 
 class Mux:
@@ -382,6 +383,11 @@ class Mux:
         # locate(redirect, addr of the node that sent it) -> where to send it again, or None
         self.locate = locate or (lambda r, addr: r.address(addr[0]))
         self.redirects: list = []       # followed since the shell last looked (it tells the Topology)
+        self.seq = 0
+        # slot -> {node: the latest request of that slot sent there}: a redirected request is
+        # sent again only if no later request of its slot went to another node (it would have
+        # run first: the client's order)
+        self.sent: dict = {}
         self.queue: deque[Entry] = deque()
         self.owed: dict = {}            # addr -> deque of (entry, index)
         self.writes: dict = {}          # addr -> [bytes]
@@ -406,17 +412,18 @@ class Mux:
             e.replies[0], e.left = error(dest.local), 0
             self.queue.append(e)
             return
-        targets = []   # (addr or None, index, data, reply transform)
+        targets = []   # (addr or None, data, slot)
+        self.seq += 1
         for where, arg, data in dest.parts:
             if where == TO_EVERY:
                 prim = self.primaries()
                 if dest.state:
                     self.state.append(data)
-                targets += [(a, data) for a in prim] or [(None, data)]
+                targets += [(a, data, None) for a in prim] or [(None, data, None)]
             elif where == TO_SLOT:
-                targets.append((self.owner(arg), data))
+                targets.append((self.owner(arg), data, arg))
             elif where == TO_HOME:
-                targets.append((self._home(), data))
+                targets.append((self._home(), data, None))
             elif where == TO_INDEX:
                 prim = self.primaries()
                 if arg >= len(prim):
@@ -425,18 +432,18 @@ class Mux:
                     self.queue.append(e)
                     return
                 n = len(prim)
-                e = Entry(1, lambda r, i=arg, n=n: scan_reply(r[0], i, n))
+                e = Entry(1, lambda r, i=arg, n=n: scan_reply(r[0], i, n), self.seq)
                 self.queue.append(e)
                 return self._send(prim[arg], e, 0, data)
             else:  # TO_TX
-                targets.append((arg, data))
-        e = Entry(len(targets), dest.merge)
+                targets.append((arg, data, None))
+        e = Entry(len(targets), dest.merge, self.seq)
         self.queue.append(e)
-        for i, (addr, data) in enumerate(targets):
+        for i, (addr, data, slot) in enumerate(targets):
             if isinstance(addr, TxDest):
                 self._tx_part(addr, e, i, data)
             else:
-                self._send(addr, e, i, data)
+                self._send(addr, e, i, data, slot=slot)
 
     def _tx_part(self, tx: TxDest, e: Entry, i: int, data: bytes) -> None:
         if tx.addr is None:
@@ -457,7 +464,11 @@ class Mux:
         # a transaction is never re-sent in part: a redirect inside it reaches the client
         self._send(tx.addr, e, i, data, resend=False)
 
-    def _send(self, addr, e: Entry | None, i: int, data: bytes, resend: bool = True, tries: int = 0) -> None:
+    def _send(self, addr, e: Entry | None, i: int, data: bytes, resend: bool = True, tries: int = 0,
+              slot: int | None = None) -> None:
+        if slot is not None and e is not None and addr:
+            nodes = self.sent.setdefault(slot, {})
+            nodes[addr] = max(nodes.get(addr, 0), e.seq)
         if not addr or addr == ("", 0):
             if e is None:
                 return
@@ -479,11 +490,14 @@ class Mux:
                 and (raw.startswith(b"-MOVED ") or raw.startswith(b"-ASK ")):
             r = parse_redirect(raw[1:].rstrip(b"\r\n").decode("utf-8", "replace"))
             to = self.locate(r, addr) if r is not None else None
-            if to is not None:
+            later = r is not None and any(a != addr and seq > e.seq for a, seq in self.sent.get(r.slot, {}).items())
+            if to is not None and not later:
                 self.redirects.append(r)
                 if r.kind == "ASK":
                     self._send(to, None, 0, ASKING, resend=False)
-                return self._send(to, e, i, data, tries=tries + 1)
+                return self._send(to, e, i, data, tries=tries + 1, slot=r.slot)
+            # (a later request of this slot already went to another node and may have run:
+            # sent again, this one would run after it; the client gets -TRYAGAIN instead)
         if e is not None:  # None: a reply the proxy gave already (a held MULTI, ASKING)
             e.replies[i] = raw
             e.left -= 1
@@ -497,6 +511,8 @@ class Mux:
         while q and q[0].left == 0:
             e = q.popleft()
             out.append(e.merge(e.replies))
+        if not q and self.sent:
+            self.sent.clear()  # nothing in flight: no redirect can come for an earlier request
         return out
 
     def take_writes(self) -> dict:

@@ -222,3 +222,21 @@ def test_moved_and_ask_are_sent_again_in_place():
     (addr, _), = mux.take_writes().items()
     mux.node_reply(addr, b"-MOVED 3300 n:0\r\n")
     assert mux.ready() == [b"-MOVED 3300 n:0\r\n"]   # Session._redirected makes it -TRYAGAIN
+
+
+def test_a_redirect_is_not_followed_past_a_later_request_of_its_slot():
+    """The client's order: a request redirected after a later request of the same slot
+    went to the new owner (the map changed in between) would run after it if sent again;
+    it gets the redirect (-TRYAGAIN to the client) instead."""
+    owner = {"now": ("n", 0)}
+    mux = Mux(lambda s: owner["now"], lambda: [("n", 0), ("n", 1)])
+    slot = key_slot(b"a")
+    mux.submit(dest("SET", "a", "1"))      # to n:0
+    owner["now"] = ("n", 1)                 # the map moved the slot meanwhile
+    mux.submit(dest("GET", "a"))           # to n:1: it may run first
+    w = mux.take_writes()
+    assert set(w) == {("n", 0), ("n", 1)}
+    mux.node_reply(("n", 1), b"$-1\r\n")
+    mux.node_reply(("n", 0), b"-MOVED %d n:1\r\n" % slot)
+    assert mux.take_writes() == {}          # not sent again
+    assert mux.ready() == [b"-MOVED %d n:1\r\n" % slot, b"$-1\r\n"]
