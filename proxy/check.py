@@ -69,9 +69,13 @@ def _cluster_node(up: Upstream, timeout: float) -> str:
     """Which node serves a pinned route on a cluster (the owner of its slot, now)."""
     from proxy.cluster_route import ClusterRouteError, resolve
     try:
-        addr, _ = resolve(up, up.slot, timeout)
+        addr, m = resolve(up, up.slot if up.slot is not None else 0, timeout)
     except ClusterRouteError as e:
         return f" (no owner: {e})"
+    if up.slot is None:  # a spread route: every primary serves some of its keys
+        gaps = m.uncovered()
+        return f", spread over {len(m.primaries())} primaries" + (f" (slots without a primary: {gaps[:3]})"
+                                                                  if gaps else "")
     return f", pinned hash slot {up.slot} served by {format_addr(*addr)}"
 
 

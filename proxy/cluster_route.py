@@ -168,13 +168,22 @@ class Topology:
         if self._soon is not None:
             self._soon.cancel()
 
-    def owner(self, slot: int) -> tuple[str, int] | None:
+    def owner(self, slot: int | None) -> tuple[str, int] | None:
+        """The primary of `slot`; for None (a spread route: every slot) the primary of
+        the lowest slot, while the map covers every slot."""
+        if slot is None:
+            if self.map is None or self.map.uncovered():
+                return None
+            slot = 0
         return None if self.map is None else _addr(self.map, slot, self.up.tls is not None)
 
-    def down_reason(self, slot: int) -> str | None:
-        """Why the route of `slot` cannot be served now (readiness), or None."""
+    def down_reason(self, slot: int | None) -> str | None:
+        """Why the route of `slot` (None: a spread route) cannot be served now (readiness), or None."""
         if self.map is None:
             return self.error
+        if slot is None:
+            gaps = self.map.uncovered()
+            return f"hash slots without a primary in the cluster's map: {gaps[:3]}" if gaps else None
         if self.owner(slot) is None:
             return f"hash slot {slot} has no primary in the cluster's map (uncovered: {self.map.uncovered()[:3]})"
         return None

@@ -358,8 +358,9 @@ def apply_sentinel_auth(routes: list, vals: dict[str, tuple]) -> None:
             r.upstream = replace(up, sentinel=spec)
 
 
-# -- Redis Cluster upstreams: pinned routes only (check_cluster_route; docs/cluster.md says
-# what is built and what is designed only).
+# -- Redis Cluster upstreams: pinned routes (one slot, its owner) and spread routes (each
+# request to the owner of its keys' slot, proxy/spread.py); check_cluster_route; docs/cluster.md
+# says what is built and what is designed only.
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -449,20 +450,28 @@ def choose_upstream(entry: dict, where: str, label, section: str, labels: dict |
 
 
 def check_cluster_route(route: "Route", label: str, where: str) -> "Route":
-    """Fail closed: on a cluster only pinned routes are routed (every key of the route in
-    one slot, served by that slot's primary; docs/cluster.md). A spread route, a client
-    db mapped to a backend db other than 0 (a cluster has db 0 only), or client dbs whose
-    namespaces are in different slots are configuration errors."""
+    """Fail closed: a route on a cluster is pinned (every key of the route in one slot,
+    served by that slot's primary) or spread (no db pinned: each request to the owner of
+    its keys' slot, proxy/spread.py); docs/cluster.md. A client db mapped to a backend db
+    other than 0 (a cluster has db 0 only), pinned and unpinned dbs in one route, or
+    pinned dbs whose namespaces are in different slots are configuration errors."""
     up = route.upstream
     if up.cluster is None:
         return route
     targets = [("", route.default)] + [(f" (client db {c})", t) for c, t in sorted(route.databases.items())]
+    pinned = [t.keyspace.mode == "add" and t.keyspace.pinned for _, t in targets]
+    if not any(pinned):
+        # a spread route: every request to the owner of its keys' slot (proxy/spread.py)
+        for c, t in sorted(route.databases.items()):
+            if t.db != 0:
+                raise ConfigError(f"{where}.databases.{c}.db: a Redis Cluster has db 0 only (route {route.name} is "
+                                  f"on {up.masked()}); map client db {c} to db = 0 with a namespace of its own")
+        return route
     for w, t in targets:
         if t.keyspace.mode != "add" or not t.keyspace.pinned:
             raise ConfigError(f"{label}: route {route.name}{w} is on a Redis Cluster ({up.masked()}) and is not "
-                              "pinned: only slot = \"pinned\" routes (a namespace pinned to one hash slot) are "
-                              "routed over a cluster; set slot = \"pinned\" (--slot pinned) with a namespace "
-                              "(docs/cluster.md)")
+                              "pinned while another client db of it is: a route is pinned (slot = \"pinned\", "
+                              "every db) or spread (no db pinned); per-db nodes are not built (docs/cluster.md)")
     for c, t in sorted(route.databases.items()):
         if t.db != 0:
             raise ConfigError(f"{where}.databases.{c}.db: a Redis Cluster has db 0 only (route {route.name} is on "

@@ -38,6 +38,24 @@ Fields (all optional):
   session    the Session method (`_cmd_<name>`) that carries the command out
   subscribe  (set, adding) for the SUBSCRIBE family: which subscription set it changes
   why        the reason, shown in refusals; required for PASS overrides too (docs)
+  cluster    on a spread (unpinned) route over a Redis Cluster, where the request goes
+             (proxy/spread.py); the default follows from the specs: SLOT for a command whose
+             keys are all known, STATE for one that changes connection state, ANY for a
+             keyless one, NOT_ROUTED for a keyed one whose key positions are not known or one
+             the table does not know (fail closed). The other values:
+               EVERY        every primary; the first error, else the first reply (SCRIPT LOAD:
+                            script caches are per node)
+               SPLIT_VALUES / SPLIT_SUM / SPLIT_OK  one command per slot of its keys, merged
+                            in key order: the values (MGET), the sum (DEL, EXISTS), +OK (MSET)
+               FIRST_KEY    the slot of its first argument (SORT: the server checks the rest)
+               SCAN_NODES   one primary per call, the cursor carries which (SCAN)
+               CONCAT / SUM every primary, the arrays joined (KEYS) / the integers added (DBSIZE)
+               FIRST_VALUE  every primary, the first reply that is not nil (RANDOMKEY)
+               TX           MULTI / EXEC / DISCARD: the transaction goes to the owner of its keys
+               SUBSCRIBE    the SUBSCRIBE family: the connection stays on one node while
+                            subscribed (classic channels: any node, messages are cluster-wide;
+                            shard channels: the owner of their slot)
+  cluster_why  with cluster=NOT_ROUTED: why (shown in the refusal)
 
 Policies (a route's `policy`, see README "Policies"): `tenant` is a fence against code
 the operator does not trust, `app` a trusted application moved between keyspaces. On a
@@ -51,6 +69,13 @@ from proxy import replies
 
 PLAIN, STATE, PIN, STREAM = "plain", "state", "pin", "stream"
 PASS, EMULATE, REFUSE, FENCED = "pass", "emulate", "refuse", "fenced"
+# `cluster`: where a request of a spread route over a Redis Cluster goes (see above)
+SLOT, ANY, EVERY, FIRST_KEY, TX = "slot", "any", "every", "first-key", "tx"
+SPLIT_VALUES, SPLIT_SUM, SPLIT_OK = "split-values", "split-sum", "split-ok"
+SCAN_NODES, CONCAT, SUM, FIRST_VALUE = "scan-nodes", "concat", "sum", "first-value"
+NOT_ROUTED, SUBSCRIBE = "not-routed", "subscribe"
+CLUSTER_CLASSES = (SLOT, ANY, EVERY, FIRST_KEY, TX, SPLIT_VALUES, SPLIT_SUM, SPLIT_OK, SCAN_NODES, CONCAT, SUM,
+                   FIRST_VALUE, NOT_ROUTED, STATE, SUBSCRIBE)
 
 
 def O(**kw) -> dict:  # noqa: E743 - short on purpose: the table below reads as a table
@@ -64,6 +89,8 @@ _CONNECTION = "it answers about the upstream connection, which is the proxy's"
 _SCRIPT = "a script can reach any key"
 _LIBRARY = "function libraries are shared by every route and a function can reach any key"
 _KEYS_DECLARED = "its declared keys are rewritten (app: the code is trusted to use only them)"
+_SPLIT = "its keys are split per hash slot over the cluster's primaries and the replies merged in key order"
+_OWN_WRITES = "it waits for this connection's own writes, which a spread route spreads over several nodes"
 
 # CONFIG GET on a tenant route answers these parameters only (glob patterns are matched
 # against this list, never sent): each says nothing about other tenants and is what
@@ -95,11 +122,8 @@ OVERLAY: dict[str, dict] = {
     "info": O(policy=PASS, effect=PLAIN, tenant=EMULATE, session="info", why="server facts; no key names",
               tenant_why="its keyspace section counts every backend db: answered with the route's own "
                          "client dbs and the keys in its namespace"),
-    "wait": O(policy=PASS, effect=PIN, why="waits for replicas to take this connection's writes; no keys"),
-    "waitaof": O(policy=PASS, effect=PIN, why="waits for the AOF to take this connection's writes; no keys"),
-    "unwatch": O(policy=PASS, effect=PLAIN,
-                 why="WATCH pins its client to a connection of its own, so on a shared "
-                     "connection nothing is watched: UNWATCH changes nothing there"),
+    "wait": O(policy=PASS, effect=PIN, cluster=NOT_ROUTED, cluster_why=_OWN_WRITES, why="waits for replicas to take this connection's writes; no keys"),
+    "waitaof": O(policy=PASS, effect=PIN, cluster=NOT_ROUTED, cluster_why=_OWN_WRITES, why="waits for the AOF to take this connection's writes; no keys"),
     "command": O(policy=PASS, effect=PLAIN, why="lists the server's commands; no keys"),
     "command|count": O(policy=PASS, effect=PLAIN, why="no keys"),
     "command|docs": O(policy=PASS, effect=PLAIN, why="no keys"),
@@ -111,12 +135,12 @@ OVERLAY: dict[str, dict] = {
     "command|getkeysandflags": O(rewrite=h.h_command_getkeys, effect=PLAIN,
                                  why="the inner command is rewritten; its keys answered in client names"),
     "script": O(why="the script cache is shared by every route"),
-    "script|load": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_SCRIPT,
+    "script|load": O(policy=PASS, effect=PLAIN, cluster=EVERY, tenant=FENCED, tenant_why=_SCRIPT,
                      why="loading a script touches no key"),
     "script|exists": O(policy=PASS, effect=PLAIN, why="no keys"),
     "script|help": O(policy=PASS, effect=PLAIN, why="no keys"),
     "function": O(why="function libraries are shared by every route"),
-    "function|load": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY,
+    "function|load": O(policy=PASS, effect=PLAIN, cluster=EVERY, tenant=FENCED, tenant_why=_LIBRARY,
                        why="loading a library touches no key"),
     "function|list": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY, why="no keys"),
     "function|stats": O(policy=PASS, effect=PLAIN, tenant=FENCED, tenant_why=_LIBRARY, why="no keys"),
@@ -130,6 +154,12 @@ OVERLAY: dict[str, dict] = {
     "fcall": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
     "fcall_ro": O(tenant=FENCED, tenant_why=_SCRIPT, why=_KEYS_DECLARED),
     "function|help": O(policy=PASS, effect=PLAIN, why="no keys"),
+    # script caches and function libraries are per node: on a spread route over a cluster
+    # what changes them goes to every primary
+    "script|flush": O(cluster=EVERY, why="the script cache is shared by every route"),
+    "function|delete": O(cluster=EVERY, why="function libraries are shared by every route"),
+    "function|flush": O(cluster=EVERY, why="function libraries are shared by every route"),
+    "function|restore": O(cluster=EVERY, why="function libraries are shared by every route"),
     "memory": O(why=_SERVER),
     "memory|doctor": O(policy=PASS, effect=PLAIN, why="no keys"),
     "memory|stats": O(policy=PASS, effect=PLAIN, why="no keys"),
@@ -146,19 +176,21 @@ OVERLAY: dict[str, dict] = {
     "acl|help": O(policy=PASS, effect=PLAIN, why="no keys"),
 
     # ---- patterns, channels, db indexes: hand-written rewrites (proxy/handlers.py)
-    "keys": O(rewrite=h.h_keys, effect=PLAIN, why="a glob, not a key: the namespace is escaped in front"),
-    "scan": O(rewrite=h.h_scan, effect=PLAIN, why="without MATCH it would list other namespaces"),
-    "sort": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns and STORE are not in the key specs"),
-    "sort_ro": O(rewrite=h.h_sort, effect=PLAIN, why="BY/GET patterns are not in the key specs"),
-    "migrate": O(rewrite=h.h_migrate, effect=PLAIN,
+    "keys": O(rewrite=h.h_keys, effect=PLAIN, cluster=CONCAT, why="a glob, not a key: the namespace is escaped in front"),
+    "scan": O(rewrite=h.h_scan, effect=PLAIN, cluster=SCAN_NODES, why="without MATCH it would list other namespaces"),
+    "sort": O(rewrite=h.h_sort, effect=PLAIN, cluster=FIRST_KEY, why="BY/GET patterns and STORE are not in the key specs"),
+    "sort_ro": O(rewrite=h.h_sort, effect=PLAIN, cluster=FIRST_KEY, why="BY/GET patterns are not in the key specs"),
+    "migrate": O(rewrite=h.h_migrate, effect=PLAIN, cluster=NOT_ROUTED,
+                 cluster_why="its keys may follow KEYS, so its node cannot be chosen from its first key",
                  why="the key may follow KEYS; the db is a client index; never to the route's own server "
                      "(Redis would block on itself until the timeout); refused on a tenant route (another "
                      "server is outside the fence, and the same server has many names)"),
     "move": O(rewrite=h.h_move, effect=PLAIN, why="the db is a client index with its own keyspace"),
     "copy": O(rewrite=h.h_copy, effect=PLAIN, why="DB n puts the destination in another keyspace"),
     "swapdb": O(rewrite=h.h_swapdb, effect=PLAIN, why="it would swap other tenants' databases"),
-    "flushall": O(rewrite=h.h_flushall, effect=PLAIN, why="it would delete every namespace and every db"),
-    "debug": O(rewrite=h.h_debug, effect=PIN,
+    "flushall": O(rewrite=h.h_flushall, effect=PLAIN, cluster=EVERY, why="it would delete every namespace and every db"),
+    "debug": O(rewrite=h.h_debug, effect=PIN, cluster=NOT_ROUTED,
+               cluster_why="the key of DEBUG OBJECT is not in the key specs, so its node cannot be chosen",
                why="only DEBUG OBJECT key is allowed; DEBUG PROTOCOL push sends a push to its caller"),
     "publish": O(rewrite=h.h_publish, effect=PLAIN, why="channels are fenced like keys; no key spec"),
     "pubsub|channels": O(rewrite=h.h_pubsub_channels, effect=PLAIN, why="a glob of channel names"),
@@ -173,20 +205,32 @@ OVERLAY: dict[str, dict] = {
     "bzmpop": O(reply=replies.first_is_key), "zmpop": O(reply=replies.first_is_key),
     "xread": O(reply=replies.each_first_is_key), "xreadgroup": O(reply=replies.each_first_is_key),
 
+    # ---- split per hash slot on a spread route over a cluster (proxy/spread.py)
+    "mget": O(cluster=SPLIT_VALUES, why=_SPLIT), "mset": O(cluster=SPLIT_OK, why=_SPLIT + " (not atomic then)"),
+    "del": O(cluster=SPLIT_SUM, why=_SPLIT), "unlink": O(cluster=SPLIT_SUM, why=_SPLIT),
+    "exists": O(cluster=SPLIT_SUM, why=_SPLIT), "touch": O(cluster=SPLIT_SUM, why=_SPLIT),
+    "unwatch": O(policy=PASS, effect=PLAIN, cluster=TX,
+                 why="WATCH pins its client to a connection of its own, so on a shared "
+                     "connection nothing is watched: UNWATCH changes nothing there"),
+    "asking": O(why="cluster commands are not routed", cluster=NOT_ROUTED,
+                cluster_why="redirections are the proxy's business"),
+
     # ---- emulated within the namespace (add mode): the server's own would count or
     # delete other tenants' keys (proxy/emulate.py)
-    "flushdb": O(policy=EMULATE, session="emulated", effect=PLAIN,
+    "flushdb": O(policy=EMULATE, session="emulated", effect=PLAIN, cluster=EVERY,
                  why="emulated with SCAN MATCH + DEL; each step is one request, one reply"),
-    "dbsize": O(policy=EMULATE, session="emulated", effect=PLAIN,
+    "dbsize": O(policy=EMULATE, session="emulated", effect=PLAIN, cluster=SUM,
                 why="emulated with SCAN MATCH; each step is one request, one reply"),
     "randomkey": O(policy=EMULATE, session="emulated", rewrite=h.h_randomkey_passthrough, effect=PLAIN,
+                   cluster=FIRST_VALUE,
                    why="emulated with SCAN MATCH; each step is one request, one reply"),
 
     # ---- connection state: carried out by the session, on the server's confirmation
     "select": O(policy=PASS, effect=STATE, session="select",
                 why="the client's db index is mapped to a backend db and keyspace"),
     "hello": O(policy=PASS, effect=STATE, session="hello", why="changes the protocol (and may AUTH, SETNAME)"),
-    "reset": O(policy=PASS, effect=STATE, session="reset",
+    "reset": O(policy=PASS, effect=STATE, session="reset", cluster=NOT_ROUTED,
+               cluster_why="not built on a spread route (it would log out every node connection)",
                why="the proxy restores what it set up on the connection (AUTH, db)"),
     "auth": O(policy=PASS, effect=STATE,
               why="changes the connection's user; on a listener with users the proxy checks it and never "
@@ -194,10 +238,10 @@ OVERLAY: dict[str, dict] = {
     "quit": O(policy=PASS, effect=STATE, session="quit", why="answered by the proxy, which closes the client"),
     "readonly": O(policy=PASS, effect=STATE, why="cluster read mode of the connection"),
     "readwrite": O(policy=PASS, effect=STATE, why="cluster read mode of the connection"),
-    "multi": O(policy=PASS, effect=PIN, session="multi", why="a transaction lives on one connection"),
-    "exec": O(policy=PASS, effect=PIN, session="exec", why="a transaction lives on one connection"),
-    "discard": O(policy=PASS, effect=PIN, session="discard", why="a transaction lives on one connection"),
-    "watch": O(effect=PIN, why="watched keys live on the connection"),
+    "multi": O(policy=PASS, effect=PIN, session="multi", cluster=TX, why="a transaction lives on one connection"),
+    "exec": O(policy=PASS, effect=PIN, session="exec", cluster=TX, why="a transaction lives on one connection"),
+    "discard": O(policy=PASS, effect=PIN, session="discard", cluster=TX, why="a transaction lives on one connection"),
+    "watch": O(effect=PIN, cluster=TX, why="watched keys live on the connection"),
     "client": O(why="it reaches other clients' connections"),
     "client|reply": O(policy=PASS, effect=STATE, session="client_reply",
                       why="carried out by the proxy, never sent: every upstream request gets exactly one reply"),
@@ -221,24 +265,26 @@ OVERLAY: dict[str, dict] = {
     "client|getredir": O(policy=PASS, effect=PIN, why=_CONNECTION),
     "client|caching": O(policy=PASS, effect=STATE, why="client-side caching state of the connection"),
     "client|capa": O(policy=PASS, effect=STATE, why="capabilities of the connection"),
-    "client|tracking": O(rewrite=h.h_client_tracking, effect=STATE,
+    "client|tracking": O(rewrite=h.h_client_tracking, effect=STATE, cluster=NOT_ROUTED,
+                         cluster_why="invalidations come from every node; not built on a spread route",
                          why="PREFIX arguments are key prefixes; BCAST gets the namespace as prefix"),
     "client|trackinginfo": O(rewrite=h.h_client_trackinginfo, effect=PIN, why="lists key prefixes"),
-    "subscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("channel", True),
+    "subscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("channel", True),
                    why="channels are fenced like keys; messages arrive on the connection"),
-    "unsubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("channel", False),
+    "unsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("channel", False),
                      why="channels are fenced like keys"),
-    "psubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("pattern", True),
+    "psubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("pattern", True),
                     why="patterns are fenced like key globs"),
-    "punsubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("pattern", False),
+    "punsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("pattern", False),
                       why="patterns are fenced like key globs"),
-    "ssubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("shard", True),
+    "ssubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("shard", True),
                     why="shard channels are fenced like keys"),
-    "sunsubscribe": O(policy=PASS, effect=PIN, session="subscribe", subscribe=("shard", False),
+    "sunsubscribe": O(policy=PASS, effect=PIN, session="subscribe", cluster=SUBSCRIBE, subscribe=("shard", False),
                       why="shard channels are fenced like keys"),
 
     # ---- streams of replies, or none
-    "monitor": O(policy=REFUSE, app=PASS, tenant=EMULATE, effect=STREAM, session="monitor",
+    "monitor": O(policy=REFUSE, app=PASS, tenant=EMULATE, effect=STREAM, session="monitor", cluster=NOT_ROUTED,
+                 cluster_why="each node monitors its own traffic; not built on a spread route",
                  why="it shows every client's commands and keys",
                  tenant_why="answered by the proxy: the route's own traffic, in client terms"),
     "replconf": O(everywhere=True, effect=STREAM,
@@ -255,7 +301,7 @@ OVERLAY: dict[str, dict] = {
     "save": O(why=_PERSISTENCE), "bgsave": O(why=_PERSISTENCE), "bgrewriteaof": O(why=_PERSISTENCE),
     "replicaof": O(why=_REPLICATION), "slaveof": O(why=_REPLICATION), "failover": O(why=_REPLICATION),
     "module": O(why="modules are shared by every route"),
-    "cluster": O(why="cluster commands are not routed"), "asking": O(why="cluster commands are not routed"),
+    "cluster": O(why="cluster commands are not routed"),
     "slowlog": O(why="it shows other clients' keys"), "commandlog": O(why="it shows other clients' keys"),
     "latency": O(why=_SERVER), "pfselftest": O(why="it is a server self-test"),
 

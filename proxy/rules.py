@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from proxy.commands import CommandTable, default_table
-from proxy.overlay import (EMULATE, FENCED, OVERLAY, PASS, PIN, PLAIN, REFUSE, STATE,  # noqa: F401 (re-exported)
-                           STREAM)
+from proxy.overlay import (ANY, CLUSTER_CLASSES, EMULATE, FENCED, NOT_ROUTED, OVERLAY, PASS, PIN,  # noqa: F401
+                           PLAIN, REFUSE, SLOT, STATE, STREAM)
 
 _FIELDS = {"effect", "policy", "tenant", "app", "tenant_why", "everywhere", "rewrite", "reply", "session",
-           "subscribe", "why"}
+           "subscribe", "why", "cluster", "cluster_why"}
 POLICIES = ("tenant", "app")
 
 
@@ -43,6 +43,9 @@ class Rule:
     # (limits.blocking_pool)? A blocking command with all its keys known and no other reason
     # to pin in the overlay: not WAIT/WAITAOF, which wait for this connection's own writes.
     poolable: bool = False
+    # On a spread route over a Redis Cluster: where it goes (overlay.py, `cluster`; proxy/spread.py)
+    cluster: str = SLOT
+    cluster_why: str = ""
 
     def treatment(self, policy: str, fenced: bool = False) -> str:
         """PASS, EMULATE or REFUSE on a namespaced route of `policy`; `fenced`: the route's
@@ -68,6 +71,10 @@ def _check(name: str, entry: dict) -> None:
                        ("tenant", (PASS, EMULATE, REFUSE, FENCED))):
         if f in entry and entry[f] not in allowed:
             raise ValueError(f"overlay entry {name!r}: bad {f} {entry[f]!r}")
+    if "cluster" in entry and entry["cluster"] not in CLUSTER_CLASSES:
+        raise ValueError(f"overlay entry {name!r}: bad cluster {entry['cluster']!r}")
+    if entry.get("cluster") == NOT_ROUTED and not entry.get("cluster_why"):
+        raise ValueError(f"overlay entry {name!r}: cluster NOT_ROUTED needs `cluster_why` (shown in refusals)")
     if "tenant" in entry and not entry.get("tenant_why"):
         raise ValueError(f"overlay entry {name!r}: `tenant` needs `tenant_why` (shown in refusals)")
 
@@ -112,10 +119,23 @@ class RuleBook:
             effect, policy, why = PIN, REFUSE, "it is not known to stay inside the namespace"
         why = entry.get("why") or parent.get("why") or why
         policy = entry.get("policy", policy)
+        effect = entry.get("effect", effect)
+        # on a spread route over a cluster (fail closed: a command whose keys the proxy
+        # cannot find has no node it could be sent to)
+        if cmd is None:
+            cluster, cluster_why = NOT_ROUTED, "the proxy does not know it, so not where its keys are"
+        elif keyed and not complete:
+            cluster, cluster_why = NOT_ROUTED, "its key positions are not fully known, so its node cannot be chosen"
+        elif effect == STATE:
+            cluster, cluster_why = STATE, ""
+        else:
+            cluster, cluster_why = (SLOT if keyed else ANY), ""
+        if "cluster" in entry:
+            cluster, cluster_why = entry["cluster"], entry.get("cluster_why", "")
         return Rule(
             name=name, known=cmd is not None, keyed=keyed,
             positions=cmd.positions if complete else None, flags=flags,
-            effect=entry.get("effect", effect), policy=policy,
+            effect=effect, policy=policy, cluster=cluster, cluster_why=cluster_why,
             everywhere=entry.get("everywhere", False), why=why,
             tenant=entry.get("tenant", policy), app=entry.get("app", policy),
             tenant_why=entry.get("tenant_why", ""), rewrite=rewrite,

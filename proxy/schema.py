@@ -225,7 +225,7 @@ class Address(Kind):
 
 class Url(Kind):
     doc = ("`redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`, `redis[s]+sentinel://[USER:PASSWORD@]HOST:PORT[,...]/MASTER[/DB]` "
-           "or `redis[s]+cluster://[USER:PASSWORD@]HOST:PORT[,...]` (pinned routes only)")
+           "or `redis[s]+cluster://[USER:PASSWORD@]HOST:PORT[,...]` (db 0; see Cluster)")
 
     def parse(self, value, text: bool):
         from proxy.config import parse_upstream
@@ -360,7 +360,7 @@ def _cluster(prefix: str, top: bool) -> tuple[Field, ...]:
     return (
         Field(f"{prefix}.seeds", Seeds(), default_doc="required in the table",
               help=f"a Redis Cluster upstream as a table, instead of {instead} (not both; the same upstream): "
-                   "the nodes asked for the slot map, in order; pinned routes only"
+                   "the nodes asked for the slot map, in order; pinned or spread routes (see Cluster)"
                    + ("; `--upstream` and REDIS_URL win over it as over `upstream`" if top else "")),
         Field(f"{prefix}.tls", Bool(), False,
               help="connect with TLS, as rediss+cluster:// (settings from [upstream_tls]"
@@ -410,7 +410,8 @@ FIELDS: tuple[Field, ...] = (
     Field("listener[].slot", Choice(SLOT_MODES), "spread", "--slot", "PROXY_SLOT", metavar="MODE",
           help="pinned: keys stored as `{NS}:key`, so the namespace is one cluster hash slot (MULTI, "
                "Lua, BRPOP across its keys); a client's own `{tag}` then no longer chooses the slot; "
-               "needs `namespace`; required on a `redis+cluster://` upstream"),
+               "needs `namespace`; spread on a `redis+cluster://` upstream: each key on the owner of its "
+               "own slot (see Cluster)"),
     Field("listener[].tls.cert_file", Path(nonempty=True), None, "--tls-cert-file", "PROXY_TLS_CERT_FILE",
           metavar="FILE", default_doc="no TLS",
           help="clients must connect with TLS: the proxy's certificate (PEM, may hold the key too); "

@@ -146,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         self.slot = None       # the listen address it is counted under (max_clients), until released
         self.pooled = None     # a blocking pool connection lent for one blocking command (proxy/bpool.py)
         self.pool_waiting = False
+        self.spread = None     # a spread route over a cluster: its node connections (proxy/spread_io.py)
 
     # -- client side
 
@@ -179,7 +180,11 @@ class ClientConnection(asyncio.Protocol):
         if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
             up, proxy = self.route.upstream, self.proxy
             self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)
-        if self.shared:
+        if self.session.spread is not None:  # a connection per node, opened as requests need them
+            from proxy.spread_io import SpreadIO
+            self.shared = False
+            self.spread = SpreadIO(self)
+        elif self.shared:
             self.link = self.proxy.shared_link(self.route, self.session.target.db, self.session.link_proto)
             self.link.clients.add(self)
         else:
@@ -422,6 +427,8 @@ class ClientConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         """Send what the session has for either side (runs after every event)."""
+        if self.spread is not None:
+            return self.spread.flush()
         s = self.session
         if s.shared:
             up = s.out_upstream
@@ -524,6 +531,8 @@ class ClientConnection(asyncio.Protocol):
             self._leave_pool()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        if self.spread is not None:
+            self.spread.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -544,11 +553,15 @@ class ClientConnection(asyncio.Protocol):
             self._leave_pool()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        if self.spread is not None:
+            self.spread.close()
         self.proxy.idle_changed()
 
     def check_upstream(self, now: float, limit: float) -> None:
         """limits.reply_timeout on a dedicated connection: a reply owed (not to a blocking
         command) and no byte from the server for `limit` seconds: the connection is dead."""
+        if self.spread is not None:
+            return self.spread.check(now, limit)
         up = self.upstream
         if up is None or up.transport is None or self.closed:
             return
@@ -580,13 +593,15 @@ class ClientConnection(asyncio.Protocol):
         self.apply_backpressure()
 
     def apply_backpressure(self) -> None:
-        shared = self.session.shared
+        shared = self.session.shared or (self.spread is not None and self.spread.shared)
         read_client = not (self.client_paused and shared) and not self.link_paused and not self.closed
         if read_client != self.reading_client and not self.closed:
             self.reading_client = read_client
             (self.transport.resume_reading if read_client else self.transport.pause_reading)()
         up = self.upstream.transport if self.upstream is not None else None
         read_upstream = not (self.client_paused and not shared)
+        if self.spread is not None:
+            self.spread.backpressure(read_upstream)
         if up is not None and read_upstream != self.reading_upstream:
             self.reading_upstream = read_upstream
             (up.resume_reading if read_upstream else up.pause_reading)()
@@ -1286,6 +1301,7 @@ class Proxy:
         self.paused: set[ClientConnection] = set()   # clients whose socket buffer is full
         self._trim_scheduled = False
         self.links: dict[tuple, SharedLink] = {}
+        self.spread_links: dict = {}   # (route name, upstream, node): spread_io.NodeLink (spread routes)
         self.bpools: dict[tuple, BlockingPool] = {}   # (route name, upstream): limits.blocking_pool
         # Latency histograms cost a clock read or two per batch; without an admin port
         # nobody can read them, so they are not kept. Counters are kept either way.
@@ -1370,12 +1386,12 @@ class Proxy:
         lim = self.config.limits
         idle, reply = lim.idle_timeout, lim.reply_timeout
         if reply:
-            for link in list(self.links.values()):
+            for link in list(self.links.values()) + list(self.spread_links.values()):
                 link.check(now, reply)
         for c in list(self.clients):
             if c.closed:
                 continue
-            if reply and c.upstream is not None:
+            if reply and (c.upstream is not None or c.spread is not None):
                 c.check_upstream(now, reply)
             if idle:
                 # a client still at the gate (not authenticated) owes nothing: it may be closed
@@ -1530,6 +1546,8 @@ class Proxy:
         if up.cluster is not None:
             t = self.clusters.get(cluster_key(up))
             why = t.down_reason(up.slot) if t is not None else None
+            if up.slot is None:
+                return f"the cluster's map does not cover every slot ({why or 'not configured'})"
             return f"no owner for hash slot {up.slot} on the cluster ({why or 'not configured'})"
         return "no confirmed primary (a Sentinel failover is being followed)"
 
@@ -1757,6 +1775,9 @@ class Proxy:
             if (key[0], key[2]) not in current:
                 # its route is gone: closed now, or once the replies still owed on it are in
                 link.retire("its route was changed or removed by a reload")
+        for key, link in list(self.spread_links.items()):
+            if (key[0], key[1]) not in current:
+                link.retire("its route was changed or removed by a reload")
 
     async def check_commands(self) -> None:
         """Log commands the upstream has that the generated table does not know.
@@ -1846,7 +1867,7 @@ class Proxy:
                 log.warning("drain timeout: closing %d connections with replies owed", len(self.clients))
         for c in list(self.clients):
             c.close("shutdown")
-        for link in list(self.links.values()):
+        for link in list(self.links.values()) + list(self.spread_links.values()):
             link.close()
         for pool in self.bpools.values():
             pool.close_all()

@@ -47,6 +47,7 @@ from proxy.overlay import CONFIG_GET_SAFE
 from proxy.keyspecs import KeySpecError
 from proxy.pubsub import MESSAGES, ChannelMap, rewrite_frame
 from proxy.cluster_route import redirect_error
+from proxy.spread import Router
 from proxy.resp import (OK, PartialReply, ProtocolError, RequestReader, encode_command, error, frame_end,
                         frame_run, is_error, pack_command, split, string_value)
 from proxy.rewrite import KEYS, SLOW, Ctx, Plan, compile_plan, fast_spec, refusal, rewrite, rewrite_rule
@@ -250,6 +251,12 @@ class Session:
         self.cluster = route.upstream.cluster is not None
         self.run_flags = 2 if self.cluster else 0
         self.on_redirect = None
+        # A spread (unpinned) route on a cluster (proxy/spread.py): every request is sent with
+        # the node it goes to (`_spread_send`); the shell's Mux hands back one reply per
+        # request, in order, as one dedicated connection would. No shared link, no C path.
+        self.spread = Router(self.rules, route.name) if self.cluster and route.upstream.slot is None else None
+        if self.spread is not None:
+            self.shared = shared = False
         if not shared:
             self.handshake()
         if view is None:
@@ -349,8 +356,24 @@ class Session:
         self._local(error(message), show)
 
     def _send(self, args: list[bytes], entry) -> None:
+        if self.spread is not None:
+            return self._spread_send(args, entry)
         self.out_upstream.append(encode_command(args))
         self._expect(entry)
+
+    def _spread_send(self, args: list[bytes], entry) -> bool:
+        """A spread route on a cluster: `out_upstream` gets the request's spread.Dest (its
+        node or nodes). One the proxy answers (CROSSSLOT, not routed) is a refusal here,
+        so MULTI fails at EXEC as on Redis; the proxy's own requests get it as their reply."""
+        dest = self.spread.dest(args, self.tx is not None)
+        if dest.local is not None and (entry is None or entry.kind != INTERNAL):
+            if entry is not None and entry.kind == XFORM:
+                entry.fn(error(dest.local))  # it sees the error: a wait for its confirmation ends
+            self._refuse(dest.local, entry is None or entry.show)
+            return False
+        self.out_upstream.append(dest)
+        self._expect(entry)
+        return True
 
     def _drain_locals(self) -> None:
         pending = self.pending
@@ -372,6 +395,8 @@ class Session:
         """Set up the upstream connection before any client request: AUTH with the route's
         credentials, HELLO 3 when the client is on RESP3, SELECT the db."""
         db = self.target.db if db is None else db
+        if self.spread is not None:  # each node connection does its own (proxy/spread_io.py)
+            return
         for args in self.route.upstream.handshake(db, proto):
             self._send(args, Req(INTERNAL, self._check_handshake))
         self.valid_dbs.add(db)
@@ -493,8 +518,8 @@ class Session:
 
     def _plain(self) -> bool:
         """May the C path take the next requests? (no state a request would change)"""
-        return _rewrite_plain is not None and self.tx is None and self.reply_on and not self.skip \
-            and not self._waiting() and self.upstream_error is None and not self.input_closed and not self.locked
+        return _rewrite_plain is not None and self.spread is None and self.tx is None and self.reply_on \
+            and not self.skip and not self._waiting() and self.upstream_error is None and not self.input_closed and not self.locked
 
     def _handle_safely(self, args: list[bytes]) -> None:
         try:
@@ -553,6 +578,15 @@ class Session:
                 except KeySpecError as e:
                     return self._refuse(f"ERR {e}", show)
                 self.stats.keys_rewritten += len(positions)
+            if self.spread is not None:
+                sent = self._spread_send(args, plan.entry if self.tx is None and show else
+                                         self._entry(None, show) if self.tx is not None else
+                                         self._entry(plan.reply, show))
+                if sent and self.tx is not None:
+                    self.tx.append(TxItem(plan.reply))
+                elif sent and plan.entry is not None and plan.entry.data is BLOCKING and not show:
+                    self.pending[-1] = Req(plan.entry.kind, plan.entry.fn, BLOCKING, show=False)
+                return
             if self.tx is None and show:
                 self.out_upstream.append(pack_command(tuple(args)))
                 self.pending.append(plan.entry)
@@ -872,8 +906,7 @@ class Session:
             return self._send(args, self._entry(None, show))  # EXEC without MULTI: the server's error
         if failed:
             self._use(self.target)
-            self.out_upstream.append(encode_command([b"DISCARD"]))
-            return self._expect(Req(XFORM, lambda raw: EXECABORT, show=show))
+            return self._send([b"DISCARD"], Req(XFORM, lambda raw: EXECABORT, show=show))
         confirms = any(t.confirm is not None for t in items)
 
         def done(raw: bytes) -> bytes:
@@ -954,7 +987,13 @@ class Session:
                 args[i] = mapper(args[i])
         except Refused as e:
             return self._refuse(str(e), show)
-        self.out_upstream.append(encode_command(args))
+        if self.spread is not None:  # a spread route on a cluster: the node of its subscriptions
+            dest = self.spread.dest(args, False)
+            if dest.local is not None:
+                return self._refuse(dest.local, show)
+            self.out_upstream.append(dest)
+        else:
+            self.out_upstream.append(encode_command(args))
         n = len(args) - 1
         if n == 0 and adding:
             return self._expect(self._entry(None, show))  # arity error from the server

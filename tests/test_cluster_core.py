@@ -316,7 +316,7 @@ def test_slots_constant():
     assert SLOTS == 16384 and key_slot(b"\xff" * 100) < SLOTS
 
 
-# -- redis+cluster:// URLs: parsed into seed nodes; routes that are not pinned refused at start
+# -- redis+cluster:// URLs: parsed into seed nodes; what is not built refused at start
 
 
 @pytest.mark.parametrize("url, seeds, user, password, tls", [
@@ -364,18 +364,15 @@ def _start_refused(args: list[str]) -> str:
 
 
 def test_cluster_upstream_refused_at_start(cluster, tmp_path):
-    """Even with a real cluster at the seeds: a route that is not pinned gets a clear
-    refusal naming slot = "pinned" (only pinned routes are routed over a cluster,
-    tests/test_cluster_routing.py), not a proxy that half works."""
+    """Even with a real cluster at the seeds: what is not built is refused at start with
+    a clear message (a client db mapped to another backend db: a cluster has db 0 only),
+    not a proxy that half works. Spread (unpinned) routes are routed since the spread
+    work (tests/test_cluster_spread.py)."""
     seeds = cluster.seeds()
-    err = _start_refused(["--listen", "127.0.0.1:0", "--namespace", "app",
-                          "--upstream", f"redis+cluster://:secret@{seeds}"])
-    assert f"slot: route 127.0.0.1:0 is on a Redis Cluster (redis+cluster://:***@{seeds}) and is not pinned" in err
-    assert 'slot = "pinned" (--slot pinned)' in err and "docs/cluster.md" in err and "secret" not in err
     path = tmp_path / "p.toml"
-    path.write_text(f'[[listener]]\nlisten = "127.0.0.1:0"\nupstream = "rediss+cluster://{seeds}"\n')
+    path.write_text(f'[[listener]]\nlisten = "127.0.0.1:0"\nupstream = "rediss+cluster://:secret@{seeds}"\n'
+                    '[listener.databases.1]\ndb = 1\nnamespace = "b"\n')
     err = _start_refused(["--config", str(path)])
-    assert f"listener[0].slot: route 127.0.0.1:0 is on a Redis Cluster (rediss+cluster://{seeds}) and is not pinned" \
-        in err
+    assert "listener[0].databases.1.db: a Redis Cluster has db 0 only" in err and "secret" not in err
     err = _start_refused(["check", "--listen", "127.0.0.1:0", "--upstream", f"redis+cluster://{seeds}/3"])
     assert "a cluster has db 0 only" in err

@@ -307,12 +307,16 @@ def test_not_ready_while_no_seed_answers(start_proxy):
         client(p).get("k")
 
 
-def test_spread_routes_and_other_dbs_refused_on_a_cluster(cluster):
-    """Fail closed: only pinned routes are routed over a cluster."""
+def test_other_dbs_refused_on_a_cluster(cluster):
+    """Fail closed: a cluster has db 0; a pinned route's dbs share its slot. (A spread
+    route is accepted: tests/test_cluster_spread.py.)"""
     from proxy.config import ConfigError, from_dict
     seeds = f"redis+cluster://{cluster.seeds()}"
-    with pytest.raises(ConfigError, match='slot = "pinned".*docs/cluster.md'):
-        from_dict({"listener": [{"listen": "127.0.0.1:0", "upstream": seeds, "namespace": "a"}]})
+    assert from_dict({"listener": [{"listen": "127.0.0.1:0", "upstream": seeds, "namespace": "a"}]}
+                     ).routes[0].upstream.slot is None
+    with pytest.raises(ConfigError, match="db 0 only"):
+        from_dict({"listener": [{"listen": "127.0.0.1:0", "upstream": seeds, "namespace": "a",
+                                 "databases": {"1": {"db": 1, "namespace": "a"}}}]})
     with pytest.raises(ConfigError, match="db 0 only"):
         from_dict({"listener": [{"listen": "127.0.0.1:0", "upstream": seeds, "namespace": "a", "slot": "pinned",
                                  "databases": {"1": {"db": 1, "namespace": "a"}}}]})

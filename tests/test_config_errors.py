@@ -82,10 +82,11 @@ ROWS = [
      "cluster.port: unknown field (known: password, seeds, tls, username)"),
     ([], {}, '[cluster]\nseeds = ["h:7000"]\nusername = "app"\n' + BASE,
      "cluster.username: given without cluster.password"),
-    ([], {}, '[cluster]\nseeds = ["h:7000"]\n' + BASE + 'namespace = "a"\n',
-     'listener[0].slot: route 127.0.0.1:7000 is on a Redis Cluster (redis+cluster://h:7000) and is not pinned: only '
-     'slot = "pinned" routes (a namespace pinned to one hash slot) are routed over a cluster; set slot = "pinned" '
-     "(--slot pinned) with a namespace (docs/cluster.md)"),
+    # (a spread route on a cluster is accepted since spread routing was built; another db is not)
+    ([], {}, '[cluster]\nseeds = ["h:7000"]\n' + BASE + 'namespace = "a"\n[listener.databases.1]\ndb = 1\n'
+     'namespace = "b"\n',
+     "listener[0].databases.1.db: a Redis Cluster has db 0 only (route 127.0.0.1:7000 is on redis+cluster://h:7000); "
+     "map client db 1 to db = 0 with a namespace of its own"),
     ([], {}, BASE + 'namespace = "a"\nslot = "pinned"\n[listener.cluster]\nseeds = ["h:7000"]\n'
      '[listener.upstream_tls]\nverify = false\n',
      "listener[0].upstream_tls: the upstream is redis+cluster://h:7000, plain TCP; set tls = true in its cluster "

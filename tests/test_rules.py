@@ -82,3 +82,40 @@ def test_subscription_confirmations_come_from_the_rules():
     assert RULES.confirms[b"punsubscribe"] == ("pattern", False)
     assert set(RULES.confirms) == {b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe",
                                    b"ssubscribe", b"sunsubscribe"}
+
+
+def test_cluster_class_keeps_its_promise():
+    """On a spread route over a cluster (proxy/spread.py) the Rule's `cluster` is the only
+    classification: every rule has a valid class; a command whose keys the proxy cannot
+    find is never sent to a node chosen without them; a split is only for commands whose
+    every key is a whole argument (the split parts are made of them); connection state
+    goes to every node, or is refused with a reason."""
+    from proxy.overlay import (ANY, CLUSTER_CLASSES, EVERY, FIRST_KEY, NOT_ROUTED, SLOT, SPLIT_OK, SPLIT_SUM,
+                               SPLIT_VALUES, TX)
+    splits = {}
+    for name, rule in RULES.rules.items():
+        assert rule.cluster in CLUSTER_CLASSES, name
+        if rule.cluster == NOT_ROUTED:
+            assert rule.cluster_why, name
+        if rule.cluster == SLOT:
+            assert rule.positions is not None, name   # keys found, so the slot is theirs
+        if rule.keyed and rule.positions is None:
+            assert rule.cluster in (NOT_ROUTED, FIRST_KEY), name
+        if not rule.keyed:
+            assert rule.cluster not in (SLOT, FIRST_KEY) and not rule.cluster.startswith("split"), name
+        if rule.effect == STATE:
+            assert rule.cluster in (STATE, NOT_ROUTED, TX, EVERY), name
+        if rule.cluster.startswith("split"):
+            splits[name] = rule.cluster
+        if rule.effect == PIN and rule.cluster == ANY:
+            # a PIN command with no keys on some node of the cluster: nothing it needs lives on
+            # the client's other node connections
+            assert "blocking" not in rule.flags and "pubsub" not in rule.flags, name
+    assert splits == {"mget": SPLIT_VALUES, "mset": SPLIT_OK, "del": SPLIT_SUM, "unlink": SPLIT_SUM,
+                      "exists": SPLIT_SUM, "touch": SPLIT_SUM}
+    for name in ("multi", "exec", "discard", "watch", "unwatch"):
+        assert RULES.get(name).cluster == TX
+    # the split commands' keys: every argument (MSET: every other one) from the first on
+    mget, mset = RULES.get("mget"), RULES.get("mset")
+    args = [b"x", b"a", b"b", b"c", b"d"]
+    assert list(mget.positions(args)) == [1, 2, 3, 4] and list(mset.positions(args)) == [1, 3]

@@ -1,0 +1,541 @@
+"""Spread (unpinned) routes over a real Redis / Valkey Cluster (proxy/spread.py,
+proxy/spread_io.py): every request goes to the primary owning the slot of its rewritten
+keys, multi-key commands are split per slot and merged, keyless ones fan out, and a
+client's replies come back in order whatever nodes answered them. Against the `cluster`
+fixture (tests/cluster_helpers.py: 3 primaries + 3 replicas). A spread route has no
+shared links (each client has its own connection per node), so one upstream mode."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import redis
+
+from cluster_helpers import wait_until
+from conftest import ProxyProcess
+from integration_helpers import Raw, client, uniq
+from proxy.cluster import key_slot
+
+
+@pytest.fixture(scope="module")
+def spread(cluster):
+    """(proxy, namespace): a spread route with namespace NS on the cluster."""
+    ns = uniq("sp")
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", ns, "--policy", "app"])
+    yield p, ns
+    p.stop()
+
+
+def owner_has(cluster, key: bytes) -> bool:
+    """Is `key` stored on the primary owning its slot? (the others answer -MOVED for it)"""
+    return cluster.primary_for(key_slot(key)).call("EXISTS", key) == 1
+
+
+def test_keys_land_on_the_owners_of_their_slots(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    keys = [f"k{i}" for i in range(30)]
+    for k in keys:
+        assert c.set(k, k)
+    assert [c.get(k) for k in keys] == [k.encode() for k in keys]
+    for k in keys:
+        assert owner_has(cluster, f"{ns}:{k}".encode())
+    # the namespace spreads: all three primaries hold some of them
+    holders = {cluster.primary_for(key_slot(f"{ns}:{k}".encode())).port for k in keys}
+    assert len(holders) == 3
+    # client hash tags choose the slot: {u}:a and {u}:b stay together
+    assert c.set("{u1}:a", "1") and c.set("{u1}:b", "2")
+    assert c.eval("return redis.call('get', KEYS[1]) .. redis.call('get', KEYS[2])", 2, "{u1}:a", "{u1}:b") \
+        == b"12"
+
+
+def test_split_commands_answer_as_one_redis(cluster, spread):
+    """MGET, MSET, DEL, UNLINK, EXISTS, TOUCH over keys of many slots: the replies one
+    Redis holding the same keys gives (a dict stands for it: values in key order, counts
+    of keys, duplicates counted as Redis counts them)."""
+    p, ns = spread
+    c = client(p)
+    pre = uniq("s")
+    keys = [f"{pre}:{i}" for i in range(40)]
+    model = {k: f"v{i}".encode() for i, k in enumerate(keys)}
+    assert c.mset(model) is True
+    probe = keys[::3] + [f"{pre}:missing", keys[0]]
+    assert c.mget(probe) == [model.get(k) for k in probe]
+    assert c.exists(*probe) == sum(k in model for k in probe)
+    assert c.touch(*probe) == sum(k in model for k in probe)
+    assert c.delete(*keys[:10], f"{pre}:missing") == 10
+    assert c.unlink(*keys[10:20], keys[10]) == 10
+    for k in keys[:20]:
+        del model[k]
+    assert c.mget(keys) == [model.get(k) for k in keys]
+    for k in keys[20:]:
+        assert owner_has(cluster, f"{ns}:{k}".encode())
+    # one slot: not split, the server's own reply (errors included)
+    assert c.mget("{t}a", "{t}b") == [None, None]
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+        c.execute_command("MSET", "a")
+
+
+def test_cross_slot_commands_are_refused_by_the_proxy(spread):
+    p, _ = spread
+    c = client(p)
+    a, b = "x1", "x2"
+    assert key_slot(a.encode()) != key_slot(b.encode())
+    for cmd in (["MSETNX", a, "1", b, "2"], ["SINTERSTORE", a, b], ["RENAME", a, b], ["BLMPOP", "1", "2", a, b, "LEFT"]):
+        with pytest.raises(redis.ResponseError) as e:
+            c.execute_command(*cmd)
+        # redis-py names the error by its code (CROSSSLOT) and keeps the text after it
+        assert type(e.value) is redis.exceptions.ClusterCrossSlotError, cmd
+        assert str(e.value) == "Keys in request don't hash to the same slot", cmd
+    # fail closed: what is not routed on a spread route is refused naming the command, the route and why
+    with pytest.raises(redis.ResponseError, match="WAIT is refused on route .*: on a spread route over a Redis "
+                                                  "Cluster it waits for this connection's own writes"):
+        c.execute_command("WAIT", "0", "0")
+    with pytest.raises(redis.ResponseError, match="CLIENT TRACKING is refused on route .*invalidations come from "
+                                                  "every node"):
+        c.execute_command("CLIENT", "TRACKING", "on")
+    assert c.ping() is True
+
+
+def test_pipelines_over_several_nodes_come_back_in_order(spread):
+    """Reply integrity: ECHO tokens interleaved with writes and reads over many slots,
+    from several clients at once: every reply is its own request's."""
+    p, _ = spread
+    errors = []
+
+    def run(n: int) -> None:
+        try:
+            c = client(p)
+            rnd = random.Random(n)
+            for rounds in range(20):
+                pipe = c.pipeline(transaction=False)
+                expect = []
+                for i in range(50):
+                    k = f"ri{n}:{rnd.randrange(10000)}"
+                    tok = f"t{n}.{rounds}.{i}"
+                    pipe.set(k, tok)
+                    expect.append(True)
+                    pipe.echo(tok)
+                    expect.append(tok.encode())
+                    pipe.get(k)
+                    expect.append(tok.encode())
+                    if i % 7 == 0:
+                        pipe.mget(k, f"ri{n}:none{i}", k)
+                        expect.append([tok.encode(), None, tok.encode()])
+                got = pipe.execute()
+                if got != expect:
+                    errors.append((n, rounds, [(g, e) for g, e in zip(got, expect) if g != e][:3]))
+                    return
+        except Exception as e:  # reported below
+            errors.append((n, repr(e)))
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_keyless_commands_and_scripts(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    assert c.ping() is True and c.echo("hi") == b"hi"
+    assert c.time() and c.info("server")["redis_version"]
+    sha = c.script_load("return redis.call('incr', KEYS[1])")
+    for n in cluster.primaries:  # script caches are per node: loaded on every primary
+        assert n.call("SCRIPT", "EXISTS", sha) == [1]
+    assert [c.evalsha(sha, 1, f"e{i}") for i in range(10)] == [1] * 10
+    assert c.eval("return 7", 0) == 7
+
+
+def test_scan_keys_dbsize_flushdb_over_every_primary(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    c.flushdb()
+    assert c.dbsize() == 0 and c.keys("*") == [] and c.randomkey() is None
+    names = {f"sc:{i}".encode() for i in range(300)} | {f"other:{i}".encode() for i in range(50)}
+    pipe = c.pipeline(transaction=False)
+    for k in names:
+        pipe.set(k, "1")
+    pipe.execute()
+    assert c.dbsize() == 350
+    assert sorted(c.keys("*")) == sorted(names)
+    assert sorted(c.keys("sc:*")) == sorted(k for k in names if k.startswith(b"sc:"))
+    # SCAN over the three nodes, with MATCH and COUNT: every key, none from outside. (A key
+    # twice is what Redis's own SCAN may give while a node's table is being rehashed, as
+    # just after these writes; that each node is walked once is tests/test_spread.py's.)
+    seen = list(c.scan_iter(count=7))
+    assert set(seen) == names
+    seen = list(c.scan_iter(match="other:*", count=1000))
+    assert set(seen) == {k for k in names if k.startswith(b"other:")}
+    cursor, batch = c.scan(0, count=5)
+    assert cursor != 0
+    assert c.randomkey() in names
+    # the keys really are on every primary
+    for n in cluster.primaries:
+        assert n.call("KEYS", f"{ns}:*")
+    c.flushdb()
+    assert c.dbsize() == 0
+    assert all(n.call("KEYS", f"{ns}:*") == [] for n in cluster.primaries)
+
+
+def test_multi_exec_in_one_slot_and_crossslot(cluster, spread):
+    p, ns = spread
+    c = client(p)
+    with c.pipeline(transaction=True) as tx:
+        tx.set("{acct}:a", "1").incr("{acct}:n").get("{acct}:a")
+        assert tx.execute() == [True, 1, b"1"]
+    owner = cluster.primary_for(key_slot(f"{ns}:{{acct}}:a".encode()))
+    assert owner.call("GET", f"{ns}:{{acct}}:n") == b"1"
+    # keys of two slots in one transaction: CROSSSLOT for the command, EXECABORT at EXEC
+    with c.pipeline(transaction=True) as tx:
+        tx.set("{acct}:a", "2").set("{other}:b", "3")
+        with pytest.raises(redis.ResponseError):
+            tx.execute()
+    assert c.get("{acct}:a") == b"1" and c.get("{other}:b") is None
+    # MULTI typed command by command; a keyless transaction
+    r = Raw("127.0.0.1", p.port)
+    for cmd, reply in ((("MULTI",), b"+OK\r\n"), (("PING",), b"+QUEUED\r\n"), (("INCR", "{acct}:n"), b"+QUEUED\r\n"),
+                       (("EXEC",), b"*2\r\n+PONG\r\n:2\r\n"), (("MULTI",), b"+OK\r\n"),
+                       (("PING",), b"+QUEUED\r\n"), (("EXEC",), b"*1\r\n+PONG\r\n")):
+        r.send(cmd)
+        assert r.read() == [reply], cmd
+    # a command refused while queueing: EXEC answers EXECABORT and nothing runs
+    r.send(("MULTI",), ("TIME", "x"), ("SET", "{acct}:z", "1"), ("EXEC",))
+    assert r.read(4) == [b"+OK\r\n", b"-ERR wrong number of arguments for 'time' command\r\n", b"+QUEUED\r\n",
+                         b"-EXECABORT Transaction discarded because of previous errors.\r\n"]
+    assert c.get("{acct}:z") is None
+    # WATCH: aborted by another client's write
+    with c.pipeline(transaction=True) as tx:
+        tx.watch("{acct}:a")
+        client(p).set("{acct}:a", "changed")
+        tx.multi()
+        tx.set("{acct}:a", "mine")
+        with pytest.raises(redis.WatchError):
+            tx.execute()
+    assert c.get("{acct}:a") == b"changed"
+
+
+def test_brpop_blocks_on_the_owner(cluster, spread):
+    p, ns = spread
+    q = "{jobs}:q"
+    owner = cluster.primary_for(key_slot(f"{ns}:{q}".encode()))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("v", client(p).brpop([q, "{jobs}:q2"], timeout=20)))
+    t.start()
+    wait_until(lambda: owner.blocked("brpop"), "the BRPOP blocked on the owner")
+    client(p).lpush(q, "job")
+    t.join(20)
+    assert box["v"] == (q.encode(), b"job")
+
+
+def test_pub_sub(cluster, spread):
+    """SUBSCRIBE / PSUBSCRIBE on one node (messages are cluster-wide), SSUBSCRIBE on the
+    owner of the channel's slot; PUBLISH / SPUBLISH through the proxy."""
+    p, ns = spread
+    c = client(p)
+    # a message published on another node reaches a subscriber through the proxy
+    sub = client(p).pubsub()
+    sub.subscribe("news")
+    sub.psubscribe("new*")
+    assert sub.get_message(timeout=10)["type"] == "subscribe"
+    assert sub.get_message(timeout=10)["type"] == "psubscribe"
+    cluster.primaries[2].call("PUBLISH", f"{ns}:news", "direct")
+    assert c.publish("news", "hi") >= 1
+    got = [sub.get_message(timeout=10, ignore_subscribe_messages=True) for _ in range(4)]
+    assert sorted((m["type"], m["channel"], m["data"]) for m in got) == [
+        ("message", b"news", b"direct"), ("message", b"news", b"hi"),
+        ("pmessage", b"news", b"direct"), ("pmessage", b"news", b"hi")]
+    sub.close()
+    # shard channels: on the owner of their slot
+    owner = cluster.primary_for(key_slot(f"{ns}:orders".encode()))
+    ssub = client(p).pubsub()
+    ssub.ssubscribe("orders")
+    assert ssub.get_message(timeout=10)["type"] == "ssubscribe"
+    assert owner.call("PUBSUB", "SHARDNUMSUB", f"{ns}:orders")[1] == 1
+    assert c.spublish("orders", "o1") == 1
+    m = ssub.get_message(timeout=10, ignore_subscribe_messages=True)
+    assert (m["channel"], m["data"]) == (b"orders", b"o1")
+    ssub.close()
+    # RESP3: commands between messages on the subscriptions' node; after the last
+    # UNSUBSCRIBE the connection reaches every node again
+    r = Raw("127.0.0.1", p.port)
+    r.send(("HELLO", "3"))
+    assert r.read()[0].startswith(b"%")
+    r.send(("SUBSCRIBE", "ch3"))
+    assert r.read() == [b">3\r\n$9\r\nsubscribe\r\n$3\r\nch3\r\n:1\r\n"]
+    r.send(("PING",), ("KEYS", "*"))
+    first, second = r.read(2)
+    assert first == b"+PONG\r\n" and b"stays on the node of its subscriptions" in second
+    r.send(("UNSUBSCRIBE",))
+    assert r.read() == [b">3\r\n$11\r\nunsubscribe\r\n$3\r\nch3\r\n:0\r\n"]
+    keys = [f"after{i}" for i in range(12)]
+    r.send(*[("SET", k, "1") for k in keys], ("DEL", *keys))
+    assert r.read(13) == [b"+OK\r\n"] * 12 + [b":12\r\n"]
+
+
+def test_slot_migrated_during_traffic(cluster, spread):
+    """Pipelines of RPUSH (in a slot being migrated) + ECHO + SET (other slots) from three
+    clients while the slot moves: every -ASK and -MOVED is followed by the proxy (the
+    request was not run; it is sent again where the redirect says, its reply in its
+    place), so no client sees one; every acknowledged write is stored exactly once,
+    every ECHO is its own."""
+    from test_cluster_routing import Writer, _check_writes
+
+    class MixedWriter(Writer):
+        def run(self) -> None:
+            c = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=20)
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                v = f"{self.tag}-{i}"
+                try:
+                    with c.pipeline(transaction=False) as pl:
+                        pl.rpush(self.key, v).echo(v).set(f"other:{self.tag}:{i % 50}", v)
+                        r = pl.execute(raise_on_error=False)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    self.unknown.append(v)
+                    continue
+                if isinstance(r[0], redis.ResponseError):
+                    text = str(r[0])
+                    if "proxy: hash slot" in text:
+                        self.redirected.append(v)
+                        self.asks += "-ASK" in text
+                    else:
+                        self.unknown.append(v)
+                elif isinstance(r[0], int) and r[1] == v.encode() and r[2] is True:
+                    self.acked.append(v)
+                else:
+                    self.mismatch.append((v, r))
+            c.close()
+
+    p, ns = spread
+    tag = uniq("mig")
+    slot = key_slot(tag.encode())
+    src = cluster.primary_for(slot)
+    dst = next(n for n in cluster.primaries if n is not src)
+    writers = [MixedWriter(p.port, f"{{{tag}}}:list{i}", f"w{i}") for i in range(3)]
+    for w in writers:
+        w.start()
+    try:
+        wait_until(lambda: all(len(w.acked) >= 20 for w in writers), "traffic before the migration")
+        asking = lambda: int(dst.info("commandstats").get("cmdstat_asking", {}).get("calls", 0))  # noqa: E731
+        before = asking()
+        cluster.begin_migration(slot, src, dst)
+        cluster.move_keys(slot, src, dst)
+        # keys already moved: the old owner answers -ASK, the proxy sends ASKING + the request to dst
+        wait_until(lambda: asking() >= before + 3, "ASK followed by the proxy")
+        cluster.move_keys(slot, src, dst)
+        cluster.finish_migration(slot, dst)
+        marks = [len(w.acked) for w in writers]
+        wait_until(lambda: all(len(w.acked) >= m + 20 for w, m in zip(writers, marks)), "traffic on the new owner")
+    finally:
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join(30)
+    c = client(p)
+    for i, w in enumerate(writers):
+        _check_writes([w], c.lrange(f"{{{tag}}}:list{i}", 0, -1))
+        assert w.redirected == [] and w.unknown == [], (w.redirected[:3], w.unknown[:3])
+    assert dst.call("LLEN", f"{ns}:{{{tag}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+
+def test_resp3_and_connection_state_reach_every_node(cluster, spread):
+    """HELLO 3 and CLIENT SETNAME go to every node the client uses, opened before or after."""
+    p, ns = spread
+    c = client(p, protocol=3)
+    name = uniq("nm")
+    c.client_setname(name)
+    keys = [f"r3:{i}" for i in range(30)]
+    for k in keys:
+        c.hset(k, mapping={"f": k})
+    assert [c.hgetall(k) for k in keys] == [{b"f": k.encode()} for k in keys]
+    assert c.mget([f"nope{i}" for i in range(10)]) == [None] * 10
+    assert c.client_getname() == name.encode()
+    # every primary has a connection of this client, named and speaking RESP3
+    for n in cluster.primaries:
+        lines = [ln for ln in n.call("CLIENT", "LIST").decode().splitlines() if f"name={name} " in ln]
+        assert lines and all("resp=3" in ln for ln in lines), n
+
+
+def test_blocked_brpop_follows_its_slot(cluster, spread):
+    """A BRPOP blocked on a node whose slot moves is answered -MOVED by the server (it
+    was not served): the proxy blocks it again on the new owner, and the client gets the
+    job pushed there (with the command's whole timeout again)."""
+    p, ns = spread
+    tag = uniq("blk")
+    slot = key_slot(tag.encode())
+    src = cluster.primary_for(slot)
+    dst = next(n for n in cluster.primaries if n is not src)
+    box = {}
+
+    def block():
+        try:
+            box["v"] = client(p, socket_timeout=40).brpop([f"{{{tag}}}:qa", f"{{{tag}}}:qb"], timeout=30)
+        except redis.RedisError as e:
+            box["e"] = e
+    t = threading.Thread(target=block)
+    t.start()
+    wait_until(lambda: src.blocked("brpop"), "the BRPOP blocked on the owner")
+    cluster.migrate_slot(slot, dst)
+    wait_until(lambda: dst.blocked("brpop"), "the BRPOP blocked again on the new owner")
+    client(p).lpush(f"{{{tag}}}:qb", "job")
+    t.join(40)
+    assert box == {"v": (f"{{{tag}}}:qb".encode(), b"job")}
+
+
+def test_primary_killed_and_replica_promoted():
+    """Its own cluster: a primary SIGKILLed under traffic over every slot. A client with
+    a request on the dead node gets `upstream unavailable` (the proxy cannot know whether
+    it ran) and is closed; new connections reach the promoted replica once the map is
+    read again; readiness follows; writes WAITed for on the node before the kill are there."""
+    from cluster_helpers import start_cluster
+    from proxy.embedded import free_port
+    from test_cluster_routing import ready, readiness_text
+    c = start_cluster("valkey")
+    p = None
+    try:
+        victim = c.primaries[2]
+        mport = free_port()
+        ns = uniq("fo")
+        p = ProxyProcess(["--upstream", f"redis+cluster://{c.seeds()}", "--namespace", ns, "--policy", "app",
+                          "--metrics-listen", f"127.0.0.1:{mport}"])
+        assert ready(mport)
+        r = client(p)
+        keys = [f"safe{i}" for i in range(60)]
+        r.mset({k: k for k in keys})
+        for n in c.primaries:  # every write on its replica before the kill
+            assert n.call("WAIT", 1, 10000) == 1
+        on_victim = next(k for k in keys if c.primary_for(key_slot(f"{ns}:{k}".encode())) is victim)
+        held = Raw("127.0.0.1", p.port)
+        held.send(("GET", on_victim))
+        assert held.read() == [b"$%d\r\n%s\r\n" % (len(on_victim), on_victim.encode())]
+        c.kill_primary(victim)
+        # the held connection used the dead node: it is closed (an error for a request owed
+        # then), never left hanging
+        try:
+            held.send(("GET", on_victim))
+            got = held.sock.recv(65536)
+        except OSError:
+            got = b""
+        assert got == b"" or got.startswith(b"-ERR upstream unavailable"), got
+        wait_until(lambda: client(p).mget(keys) == [k.encode() for k in keys], "every key read again")
+        wait_until(lambda: ready(mport), "ready again")
+        # slots served by nobody: not ready, and the reason says so
+        slot = key_slot(f"{ns}:{keys[0]}".encode())
+        for n in c.live():
+            try:
+                n.call("CLUSTER", "DELSLOTS", slot)
+            except redis.ResponseError:
+                pass
+        wait_until(lambda: "does not cover every slot" in readiness_text(mport), "not ready while uncovered")
+    finally:
+        if p is not None:
+            p.stop()
+        c.stop()
+
+
+def test_reply_timeout_on_a_node_connection(cluster):
+    """limits.reply_timeout: a node that owes a reply and sends nothing (here: its writes
+    paused by CLIENT PAUSE) is declared dead; the client gets the reason, never a hang.
+    A blocked BRPOP owes a reply the server may take as long as asked: never timed."""
+    ns = uniq("rt")
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", ns, "--policy", "app",
+                      "--reply-timeout", "1"])
+    try:
+        key = "paused"
+        node = cluster.primary_for(key_slot(f"{ns}:{key}".encode()))
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("v", client(p).brpop(["{q}x"], timeout=2)))
+        t.start()
+        node.call("CLIENT", "PAUSE", 5000, "WRITE")  # far longer than the timeout
+        with pytest.raises(redis.RedisError, match=r"within 1s \(\[limits\] reply_timeout\)"):
+            client(p).set(key, "1")
+        t.join(20)
+        assert box == {"v": None}   # the BRPOP ran out its own timeout: not declared dead
+    finally:
+        p.stop()
+
+
+def test_plain_requests_share_one_link_per_node(cluster, spread):
+    """upstream_mode shared (the default): plain requests of many clients go on one link
+    per node; a client that needs connection state (CLIENT SETNAME) or a transaction
+    moves to connections of its own, its replies still in order."""
+    p, ns = spread
+
+    def connected():
+        return [int(n.info("clients")["connected_clients"]) for n in cluster.primaries]
+    keys = [f"sh{i}" for i in range(30)]
+    client(p).mset({k: k for k in keys})
+    before = connected()
+    clients = [client(p) for _ in range(20)]
+    for c in clients:
+        assert c.mget(keys) == [k.encode() for k in keys] and c.get(keys[0]) == keys[0].encode()
+    after = connected()
+    assert all(a - b <= 2 for a, b in zip(after, before)), (before, after)
+    # one of them takes connection state: its own connections from here on
+    own = clients[0]
+    own.client_setname("mine")
+    pipe = own.pipeline(transaction=False)
+    for k in keys:
+        pipe.get(k).echo(k)
+    assert pipe.execute() == [x for k in keys for x in (k.encode(), k.encode())]
+    assert connected()[0] >= after[0] + 1
+    assert [c.get(keys[1]) for c in clients] == [keys[1].encode()] * 20
+
+
+def test_dedicated_mode(cluster):
+    """upstream_mode dedicated: every client on connections of its own from the start."""
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", uniq("dm"),
+                      "--policy", "app", "--upstream-mode", "dedicated"])
+    try:
+        c = client(p)
+        keys = [f"d{i}" for i in range(30)]
+        pipe = c.pipeline(transaction=False)
+        for k in keys:
+            pipe.set(k, k).echo(k)
+        assert pipe.execute() == [x for k in keys for x in (True, k.encode())]
+        assert c.mget(keys) == [k.encode() for k in keys] and c.delete(*keys) == 30
+        with c.pipeline(transaction=True) as tx:
+            assert tx.set("{d}a", "1").incr("{d}n").execute() == [True, 1]
+    finally:
+        p.stop()
+
+
+def test_many_clients_on_the_shared_links_get_their_own_replies(cluster, spread):
+    """Reply integrity on the shared node links: eight clients with short pipelines (so
+    they stay on the links) of SET + ECHO + GET + MGET over many slots at once."""
+    p, _ = spread
+    errors = []
+
+    clients = [client(p) for _ in range(8)]  # kept open until the connections are counted
+
+    def run(n: int) -> None:
+        try:
+            c = clients[n]
+            rnd = random.Random(100 + n)
+            for rounds in range(60):
+                pipe = c.pipeline(transaction=False)
+                expect = []
+                for i in range(5):
+                    k, tok = f"ln{n}:{rnd.randrange(5000)}", f"l{n}.{rounds}.{i}"
+                    pipe.set(k, tok).echo(tok).get(k).mget(k, f"ln{n}:none", k)
+                    expect += [True, tok.encode(), tok.encode(), [tok.encode(), None, tok.encode()]]
+                got = pipe.execute()
+                if got != expect:
+                    errors.append((n, rounds, [(g, e) for g, e in zip(got, expect) if g != e][:3]))
+                    return
+        except Exception as e:  # reported below
+            errors.append((n, repr(e)))
+    before = [int(x.info("clients")["connected_clients"]) for x in cluster.primaries]
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    after = [int(x.info("clients")["connected_clients"]) for x in cluster.primaries]
+    assert all(a - b <= 2 for a, b in zip(after, before)), (before, after)  # they were on the links
