@@ -510,7 +510,9 @@ class NodeLink(asyncio.Protocol):
         self.retired = reason
         if self.proxy.spread_links.get(self.key) is self:
             del self.proxy.spread_links[self.key]
-        if self.transport is None or not self.owners:
+        if self.transport is None:  # not connected yet: what waits for it goes nowhere
+            return self.fail(reason)
+        if not self.owners:
             return self.close()
         asyncio.get_running_loop().call_later(self.proxy.config.limits.connect_timeout, self._retire_over)
 
