@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cluster figures (issue 15 item 7): `redis-benchmark --cluster` straight at a three-primary
-Redis Cluster, and redis-benchmark through keyspace-proxy's pinned routes on the same cluster,
-side by side in the same run.
+Redis Cluster, and redis-benchmark through keyspace-proxy's pinned and spread routes on the same
+cluster, side by side in the same run.
 
     python bench/cluster.py                    # 3 interleaved rounds, prints a Markdown block
     python bench/cluster.py --rounds 3 --write # ... and puts it in docs/benchmarks.md
@@ -10,15 +10,18 @@ side by side in the same run.
 Needs redis-server and redis-benchmark (Debian's redis-server / redis-tools) and redis-py.
 Starts a cluster of three primaries without replicas (tests/cluster_helpers.py, the
 harness the tests use: Debian's redis-server, slots split evenly) and one proxy (shared
-upstream mode, admin port off, C hot path when compiled) with three listeners, each a
-route pinned to one namespace (`slot = "pinned"`), the three namespaces chosen so that
-each primary owns one. Three targets, interleaved in every round:
+upstream mode, admin port off, C hot path when compiled) with four listeners: three routes
+pinned to one namespace each (`slot = "pinned"`), the three namespaces chosen so that
+each primary owns one, and one spread route (a namespace, not pinned: every key to the owner
+of its own slot). Four targets, interleaved in every round:
 
 - `direct --cluster`: redis-benchmark --cluster, its keys spread over every slot;
 - `proxy, 3 namespaces`: one redis-benchmark per listener, so the load is spread over the
   three primaries the way pinning spreads apps (one namespace per app);
 - `proxy, 1 namespace`: all at one listener: one pinned namespace is one slot, so all of
-  it lands on one primary (the pinning trade-off).
+  it lands on one primary (the pinning trade-off);
+- `proxy, spread route`: all at the spread listener: keys over every slot, as with
+  `--cluster`, the proxy choosing each key's node (per-node shared links, Python path).
 
 Every target runs three redis-benchmark processes at once, each with a third of the
 clients and requests (so the load generator costs the same everywhere), and adds their
@@ -72,7 +75,7 @@ def namespace_on(cluster, node, base: str) -> str:
     raise SystemExit("no namespace found")
 
 
-def start_proxy(config: str, port: int, tmp: str) -> subprocess.Popen:
+def start_proxy(config: str, listeners: int, tmp: str) -> subprocess.Popen:
     path = os.path.join(tmp, "proxy.toml")
     with open(path, "w") as f:
         f.write(config)
@@ -86,7 +89,7 @@ def start_proxy(config: str, port: int, tmp: str) -> subprocess.Popen:
     while time.monotonic() < deadline:
         if p.poll() is not None:
             raise SystemExit(f"proxy exited: {open(log_path).read()}")
-        if open(log_path).read().count("listening on") >= 3:
+        if open(log_path).read().count("listening on") >= listeners:
             return p
         time.sleep(0.05)
     p.kill()
@@ -138,10 +141,12 @@ def main() -> int:
         seeds = ",".join(f"{p.host}:{p.port}" for p in cluster.primaries)
         namespaces = [namespace_on(cluster, p, f"bench{i}x") for i, p in enumerate(cluster.primaries)]
         ports = [free_port() for _ in namespaces]
+        spread_port = free_port()
         config = f'upstream = "redis+cluster://{seeds}"\n' + "".join(
             f'[[listener]]\nlisten = "127.0.0.1:{port}"\nnamespace = "{ns}"\nslot = "pinned"\n'
-            for ns, port in zip(namespaces, ports))
-        proc = start_proxy(config, ports[0], tmp)
+            for ns, port in zip(namespaces, ports)) + \
+            f'[[listener]]\nlisten = "127.0.0.1:{spread_port}"\nnamespace = "benchspread"\n'
+        proc = start_proxy(config, len(ports) + 1, tmp)
         servers = [p.server.process.pid for p in cluster.primaries]
         first = cluster.primaries[0].port
 
@@ -151,6 +156,7 @@ def main() -> int:
             yield "direct --cluster", [bench_argv(first, c // 3, pl, reqs // 3, True)] * 3, False
             yield "proxy, 3 namespaces", [bench_argv(port, c // 3, pl, reqs // 3, False) for port in ports], True
             yield "proxy, 1 namespace", [bench_argv(ports[0], c // 3, pl, reqs // 3, False)] * 3, True
+            yield "proxy, spread route", [bench_argv(spread_port, c // 3, pl, reqs // 3, False)] * 3, True
 
         results: dict[tuple, list[dict]] = {}
         started = time.time()
@@ -188,7 +194,7 @@ def main() -> int:
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     cpus = os.cpu_count()
     cmd = f"python bench/cluster.py --rounds {rounds} --requests {a.requests}" + (" --quick" if a.quick else "")
-    lines = ["<!-- notes: cluster -->", "## Redis Cluster: pinned routes through the proxy against redis-benchmark "
+    lines = ["<!-- notes: cluster -->", "## Redis Cluster: pinned and spread routes through the proxy against redis-benchmark "
              "--cluster (bench/cluster.py)", "",
              f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{cmd}`: {rounds} interleaved "
              f"round(s), {elapsed:.0f} s; a cluster of three redis-server {version} primaries (no replicas, slots "
@@ -196,27 +202,29 @@ def main() -> int:
              f"and {phases[1][3]:,} at -P 16. **A shared {cpus}-CPU machine: load average at the end {load}**; "
              "redis-benchmark, the proxy and the three redis-servers all run on it, so the requests/s are a "
              "same-run comparison, not capacity figures. The proxy: one process, shared upstream mode, admin port "
-             "off, three listeners each pinned to a namespace owned by another primary "
+             "off, three listeners each pinned to a namespace owned by another primary and one spread route "
              f"({', '.join(f'`{ns}` on :{port}' for ns, port in spread.items())}). Every target is three "
              "redis-benchmark processes at once, 16 clients and a third of the requests each, their requests/s "
              "added: `direct --cluster` (each with `--cluster`, keys over every slot), `proxy, 3 namespaces` "
              "(one process per listener, so one namespace per primary), `proxy, 1 namespace` (all three at one "
-             "listener, so all the load on one primary). CPU per request: the proxy's, and the three "
+             "listener, so all the load on one primary), `proxy, spread route` (all three at the spread "
+             "listener: every key to its own slot's owner, as `--cluster` does). CPU per request: the proxy's, and the three "
              "redis-servers' together, over the requests sent. Medians over rounds.", "",
              "| phase | target | requests/s | proxy CPU µs/req | redis-servers CPU µs/req |",
              "|---|---|---:|---:|---:|"]
-    names = ["direct --cluster", "proxy, 3 namespaces", "proxy, 1 namespace"]
+    names = ["direct --cluster", "proxy, 3 namespaces", "proxy, 1 namespace", "proxy, spread route"]
     for phase, *_ in phases:
         for name in names:
             proxy_us = "" if name.startswith("direct") else f"{med(phase, name, 'proxy_us'):.2f}"
             lines.append(f"| {phase} | {name} | {med(phase, name, 'rps'):,.0f} | {proxy_us} | "
                          f"{med(phase, name, 'server_us'):.2f} |")
     lines += ["", "Same-run ratios of requests/s (median of per-round ratios, min-max in brackets):", "",
-              "| phase | proxy, 3 namespaces / direct --cluster | proxy, 1 namespace / direct --cluster |",
-              "|---|---:|---:|"]
+              "| phase | proxy, 3 namespaces / direct --cluster | proxy, 1 namespace / direct --cluster | "
+              "proxy, spread route / direct --cluster |",
+              "|---|---:|---:|---:|"]
     for phase, *_ in phases:
         lines.append(f"| {phase} | {ratio(phase, 'rps', names[1], names[0])} | "
-                     f"{ratio(phase, 'rps', names[2], names[0])} |")
+                     f"{ratio(phase, 'rps', names[2], names[0])} | {ratio(phase, 'rps', names[3], names[0])} |")
     lines += ["", "How to read it: the proxy adds a hop, so its CPU per request is the cost of the pinned "
               "route (the proxy is one process: `--workers N` spreads it over cores); the redis-servers' CPU per "
               "request is lower through the proxy because its shared link carries many clients' requests in one "

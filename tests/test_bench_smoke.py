@@ -50,7 +50,7 @@ def test_bench_quick(tmp_path):
 @pytest.mark.timeout(120)
 def test_cluster_bench_quick():
     """bench/cluster.py --quick (issue 15 item 7): a three-primary cluster, redis-benchmark
-    --cluster straight at it and through pinned routes; prints its notes block."""
+    --cluster straight at it and through pinned and spread routes; prints its notes block."""
     missing = [t for t in ("redis-server", "redis-benchmark") if not shutil.which(t)]
     if missing:
         msg = f"the cluster bench needs {', '.join(missing)} (apt-get install redis-server redis-tools)"
@@ -62,7 +62,7 @@ def test_cluster_bench_quick():
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     out = r.stdout
     assert out.startswith("<!-- notes: cluster -->") and out.rstrip().endswith("<!-- /notes: cluster -->")
-    for target in ("direct --cluster", "proxy, 3 namespaces", "proxy, 1 namespace"):
+    for target in ("direct --cluster", "proxy, 3 namespaces", "proxy, 1 namespace", "proxy, spread route"):
         assert out.count(f"| {target} | ") == 2, out
     assert "load average at the end" in out
 
