@@ -539,3 +539,46 @@ def test_many_clients_on_the_shared_links_get_their_own_replies(cluster, spread)
     assert errors == []
     after = [int(x.info("clients")["connected_clients"]) for x in cluster.primaries]
     assert all(a - b <= 2 for a, b in zip(after, before)), (before, after)  # they were on the links
+
+
+def test_a_node_link_owing_replies_at_the_end_of_grace_closes_once_they_are_in(cluster):
+    """A reload replaces the spread route (another route name: its node links are keyed by
+    route, upstream, node and protocol, so a namespace change alone keeps them for the new
+    route's clients) while a client waits on a node link for a reply (the node's writes
+    paused): the grace period closes the client, and the old node link, which no route uses
+    any more, closes once the reply owed on it is in (it is not kept open to the node)."""
+    import signal
+    from proxy.embedded import free_port
+    from test_reload import closed_by_peer, wait_log, write
+    port = free_port()
+
+    def text(name):
+        return (f'upstream = "redis+cluster://{cluster.seeds()}"\n[limits]\nreload_grace = 0.5\n'
+                f'[[listener]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\nnamespace = "{ns}"\npolicy = "app"\n')
+    ns = uniq("rl")
+    p = ProxyProcess([], text("sp"), port=port)
+    try:
+        key = uniq("held")
+        node = cluster.primary_for(key_slot(f"{ns}:{key}".encode()))
+
+        def links_after_set():  # the proxy's connection that ran the SET (the node link)
+            r = node.client()
+            try:
+                return [c for c in r.client_list() if c.get("cmd") == "set" and int(c["id"]) != r.client_id()]
+            finally:
+                r.close()
+        c = Raw("127.0.0.1", port)
+        assert c.call("PING") == b"+PONG\r\n"
+        node.call("CLIENT", "PAUSE", 4000, "WRITE")  # the SET below stays owed on the node link
+        c.send(("SET", key, "v"))
+        write(p, text("sp2"))
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload: generation 2")
+        assert closed_by_peer(c.sock, timeout=10)  # closed at the end of the grace period
+        c.close()
+        wait_log(p, "grace period over")
+        # the pause ends, the SET runs and its reply comes in: the retired link closes
+        wait_until(lambda: node.call("EXISTS", f"{ns}:{key}") == 1, "the held SET to run")
+        wait_until(lambda: not links_after_set(), "the retired node link to close")
+    finally:
+        p.stop()
