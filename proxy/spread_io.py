@@ -23,7 +23,7 @@ from time import perf_counter
 from proxy.config import connect_failure, format_addr
 from proxy.resp import ProtocolError, encode_command, frame_end
 from proxy.session import SHARED_MAX_OWED
-from proxy.spread import Mux
+from proxy.spread import NOTIFY_DROP, NOTIFY_SESSION, Mux
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -302,6 +302,14 @@ class NodeConn(asyncio.Protocol):
                         msg = raw[1:-2].decode("utf-8", "replace")
                         return io.lost(f"upstream {format_addr(*self.addr)} refused the proxy's handshake: {msg}")
                     continue
+                if mux.confirms or mux.notify_nodes:
+                    # keyspace notifications subscribed on this node besides the sticky one
+                    got = mux.notify_frame(self.addr, raw)
+                    if got == NOTIFY_SESSION:
+                        io.session.upstream_data(raw)
+                        continue
+                    if got == NOTIFY_DROP:
+                        continue
                 if raw[:1] == b">" or mux.sticky == self.addr:
                     # a RESP3 push belongs to no request; on the subscriptions' node every
                     # frame goes to the Session as it comes (it tells messages from replies)

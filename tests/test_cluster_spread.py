@@ -582,3 +582,97 @@ def test_a_node_link_owing_replies_at_the_end_of_grace_closes_once_they_are_in(c
         wait_until(lambda: not links_after_set(), "the retired node link to close")
     finally:
         p.stop()
+
+
+def _push(proto: int, *items) -> bytes:
+    """A pub/sub frame as one Redis sends it: RESP2 array or RESP3 push."""
+    out = b"%s%d\r\n" % (b">" if proto == 3 else b"*", len(items))
+    for x in items:
+        out += b":%d\r\n" % x if isinstance(x, int) else b"$%d\r\n%s\r\n" % (len(x), x)
+    return out
+
+
+def _keys_per_primary(cluster, ns: str, prefix: str) -> list[str]:
+    """One client key per primary (in the namespace's slots), ordered by primary."""
+    owner = {}
+    for i in range(200):
+        k = f"{prefix}{i}"
+        port = cluster.primary_for(key_slot(f"{ns}:{k}".encode())).port
+        owner.setdefault(port, k)
+        if len(owner) == len(cluster.primaries):
+            break
+    return [owner[n.port] for n in cluster.primaries]
+
+
+def _read_until(r: Raw, done) -> list[bytes]:
+    got = []
+    while not done(got):
+        got += r.read()
+    return got
+
+
+@pytest.mark.parametrize("proto", [2, 3])
+def test_keyspace_notifications_from_every_node(cluster, spread, proto):
+    """Keyspace / keyevent channels and patterns are subscribed on every primary (their
+    events are node-local), the client sees what one Redis sends: one confirmation per
+    channel with a single server's count, each node's events once; a classic channel in
+    the same SUBSCRIBE stays on one node (its messages are cluster-wide: once)."""
+    p, ns = spread
+    for n in cluster.primaries:
+        n.call("CONFIG", "SET", "notify-keyspace-events", "KEA")
+    try:
+        c = client(p)
+        pre = uniq("kn")
+        keys = _keys_per_primary(cluster, ns, f"{pre}:")
+        marks = _keys_per_primary(cluster, ns, f"{pre}:m")
+        r = Raw("127.0.0.1", p.port)
+        if proto == 3:
+            r.send(("HELLO", "3"))
+            assert r.read()[0].startswith(b"%")
+        chans = [f"__keyspace@0__:{k}".encode() for k in keys]
+        r.send(("SUBSCRIBE", f"{pre}:ch", *chans))
+        assert r.read(4) == [_push(proto, b"subscribe", f"{pre}:ch".encode(), 1)] + [
+            _push(proto, b"subscribe", ch, i + 2) for i, ch in enumerate(chans)]
+        r.send(("PSUBSCRIBE", "__keyevent@0__:*"))
+        assert r.read() == [_push(proto, b"psubscribe", b"__keyevent@0__:*", 5)]
+        # subscribed on every primary, under the namespace; the classic channel on one
+        for k in keys:
+            for n in cluster.primaries:
+                assert n.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{k}")[1] == 1
+        assert sum(n.call("PUBSUB", "NUMSUB", f"{ns}:{pre}:ch")[1] for n in cluster.primaries) == 1
+        assert sum(n.call("PUBSUB", "NUMPAT") for n in cluster.primaries) == 3
+        for k in keys:
+            assert c.set(k, "v")
+        assert c.publish(f"{pre}:ch", "hello") == 1
+        # a marker key on each node: its event comes after anything that node sent before
+        for k in marks:
+            assert c.set(k, "m")
+        want_marks = {_push(proto, b"pmessage", b"__keyevent@0__:*", b"__keyevent@0__:set", k.encode())
+                      for k in marks}
+        got = _read_until(r, lambda got: want_marks <= set(got))
+        expected = [_push(proto, b"message", ch, b"set") for ch in chans] + [
+            _push(proto, b"pmessage", b"__keyevent@0__:*", b"__keyevent@0__:set", k.encode()) for k in keys] + [
+            _push(proto, b"message", f"{pre}:ch".encode(), b"hello")] + sorted(want_marks)
+        assert sorted(got) == sorted(expected)
+        if proto == 3:  # commands between messages, on the subscriptions' node
+            r.send(("PING",))
+            assert r.read() == [b"+PONG\r\n"]
+        # UNSUBSCRIBE without arguments: a single server's confirmations (counts down to
+        # the pattern left), then off every node
+        r.send(("UNSUBSCRIBE",))
+        got = r.read(4)
+        assert [int(f.rsplit(b":", 1)[1][:-2]) for f in got] == [4, 3, 2, 1]
+        assert {f.split(b"\r\n")[4] for f in got} == {f"{pre}:ch".encode(), *chans}
+        r.send(("PUNSUBSCRIBE", "__keyevent@0__:*"))
+        assert r.read() == [_push(proto, b"punsubscribe", b"__keyevent@0__:*", 0)]
+        wait_until(lambda: all(n.call("PUBSUB", "NUMPAT") == 0 and
+                               n.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{keys[0]}")[1] == 0
+                               for n in cluster.primaries), "the subscriptions gone from every primary")
+        # the connection reaches every node again; no stray frame is left on it
+        r.send(*[("SET", k, "2") for k in keys + marks], ("MGET", *keys), ("PING",))
+        got = r.read(len(keys + marks) + 2)
+        assert got[:len(keys + marks)] == [b"+OK\r\n"] * len(keys + marks)
+        assert got[-1] == b"+PONG\r\n"
+    finally:
+        for n in cluster.primaries:
+            n.call("CONFIG", "SET", "notify-keyspace-events", "")
