@@ -418,6 +418,8 @@ class Mux:
         self.notify = {"channel": set(), "pattern": set()}
         self.notify_nodes: set = set()
         self.confirms: dict = {}        # addr -> deque of [confirmation frames left]
+        self.moved: set = set()         # nodes the subscriptions left (lost): requests for them go to `sticky`
+        self.refused: list = []         # (addr, error) a node gave to subscriptions the proxy moved (the shell closes)
 
     def _home(self):
         if self.home is None:
@@ -429,6 +431,8 @@ class Mux:
         if dest.sub or (self.sticky is not None and dest.local is None):
             # on the subscriptions' node (the shell entered it once nothing else was owed)
             (_, addr, data), = dest.parts
+            if addr in self.moved or (not dest.sub and self.sticky is not None):
+                addr = self.sticky   # chosen before the subscriptions moved off a lost node
             self.writes.setdefault(addr, []).append(data)
             if dest.notify is not None:
                 self._notify(addr, *dest.notify)
@@ -486,14 +490,36 @@ class Mux:
             nodes = sorted(self.notify_nodes)
             if not self.notify["channel"] and not self.notify["pattern"]:
                 self.notify_nodes.clear()
-        if not names:
-            return
-        data = encode_command([cmd, *names])
         for a in nodes:
-            if a == sticky:
-                continue
-            self.writes.setdefault(a, []).append(data)
-            self.confirms.setdefault(a, deque()).append([len(names)])
+            if a != sticky:
+                self._quiet(a, cmd, names)
+
+    def _quiet(self, addr, cmd: bytes, names) -> None:
+        """A subscription command whose confirmations the client does not get."""
+        if names:
+            self.writes.setdefault(addr, []).append(encode_command([cmd, *names]))
+            self.confirms.setdefault(addr, deque()).append([len(names)])
+
+    def resubscribe(self, lost, to, subs: dict) -> None:
+        """The subscriptions' node `lost` is gone: the connection's subscriptions (the
+        Session's sets, server names) again on `to`, their confirmations dropped."""
+        self.moved.add(lost)
+        self.sticky = to
+        self.notify_nodes.discard(to)
+        for which, cmd in (("channel", b"SUBSCRIBE"), ("pattern", b"PSUBSCRIBE"), ("shard", b"SSUBSCRIBE")):
+            self._quiet(to, cmd, sorted(subs[which]))
+
+    def notify_missing(self, skip) -> list:
+        """Primaries (not in `skip`) that should have the keyspace subscriptions and have
+        not: a replica promoted after the node that had them was lost."""
+        if not self.notify["channel"] and not self.notify["pattern"]:
+            return []
+        return [a for a in self.primaries() if a != self.sticky and a not in self.notify_nodes and a not in skip]
+
+    def notify_add(self, addr) -> None:
+        self.notify_nodes.add(addr)
+        self._quiet(addr, b"SUBSCRIBE", sorted(self.notify["channel"]))
+        self._quiet(addr, b"PSUBSCRIBE", sorted(self.notify["pattern"]))
 
     def notify_frame(self, addr, raw: bytes) -> int:
         """A frame from node `addr` that may belong to its keyspace subscriptions:
@@ -506,18 +532,23 @@ class Mux:
         if raw[:1] in (b"-", b"!"):
             if q:
                 q.popleft()
+                if self.moved:
+                    self.refused.append((addr, raw))
                 return NOTIFY_DROP
             return NOTIFY_NONE
         if raw[:1] not in (b"*", b">"):
             return NOTIFY_NONE
         items = split(raw)[1]
         kind = (string_value(items[0]) or b"").lower() if items else b""
+        if kind in (b"message", b"pmessage", b"smessage") and addr == self.sticky:
+            return NOTIFY_NONE   # the subscriptions' node: the Session's
         if kind in (b"message", b"pmessage") and len(items) >= 3:
             which = "pattern" if kind == b"pmessage" else "channel"
             if (string_value(items[1]) or b"") in self.notify[which]:
                 return NOTIFY_SESSION
             return NOTIFY_DROP
-        if q and kind in (b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe"):
+        if q and kind in (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
+                          b"sunsubscribe"):
             q[0][0] -= 1
             if not q[0][0]:
                 q.popleft()

@@ -676,3 +676,58 @@ def test_keyspace_notifications_from_every_node(cluster, spread, proto):
     finally:
         for n in cluster.primaries:
             n.call("CONFIG", "SET", "notify-keyspace-events", "")
+
+
+def test_subscriptions_move_when_their_node_is_lost():
+    """Its own cluster: a primary SIGKILLed while clients are subscribed. A connection
+    subscribed on it (a shard channel of its slots, a classic channel, a keyspace pattern)
+    is resubscribed on the promoted replica, one subscribed elsewhere gets its keyspace
+    subscriptions on the promoted replica: neither is closed, neither gets a confirmation
+    it did not ask for, and both receive what is published after the failover."""
+    from cluster_helpers import start_cluster
+    c = start_cluster("valkey")
+    p = None
+    try:
+        for n in c.nodes:
+            n.call("CONFIG", "SET", "notify-keyspace-events", "KA")
+        victim = c.primaries[2]
+        ns = uniq("mv")
+        p = ProxyProcess(["--upstream", f"redis+cluster://{c.seeds()}", "--namespace", ns, "--policy", "app"])
+        on_victim = next(f"k{i}" for i in range(500) if c.primary_for(key_slot(f"{ns}:k{i}".encode())) is victim)
+        shard = next(f"s{i}" for i in range(500) if c.primary_for(key_slot(f"{ns}:s{i}".encode())) is victim)
+        # a: RESP2, subscribed on the victim (its shard channel chooses the node)
+        a = Raw("127.0.0.1", p.port)
+        a.send(("SSUBSCRIBE", shard), ("SUBSCRIBE", "news"), ("PSUBSCRIBE", "__keyspace@0__:k*"))
+        assert a.read(3) == [_push(2, b"ssubscribe", shard.encode(), 1), _push(2, b"subscribe", b"news", 1),
+                             _push(2, b"psubscribe", b"__keyspace@0__:k*", 2)]
+        assert victim.call("PUBSUB", "SHARDNUMSUB", f"{ns}:{shard}")[1] == 1
+        # b: RESP3, subscribed on the home node; the victim has its keyspace channel
+        b = Raw("127.0.0.1", p.port)
+        b.send(("HELLO", "3"))
+        assert b.read()[0].startswith(b"%")
+        ch = f"__keyspace@0__:{on_victim}".encode()
+        b.send(("SUBSCRIBE", ch))
+        assert b.read() == [_push(3, b"subscribe", ch, 1)]
+        assert victim.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{on_victim}")[1] == 1
+        promoted = c.kill_primary(victim)
+        # subscribed again on the promoted replica (messages published before may be lost)
+        wait_until(lambda: promoted.call("PUBSUB", "SHARDNUMSUB", f"{ns}:{shard}")[1] == 1 and
+                   promoted.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{on_victim}")[1] == 1 and
+                   promoted.call("PUBSUB", "NUMPAT") == 1, "the subscriptions on the promoted replica")
+        w = client(p)
+        wait_until(lambda: w.set(on_victim, "after") is True, "a write on the promoted replica")
+        assert w.spublish(shard, "s-after") == 1
+        w.publish("news", "n-after")  # (the count is the receiving node's subscribers: 0 or 1)
+        assert sorted(a.read(3)) == sorted([
+            _push(2, b"pmessage", b"__keyspace@0__:k*", f"__keyspace@0__:{on_victim}".encode(), b"set"),
+            _push(2, b"smessage", shard.encode(), b"s-after"), _push(2, b"message", b"news", b"n-after")])
+        assert b.read() == [_push(3, b"message", ch, b"set")]
+        # still a subscriber with its own counts: UNSUBSCRIBE as on one server
+        b.send(("UNSUBSCRIBE",), ("PING",))
+        assert b.read(2) == [_push(3, b"unsubscribe", ch, 0), b"+PONG\r\n"]
+        a.send(("PING",))
+        assert a.read() == [_push(2, b"pong", b"")]
+    finally:
+        if p is not None:
+            p.stop()
+        c.stop()
