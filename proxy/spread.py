@@ -23,6 +23,11 @@ to its node, collects the node replies (each node answers its own requests in or
 and hands the Session exactly one reply per request, in request order, so everything
 the Session knows about replies (transforms, MULTI, CLIENT REPLY, redirections turned
 into -TRYAGAIN) works unchanged.
+
+Subscriptions stay on one node (`Router.sticky`); keyspace / keyevent channels and
+patterns, whose events are node-local, are also subscribed on every other primary,
+their confirmations there dropped (`Mux._notify`, `Mux.notify_frame`), and a lost
+node's subscriptions are made again elsewhere without confirmations (`Mux.resubscribe`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ state sent so far); in dedicated mode it starts there. Either way each node's re
 are framed and handed to the client's `Mux`, which gives the Session one reply per
 request in request order. A node connection or link that fails ends its clients as a
 lost dedicated connection does (every owed reply answered with the error: the proxy
-cannot know which requests ran)."""
+cannot know which requests ran), except a subscribed client owing nothing on it: its
+subscriptions are moved to a live node (`SpreadIO.node_lost`, `_move`)."""
 
 from __future__ import annotations
 
