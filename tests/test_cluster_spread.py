@@ -709,6 +709,12 @@ def test_subscriptions_move_when_their_node_is_lost():
         b.send(("SUBSCRIBE", ch))
         assert b.read() == [_push(3, b"subscribe", ch, 1)]
         assert victim.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{on_victim}")[1] == 1
+        # d: classic channels only, left on the victim by a shard channel unsubscribed
+        d = Raw("127.0.0.1", p.port)
+        d.send(("SSUBSCRIBE", shard), ("SUBSCRIBE", "alerts"), ("SUNSUBSCRIBE", shard))
+        assert d.read(3) == [_push(2, b"ssubscribe", shard.encode(), 1), _push(2, b"subscribe", b"alerts", 1),
+                             _push(2, b"sunsubscribe", shard.encode(), 0)]  # (shard channels counted apart)
+        assert victim.call("PUBSUB", "NUMSUB", f"{ns}:alerts")[1] == 1
         promoted = c.kill_primary(victim)
         # subscribed again on the promoted replica (messages published before may be lost)
         wait_until(lambda: promoted.call("PUBSUB", "SHARDNUMSUB", f"{ns}:{shard}")[1] == 1 and
@@ -722,6 +728,11 @@ def test_subscriptions_move_when_their_node_is_lost():
             _push(2, b"pmessage", b"__keyspace@0__:k*", f"__keyspace@0__:{on_victim}".encode(), b"set"),
             _push(2, b"smessage", shard.encode(), b"s-after"), _push(2, b"message", b"news", b"n-after")])
         assert b.read() == [_push(3, b"message", ch, b"set")]
+        # d's classic channel on a live primary
+        wait_until(lambda: sum(n.call("PUBSUB", "NUMSUB", f"{ns}:alerts")[1] for n in c.primaries) == 1,
+                   "the classic subscription on a live primary")
+        w.publish("alerts", "a-after")
+        assert d.read() == [_push(2, b"message", b"alerts", b"a-after")]
         # still a subscriber with its own counts: UNSUBSCRIBE as on one server
         b.send(("UNSUBSCRIBE",), ("PING",))
         assert b.read(2) == [_push(3, b"unsubscribe", ch, 0), b"+PONG\r\n"]
