@@ -23,6 +23,11 @@ to its node, collects the node replies (each node answers its own requests in or
 and hands the Session exactly one reply per request, in request order, so everything
 the Session knows about replies (transforms, MULTI, CLIENT REPLY, redirections turned
 into -TRYAGAIN) works unchanged.
+
+Subscriptions stay on one node (`Router.sticky`); keyspace / keyevent channels and
+patterns, whose events are node-local, are also subscribed on every other primary,
+their confirmations there dropped (`Mux._notify`, `Mux.notify_frame`), and a lost
+node's subscriptions are made again elsewhere without confirmations (`Mux.resubscribe`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from collections import deque
 from proxy.cluster import CrossSlot, common_slot, group_by_slot, key_slot, parse_redirect
 from proxy.overlay import (ANY, CONCAT, EVERY, FIRST_KEY, FIRST_VALUE, NOT_ROUTED, SCAN_NODES, SLOT, SPLIT_OK,
                            SPLIT_SUM, SPLIT_VALUES, STATE, SUBSCRIBE, SUM, TX)
-from proxy.resp import encode_command, error, is_error, split
+from proxy.pubsub import NOTIFY
+from proxy.resp import encode_command, error, is_error, split, string_value
 
 CROSSSLOT = "CROSSSLOT Keys in request don't hash to the same slot"
 # A request answered -MOVED / -ASK is sent again where the redirect says, at most this
@@ -64,7 +70,7 @@ class Dest:
     """Where one client request goes. `local`: answered by the proxy with this error
     (never sent). `parts`: [(where, arg, data)], `merge(replies) -> reply`."""
 
-    __slots__ = ("parts", "merge", "local", "state", "sub", "own", "hello")
+    __slots__ = ("parts", "merge", "local", "state", "sub", "own", "hello", "notify")
 
     def __init__(self, parts=None, merge=None, local: str | None = None, state: bool = False, sub: bool = False):
         self.parts = parts or []
@@ -74,6 +80,10 @@ class Dest:
         self.sub = sub       # a subscription: the connection stays on its node (Mux.sticky)
         self.own = False     # needs the client's own node connections (connection state, MULTI, blocking)
         self.hello = 0       # a plain HELLO 2 / 3: the node links of that protocol
+        # a SUBSCRIBE-family request naming keyspace / keyevent channels (or without
+        # arguments): (command, its notification channels or None for "all", which set,
+        # adding), for the other primaries (Mux.submit)
+        self.notify = None
 
 
 def _addr(addr) -> str:
@@ -226,7 +236,16 @@ class Router:
             if addr is None:
                 return Dest(local="CLUSTERDOWN proxy: no node in the proxy's map of the cluster")
         self.sticky = addr
-        return Dest([(TO_NODE, addr, data)], None, sub=True)
+        d = Dest([(TO_NODE, addr, data)], None, sub=True)
+        which, adding = rule.subscribe
+        if which != "shard":
+            # keyspace notifications are node-local: such channels and patterns are also
+            # subscribed on every other primary (Mux.submit); classic channels are not
+            # (their messages are cluster-wide: they would come once per node)
+            names = [a for a in args[1:] if NOTIFY.match(a)]
+            if names or (not adding and len(args) == 1):
+                d.notify = (args[0], names if len(args) > 1 else None, which, adding)
+        return d
 
     # -- transactions: one slot, one node
 
@@ -275,6 +294,9 @@ class Router:
     def _close_tx(self) -> None:
         self.tx.closed = True
         self.tx = None
+
+
+NOTIFY_NONE, NOTIFY_SESSION, NOTIFY_DROP = range(3)
 
 
 # ---- merges: the node replies of one request -> its one reply (raw RESP)
@@ -394,6 +416,15 @@ class Mux:
         self.state: list[bytes] = []    # connection state sent so far (for nodes opened later)
         self.home = None
         self.sticky = None              # subscribed: requests go here, its frames to the Session as they come
+        # keyspace notifications (node-local) subscribed on the primaries other than the
+        # sticky node: the channels / patterns, the nodes they went to, and per node the
+        # confirmations still to come per command sent (the client gets the sticky node's
+        # only: one per channel, with a single server's count)
+        self.notify = {"channel": set(), "pattern": set()}
+        self.notify_nodes: set = set()
+        self.confirms: dict = {}        # addr -> deque of [confirmation frames left]
+        self.moved: set = set()         # nodes the subscriptions left (lost): requests for them go to `sticky`
+        self.refused: list = []         # (addr, error) a node gave to subscriptions the proxy moved (the shell closes)
 
     def _home(self):
         if self.home is None:
@@ -405,7 +436,11 @@ class Mux:
         if dest.sub or (self.sticky is not None and dest.local is None):
             # on the subscriptions' node (the shell entered it once nothing else was owed)
             (_, addr, data), = dest.parts
+            if addr in self.moved or (not dest.sub and self.sticky is not None):
+                addr = self.sticky   # chosen before the subscriptions moved off a lost node
             self.writes.setdefault(addr, []).append(data)
+            if dest.notify is not None:
+                self._notify(addr, *dest.notify)
             return
         if dest.local is not None:
             e = Entry(1, first_reply)
@@ -444,6 +479,86 @@ class Mux:
                 self._tx_part(addr, e, i, data)
             else:
                 self._send(addr, e, i, data, slot=slot)
+
+    def _notify(self, sticky, cmd: bytes, names, which: str, adding: bool) -> None:
+        """Keyspace / keyevent channels or patterns onto (or off) every other primary.
+        UNSUBSCRIBE without arguments names what those nodes have, so each command sent
+        gets one confirmation per name (or one error) and the shell can drop them all."""
+        have = self.notify[which]
+        if adding:
+            have.update(names)
+            nodes = [a for a in self.primaries() if a != sticky]
+            self.notify_nodes.update(nodes)
+        else:
+            names = sorted(have) if names is None else names
+            have.difference_update(names)
+            nodes = sorted(self.notify_nodes)
+            if not self.notify["channel"] and not self.notify["pattern"]:
+                self.notify_nodes.clear()
+        for a in nodes:
+            if a != sticky:
+                self._quiet(a, cmd, names)
+
+    def _quiet(self, addr, cmd: bytes, names) -> None:
+        """A subscription command whose confirmations the client does not get."""
+        if names:
+            self.writes.setdefault(addr, []).append(encode_command([cmd, *names]))
+            self.confirms.setdefault(addr, deque()).append([len(names)])
+
+    def resubscribe(self, lost, to, subs: dict) -> None:
+        """The subscriptions' node `lost` is gone: the connection's subscriptions (the
+        Session's sets, server names) again on `to`, their confirmations dropped."""
+        self.moved.add(lost)
+        self.sticky = to
+        self.notify_nodes.discard(to)
+        for which, cmd in (("channel", b"SUBSCRIBE"), ("pattern", b"PSUBSCRIBE"), ("shard", b"SSUBSCRIBE")):
+            self._quiet(to, cmd, sorted(subs[which]))
+
+    def notify_missing(self, skip) -> list:
+        """Primaries (not in `skip`) that should have the keyspace subscriptions and have
+        not: a replica promoted after the node that had them was lost."""
+        if not self.notify["channel"] and not self.notify["pattern"]:
+            return []
+        return [a for a in self.primaries() if a != self.sticky and a not in self.notify_nodes and a not in skip]
+
+    def notify_add(self, addr) -> None:
+        self.notify_nodes.add(addr)
+        self._quiet(addr, b"SUBSCRIBE", sorted(self.notify["channel"]))
+        self._quiet(addr, b"PSUBSCRIBE", sorted(self.notify["pattern"]))
+
+    def notify_frame(self, addr, raw: bytes) -> int:
+        """A frame from node `addr` that may belong to its keyspace subscriptions:
+        NOTIFY_SESSION (a message the client still subscribes to: to the Session),
+        NOTIFY_DROP (a confirmation or error of the other nodes' subscriptions, or a
+        message for a channel the client already left), NOTIFY_NONE (not one of them)."""
+        q = self.confirms.get(addr)
+        if not q and addr not in self.notify_nodes:
+            return NOTIFY_NONE
+        if raw[:1] in (b"-", b"!"):
+            if q:
+                q.popleft()
+                if self.moved:
+                    self.refused.append((addr, raw))
+                return NOTIFY_DROP
+            return NOTIFY_NONE
+        if raw[:1] not in (b"*", b">"):
+            return NOTIFY_NONE
+        items = split(raw)[1]
+        kind = (string_value(items[0]) or b"").lower() if items else b""
+        if kind in (b"message", b"pmessage", b"smessage") and addr == self.sticky:
+            return NOTIFY_NONE   # the subscriptions' node: the Session's
+        if kind in (b"message", b"pmessage") and len(items) >= 3:
+            which = "pattern" if kind == b"pmessage" else "channel"
+            if (string_value(items[1]) or b"") in self.notify[which]:
+                return NOTIFY_SESSION
+            return NOTIFY_DROP
+        if q and kind in (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
+                          b"sunsubscribe"):
+            q[0][0] -= 1
+            if not q[0][0]:
+                q.popleft()
+            return NOTIFY_DROP
+        return NOTIFY_NONE
 
     def _tx_part(self, tx: TxDest, e: Entry, i: int, data: bytes) -> None:
         if tx.addr is None:

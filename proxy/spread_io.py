@@ -11,7 +11,8 @@ state sent so far); in dedicated mode it starts there. Either way each node's re
 are framed and handed to the client's `Mux`, which gives the Session one reply per
 request in request order. A node connection or link that fails ends its clients as a
 lost dedicated connection does (every owed reply answered with the error: the proxy
-cannot know which requests ran)."""
+cannot know which requests ran), except a subscribed client owing nothing on it: its
+subscriptions are moved to a live node (`SpreadIO.node_lost`, `_move`)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,15 @@ from time import perf_counter
 from proxy.config import connect_failure, format_addr
 from proxy.resp import ProtocolError, encode_command, frame_end
 from proxy.session import SHARED_MAX_OWED
-from proxy.spread import Mux
+from proxy.spread import NOTIFY_DROP, NOTIFY_SESSION, Mux
 
 log = logging.getLogger("keyspace-proxy")
+
+# A subscribed connection whose node is lost: its subscriptions are moved to a live node
+# (the map read again) trying every MOVE_TRY seconds; not done within MOVE_WAIT, the
+# client is closed as before.
+MOVE_TRY = 0.5
+MOVE_WAIT = 30.0
 
 
 class SpreadIO:
@@ -47,6 +54,9 @@ class SpreadIO:
         self.proto = 2             # the protocol of the links it uses (HELLO 3: the RESP3 links)
         self.paused = False        # the client does not read: node connections are not read either
         self._flushing = False
+        self.moving = None         # the lost node of the subscriptions, until they are on another
+        self.dead: set = set()     # nodes lost while subscribed (not used again by the move)
+        self.mover = None          # the task moving them
 
     # -- the map
 
@@ -80,7 +90,11 @@ class SpreadIO:
         self._flushing = True
         try:
             while True:
-                if s.out_upstream or self.backlog:
+                if self.moving is not None:
+                    # the subscriptions' node is lost: requests wait for the new one
+                    self.backlog += s.out_upstream
+                    s.out_upstream.clear()
+                elif s.out_upstream or self.backlog:
                     if s.upstream_error is None:
                         self._submit(s.out_upstream)
                     else:
@@ -184,6 +198,122 @@ class SpreadIO:
         self.flush()
         self.close()
 
+    def node_lost(self, addr) -> bool:
+        """A node connection of a subscribed client is lost: True if its subscriptions will
+        be moved (`_move`) instead of the client being closed. Only when that node owes
+        nothing but subscriptions (a reply owed may or may not have run: closed as before)."""
+        s, mux = self.session, self.mux
+        if mux.sticky is None or s.upstream_error is not None or self.conn.closed:
+            return False
+        if addr == mux.sticky or addr == self.moving:
+            if s.pending or s.sub_waiting or not mux.idle or self.backlog:
+                return False
+            self.moving = mux.sticky if self.moving is None else self.moving
+        elif addr not in mux.notify_nodes and not mux.confirms.get(addr):
+            return False
+        n = self.nodes.pop(addr, None)
+        if n is not None:
+            n.closed = True
+        mux.confirms.pop(addr, None)
+        mux.notify_nodes.discard(addr)
+        self.dead.add(addr)
+        if self.mover is None:
+            log.info("route %s: node %s of a subscribed client lost; its subscriptions move to a live node",
+                     self.conn.route.name, format_addr(*addr),
+                     extra={"event": "subscriptions_moving", "route": self.conn.route.name})
+            self.mover = asyncio.ensure_future(self._move())
+        return True
+
+    async def _move(self) -> None:
+        """Until the subscriptions are on live nodes again: the map read again, the
+        connection's subscriptions on the new node (shard channels: their slot's owner;
+        else a live primary), keyspace subscriptions on every primary that lacks them.
+        The client gets no confirmation for these; messages published meanwhile are lost."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MOVE_WAIT
+        mux, s = self.mux, self.session
+        try:
+            while True:
+                await asyncio.sleep(MOVE_TRY)
+                if self.conn.closed or s.upstream_error is not None:
+                    return
+                if self.topology is not None:
+                    self.topology.refresh_soon("a subscribed client's node lost")
+                done = True
+                if self.moving is not None:
+                    to = self._sub_node()
+                    if isinstance(to, str):
+                        return self.lost(to)
+                    if to is not None and await self._reach(to):
+                        if self.conn.closed or s.upstream_error is not None:
+                            return
+                        mux.resubscribe(self.moving, to, s.subs)
+                        s.spread.sticky = to
+                        self.moving = None
+                    else:
+                        done = False
+                if self.moving is None:
+                    for a in mux.notify_missing(self.dead):
+                        if await self._reach(a) and not self.conn.closed:
+                            mux.notify_add(a)
+                        else:
+                            done = False
+                    # a lost node still a primary in the map: the promotion is not seen yet
+                    prim = set(self.primaries())
+                    if any(a in prim for a in self.dead):
+                        done = False
+                        for a in [a for a in self.dead if a in prim]:
+                            if await self._reach(a):   # back (a blip): subscribe it again
+                                self.dead.discard(a)
+                self.flush()
+                if done:
+                    return
+                if loop.time() > deadline:
+                    return self.lost(f"the node of this connection's subscriptions was lost and no live node "
+                                     f"took them within {MOVE_WAIT:g}s")
+        finally:
+            self.mover = None
+
+    def _sub_node(self):
+        """Where the subscriptions go now: the owner of the shard channels' slot (all in
+        one node, else an error text), else a live primary; None while the map has none."""
+        from proxy.cluster import key_slot
+        shard = self.session.subs["shard"]
+        if shard:
+            owners = {self.owner(key_slot(ch)) for ch in shard}
+            if len(owners) > 1:
+                return ("the node of this connection's shard channel subscriptions was lost and their slots are "
+                        "now served by several nodes")
+            to = owners.pop()
+            return None if to in self.dead else to
+        live = [a for a in self.primaries() if a not in self.dead]
+        if live:
+            self.mux.home = live[0]
+        return live[0] if live else None
+
+    async def _reach(self, addr) -> bool:
+        """A connection of this client to `addr`, connected (opened if need be)."""
+        n = self.nodes.get(addr)
+        if n is not None and n.transport is not None and not n.closed:
+            return True
+        n = self.nodes[addr] = NodeConn(self, addr)
+        n.probing = True
+        await n.connect()
+        n.probing = False
+        if n.transport is None or n.closed:
+            if self.nodes.get(addr) is n:
+                del self.nodes[addr]
+            return False
+        self.dead.discard(addr)
+        return True
+
+    def refused(self) -> None:
+        """A node refused the subscriptions the proxy moved: the client would miss
+        messages silently, so it is closed, naming the error."""
+        (addr, raw), = self.mux.refused[:1]
+        self.lost(f"{format_addr(*addr)} refused the subscriptions moved to it: "
+                  f"{raw[1:-2].decode('utf-8', 'replace')}")
+
     def redirected(self) -> None:
         """Requests the Mux sent again after -MOVED / -ASK: the map follows a MOVED at
         once (Topology.redirected), as when a pinned route's client gets -TRYAGAIN."""
@@ -193,6 +323,8 @@ class SpreadIO:
                 self.session.on_redirect(r)
 
     def close(self) -> None:
+        if self.mover is not None:
+            self.mover.cancel()
         for n in list(self.nodes.values()):
             n.close()
         for link in self.links:
@@ -234,6 +366,7 @@ class NodeConn(asyncio.Protocol):
         self.is_reading = True
         self.progress = False   # bytes arrived since the last tick (limits.reply_timeout)
         self.since = 0.0
+        self.probing = False    # opened by SpreadIO._reach: a failure to connect is its answer
         up = io.up
         # the route's handshake, then the client's connection state so far (HELLO 3,
         # CLIENT SETNAME...): their replies are the connection's own
@@ -251,6 +384,9 @@ class NodeConn(asyncio.Protocol):
                                    io.conn.proxy.config.limits.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             io.conn.stats.upstream_failures += 1
+            if self.probing:
+                self.closed = True
+                return
             if not self.closed:
                 io.lost(connect_failure(host, port, e, up.tls), tell_idle=True)
             return
@@ -302,6 +438,16 @@ class NodeConn(asyncio.Protocol):
                         msg = raw[1:-2].decode("utf-8", "replace")
                         return io.lost(f"upstream {format_addr(*self.addr)} refused the proxy's handshake: {msg}")
                     continue
+                if mux.confirms or mux.notify_nodes:
+                    # keyspace notifications subscribed on this node besides the sticky one
+                    got = mux.notify_frame(self.addr, raw)
+                    if got == NOTIFY_SESSION:
+                        io.session.upstream_data(raw)
+                        continue
+                    if got == NOTIFY_DROP:
+                        if mux.refused:
+                            return io.refused()
+                        continue
                 if raw[:1] == b">" or mux.sticky == self.addr:
                     # a RESP3 push belongs to no request; on the subscriptions' node every
                     # frame goes to the Session as it comes (it tells messages from replies)
@@ -322,6 +468,8 @@ class NodeConn(asyncio.Protocol):
         io = self.io
         if self.transport is not None:
             io.conn.stats.upstream_connections -= 1
+        if not self.closed and not io.conn.closed and io.nodes.get(self.addr) is self and io.node_lost(self.addr):
+            self.closed = True   # a subscribed client: its subscriptions move (SpreadIO._move)
         if not self.closed and not io.conn.closed:
             why = f"connection to {format_addr(*self.addr)} lost: {exc}" if exc else \
                 f"connection closed by {format_addr(*self.addr)}"

@@ -582,3 +582,163 @@ def test_a_node_link_owing_replies_at_the_end_of_grace_closes_once_they_are_in(c
         wait_until(lambda: not links_after_set(), "the retired node link to close")
     finally:
         p.stop()
+
+
+def _push(proto: int, *items) -> bytes:
+    """A pub/sub frame as one Redis sends it: RESP2 array or RESP3 push."""
+    out = b"%s%d\r\n" % (b">" if proto == 3 else b"*", len(items))
+    for x in items:
+        out += b":%d\r\n" % x if isinstance(x, int) else b"$%d\r\n%s\r\n" % (len(x), x)
+    return out
+
+
+def _keys_per_primary(cluster, ns: str, prefix: str) -> list[str]:
+    """One client key per primary (in the namespace's slots), ordered by primary."""
+    owner = {}
+    for i in range(200):
+        k = f"{prefix}{i}"
+        port = cluster.primary_for(key_slot(f"{ns}:{k}".encode())).port
+        owner.setdefault(port, k)
+        if len(owner) == len(cluster.primaries):
+            break
+    return [owner[n.port] for n in cluster.primaries]
+
+
+def _read_until(r: Raw, done) -> list[bytes]:
+    got = []
+    while not done(got):
+        got += r.read()
+    return got
+
+
+@pytest.mark.parametrize("proto", [2, 3])
+def test_keyspace_notifications_from_every_node(cluster, spread, proto):
+    """Keyspace / keyevent channels and patterns are subscribed on every primary (their
+    events are node-local), the client sees what one Redis sends: one confirmation per
+    channel with a single server's count, each node's events once; a classic channel in
+    the same SUBSCRIBE stays on one node (its messages are cluster-wide: once)."""
+    p, ns = spread
+    for n in cluster.primaries:
+        n.call("CONFIG", "SET", "notify-keyspace-events", "KEA")
+    try:
+        c = client(p)
+        pre = uniq("kn")
+        keys = _keys_per_primary(cluster, ns, f"{pre}:")
+        marks = _keys_per_primary(cluster, ns, f"{pre}:m")
+        r = Raw("127.0.0.1", p.port)
+        if proto == 3:
+            r.send(("HELLO", "3"))
+            assert r.read()[0].startswith(b"%")
+        chans = [f"__keyspace@0__:{k}".encode() for k in keys]
+        r.send(("SUBSCRIBE", f"{pre}:ch", *chans))
+        assert r.read(4) == [_push(proto, b"subscribe", f"{pre}:ch".encode(), 1)] + [
+            _push(proto, b"subscribe", ch, i + 2) for i, ch in enumerate(chans)]
+        r.send(("PSUBSCRIBE", "__keyevent@0__:*"))
+        assert r.read() == [_push(proto, b"psubscribe", b"__keyevent@0__:*", 5)]
+        # subscribed on every primary, under the namespace; the classic channel on one
+        for k in keys:
+            for n in cluster.primaries:
+                assert n.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{k}")[1] == 1
+        assert sum(n.call("PUBSUB", "NUMSUB", f"{ns}:{pre}:ch")[1] for n in cluster.primaries) == 1
+        assert sum(n.call("PUBSUB", "NUMPAT") for n in cluster.primaries) == 3
+        for k in keys:
+            assert c.set(k, "v")
+        assert c.publish(f"{pre}:ch", "hello") == 1
+        # a marker key on each node: its event comes after anything that node sent before
+        for k in marks:
+            assert c.set(k, "m")
+        want_marks = {_push(proto, b"pmessage", b"__keyevent@0__:*", b"__keyevent@0__:set", k.encode())
+                      for k in marks}
+        got = _read_until(r, lambda got: want_marks <= set(got))
+        expected = [_push(proto, b"message", ch, b"set") for ch in chans] + [
+            _push(proto, b"pmessage", b"__keyevent@0__:*", b"__keyevent@0__:set", k.encode()) for k in keys] + [
+            _push(proto, b"message", f"{pre}:ch".encode(), b"hello")] + sorted(want_marks)
+        assert sorted(got) == sorted(expected)
+        if proto == 3:  # commands between messages, on the subscriptions' node
+            r.send(("PING",))
+            assert r.read() == [b"+PONG\r\n"]
+        # UNSUBSCRIBE without arguments: a single server's confirmations (counts down to
+        # the pattern left), then off every node
+        r.send(("UNSUBSCRIBE",))
+        got = r.read(4)
+        assert [int(f.rsplit(b":", 1)[1][:-2]) for f in got] == [4, 3, 2, 1]
+        assert {f.split(b"\r\n")[4] for f in got} == {f"{pre}:ch".encode(), *chans}
+        r.send(("PUNSUBSCRIBE", "__keyevent@0__:*"))
+        assert r.read() == [_push(proto, b"punsubscribe", b"__keyevent@0__:*", 0)]
+        wait_until(lambda: all(n.call("PUBSUB", "NUMPAT") == 0 and
+                               n.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{keys[0]}")[1] == 0
+                               for n in cluster.primaries), "the subscriptions gone from every primary")
+        # the connection reaches every node again; no stray frame is left on it
+        r.send(*[("SET", k, "2") for k in keys + marks], ("MGET", *keys), ("PING",))
+        got = r.read(len(keys + marks) + 2)
+        assert got[:len(keys + marks)] == [b"+OK\r\n"] * len(keys + marks)
+        assert got[-1] == b"+PONG\r\n"
+    finally:
+        for n in cluster.primaries:
+            n.call("CONFIG", "SET", "notify-keyspace-events", "")
+
+
+def test_subscriptions_move_when_their_node_is_lost():
+    """Its own cluster: a primary SIGKILLed while clients are subscribed. A connection
+    subscribed on it (a shard channel of its slots, a classic channel, a keyspace pattern)
+    is resubscribed on the promoted replica, one subscribed elsewhere gets its keyspace
+    subscriptions on the promoted replica: neither is closed, neither gets a confirmation
+    it did not ask for, and both receive what is published after the failover."""
+    from cluster_helpers import start_cluster
+    c = start_cluster("valkey")
+    p = None
+    try:
+        for n in c.nodes:
+            n.call("CONFIG", "SET", "notify-keyspace-events", "KA")
+        victim = c.primaries[2]
+        ns = uniq("mv")
+        p = ProxyProcess(["--upstream", f"redis+cluster://{c.seeds()}", "--namespace", ns, "--policy", "app"])
+        on_victim = next(f"k{i}" for i in range(500) if c.primary_for(key_slot(f"{ns}:k{i}".encode())) is victim)
+        shard = next(f"s{i}" for i in range(500) if c.primary_for(key_slot(f"{ns}:s{i}".encode())) is victim)
+        # a: RESP2, subscribed on the victim (its shard channel chooses the node)
+        a = Raw("127.0.0.1", p.port)
+        a.send(("SSUBSCRIBE", shard), ("SUBSCRIBE", "news"), ("PSUBSCRIBE", "__keyspace@0__:k*"))
+        assert a.read(3) == [_push(2, b"ssubscribe", shard.encode(), 1), _push(2, b"subscribe", b"news", 1),
+                             _push(2, b"psubscribe", b"__keyspace@0__:k*", 2)]
+        assert victim.call("PUBSUB", "SHARDNUMSUB", f"{ns}:{shard}")[1] == 1
+        # b: RESP3, subscribed on the home node; the victim has its keyspace channel
+        b = Raw("127.0.0.1", p.port)
+        b.send(("HELLO", "3"))
+        assert b.read()[0].startswith(b"%")
+        ch = f"__keyspace@0__:{on_victim}".encode()
+        b.send(("SUBSCRIBE", ch))
+        assert b.read() == [_push(3, b"subscribe", ch, 1)]
+        assert victim.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{on_victim}")[1] == 1
+        # d: classic channels only, left on the victim by a shard channel unsubscribed
+        d = Raw("127.0.0.1", p.port)
+        d.send(("SSUBSCRIBE", shard), ("SUBSCRIBE", "alerts"), ("SUNSUBSCRIBE", shard))
+        assert d.read(3) == [_push(2, b"ssubscribe", shard.encode(), 1), _push(2, b"subscribe", b"alerts", 1),
+                             _push(2, b"sunsubscribe", shard.encode(), 0)]  # (shard channels counted apart)
+        assert victim.call("PUBSUB", "NUMSUB", f"{ns}:alerts")[1] == 1
+        promoted = c.kill_primary(victim)
+        # subscribed again on the promoted replica (messages published before may be lost)
+        wait_until(lambda: promoted.call("PUBSUB", "SHARDNUMSUB", f"{ns}:{shard}")[1] == 1 and
+                   promoted.call("PUBSUB", "NUMSUB", f"__keyspace@0__:{ns}:{on_victim}")[1] == 1 and
+                   promoted.call("PUBSUB", "NUMPAT") == 1, "the subscriptions on the promoted replica")
+        w = client(p)
+        wait_until(lambda: w.set(on_victim, "after") is True, "a write on the promoted replica")
+        assert w.spublish(shard, "s-after") == 1
+        w.publish("news", "n-after")  # (the count is the receiving node's subscribers: 0 or 1)
+        assert sorted(a.read(3)) == sorted([
+            _push(2, b"pmessage", b"__keyspace@0__:k*", f"__keyspace@0__:{on_victim}".encode(), b"set"),
+            _push(2, b"smessage", shard.encode(), b"s-after"), _push(2, b"message", b"news", b"n-after")])
+        assert b.read() == [_push(3, b"message", ch, b"set")]
+        # d's classic channel on a live primary
+        wait_until(lambda: sum(n.call("PUBSUB", "NUMSUB", f"{ns}:alerts")[1] for n in c.primaries) == 1,
+                   "the classic subscription on a live primary")
+        w.publish("alerts", "a-after")
+        assert d.read() == [_push(2, b"message", b"alerts", b"a-after")]
+        # still a subscriber with its own counts: UNSUBSCRIBE as on one server
+        b.send(("UNSUBSCRIBE",), ("PING",))
+        assert b.read(2) == [_push(3, b"unsubscribe", ch, 0), b"+PONG\r\n"]
+        a.send(("PING",))
+        assert a.read() == [_push(2, b"pong", b"")]
+    finally:
+        if p is not None:
+            p.stop()
+        c.stop()

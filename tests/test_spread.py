@@ -240,3 +240,42 @@ def test_a_redirect_is_not_followed_past_a_later_request_of_its_slot():
     mux.node_reply(("n", 0), b"-MOVED %d n:1\r\n" % slot)
     assert mux.take_writes() == {}          # not sent again
     assert mux.ready() == [b"-MOVED %d n:1\r\n" % slot, b"$-1\r\n"]
+
+
+def _frame(*items) -> bytes:
+    return b"*%d\r\n" % len(items) + b"".join(
+        b":%d\r\n" % x if isinstance(x, int) else b"$%d\r\n%s\r\n" % (len(x), x) for x in items)
+
+
+def test_keyspace_subscriptions_go_to_every_primary_and_their_confirmations_are_dropped():
+    """Sans-IO: the notification channels of a SUBSCRIBE also go to the other primaries
+    (classic ones do not), one confirmation per name is owed there and dropped; their
+    messages reach the Session while subscribed; UNSUBSCRIBE without arguments names them."""
+    from proxy.spread import NOTIFY_DROP, NOTIFY_NONE, NOTIFY_SESSION
+    n0, n1, n2 = ("n", 0), ("n", 1), ("n", 2)
+    r = Router(RULES, "r1", home=lambda: n0)
+    mux = Mux(lambda s: n0, lambda: [n0, n1, n2])
+    ks = b"__keyspace@0__:a"
+    d = dest("SUBSCRIBE", "news", ks, r=r)
+    mux.sticky = n0
+    mux.submit(d)
+    w = mux.take_writes()
+    assert w[n0] == [encode_command([b"SUBSCRIBE", b"news", ks])]
+    assert w[n1] == w[n2] == [encode_command([b"SUBSCRIBE", ks])]
+    assert mux.notify_frame(n1, _frame(b"subscribe", ks, 1)) == NOTIFY_DROP
+    assert mux.notify_frame(n1, _frame(b"message", ks, b"set")) == NOTIFY_SESSION
+    assert mux.notify_frame(n1, _frame(b"message", b"news", b"x")) == NOTIFY_DROP   # not subscribed there
+    assert mux.notify_frame(n0, _frame(b"message", ks, b"set")) == NOTIFY_NONE      # the Session's node
+    assert not mux.confirms[n1] and mux.confirms[n2]
+    mux.submit(dest("UNSUBSCRIBE", r=r))
+    w = mux.take_writes()
+    assert w[n0] == [encode_command([b"UNSUBSCRIBE"])]
+    assert w[n1] == w[n2] == [encode_command([b"UNSUBSCRIBE", ks])]
+    assert not mux.notify_nodes
+    # n2 still owes its SUBSCRIBE's and UNSUBSCRIBE's confirmations: dropped, then plain replies
+    assert mux.notify_frame(n2, _frame(b"subscribe", ks, 1)) == NOTIFY_DROP
+    assert mux.notify_frame(n2, _frame(b"message", ks, b"del")) == NOTIFY_DROP   # left already
+    assert mux.notify_frame(n2, _frame(b"unsubscribe", ks, 0)) == NOTIFY_DROP
+    assert mux.notify_frame(n2, _frame(b"unsubscribe", ks, 0)) == NOTIFY_NONE    # none owed: a reply
+    # a classic-only SUBSCRIBE stays on one node
+    assert dest("SUBSCRIBE", "news", r=r).notify is None
