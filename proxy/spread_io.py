@@ -114,15 +114,7 @@ class SpreadIO:
                     c.t_request = 0.0
         finally:
             self._flushing = False
-        out = s.out_client
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if not c.closed:
-                c.transport.write(data)
-                c.stats.bytes_out["client"] += len(data)
-                if c.client_paused:
-                    c._check_output_limit()
+        c.write_out()
         if mux.sticky is not None and not s.pending and not s._subscribed() and not s.sub_waiting \
                 and not self.backlog:
             mux.sticky = s.spread.sticky = None  # no subscription left: requests go to every node again
