@@ -322,6 +322,9 @@ class BlockingPool:
                 if not c.closed:
                     c.session.upstream_lost(reason)
                     c.flush()
+        # its slot is free: a waiter of another db or protocol queued behind it gets its own
+        # attempt (a failed handshake refills from connection_lost; a failed connect had no transport)
+        self.refill()
 
     def forget(self, pc: PooledConnection) -> None:
         if pc in self.conns:

@@ -263,3 +263,92 @@ def test_reload_retires_every_idle_pooled_connection(server, fresh_db, start_pro
     wait_for(lambda: not pooled(), timeout=10, what="every idle pooled connection to the old db closed")
     for c in clients:
         c.close()
+
+
+
+class Gate:
+    """A TCP forwarder to `server` that, once shut(), accepts no more connections: its
+    accept queue is full, so a new connect neither succeeds nor is refused (it times out),
+    while the connections already forwarded go on working."""
+
+    def __init__(self, server):
+        import socket
+        self.target = (server.host, server.port)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(0)
+        self.port = self.lsock.getsockname()[1]
+        self.socks = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while self.open:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            if not self.open:
+                c.close()
+                return
+            u = socket.create_connection(self.target)
+            self.socks += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def shut(self):
+        import socket
+        self.open = False
+        socket.create_connection(("127.0.0.1", self.port)).close()  # wakes the accept loop
+        time.sleep(0.2)
+        for _ in range(3):  # fill the accept queue
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.socks.append(s)
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+        self.lsock.close()
+
+
+def test_waiter_of_another_protocol_gets_the_error_of_a_pool_that_cannot_connect(server, fresh_db, start_proxy):
+    """A pooled connection that fails before it connects frees its slot: a waiter of
+    another protocol queued behind it gets a connection attempt (here: the upstream's error),
+    not a wait for ever (BlockingPool.fail refills)."""
+    gate = Gate(server)
+    mport = free_port()
+    p = start_proxy(["--upstream", f"redis://127.0.0.1:{gate.port}/{fresh_db}", "--namespace", "ns",
+                     "--blocking-pool", "1", "--connect-timeout", "3", "--metrics-listen", f"127.0.0.1:{mport}"])
+    try:
+        a = Raw("127.0.0.1", p.port)
+        assert a.call("PING") == b"+PONG\r\n"
+        b = Raw("127.0.0.1", p.port)
+        assert b.call("HELLO", "3")[:1] == b"%"  # RESP3: the pool's connections of another protocol
+        assert b.call("PING") == b"+PONG\r\n"
+        gate.shut()  # new connections to the upstream now hang in connect
+        a.send(encode("BRPOP", "q", "0"))
+        wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="opening") == 1,
+                 what="the pooled connection opening")
+        b.send(encode("BRPOP", "q", "0"))  # another protocol: waits for the pool's one slot
+        wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_borrow_waits_total") >= 1,
+                 what="the second client waiting for the pool")
+        assert a.read(1)[0][:1] == b"-"
+        assert b.read(1)[0][:1] == b"-"  # its own attempt failed too: an error, not a wait for ever
+        a.close()
+        b.close()
+    finally:
+        gate.close()
