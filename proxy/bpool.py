@@ -138,6 +138,8 @@ class PooledConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         pool = self.pool
         pool.stats.upstream_connections -= 1
+        if self.state == "opening":  # (it would have sent the queued CLIENT UNBLOCKs)
+            pool.drop_controls("the connection opened to send it was lost during its handshake")
         self.transport = None
         pool.forget(self)
         pool.refill()
@@ -315,6 +317,7 @@ class BlockingPool:
         pc.close()
         if not opening:
             return
+        self.drop_controls(reason)
         for w in list(self.waiters):
             if w[1] == pc.key:
                 self.waiters.remove(w)
@@ -371,6 +374,21 @@ class BlockingPool:
             pc2 = PooledConnection(self, pc.key)  # (then pooled like any other)
             self.conns.add(pc2)  # for a moment one over the bound: an orphan must not wait
             asyncio.ensure_future(self._connect(pc2))
+
+    def drop_controls(self, reason: str) -> None:
+        """The connection that was to send the queued CLIENT UNBLOCKs could not be set up:
+        close those orphans instead (the server frees a blocked client whose connection
+        closes; left alone, one blocked with timeout 0 would stay blocked for good)."""
+        while self.controls:
+            o = self.controls.popleft()
+            if o.state != "orphan" or o.transport is None:
+                continue
+            self.stats.errors["upstream"] += 1
+            log.warning("route %s: blocking pool: could not send CLIENT UNBLOCK %s for a %s whose client "
+                        "left (%s); closing its connection instead", self.route.name, o.id,
+                        o.command.decode("latin-1", "replace").upper(), reason,
+                        extra={"event": "upstream_error", "route": self.route.name})
+            o.close()
 
     def _control(self, pc: PooledConnection, client_id: int) -> None:
         if pc.timer is not None:

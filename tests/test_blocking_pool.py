@@ -352,3 +352,29 @@ def test_waiter_of_another_protocol_gets_the_error_of_a_pool_that_cannot_connect
         b.close()
     finally:
         gate.close()
+
+
+def test_orphan_closed_when_its_unblock_connection_cannot_be_opened(server, fresh_db, start_proxy, d):
+    """The connection opened to send CLIENT UNBLOCK for an orphan is refused (maxclients):
+    the orphan is closed instead, so the server frees its blocked client (BRPOP 0 would
+    otherwise stay blocked for good)."""
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--metrics-listen", f"127.0.0.1:{mport}"])
+    raw = Raw("127.0.0.1", p.port)
+    raw.send(encode("BRPOP", "jobs", "0"))
+    wait_blocked(server, 1, "brpop")
+    before = d.config_get("maxclients")["maxclients"]
+    d.config_set("maxclients", d.info("clients")["connected_clients"])
+    try:
+        raw.sock.close()  # gone while blocked; no new connection can reach the server
+        wait_for(lambda: not any("b" in c["flags"] for c in server_conns(d, fresh_db)),
+                 what="the orphan closed, its blocked client freed")
+    finally:
+        d.config_set("maxclients", before)
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="orphan") == 0,
+             what="no orphan left")
+    assert metric(scrape(mport), "keyspace_proxy_errors_total", kind="upstream") >= 1  # counted (and logged)
+    d.lpush("ns:jobs", "job")
+    w = client(p)
+    assert w.brpop(["jobs"], timeout=5) == (b"jobs", b"job")  # not given to the dead client's connection
+    w.close()
