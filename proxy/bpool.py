@@ -66,6 +66,7 @@ class PooledConnection(asyncio.Protocol):
         self.on_reply = None         # control: what to do with the reply
         self.command = b""           # the blocking command lent for (for the orphan log)
         self.owes = False            # lent, its request sent, its whole reply not read yet
+        self.pinged = False          # orphan not blocked any more: its reply (if any), then PONG
 
     def connection_made(self, transport) -> None:
         from proxy.server import _nodelay
@@ -122,10 +123,13 @@ class PooledConnection(asyncio.Protocol):
             fn(raw)
             self.pool.release(self)
         elif state == "orphan":
+            if self.pinged and raw == b"+PONG\r\n":  # what it owed is read
+                return self.close()
             # (an error served nothing: the -MOVED of a slot moved away while it was blocked)
             if raw not in TIMED_OUT and raw[:1] not in (b"-", b"!"):
                 self.pool.orphan_reply(self)
-            self.close()
+            if not self.pinged:
+                self.close()
         else:  # idle: the server sent a reply no request was waiting for
             self.pool.stats.errors["unexpected_reply"] += 1
             self.close()
@@ -403,10 +407,20 @@ class BlockingPool:
                             raw[1:-2].decode("utf-8", "replace"))
             elif raw != b":0\r\n":
                 return  # unblocked: its own (timed-out) reply follows, then it closes
-            # refused, or not blocked (its reply is already on its way or was read): close it
             for o in list(self.conns):
-                if o.id == client_id and o.state == "orphan":
-                    o.close()
+                if o.id != client_id or o.state != "orphan":
+                    continue
+                if raw[:1] != b":" or o.transport is None:
+                    o.close()  # refused: close it
+                    continue
+                if o.pinged:
+                    continue  # not blocked a second time: the PONG behind its reply closes it
+                # not blocked: served (its reply is on its way: read and count it), or its
+                # call not run yet. A PING behind it closes it once what it owes is read;
+                # one more CLIENT UNBLOCK frees the call that had not run yet
+                o.pinged = True
+                o.transport.write(encode_command([b"PING"]))
+                self.controls.append(o)
         pc.on_reply = done
         pc.transport.write(encode_command([b"CLIENT", b"UNBLOCK", str(client_id).encode()]))
 

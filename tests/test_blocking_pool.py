@@ -378,3 +378,31 @@ def test_orphan_closed_when_its_unblock_connection_cannot_be_opened(server, fres
     w = client(p)
     assert w.brpop(["jobs"], timeout=5) == (b"jobs", b"job")  # not given to the dead client's connection
     w.close()
+
+
+def test_reply_served_as_unblock_answers_0_is_counted(server, fresh_db, start_proxy, d):
+    """CLIENT UNBLOCK answers :0 when the server had already served the call: the orphan's
+    reply, still being read, is read and counted as orphan_reply before the orphan closes
+    (it was dropped uncounted). The proxy is stopped (SIGSTOP) while its client leaves and
+    the server serves a large element, so it learns of the departure before reading the reply."""
+    import signal
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--metrics-listen", f"127.0.0.1:{mport}"])
+    raw = Raw("127.0.0.1", p.port)
+    raw.send(encode("BRPOP", "jobs", "0"))
+    wait_blocked(server, 1, "brpop")
+    w = client(p)
+    assert w.brpop(["other"], timeout=0.1) is None  # a second pooled connection, now idle (sends the UNBLOCK)
+    big = b"x" * (32 << 20)
+    p.process.send_signal(signal.SIGSTOP)
+    try:
+        raw.sock.close()              # the proxy sees this first once it runs again,
+        d.lpush("ns:jobs", big)       # then the reply served meanwhile, larger than socket buffers
+    finally:
+        p.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="orphan") == 0,
+             what="the orphan closed")
+    assert d.llen("ns:jobs") == 0  # the element went to the dead client's call...
+    assert metric(scrape(mport), "keyspace_proxy_errors_total", kind="orphan_reply") == 1  # ...and is counted
+    assert w.ping()
+    w.close()
