@@ -186,7 +186,9 @@ class BlockingPool:
 
     def counts(self) -> dict[str, int]:
         out = {"idle": 0, "busy": 0, "opening": 0, "control": 0, "orphan": 0}
-        for pc in self.conns:
+        # (read by the metrics thread while the event loop changes the set: list() copies
+        # it in one step under the GIL; iterating the set itself could raise mid-scrape)
+        for pc in list(self.conns):
             out[pc.state] += 1
         return out
 
