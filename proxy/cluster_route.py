@@ -217,7 +217,11 @@ class Topology:
     async def _poll_loop(self) -> None:
         while not self._stopped:
             await asyncio.sleep(REFRESH_EVERY)
-            await self.refresh("periodic")
+            try:
+                await self.refresh("periodic")
+            except Exception:  # noqa: BLE001 - a bug here must not end the periodic reads
+                log.exception("cluster upstream %s: reading the slot map failed", self.up.masked(),
+                              extra={"event": "cluster"})
 
     async def _ask(self, node) -> tuple[SlotMap | None, str | None]:
         from proxy.sentinel import _exchange
