@@ -176,6 +176,9 @@ class ClientConnection(asyncio.Protocol):
         """The session's upstream: a shared link, or a connection of its own."""
         self.session.facts = self.facts
         self.view.conns[self.session] = self  # one of the route's clients from here on
+        up, proxy = self.route.upstream, self.proxy
+        if up.sentinel is not None or up.cluster is not None:  # (MIGRATE's own-server check)
+            self.session.node_of = lambda: proxy.primary_now(up)
         if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
             up, proxy = self.route.upstream, self.proxy
             self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)

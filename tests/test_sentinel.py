@@ -682,3 +682,18 @@ def test_killed_primary_is_replaced(topology, start_proxy):
     # a new replica on the old port, so the next test has a failover target again
     t.add_replica(new, port=old)
     wait_for(t._settled, 30, "the sentinels to see the new replica")
+
+
+def test_migrate_to_the_primary_itself_is_refused(topology, start_proxy):
+    """policy app: MIGRATE to the route's own server is refused (Redis would serve both
+    ends on one thread and stall for the timeout); on a Sentinel upstream that server is
+    the primary the connection is on, not the URL's first sentinel."""
+    t = topology
+    primary = t.primary()
+    port, mport = free_port(), free_port()
+    p = start_proxy([], config_text=proxy_config(t, port, mport) + 'policy = "app"\n', port=port)
+    c = redis.Redis(port=p.port, socket_timeout=10)
+    c.set("k", "v")
+    with pytest.raises(redis.ResponseError, match="MIGRATE to the route's own server is refused"):
+        c.execute_command("MIGRATE", "127.0.0.1", primary, "k", 0, 50)
+    assert c.get("k") == b"v"
