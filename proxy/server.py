@@ -1667,18 +1667,21 @@ class Proxy:
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
         self._reload_tls(new_routes)
-        for w in self.watch_sentinels(new):
+        watchers = self.watch_sentinels(new) + self.watch_clusters(new)
+        for w in watchers:
             asyncio.ensure_future(w.start())
-        for t in self.watch_clusters(new):
-            asyncio.ensure_future(t.start())
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
-        # new and changed routes: is their upstream user fenced? (checked before they take clients)
-        fences = await self.check_fences([r for r in new_routes.values()
-                                          if r.listen not in old or old[r.listen] != r])
-        for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
-            await self._listen(route)
+        try:
+            # new and changed routes: is their upstream user fenced? (checked before they take clients)
+            fences = await self.check_fences([r for r in new_routes.values()
+                                              if r.listen not in old or old[r.listen] != r])
+            for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
+                await self._listen(route)
+        except BaseException:
+            self._unwatch(watchers)
+            raise
         self._apply_fences(fences)  # (no await since the binds: no client was taken meanwhile)
         for route in removed:
             self.listeners.pop(route.listen).close()
@@ -1737,6 +1740,13 @@ class Proxy:
                                             if tls_listeners else ""))
         log.info("reload: %s", summary, extra={"event": "reload"})
         return summary
+
+    def _unwatch(self, watchers: list) -> None:
+        """A refused reload: stop the Sentinel watchers and cluster topologies it started
+        (no route of the running configuration follows them)."""
+        for reg in (self.sentinels, self.clusters):
+            for k in [k for k, w in reg.items() if any(w is x for x in watchers)]:
+                reg.pop(k).stop()
 
     def _end_grace(self, draining: list) -> None:
         left = [c for c in draining if not c.closed]

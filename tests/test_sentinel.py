@@ -697,3 +697,35 @@ def test_migrate_to_the_primary_itself_is_refused(topology, start_proxy):
     with pytest.raises(redis.ResponseError, match="MIGRATE to the route's own server is refused"):
         c.execute_command("MIGRATE", "127.0.0.1", primary, "k", 0, 50)
     assert c.get("k") == b"v"
+
+
+def test_a_refused_reload_stops_the_sentinel_watcher_it_started(topology, start_proxy):
+    """A reload that adds a route on a Sentinel upstream and is then refused (its new
+    listener's port is taken) leaves no watcher subscribed to the sentinels."""
+    import signal
+    import socket
+
+    from test_reload import wait_log, write
+    t = topology
+    primary = t.primary()
+    port, taken = free_port(), socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    plain = f'[[listener]]\nname = "plain"\nlisten = "127.0.0.1:{port}"\nupstream = "redis://127.0.0.1:{primary}/0"\n' \
+            'namespace = "app"\n'
+    p = start_proxy([], config_text=plain, port=port)
+
+    def watchers():  # the sentinels' pub/sub clients: a watcher's subscriptions
+        return sum(1 for sp, _, _ in t.sentinels for c in t.ask(sp).client_list() if "P" in c["flags"])
+    assert watchers() == 0
+    try:
+        write(p, plain + f'[[listener]]\nname = "more"\nlisten = "127.0.0.1:{taken.getsockname()[1]}"\n'
+                         f'upstream = "{t.url()}"\nnamespace = "more"\n')
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload refused")
+    finally:
+        taken.close()
+    wait_for(lambda: watchers() == 0, 10, "the refused reload's watcher stopped")
+    time.sleep(1)  # (its subscriptions would have come back by now)
+    assert watchers() == 0
+    assert redis.Redis(port=p.port, socket_timeout=10).ping()
