@@ -1277,6 +1277,17 @@ class ClientRegistry(RouteView):
                 c.stats.bytes_out["client"] += len(line)
 
 
+def _stale_client(c, stale_routes: set, gone_users: list) -> bool:
+    """Does a reload drain `c`? A connection logged in at a listener with users goes with
+    the user it is logged in as now (AUTH again as a user of the same routing keeps its
+    route: Redis, too, drops the clients of a deleted user by who they are now), any other
+    with its route."""
+    user = getattr(getattr(c.session, "login", None), "user", None)
+    if user is not None:
+        return user in gone_users  # (equal: a connection may hold an earlier reload's equal User)
+    return id(c.route) in stale_routes
+
+
 class Proxy:
     def __init__(self, config: Config, reuse_port: bool = False):
         self.config = config
@@ -1714,6 +1725,7 @@ class Proxy:
                                             if old[r.listen].users is None or r.users is None}
         # A user's connections are drained when its listener is gone, or when the user
         # is removed or changed (route or password: a rotated password logs them out).
+        gone_users = []
         for r in removed + changed:
             was = old[r.listen]
             now = new_routes.get(r.listen)
@@ -1721,6 +1733,7 @@ class Proxy:
                 kept = (now.users or {}).get(name) if now is not None else None
                 if kept != user:
                     stale.add(id(user.route))
+                    gone_users.append(user)
         # blocking pools whose route and upstream are gone: no idle connection kept to the old server
         current = {(r.name, r.upstream) for route in new_routes.values() for r in route.with_users()}
         for key, pool in list(self.bpools.items()):
@@ -1729,7 +1742,7 @@ class Proxy:
                     del self.bpools[key]
                 else:
                     pool.retire()
-        draining = [c for c in self.clients if id(c.route) in stale]
+        draining = [c for c in self.clients if _stale_client(c, stale, gone_users)]
         for c in draining:
             c.drain()
         grace = new.limits.reload_grace
