@@ -1277,7 +1277,7 @@ class ClientRegistry(RouteView):
                 c.stats.bytes_out["client"] += len(line)
 
 
-def _stale_client(c, stale_routes: set, gone_users: list) -> bool:
+def _stale_client(c, stale_routes: list, gone_users: list) -> bool:
     """Does a reload drain `c`? A connection logged in at a listener with users goes with
     the user it is logged in as now (AUTH again as a user of the same routing keeps its
     route: Redis, too, drops the clients of a deleted user by who they are now), any other
@@ -1285,7 +1285,9 @@ def _stale_client(c, stale_routes: set, gone_users: list) -> bool:
     user = getattr(getattr(c.session, "login", None), "user", None)
     if user is not None:
         return user in gone_users  # (equal: a connection may hold an earlier reload's equal User)
-    return id(c.route) in stale_routes
+    # (equal, not the same object: a reload that leaves a route unchanged installs an equal
+    # new one, and connections accepted before it hold the earlier one)
+    return c.route in stale_routes
 
 
 class Proxy:
@@ -1721,8 +1723,8 @@ class Proxy:
         self.generation += 1
         # (a listener with users before and after: its connections on the listener's own
         # route are those not authenticated yet; they stay, and AUTH with the new users)
-        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed
-                                            if old[r.listen].users is None or r.users is None}
+        stale = list(removed) + [old[r.listen] for r in changed
+                                 if old[r.listen].users is None or r.users is None]
         # A user's connections are drained when its listener is gone, or when the user
         # is removed or changed (route or password: a rotated password logs them out).
         gone_users = []
@@ -1732,7 +1734,7 @@ class Proxy:
             for name, user in (was.users or {}).items():
                 kept = (now.users or {}).get(name) if now is not None else None
                 if kept != user:
-                    stale.add(id(user.route))
+                    stale.append(user.route)
                     gone_users.append(user)
         # blocking pools whose route and upstream are gone: no idle connection kept to the old server
         current = {(r.name, r.upstream) for route in new_routes.values() for r in route.with_users()}
