@@ -66,6 +66,7 @@ class PooledConnection(asyncio.Protocol):
         self.on_reply = None         # control: what to do with the reply
         self.command = b""           # the blocking command lent for (for the orphan log)
         self.owes = False            # lent, its request sent, its whole reply not read yet
+        self.pinged = False          # orphan not blocked any more: its reply (if any), then PONG
 
     def connection_made(self, transport) -> None:
         from proxy.server import _nodelay
@@ -122,10 +123,13 @@ class PooledConnection(asyncio.Protocol):
             fn(raw)
             self.pool.release(self)
         elif state == "orphan":
+            if self.pinged and raw == b"+PONG\r\n":  # what it owed is read
+                return self.close()
             # (an error served nothing: the -MOVED of a slot moved away while it was blocked)
             if raw not in TIMED_OUT and raw[:1] not in (b"-", b"!"):
                 self.pool.orphan_reply(self)
-            self.close()
+            if not self.pinged:
+                self.close()
         else:  # idle: the server sent a reply no request was waiting for
             self.pool.stats.errors["unexpected_reply"] += 1
             self.close()
@@ -138,6 +142,8 @@ class PooledConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         pool = self.pool
         pool.stats.upstream_connections -= 1
+        if self.state == "opening":  # (it would have sent the queued CLIENT UNBLOCKs)
+            pool.drop_controls("the connection opened to send it was lost during its handshake")
         self.transport = None
         pool.forget(self)
         pool.refill()
@@ -180,7 +186,9 @@ class BlockingPool:
 
     def counts(self) -> dict[str, int]:
         out = {"idle": 0, "busy": 0, "opening": 0, "control": 0, "orphan": 0}
-        for pc in self.conns:
+        # (read by the metrics thread while the event loop changes the set: list() copies
+        # it in one step under the GIL; iterating the set itself could raise mid-scrape)
+        for pc in list(self.conns):
             out[pc.state] += 1
         return out
 
@@ -315,6 +323,7 @@ class BlockingPool:
         pc.close()
         if not opening:
             return
+        self.drop_controls(reason)
         for w in list(self.waiters):
             if w[1] == pc.key:
                 self.waiters.remove(w)
@@ -322,6 +331,9 @@ class BlockingPool:
                 if not c.closed:
                     c.session.upstream_lost(reason)
                     c.flush()
+        # its slot is free: a waiter of another db or protocol queued behind it gets its own
+        # attempt (a failed handshake refills from connection_lost; a failed connect had no transport)
+        self.refill()
 
     def forget(self, pc: PooledConnection) -> None:
         if pc in self.conns:
@@ -369,6 +381,21 @@ class BlockingPool:
             self.conns.add(pc2)  # for a moment one over the bound: an orphan must not wait
             asyncio.ensure_future(self._connect(pc2))
 
+    def drop_controls(self, reason: str) -> None:
+        """The connection that was to send the queued CLIENT UNBLOCKs could not be set up:
+        close those orphans instead (the server frees a blocked client whose connection
+        closes; left alone, one blocked with timeout 0 would stay blocked for good)."""
+        while self.controls:
+            o = self.controls.popleft()
+            if o.state != "orphan" or o.transport is None:
+                continue
+            self.stats.errors["upstream"] += 1
+            log.warning("route %s: blocking pool: could not send CLIENT UNBLOCK %s for a %s whose client "
+                        "left (%s); closing its connection instead", self.route.name, o.id,
+                        o.command.decode("latin-1", "replace").upper(), reason,
+                        extra={"event": "upstream_error", "route": self.route.name})
+            o.close()
+
     def _control(self, pc: PooledConnection, client_id: int) -> None:
         if pc.timer is not None:
             pc.timer.cancel()
@@ -382,10 +409,20 @@ class BlockingPool:
                             raw[1:-2].decode("utf-8", "replace"))
             elif raw != b":0\r\n":
                 return  # unblocked: its own (timed-out) reply follows, then it closes
-            # refused, or not blocked (its reply is already on its way or was read): close it
             for o in list(self.conns):
-                if o.id == client_id and o.state == "orphan":
-                    o.close()
+                if o.id != client_id or o.state != "orphan":
+                    continue
+                if raw[:1] != b":" or o.transport is None:
+                    o.close()  # refused: close it
+                    continue
+                if o.pinged:
+                    continue  # not blocked a second time: the PONG behind its reply closes it
+                # not blocked: served (its reply is on its way: read and count it), or its
+                # call not run yet. A PING behind it closes it once what it owes is read;
+                # one more CLIENT UNBLOCK frees the call that had not run yet
+                o.pinged = True
+                o.transport.write(encode_command([b"PING"]))
+                self.controls.append(o)
         pc.on_reply = done
         pc.transport.write(encode_command([b"CLIENT", b"UNBLOCK", str(client_id).encode()]))
 

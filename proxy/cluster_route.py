@@ -155,6 +155,7 @@ class Topology:
         self._lock = asyncio.Lock()
         self._soon: asyncio.Handle | None = None
         self._stopped = False
+        self._moved = 0                # MOVEDs applied to the map (a read begun before one is stale)
 
     async def start(self) -> None:
         """First read (its failure is logged, not fatal: retried), then every REFRESH_EVERY."""
@@ -211,6 +212,7 @@ class Topology:
             addr = r.address("", self.map) if r.host else None  # "": a host we cannot know here
             if addr is not None and self.owner(r.slot) != addr:
                 old, self.map = self.map, self.map.moved(r)
+                self._moved += 1
                 self.on_change(old, self.map)
         self.refresh_soon(r.kind)
 
@@ -224,7 +226,11 @@ class Topology:
     async def _poll_loop(self) -> None:
         while not self._stopped:
             await asyncio.sleep(REFRESH_EVERY)
-            await self.refresh("periodic")
+            try:
+                await self.refresh("periodic")
+            except Exception:  # noqa: BLE001 - a bug here must not end the periodic reads
+                log.exception("cluster upstream %s: reading the slot map failed", self.up.masked(),
+                              extra={"event": "cluster"})
 
     async def _ask(self, node) -> tuple[SlotMap | None, str | None]:
         from proxy.sentinel import _exchange
@@ -235,6 +241,17 @@ class Topology:
             replies = await _exchange(node, self.up.handshake(0) + [[b"CLUSTER", b"SLOTS"]], self.timeout, ssl)
             m, why = _from_slots(self.up, replies, node[0])
         return m, why
+
+    async def _ask_after_moves(self, node) -> tuple[SlotMap | None, str | None]:
+        """_ask, read again while a MOVED was applied meanwhile: a map read before it
+        would put the moved slot back on its old owner (redirected's own read is skipped
+        while this one holds the lock)."""
+        for _ in range(3):
+            moved = self._moved
+            m, err = await self._ask(node)
+            if self._moved == moved:
+                return m, err
+        return None, "the slot map kept changing (MOVED) while it was read"
 
     async def refresh(self, why: str) -> None:
         """Read the map from a primary of the current map, then the seeds (one read at a time)."""
@@ -248,7 +265,7 @@ class Topology:
             errors = []
             for node in nodes:
                 try:
-                    m, err = await self._ask(node)
+                    m, err = await self._ask_after_moves(node)
                 except (OSError, asyncio.TimeoutError, hiredis.ProtocolError) as e:
                     errors.append(f"{format_addr(*node)}: {e.__class__.__name__}{': ' + str(e) if str(e) else ''}")
                     continue

@@ -82,7 +82,10 @@ def h_migrate(args, ctx):
                           "on its own MIGRATE until the timeout; MOVE and COPY ... DB move keys inside the route",
                           by_policy=True)
     up = ctx.route.upstream
-    if args[1].decode("latin-1").lower() == up.host.lower() and args[2] == str(up.port).encode():
+    dest = (args[1].decode("latin-1").lower(), args[2])
+    # the URL's node, or (Sentinel, cluster) the node the route uses now: up.host is a sentinel or seed there
+    node = ctx.node() if ctx.node is not None else None
+    if any(n is not None and dest == (n[0].lower(), str(n[1]).encode()) for n in ((up.host, up.port), node)):
         raise Refused(f"ERR MIGRATE to the route's own server is refused by the proxy on route {ctx.route.name}: "
                       "Redis serves both ends on one thread and every client of the server would wait for the "
                       "timeout (then IOERR); use MOVE or COPY ... DB")

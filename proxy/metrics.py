@@ -266,7 +266,7 @@ class AdminServer:
                                                           "/healthz; /metrics and /readyz are on [metrics] listen\n")
         if path == "/metrics":
             # the gauge is refreshed by a PING per scrape, so it follows the upstream
-            for st in self.proxy.stats.values():
+            for st in list(self.proxy.stats.values()):  # (a reload on the loop adds routes' stats)
                 st.upstream_up = None
             return self.metrics_app(environ, start_response)
         if path == "/-/reload":

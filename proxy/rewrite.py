@@ -24,7 +24,7 @@ class Ctx:
     """What a rewrite may look at: the connection's current keyspace, its route's db map and
     policy, and (through `stats`) whether the route's upstream user is fenced by an ACL."""
 
-    __slots__ = ("ks", "route", "target", "rules", "stats", "tenant", "_fence_key")
+    __slots__ = ("ks", "route", "target", "rules", "stats", "tenant", "_fence_key", "node")
 
     def __init__(self, route, target, rules: RuleBook, stats=None):
         self.route = route
@@ -35,6 +35,7 @@ class Ctx:
         # the tenant fence holds where there is a namespace to fence
         self.tenant = getattr(route, "policy", "tenant") == "tenant" and self.ks.mode != "none"
         self._fence_key = None
+        self.node = None   # () -> the data node (Sentinel primary, slot owner) or None; Session sets it
 
     @property
     def fenced(self) -> bool:

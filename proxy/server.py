@@ -177,6 +177,9 @@ class ClientConnection(asyncio.Protocol):
         """The session's upstream: a shared link, or a connection of its own."""
         self.session.facts = self.facts
         self.view.conns[self.session] = self  # one of the route's clients from here on
+        up, proxy = self.route.upstream, self.proxy
+        if up.sentinel is not None or up.cluster is not None:  # (MIGRATE's own-server check)
+            self.session.node_of = lambda: proxy.primary_now(up)
         if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
             up, proxy = self.route.upstream, self.proxy
             self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)
@@ -1295,6 +1298,19 @@ class ClientRegistry(RouteView):
                 c.stats.bytes_out["client"] += len(line)
 
 
+def _stale_client(c, stale_routes: list, gone_users: list) -> bool:
+    """Does a reload drain `c`? A connection logged in at a listener with users goes with
+    the user it is logged in as now (AUTH again as a user of the same routing keeps its
+    route: Redis, too, drops the clients of a deleted user by who they are now), any other
+    with its route."""
+    user = getattr(getattr(c.session, "login", None), "user", None)
+    if user is not None:
+        return user in gone_users  # (equal: a connection may hold an earlier reload's equal User)
+    # (equal, not the same object: a reload that leaves a route unchanged installs an equal
+    # new one, and connections accepted before it hold the earlier one)
+    return c.route in stale_routes
+
+
 class Proxy:
     def __init__(self, config: Config, reuse_port: bool = False):
         self.config = config
@@ -1688,18 +1704,21 @@ class Proxy:
         old = dict(self.routes)
         new_routes = {r.listen: r for r in new.routes}
         self._reload_tls(new_routes)
-        for w in self.watch_sentinels(new):
+        watchers = self.watch_sentinels(new) + self.watch_clusters(new)
+        for w in watchers:
             asyncio.ensure_future(w.start())
-        for t in self.watch_clusters(new):
-            asyncio.ensure_future(t.start())
         added = [r for k, r in new_routes.items() if k not in old]
         removed = [r for k, r in old.items() if k not in new_routes]
         changed = [r for k, r in new_routes.items() if k in old and old[k] != r]
-        # new and changed routes: is their upstream user fenced? (checked before they take clients)
-        fences = await self.check_fences([r for r in new_routes.values()
-                                          if r.listen not in old or old[r.listen] != r])
-        for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
-            await self._listen(route)
+        try:
+            # new and changed routes: is their upstream user fenced? (checked before they take clients)
+            fences = await self.check_fences([r for r in new_routes.values()
+                                              if r.listen not in old or old[r.listen] != r])
+            for route in added:  # bind first: a port that cannot be had fails the reload, nothing changed
+                await self._listen(route)
+        except BaseException:
+            self._unwatch(watchers)
+            raise
         self._apply_fences(fences)  # (no await since the binds: no client was taken meanwhile)
         for route in removed:
             self.listeners.pop(route.listen).close()
@@ -1728,17 +1747,19 @@ class Proxy:
         self.generation += 1
         # (a listener with users before and after: its connections on the listener's own
         # route are those not authenticated yet; they stay, and AUTH with the new users)
-        stale = {id(r) for r in removed} | {id(old[r.listen]) for r in changed
-                                            if old[r.listen].users is None or r.users is None}
+        stale = list(removed) + [old[r.listen] for r in changed
+                                 if old[r.listen].users is None or r.users is None]
         # A user's connections are drained when its listener is gone, or when the user
         # is removed or changed (route or password: a rotated password logs them out).
+        gone_users = []
         for r in removed + changed:
             was = old[r.listen]
             now = new_routes.get(r.listen)
             for name, user in (was.users or {}).items():
                 kept = (now.users or {}).get(name) if now is not None else None
                 if kept != user:
-                    stale.add(id(user.route))
+                    stale.append(user.route)
+                    gone_users.append(user)
         # blocking pools whose route and upstream are gone: no idle connection kept to the old server
         current = {(r.name, r.upstream) for route in new_routes.values() for r in route.with_users()}
         for key, pool in list(self.bpools.items()):
@@ -1747,7 +1768,7 @@ class Proxy:
                     del self.bpools[key]
                 else:
                     pool.retire()
-        draining = [c for c in self.clients if id(c.route) in stale]
+        draining = [c for c in self.clients if _stale_client(c, stale, gone_users)]
         for c in draining:
             c.drain()
         grace = new.limits.reload_grace
@@ -1758,6 +1779,13 @@ class Proxy:
                                             if tls_listeners else ""))
         log.info("reload: %s", summary, extra={"event": "reload"})
         return summary
+
+    def _unwatch(self, watchers: list) -> None:
+        """A refused reload: stop the Sentinel watchers and cluster topologies it started
+        (no route of the running configuration follows them)."""
+        for reg in (self.sentinels, self.clusters):
+            for k in [k for k, w in reg.items() if any(w is x for x in watchers)]:
+                reg.pop(k).stop()
 
     def _end_grace(self, draining: list) -> None:
         left = [c for c in draining if not c.closed]

@@ -264,10 +264,16 @@ class Session:
 
     # ------------------------------------------------------------ plumbing
 
+    node_of = None  # () -> the data node the route uses now (set by the server for Sentinel / cluster)
+
+    def _node(self):
+        return self.node_of() if self.node_of is not None else None
+
     def _use(self, target) -> None:
         """Rewrite the next requests for `target` (db + keyspace)."""
         self.q_target = target
         self.ctx = Ctx(self.route, target, self.rules, self.stats)
+        self.ctx.node = self._node
         key = (target, self.route.policy)  # plans depend on the namespace and the policy
         self.plans = self.stats.plans_for(key)
         self.fast_specs = self.stats.fast_for(key)

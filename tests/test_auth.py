@@ -526,3 +526,30 @@ def test_client_list_with_a_user_name_outside_latin1(server, fresh_db, start_pro
     assert ok == b"+OK\r\n" and pong == b"+PONG\r\n"
     assert "user=用户 ".encode() in info and "user=用户 ".encode() in listing
     assert "internal error" not in p.output()
+
+
+def test_reload_logs_out_a_connection_that_authenticated_again_as_the_rotated_user(
+        server, fresh_db, start_proxy, ns, tmp_path):
+    """AUTH as alice, then AUTH again as carol (same namespace: the connection stays on
+    its route): a reload that rotates carol's password logs that connection out, as it
+    does carol's own; alice's connections stay (Redis too drops the clients of a user it
+    deletes, whichever user they authenticated as first)."""
+    pwfile = tmp_path / "pw"
+    pwfile.write_text("one")
+    port = free_port()
+    up = f"redis://{server.host}:{server.port}/{fresh_db}"
+    p = start_proxy(config_text=toml_for(port, up, [
+        {"name": "alice", "password_sha256": sha("apw"), "namespace": ns[0]},
+        {"name": "carol", "password_file": str(pwfile), "namespace": ns[0]}]), port=port)
+    both = raw(p)
+    both.send(("AUTH", "alice", "apw"), ("AUTH", "carol", "one"), ("PING",))
+    assert both.read(3) == [b"+OK\r\n", b"+OK\r\n", b"+PONG\r\n"]
+    alice = raw(p)
+    alice.send(("AUTH", "alice", "apw"))
+    assert alice.read() == [b"+OK\r\n"]
+    pwfile.write_text("two")  # carol's password rotated
+    p.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "generation 2" in p.output(), what="the reload")
+    assert both.sock.recv(10) == b""  # logged out: it was carol's
+    alice.send(("PING",))
+    assert alice.read() == [b"+PONG\r\n"]

@@ -263,3 +263,146 @@ def test_reload_retires_every_idle_pooled_connection(server, fresh_db, start_pro
     wait_for(lambda: not pooled(), timeout=10, what="every idle pooled connection to the old db closed")
     for c in clients:
         c.close()
+
+
+
+class Gate:
+    """A TCP forwarder to `server` that, once shut(), accepts no more connections: its
+    accept queue is full, so a new connect neither succeeds nor is refused (it times out),
+    while the connections already forwarded go on working."""
+
+    def __init__(self, server):
+        import socket
+        self.target = (server.host, server.port)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(0)
+        self.port = self.lsock.getsockname()[1]
+        self.socks = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while self.open:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            if not self.open:
+                c.close()
+                return
+            u = socket.create_connection(self.target)
+            self.socks += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def shut(self):
+        import socket
+        self.open = False
+        socket.create_connection(("127.0.0.1", self.port)).close()  # wakes the accept loop
+        time.sleep(0.2)
+        for _ in range(3):  # fill the accept queue
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.socks.append(s)
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+        self.lsock.close()
+
+
+def test_waiter_of_another_protocol_gets_the_error_of_a_pool_that_cannot_connect(server, fresh_db, start_proxy):
+    """A pooled connection that fails before it connects frees its slot: a waiter of
+    another protocol queued behind it gets a connection attempt (here: the upstream's error),
+    not a wait for ever (BlockingPool.fail refills)."""
+    gate = Gate(server)
+    mport = free_port()
+    p = start_proxy(["--upstream", f"redis://127.0.0.1:{gate.port}/{fresh_db}", "--namespace", "ns",
+                     "--blocking-pool", "1", "--connect-timeout", "3", "--metrics-listen", f"127.0.0.1:{mport}"])
+    try:
+        a = Raw("127.0.0.1", p.port)
+        assert a.call("PING") == b"+PONG\r\n"
+        b = Raw("127.0.0.1", p.port)
+        assert b.call("HELLO", "3")[:1] == b"%"  # RESP3: the pool's connections of another protocol
+        assert b.call("PING") == b"+PONG\r\n"
+        gate.shut()  # new connections to the upstream now hang in connect
+        a.send(encode("BRPOP", "q", "0"))
+        wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="opening") == 1,
+                 what="the pooled connection opening")
+        b.send(encode("BRPOP", "q", "0"))  # another protocol: waits for the pool's one slot
+        wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_borrow_waits_total") >= 1,
+                 what="the second client waiting for the pool")
+        assert a.read(1)[0][:1] == b"-"
+        assert b.read(1)[0][:1] == b"-"  # its own attempt failed too: an error, not a wait for ever
+        a.close()
+        b.close()
+    finally:
+        gate.close()
+
+
+def test_orphan_closed_when_its_unblock_connection_cannot_be_opened(server, fresh_db, start_proxy, d):
+    """The connection opened to send CLIENT UNBLOCK for an orphan is refused (maxclients):
+    the orphan is closed instead, so the server frees its blocked client (BRPOP 0 would
+    otherwise stay blocked for good)."""
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--metrics-listen", f"127.0.0.1:{mport}"])
+    raw = Raw("127.0.0.1", p.port)
+    raw.send(encode("BRPOP", "jobs", "0"))
+    wait_blocked(server, 1, "brpop")
+    before = d.config_get("maxclients")["maxclients"]
+    d.config_set("maxclients", d.info("clients")["connected_clients"])
+    try:
+        raw.sock.close()  # gone while blocked; no new connection can reach the server
+        wait_for(lambda: not any("b" in c["flags"] for c in server_conns(d, fresh_db)),
+                 what="the orphan closed, its blocked client freed")
+    finally:
+        d.config_set("maxclients", before)
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="orphan") == 0,
+             what="no orphan left")
+    assert metric(scrape(mport), "keyspace_proxy_errors_total", kind="upstream") >= 1  # counted (and logged)
+    d.lpush("ns:jobs", "job")
+    w = client(p)
+    assert w.brpop(["jobs"], timeout=5) == (b"jobs", b"job")  # not given to the dead client's connection
+    w.close()
+
+
+def test_reply_served_as_unblock_answers_0_is_counted(server, fresh_db, start_proxy, d):
+    """CLIENT UNBLOCK answers :0 when the server had already served the call: the orphan's
+    reply, still being read, is read and counted as orphan_reply before the orphan closes
+    (it was dropped uncounted). The proxy is stopped (SIGSTOP) while its client leaves and
+    the server serves a large element, so it learns of the departure before reading the reply."""
+    import signal
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--metrics-listen", f"127.0.0.1:{mport}"])
+    raw = Raw("127.0.0.1", p.port)
+    raw.send(encode("BRPOP", "jobs", "0"))
+    wait_blocked(server, 1, "brpop")
+    w = client(p)
+    assert w.brpop(["other"], timeout=0.1) is None  # a second pooled connection, now idle (sends the UNBLOCK)
+    big = b"x" * (32 << 20)
+    p.process.send_signal(signal.SIGSTOP)
+    try:
+        raw.sock.close()              # the proxy sees this first once it runs again,
+        d.lpush("ns:jobs", big)       # then the reply served meanwhile, larger than socket buffers
+    finally:
+        p.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: metric(scrape(mport), "keyspace_proxy_blocking_pool_connections", state="orphan") == 0,
+             what="the orphan closed")
+    assert d.llen("ns:jobs") == 0  # the element went to the dead client's call...
+    assert metric(scrape(mport), "keyspace_proxy_errors_total", kind="orphan_reply") == 1  # ...and is counted
+    assert w.ping()
+    w.close()

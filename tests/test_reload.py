@@ -335,3 +335,22 @@ def test_the_reconnect_loop_of_an_upstream_no_route_uses_stops(server, fresh_db,
         stop.set()
         t.join(5)
         dead.close()
+
+
+def test_a_route_changed_by_the_second_reload_drains_connections_of_the_first(server, fresh_db, start_proxy):
+    """A connection accepted before a reload that left its route unchanged (the route is
+    then an equal new object) is still drained by a later reload that changes the route."""
+    port, port2 = free_port(), free_port()
+    p = start_proxy(config_text=toml(server, fresh_db, port, "one"), port=port)
+    old = Raw("127.0.0.1", port)
+    assert old.call("SET", "k", "1") == b"+OK\r\n"
+    write(p, toml(server, fresh_db, port, "one",
+                  extra=f'[[listener]]\nname = "b"\nlisten = "127.0.0.1:{port2}"\nstrip_namespace = "two"\n'))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "generation 2: 1 listener(s) added, 0 removed, 0 route(s) changed")
+    assert old.call("GET", "k") == b"$1\r\n1\r\n"  # unchanged: it stays
+    write(p, toml(server, fresh_db, port, "two",
+                  extra=f'[[listener]]\nname = "b"\nlisten = "127.0.0.1:{port2}"\nstrip_namespace = "two"\n'))
+    p.process.send_signal(signal.SIGHUP)
+    wait_log(p, "generation 3: 0 listener(s) added, 0 removed, 1 route(s) changed")
+    assert closed_by_peer(old.sock)  # its route changed: closed, it reconnects onto the new one

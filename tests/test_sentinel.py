@@ -678,3 +678,50 @@ def test_killed_primary_is_replaced(topology, start_proxy):
     # a new replica on the old port, so the next test has a failover target again
     t.add_replica(new, port=old)
     wait_for(t._settled, 30, "the sentinels to see the new replica")
+
+
+def test_migrate_to_the_primary_itself_is_refused(topology, start_proxy):
+    """policy app: MIGRATE to the route's own server is refused (Redis would serve both
+    ends on one thread and stall for the timeout); on a Sentinel upstream that server is
+    the primary the connection is on, not the URL's first sentinel."""
+    t = topology
+    primary = t.primary()
+    port, mport = free_port(), free_port()
+    p = start_proxy([], config_text=proxy_config(t, port, mport) + 'policy = "app"\n', port=port)
+    c = redis.Redis(port=p.port, socket_timeout=10)
+    c.set("k", "v")
+    with pytest.raises(redis.ResponseError, match="MIGRATE to the route's own server is refused"):
+        c.execute_command("MIGRATE", "127.0.0.1", primary, "k", 0, 50)
+    assert c.get("k") == b"v"
+
+
+def test_a_refused_reload_stops_the_sentinel_watcher_it_started(topology, start_proxy):
+    """A reload that adds a route on a Sentinel upstream and is then refused (its new
+    listener's port is taken) leaves no watcher subscribed to the sentinels."""
+    import signal
+    import socket
+
+    from test_reload import wait_log, write
+    t = topology
+    primary = t.primary()
+    port, taken = free_port(), socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    plain = f'[[listener]]\nname = "plain"\nlisten = "127.0.0.1:{port}"\nupstream = "redis://127.0.0.1:{primary}/0"\n' \
+            'namespace = "app"\n'
+    p = start_proxy([], config_text=plain, port=port)
+
+    def watchers():  # the sentinels' pub/sub clients: a watcher's subscriptions
+        return sum(1 for sp, _, _ in t.sentinels for c in t.ask(sp).client_list() if "P" in c["flags"])
+    assert watchers() == 0
+    try:
+        write(p, plain + f'[[listener]]\nname = "more"\nlisten = "127.0.0.1:{taken.getsockname()[1]}"\n'
+                         f'upstream = "{t.url()}"\nnamespace = "more"\n')
+        p.process.send_signal(signal.SIGHUP)
+        wait_log(p, "reload refused")
+    finally:
+        taken.close()
+    wait_for(lambda: watchers() == 0, 10, "the refused reload's watcher stopped")
+    time.sleep(1)  # (its subscriptions would have come back by now)
+    assert watchers() == 0
+    assert redis.Redis(port=p.port, socket_timeout=10).ping()
