@@ -8,9 +8,11 @@ slot map, read at start from the seeds (CLUSTER SHARDS, else CLUSTER SLOTS), ask
 every REFRESH_EVERY seconds and at once after a redirect; on a change the proxy moves the
 route's connections (Proxy.cluster_changed), as it does after a Sentinel switch.
 
-Redirects never reach a client (it speaks to one ordinary Redis): `redirect_error` turns a
-`-MOVED` / `-ASK` reply into `-TRYAGAIN` naming what happened (the request was not run, so
-the client's retry is no duplicate) and says which map refresh it calls for. The plain part
+Redirects never reach a client (it speaks to one ordinary Redis): the Session sends a
+redirected request again when `resend_plan` allows it (the shell: Proxy.cluster_resend),
+else `redirect_error` turns the `-MOVED` / `-ASK` reply into `-TRYAGAIN` naming what happened
+(the request was not run, so the client's retry is no duplicate); either way the redirect
+goes to the map. The plain part
 (`redirect_error`, `fetch_commands`, `build_map`) does no IO; `resolve` asks with blocking
 sockets (`check`), `Topology` with asyncio."""
 
@@ -22,6 +24,7 @@ import logging
 import hiredis
 
 from proxy.cluster import Redirect, SlotMap, key_slot, parse_redirect
+from proxy.resp import frame_end
 
 log = logging.getLogger("keyspace-proxy")
 
@@ -60,6 +63,35 @@ def redirect_error(raw: bytes) -> tuple[bytes, Redirect | None] | None:
                "key is already there (-ASK); the command was not run: retry (after the migration it runs "
                "on the new owner)")
     return b"-" + why.encode() + b"\r\n", r
+
+
+def split_requests(blob: bytes) -> list[bytes]:
+    """The requests in bytes the proxy wrote upstream (whole RESP arrays, as the C path's
+    rewrite_plain or encode_command make them), one each. Raises ValueError on bytes that do
+    not end on a request's end. (Session._sent_bytes: a batch the C path wrote.)"""
+    out, pos, n = [], 0, len(blob)
+    while pos < n:
+        end = frame_end(blob, pos)
+        if end < 0:
+            raise ValueError("bytes end inside a request")
+        out.append(blob[pos:end])
+        pos = end
+    return out
+
+
+def resend_plan(redirected: list[bool]) -> list[bool]:
+    """Which of a client's requests outstanding on one connection, in the order written, may
+    be sent again: `redirected[i]` is True when request i was answered -MOVED / -ASK (it did
+    not run), False for any other reply (it ran, or may have). The rule: a redirected request
+    is sent again only if every later one was redirected too (the trailing run), since sent
+    again after a request that ran it would run after it, against the client's order; the
+    others get -TRYAGAIN. The re-sends go in the client's order, before any later request."""
+    plan = [False] * len(redirected)
+    for i in range(len(redirected) - 1, -1, -1):
+        if not redirected[i]:
+            break
+        plan[i] = True
+    return plan
 
 
 def fetch_commands(up) -> list[list[bytes]]:

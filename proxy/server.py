@@ -22,7 +22,7 @@ from proxy.auth import Gate, Login, no_auth_commands
 from proxy.bpool import BlockingPool
 from proxy.rules import default_rules
 from proxy.config import Config, ConfigError, Route, connect_failure, format_addr, handshake_failure
-from proxy.resp import PartialReply, ProtocolError, encode_command, frame_end
+from proxy.resp import PartialReply, ProtocolError, encode_command, error, frame_end
 from proxy.session import STREAM_AFTER, ClientFacts, RouteView, Session, UnexpectedReply
 from proxy.speedups import IMPLEMENTATION
 from proxy.stats import RouteStats
@@ -183,6 +183,8 @@ class ClientConnection(asyncio.Protocol):
         if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
             up, proxy = self.route.upstream, self.proxy
             self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)
+            if self.session.spread is None:  # pinned: a redirected request is sent again
+                self.session.on_resend = self._resend
         if self.session.spread is not None:  # a connection per node, opened as requests need them
             from proxy.spread_io import SpreadIO
             self.shared = False
@@ -332,6 +334,30 @@ class ClientConnection(asyncio.Protocol):
         if s.need_dedicated:
             self._maybe_leave_link()
         elif s.need_link is not None:
+            self._maybe_change_link()
+        elif s.need_borrow:
+            self._maybe_borrow()
+        self.flush()
+
+    def _resend(self, items: list) -> None:
+        """The session holds requests a node answered -MOVED / -ASK (not run), every reply
+        owed before and after them is in, and its later requests wait: send them again
+        (Proxy.cluster_resend), then hand the replies back in their place."""
+        s = self.session
+        node = self.link.addr if s.shared and self.link is not None else getattr(self.upstream, "addr", None)
+        asyncio.ensure_future(self._resend_task(s, items, node[0] if node else self.route.upstream.host))
+
+    async def _resend_task(self, s: Session, items: list, near: str) -> None:
+        try:
+            replies = await self.proxy.cluster_resend(self.route.upstream, s.link_proto if s.shared else s.proto,
+                                                      items, near)
+        except Exception as e:  # a bug here costs this client alone
+            log.exception("route %s: sending a redirected request again failed", self.route.name)
+            replies = [error(f"ERR proxy internal error ({e.__class__.__name__})")] * len(items)
+        if self.closed or self.session is not s:
+            return
+        s.resent(replies)
+        if s.need_link is not None:
             self._maybe_change_link()
         elif s.need_borrow:
             self._maybe_borrow()
@@ -614,6 +640,25 @@ class ClientConnection(asyncio.Protocol):
         if up is not None and read_upstream != self.reading_upstream:
             self.reading_upstream = read_upstream
             (up.resume_reading if read_upstream else up.pause_reading)()
+
+
+_ASKING = encode_command([b"ASKING"])
+
+
+async def _read_frame(c: list, timeout: float) -> bytes:
+    """The next reply on a resend connection ([reader, writer, unread bytes]); pushes skipped."""
+    while True:
+        buf = c[2]
+        end = frame_end(buf, 0) if buf else -1
+        if end >= 0:
+            raw, c[2] = buf[:end], buf[end:]
+            if raw[:1] == b">":
+                continue
+            return raw
+        data = await asyncio.wait_for(c[0].read(65536), timeout or None)
+        if not data:
+            raise ConnectionError("connection closed by the node")
+        c[2] = buf + data
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -1598,6 +1643,61 @@ class Proxy:
             # not now: this runs inside a connection's reply loop, and the move it causes
             # closes connections (perhaps that one)
             asyncio.get_running_loop().call_soon(t.redirected, redirect)
+
+    async def cluster_resend(self, up, proto: int, items: list, near: str) -> list[bytes]:
+        """Send again, in order and one at a time, requests of a pinned route that a node
+        answered -MOVED / -ASK ([(bytes, Redirect)]): each to the address its redirect names
+        (ASKING first for an ASK), on a connection of its own set up as the route's are;
+        followed again up to MAX_REDIRECTS times (a MOVED also goes to the map). Their
+        replies, in order: a connection that fails answers it and those after it `upstream
+        unavailable` (sent, perhaps run). `near`: the host of a redirect that names none."""
+        from proxy.cluster_route import redirect_error
+        from proxy.spread import MAX_REDIRECTS
+        conns: dict = {}
+        out: list[bytes] = []
+        addr = None
+        try:
+            for data, r in items:
+                tries = 1
+                while True:
+                    addr = (r.host or near, r.port)
+                    reply = await self._resend_one(up, proto, addr, data, r.kind == "ASK", conns)
+                    got = redirect_error(reply) if reply[:1] == b"-" else None
+                    if got is None or got[1] is None or tries >= MAX_REDIRECTS:
+                        break
+                    self.cluster_redirect(up, got[1])
+                    r = got[1]
+                    tries += 1
+                out.append(reply)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as e:
+            why = f"{e.__class__.__name__} {e}".strip() if not str(e) else str(e)
+            msg = error(f"ERR upstream unavailable (a request redirected by the cluster, sent again to "
+                        f"{format_addr(*addr)}: {why})")
+            out.extend([msg] * (len(items) - len(out)))
+        finally:
+            for c in conns.values():
+                c[1].close()
+        return out
+
+    async def _resend_one(self, up, proto: int, addr: tuple[str, int], data: bytes, asking: bool,
+                          conns: dict) -> bytes:
+        limits = self.config.limits
+        c = conns.get(addr)
+        if c is None:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(addr[0], addr[1], **up.ssl_args(addr[0])), limits.connect_timeout)
+            c = conns[addr] = [reader, writer, b""]
+            hs = up.handshake(0, proto)
+            writer.write(b"".join(encode_command(a) for a in hs))
+            for cmd in hs:
+                raw = await _read_frame(c, limits.reply_timeout)
+                if raw[:1] in (b"-", b"!"):
+                    text = raw[1:].split(b"\r\n", 1)[0].decode("utf-8", "replace")
+                    raise ConnectionError(handshake_failure(cmd, text) or text)
+        c[1].write((_ASKING if asking else b"") + data)
+        if asking:
+            await _read_frame(c, limits.reply_timeout)  # ASKING's +OK: the proxy's
+        return await _read_frame(c, limits.reply_timeout)
 
     def cluster_changed(self, key, old, new) -> None:
         """A cluster's map changed: every shared link and dedicated connection of a route

@@ -46,7 +46,7 @@ from proxy.keyspace import show as show_name
 from proxy.overlay import CONFIG_GET_SAFE
 from proxy.keyspecs import KeySpecError
 from proxy.pubsub import MESSAGES, ChannelMap, rewrite_frame
-from proxy.cluster_route import redirect_error
+from proxy.cluster_route import redirect_error, split_requests
 from proxy.spread import Router
 from proxy.resp import (OK, PartialReply, ProtocolError, RequestReader, encode_command, error, frame_end,
                         frame_run, is_error, pack_command, split, string_value)
@@ -107,6 +107,10 @@ class Req:
 
 
 DROP = Req(PASS, show=False)
+# While a pinned cluster route holds a redirected request (Session._hold_redirect), the plain
+# entries after it are this instead of None: the same reply (PASS, shown), but the C path stops
+# at it, so each reply comes to Python, where the ordering rule is kept.
+HELD_PLAIN = Req(PASS)
 # The `data` of the pending entry of a blocking command (BLPOP, XREAD, WAIT...): its reply
 # may take as long as the client asked, so the shell does not time it (limits.reply_timeout).
 BLOCKING = object()
@@ -251,12 +255,22 @@ class Session:
         self.cluster = route.upstream.cluster is not None
         self.run_flags = 2 if self.cluster else 0
         self.on_redirect = None
+        # ... and a request answered -MOVED / -ASK is sent again by the shell (`on_resend`)
+        # when cluster_route.resend_plan allows: `sent_log` keeps the bytes of the requests
+        # written ([first number, bytes, how many, plain]) until their replies are in;
+        # `redirects` holds the redirected ones ([bytes, Redirect, -TRYAGAIN text]) meanwhile.
+        self.sent_log: deque | None = None
+        self.redirects: list | None = None
+        self.resending = False
+        self.on_resend = None
         # A spread (unpinned) route on a cluster (proxy/spread.py): every request is sent with
         # the node it goes to (`_spread_send`); the shell's Mux hands back one reply per
         # request, in order, as one dedicated connection would. No shared link, no C path.
         self.spread = Router(self.rules, route.name) if self.cluster and route.upstream.slot is None else None
         if self.spread is not None:
             self.shared = shared = False
+        elif self.cluster:
+            self.sent_log = deque()
         if not shared:
             self.handshake()
         if view is None:
@@ -301,7 +315,7 @@ class Session:
     @property
     def idle(self) -> bool:
         """No reply owed, not in a transaction, not blocked: a safe point to close."""
-        return not self.pending and self.tx is None and self.emu is None and not self.held
+        return not self.pending and self.tx is None and self.emu is None and not self.held and self.redirects is None
 
     def owes_timed_reply(self) -> bool:
         """Is a reply owed that the server should send without waiting (no blocking
@@ -319,7 +333,7 @@ class Session:
         """May limits.idle_timeout close it now? As Redis's clientsCronHandleTimeout: not while
         a reply is owed (a blocked client waits for one), subscribed, or in MONITOR."""
         return not self.pending and not self.held and not self.monitor and not self._subscribed() \
-            and not self.sub_waiting
+            and not self.sub_waiting and self.redirects is None
 
     @property
     def output_limit(self) -> int:
@@ -337,8 +351,35 @@ class Session:
 
     def _expect(self, entry) -> None:
         """The request just sent gets exactly one reply: its entry, in order."""
+        if self.sent_log is not None:
+            self._log_sent(None, 1, False)
         self.pending.append(entry)
         self.owed_sent += 1
+
+    def _log_sent(self, data: bytes | None, n: int, plain: bool) -> None:
+        """A pinned cluster route wrote `n` requests (`data`, or None: not to be sent again),
+        numbered from owed_sent. Entries whose replies are all in are dropped (the head of
+        `pending` is at least owed_sent - len(pending))."""
+        log_ = self.sent_log
+        done = self.owed_sent - len(self.pending)
+        while log_ and log_[0][0] + log_[0][2] <= done:
+            log_.popleft()
+        log_.append((self.owed_sent, data, n, plain))
+
+    def _sent_bytes(self, number: int) -> bytes | None:
+        """The bytes of request `number` if it may be sent again (a plain request: one reply,
+        no connection state), else None."""
+        for first, data, n, plain in self.sent_log:
+            if first <= number < first + n:
+                if not plain or data is None:
+                    return None
+                if n == 1:
+                    return data
+                try:
+                    return split_requests(data)[number - first]
+                except (ValueError, IndexError):  # not whole requests: never guess
+                    return None
+        return None
 
     def _local(self, reply: bytes, show: bool = True) -> None:
         """A reply made by the proxy, delivered in its request's position."""
@@ -456,6 +497,8 @@ class Session:
                                                        limit, self.max_bulk)
                     if n:
                         self.out_upstream.append(out)
+                        if self.sent_log is not None:
+                            self._log_sent(out, n, True)
                         if n == 1:
                             pending.append(None)
                         else:
@@ -503,7 +546,7 @@ class Session:
     def _waiting(self) -> bool:
         """Must the next request wait? (for a connection, a link, a confirmation, an emulation)"""
         return bool(self.held) or self.emu is not None or self.need_dedicated or self.need_link is not None \
-            or self.confirming > 0 or self.need_borrow or self.borrowing
+            or self.confirming > 0 or self.need_borrow or self.borrowing or self.redirects is not None
 
     def _input_fault(self, message: str) -> None:
         """A malformed request: every request before it is executed and answered, then its
@@ -594,7 +637,10 @@ class Session:
                     self.pending[-1] = Req(plan.entry.kind, plan.entry.fn, BLOCKING, show=False)
                 return
             if self.tx is None and show:
-                self.out_upstream.append(pack_command(tuple(args)))
+                data = pack_command(tuple(args))
+                self.out_upstream.append(data)
+                if self.sent_log is not None:
+                    self._log_sent(data, 1, plan.entry is None and rule.shareable)
                 self.pending.append(plan.entry)
                 self.owed_sent += 1
                 return
@@ -1194,7 +1240,7 @@ class Session:
     def shared_quiet(self) -> bool:
         """No reply owed on the shared connection: the session may leave it."""
         pending = self.pending
-        return self.emu is None and self.partial is None \
+        return self.emu is None and self.partial is None and self.redirects is None \
             and (not pending or all(e is not None and e.kind == LOCAL for e in pending))
 
     def switch_to_dedicated(self) -> None:
@@ -1244,7 +1290,7 @@ class Session:
         held = self.held
         while held and self.emu is None and not self.need_dedicated and self.need_link is None \
                 and not self.confirming and not self.close_when_done and not self.need_borrow \
-                and not self.borrowing:
+                and not self.borrowing and self.redirects is None:
             item = held.popleft()
             if type(item) is Fault:
                 held.clear()
@@ -1300,7 +1346,7 @@ class Session:
 
     def _waiting_for_reply(self) -> bool:
         return self.emu is not None or self.need_dedicated or self.need_link is not None or self.confirming > 0 \
-            or self.need_borrow or self.borrowing
+            or self.need_borrow or self.borrowing or self.redirects is not None
 
     def _streams(self) -> bool:
         """May the reply at the head be forwarded as its bytes arrive? (needs nothing)"""
@@ -1361,7 +1407,9 @@ class Session:
         if first == 0x2D and self.cluster:
             raw = self._redirected(raw)
         pending = self.pending
-        if pending and pending[0] is None:
+        if self.redirects is not None:  # a redirected request held: this reply in order after it
+            self._after_held(raw)
+        elif pending and pending[0] is None:
             pending.popleft()
             self.out_client.append(raw)
             if pending and pending[0] is not None:
@@ -1384,22 +1432,108 @@ class Session:
         s = self.subs
         return bool(s["channel"] or s["pattern"] or s["shard"])
 
-    def _redirected(self, raw: bytes) -> bytes:
+    def _redirected(self, raw: bytes) -> bytes | None:
         """A -MOVED / -ASK never reaches the client (it speaks to one ordinary Redis):
-        the request was not run, so it gets -TRYAGAIN naming what happened, and the
-        shell is told, so the route follows its slot."""
+        the shell is told, so the route follows its slot, and the request (it was not run)
+        is held to be sent again (None: `_hold_redirect`), or gets -TRYAGAIN naming what
+        happened."""
         got = redirect_error(raw)
         if got is None:
             return raw
-        if got[1] is not None:
-            self.stats.errors["cluster_redirect"] += 1
         if self.on_redirect is not None:
             self.on_redirect(got[1])
+        if got[1] is not None:
+            if self.on_resend is not None and self._hold_redirect(got):
+                return None
+            self.stats.errors["cluster_redirect"] += 1  # (counted when the client gets -TRYAGAIN)
         return got[0]
+
+    def _hold_redirect(self, got) -> bool:
+        """Hold the redirected request at the head of `pending` to be sent again, if it and
+        every request after it on the connection are plain (no transform, no connection
+        state, no proxy-made reply between: then only their order matters). The replies of
+        the later ones then come to `_after_held` one by one (HELD_PLAIN stops the C path)."""
+        pending = self.pending
+        if not pending or self.resending or self.partial is not None:
+            return False
+        if self.redirects is None:
+            if self.tx is not None or self.tx_open is not None or self._in_block or self.emu is not None \
+                    or self.monitor or self.sub_waiting or self._subscribed() or self.confirming \
+                    or self.need_dedicated or self.need_link is not None or self.need_borrow or self.borrowing \
+                    or self.upstream_error is not None or any(e is not None for e in pending):
+                return False
+        elif any(e is not HELD_PLAIN for e in pending):
+            return False
+        data = self._sent_bytes(self.owed_sent - len(pending))  # (no LOCAL entry among them)
+        if data is None:
+            return False
+        if self.redirects is None:
+            self.redirects = []
+            self.fast_blocked = True
+            for i in range(1, len(pending)):
+                pending[i] = HELD_PLAIN
+        pending.popleft()
+        self.redirects.append([data, got[1], got[0]])
+        if not pending:
+            self._start_resend()
+        return True
+
+    def _after_held(self, raw: bytes | None) -> None:
+        """A reply while redirected requests are held (None: it was redirected too, and held).
+        A request that ran after them: each held one gets its -TRYAGAIN first (sent again it
+        would run after this one, against the client's order: cluster_route.resend_plan)."""
+        pending = self.pending
+        if raw is not None:
+            if not pending:
+                raise UnexpectedReply()
+            pending.popleft()
+            out = self.out_client
+            for item in self.redirects:
+                out.append(item[2])
+            self.stats.errors["cluster_redirect"] += len(self.redirects)
+            self.redirects.clear()
+            out.append(raw)
+            if not pending:
+                self._end_hold()
+        elif not pending and not self.resending:  # (already started by _hold_redirect)
+            self._start_resend()
+
+    def _start_resend(self) -> None:
+        """Every reply owed on the connection is in; the held requests (the trailing run of
+        redirected ones) go to the shell, in order; later requests wait for their replies."""
+        if not self.redirects:
+            return self._end_hold()
+        self.resending = True
+        self.on_resend([(item[0], item[1]) for item in self.redirects])
+
+    def resent(self, replies: list[bytes]) -> None:
+        """The shell's replies to the requests sent again, in order (a redirect still, after
+        MAX_REDIRECTS: its -TRYAGAIN). Then the requests that waited go on."""
+        if not self.resending or self.upstream_error is not None:
+            return  # answered meanwhile (upstream_lost)
+        out = self.out_client
+        for item, raw in zip(self.redirects, replies):
+            got = redirect_error(raw) if raw[:1] == b"-" else None
+            if got is not None and got[1] is not None:
+                self.stats.errors["cluster_redirect"] += 1
+            out.append(raw if got is None else got[0])
+        self.redirects.clear()
+        self._end_hold()
+        if self.held and not self._waiting_for_reply():
+            self._replay_held()
+
+    def _end_hold(self) -> None:
+        self.redirects = None
+        self.resending = False
+        self.fast_blocked = True
 
     def _reply(self, raw: bytes, first: int) -> None:
         if first == 0x2D and self.cluster:
             raw = self._redirected(raw)
+            if raw is None or self.redirects is not None:
+                return self._after_held(raw)
+        elif self.redirects is not None and first != 0x3E:
+            return self._after_held(raw)
         if first == 0x3E:  # '>' RESP3 push: pub/sub, invalidations; never a reply to a request
             return self._pubsub(raw)
         if self.monitor and first == 0x2B:
@@ -1485,6 +1619,10 @@ class Session:
         if partial_streamed:
             # half a reply went out already: nothing after it could be read right
             self.pending.clear()
+        for _ in self.redirects or ():  # held to be sent again: before the pending ones
+            self.out_client.append(err)
+        self.redirects = None
+        self.resending = False
         while self.pending:
             entry = self.pending.popleft()
             if entry is None:

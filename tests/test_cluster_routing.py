@@ -1,7 +1,8 @@
 """Pinned routes over a real Redis / Valkey Cluster (`redis+cluster://`, proxy/cluster_route.py):
 every request of a pinned route goes to the primary owning its namespace's slot; a slot
 moved (MOVED, ASK) or a primary failed over is followed, and a redirect never reaches
-the client (it gets -TRYAGAIN for a request that was not run). Against the `cluster`
+the client (the proxy sends the request again, or the client gets -TRYAGAIN for a request
+that was not run). Against the `cluster`
 fixture (tests/cluster_helpers.py: 3 primaries + 3 replicas), every upstream mode."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import redis
 
 from cluster_helpers import start_cluster, wait_until
 from conftest import ProxyProcess
-from integration_helpers import client, proxy_toml, uniq
+from integration_helpers import Raw, client, proxy_toml, uniq
 from proxy.cluster import key_slot
 from proxy.embedded import free_port
 
@@ -123,12 +124,13 @@ def test_two_pinned_routes_on_different_primaries(cluster, start_proxy):
 
 class Writer(threading.Thread):
     """RPUSH of unique ids (each with an ECHO in the same pipeline, so a reply handed to
-    the wrong request shows) until stopped. Outcomes per id: acked, redirected (-TRYAGAIN:
-    not run), lost (connection error: unknown)."""
+    the wrong request shows; with `readback`, LINDEX key -1 instead, a request on the same
+    key) until stopped. Outcomes per id: acked, redirected (-TRYAGAIN: not run), lost
+    (connection error: unknown)."""
 
-    def __init__(self, port: int, key: str, tag: str):
+    def __init__(self, port: int, key: str, tag: str, readback: bool = False):
         super().__init__(daemon=True)
-        self.port, self.key, self.tag = port, key, tag
+        self.port, self.key, self.tag, self.readback = port, key, tag, readback
         self.acked: list[str] = []
         self.redirected: list[str] = []
         self.unknown: list[str] = []
@@ -144,7 +146,11 @@ class Writer(threading.Thread):
             v = f"{self.tag}-{i}"
             try:
                 with c.pipeline(transaction=False) as pl:
-                    pl.rpush(self.key, v).echo(v)
+                    pl.rpush(self.key, v)
+                    if self.readback:
+                        pl.lindex(self.key, -1)
+                    else:
+                        pl.echo(v)
                     r = pl.execute(raise_on_error=False)
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
                 # (a ResponseError here: the connection's own handshake was refused,
@@ -177,20 +183,25 @@ def _check_writes(writers, items: list[bytes]) -> None:
 
 
 def test_slot_migrated_during_traffic(cluster, start_proxy):
+    """No client sees a redirect: a request answered -ASK / -MOVED is sent again by the proxy
+    (ASKING counted on the importing node), each pipeline's two requests on one key, so
+    the ordering rule (docs/cluster.md) always allows it."""
     src = cluster.primaries[0]
     ns = ns_on(cluster, src, "mig")
     slot = key_slot(ns.encode())
     p = pinned_proxy(start_proxy, cluster, ns)
-    writers = [Writer(p.port, f"list{i}", f"w{i}") for i in range(3)]
+    writers = [Writer(p.port, f"list{i}", f"w{i}", readback=True) for i in range(3)]
+    dst = cluster.primaries[1]
+    asking = lambda: int(dst.client().info("commandstats").get("cmdstat_asking", {}).get("calls", 0))  # noqa: E731
+    before = asking()
     for w in writers:
         w.start()
     try:
         wait_until(lambda: all(len(w.acked) >= 20 for w in writers), "traffic before the migration")
-        dst = cluster.primaries[1]
         cluster.begin_migration(slot, src, dst)
         cluster.move_keys(slot, src, dst)
-        # keys already moved: the old owner answers -ASK (TRYAGAIN to the client) ...
-        wait_until(lambda: sum(w.asks for w in writers) >= 3, "ASK answered as TRYAGAIN")
+        # keys already moved: the old owner answers -ASK, and the proxy follows it ...
+        wait_until(lambda: asking() >= before + 3, "ASK followed by the proxy")
         cluster.move_keys(slot, src, dst)
         cluster.finish_migration(slot, dst)
         # ... and once handed over, the proxy follows the new owner
@@ -203,8 +214,51 @@ def test_slot_migrated_during_traffic(cluster, start_proxy):
             w.join(30)
     c = client(p)
     for i, w in enumerate(writers):
-        _check_writes([w], c.lrange(f"list{i}", 0, -1))
+        items = c.lrange(f"list{i}", 0, -1)
+        _check_writes([w], items)
+        assert not w.redirected, w.redirected[:3]
+        # in the client's order: ids increase along the list
+        ids = [int(x.decode().rsplit("-", 1)[1]) for x in items]
+        assert ids == sorted(ids), "writes of one client stored out of order"
     assert dst.call("LLEN", f"{{{ns}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+
+def test_ask_sent_again_only_where_the_clients_order_allows(cluster, start_proxy):
+    """In the ASK window (one key moved to the importing node, one still on the old owner):
+    a redirected request is sent again (ASKING, then it, on the importing node) when no
+    later request of the client ran before it; otherwise it gets -TRYAGAIN and is not run.
+    Inside MULTI a redirect is never followed: -TRYAGAIN, then EXECABORT."""
+    src, dst = cluster.primaries[2], cluster.primaries[0]
+    ns = ns_on(cluster, src, "ask")
+    slot = key_slot(ns.encode())
+    p = pinned_proxy(start_proxy, cluster, ns)
+    c = client(p)
+    c.rpush("moved", "a")
+    c.rpush("stays", "s")
+    cluster.begin_migration(slot, src, dst)
+    try:
+        src.call("MIGRATE", dst.host, dst.tls_port or dst.port, "", 0, 10000, "KEYS", f"{{{ns}}}:moved")
+        r = Raw("127.0.0.1", p.port)
+        assert r.call("RPUSH", "moved", "b") == b":2\r\n"          # alone: sent again
+        r.send(("RPUSH", "moved", "c"), ("ECHO", "x"))             # ECHO ran after it: not sent again
+        first, second = r.read(2)
+        assert first.startswith(b"-TRYAGAIN proxy: hash slot %d " % slot) and b"(-ASK)" in first, first
+        assert second == b"$1\r\nx\r\n"
+        r.send(("RPUSH", "stays", "t"), ("RPUSH", "moved", "d"))   # the last one redirected: sent again
+        assert r.read(2) == [b":2\r\n", b":3\r\n"]
+        r.send(("RPUSH", "moved", "e"), ("RPUSH", "moved", "f"))   # both redirected: both, in order
+        assert r.read(2) == [b":4\r\n", b":5\r\n"]
+        r.send(("MULTI",), ("RPUSH", "moved", "g"), ("EXEC",))
+        multi, queued, ex = r.read(3)
+        assert multi == b"+OK\r\n" and queued.startswith(b"-TRYAGAIN proxy: hash slot"), queued
+        assert ex.startswith(b"-EXECABORT"), ex
+        r.close()
+    finally:
+        cluster.move_keys(slot, src, dst)
+        cluster.finish_migration(slot, dst)
+    # each write once, in the client's order; none answered -TRYAGAIN stored
+    assert dst.call("LRANGE", f"{{{ns}}}:moved", 0, -1) == [b"a", b"b", b"d", b"e", b"f"]
+    assert dst.call("LRANGE", f"{{{ns}}}:stays", 0, -1) == [b"s", b"t"]
 
 
 def test_blocked_brpop_when_its_slot_moves(cluster, start_proxy):

@@ -110,13 +110,16 @@ def test_slot_migrated_under_writes_over_tls(tcluster, certs, start_proxy):
     ns = ns_on(tcluster, src, "tmig")
     slot = key_slot(ns.encode())
     p = tls_proxy(start_proxy, tcluster, certs, ns)
-    w = Writer(p.port, "list", "w")
+    w = Writer(p.port, "list", "w", readback=True)
+    asking = lambda: int(dst.client().info("commandstats").get("cmdstat_asking", {}).get("calls", 0))  # noqa: E731
+    before = asking()
     w.start()
     try:
         wait_until(lambda: len(w.acked) >= 20, "traffic before the migration")
         tcluster.begin_migration(slot, src, dst)
         tcluster.move_keys(slot, src, dst)
-        wait_until(lambda: w.asks >= 1, "ASK answered as TRYAGAIN")
+        # the proxy follows -ASK over TLS (ASKING on the importing node's TLS port)
+        wait_until(lambda: asking() >= before + 1, "ASK followed by the proxy")
         tcluster.move_keys(slot, src, dst)
         tcluster.finish_migration(slot, dst)
         mark = len(w.acked)
@@ -125,6 +128,7 @@ def test_slot_migrated_under_writes_over_tls(tcluster, certs, start_proxy):
         w.stop.set()
         w.join(30)
     _check_writes([w], client(p).lrange("list", 0, -1))
+    assert not w.redirected, w.redirected[:3]
     assert dst.call("LLEN", f"{{{ns}}}:list") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
     assert tls_conns(dst), "on the new owner over TLS"
     client(p).flushdb()
