@@ -321,12 +321,18 @@ def test_primary_killed_and_replica_promoted(kind, start_proxy):
         wait_until(lambda: ready(mport), "ready on the promoted replica")
         # the slot served by nobody: not ready, and the reason says so
         slot = key_slot(ns.encode())
-        for n in c.live():  # DELSLOTS is each node's own view: every node, or gossip does not agree
-            try:
-                n.call("CLUSTER", "DELSLOTS", slot)
-            except redis.ResponseError:
-                pass
-        wait_until(lambda: "no owner for hash slot" in readiness_text(mport), "not ready while the slot is uncovered")
+
+        def uncovered() -> bool:
+            # DELSLOTS is each node's own view, and a node that has dropped the slot takes it back
+            # from the gossip of one still claiming it (the owner, until told): so told again on
+            # every node until no node claims it and the proxy's map shows it uncovered
+            for n in c.live():
+                try:
+                    n.call("CLUSTER", "DELSLOTS", slot)
+                except redis.ResponseError:
+                    pass
+            return "no owner for hash slot" in readiness_text(mport)
+        wait_until(uncovered, "not ready while the slot is uncovered")
     finally:
         c.stop()
 
