@@ -228,10 +228,7 @@ class ClientConnection(asyncio.Protocol):
                                    shared=self.shared, login=g.login, view=self.view)
         self._begin()
         s.start(g.first, g.rest)
-        if s.need_link is not None:
-            self._maybe_change_link()
-        elif s.need_borrow:
-            self._maybe_borrow()
+        self._next_hop()
         self.flush()
 
     def _start_connect(self) -> None:
@@ -357,11 +354,17 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.session is not s:
             return
         s.resent(replies)
+        self._next_hop()
+        self.flush()
+
+    def _next_hop(self) -> None:
+        """After the session took input or replies: a HELLO asked for the link of another
+        protocol, or a blocking command for a pooled connection (each once nothing is owed)."""
+        s = self.session
         if s.need_link is not None:
             self._maybe_change_link()
         elif s.need_borrow:
             self._maybe_borrow()
-        self.flush()
 
     # -- the blocking pool (proxy/bpool.py): one blocking command on a borrowed connection
 
@@ -403,9 +406,8 @@ class ClientConnection(asyncio.Protocol):
         self.registered = s.owed_sent  # the borrowed reply was never the shared link's
         pc.pool.release(pc)
         if not self.closed:
-            s.end_borrow()
-            if s.need_borrow:
-                self._maybe_borrow()
+            s.end_borrow()  # replays what was held behind it: a HELLO there asks for another link
+            self._next_hop()
             self.flush()
             self.apply_backpressure()
 
@@ -433,10 +435,7 @@ class ClientConnection(asyncio.Protocol):
             self.t_request = perf_counter()
         s = self.session
         s.client_data(data)
-        if s.need_link is not None:
-            self._maybe_change_link()
-        elif s.need_borrow:
-            self._maybe_borrow()
+        self._next_hop()
         self.flush()
         if not s.pending:
             self.t_request = 0.0  # answered locally (or nothing owed): not a round trip

@@ -184,6 +184,21 @@ def test_hello_3_then_blocking_borrows_a_resp3_connection(server, fresh_db, star
     raw.close()
 
 
+def test_hello_pipelined_behind_a_borrowed_call_moves_the_link(server, fresh_db, start_proxy, d):
+    """The other order: a HELLO held behind a borrowed blocking call is replayed when the call's
+    reply is in, and must still move the client to the link of its protocol (it was never
+    answered: found by the reply-integrity test, seed 675583094), and what follows it too."""
+    p = start_proxy(upstream(server, fresh_db))
+    raw = Raw("127.0.0.1", p.port)
+    raw.send(encode("BLMOVE", "a", "b", "LEFT", "RIGHT", "0.05"), encode("HELLO", "3"), encode("HGETALL", "h"),
+             encode("BLPOP", "q", "0.05"), encode("HELLO", "2"), encode("HGETALL", "h"))
+    timed_out, hello3, empty3, timed_out3, hello2, empty2 = raw.read(6)
+    assert timed_out == b"*-1\r\n" and hello3.startswith(b"%") and empty3 == b"%0\r\n"
+    assert timed_out3 == b"_\r\n"  # borrowed again, now a RESP3 connection
+    assert hello2.startswith(b"*") and empty2 == b"*0\r\n"
+    raw.close()
+
+
 def test_which_commands_borrow():
     """The Rules say which pins may borrow: blocking commands with known keys, not WAIT."""
     from proxy.rules import default_rules
