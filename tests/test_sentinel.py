@@ -384,7 +384,6 @@ def test_rediss_sentinel_over_tls(tmp_path):
     [upstream_tls] ca_file (each against its own host); check and the proxy both."""
     if not shutil.which("redis-server") and os.environ.get("CI") != "true":
         pytest.skip("needs redis-server")
-    pytest.importorskip("trustme")
     from test_tls import Certs
     certs = Certs(str(tmp_path))
     tls = ["--tls-cert-file", certs.server_cert, "--tls-key-file", certs.server_key,
@@ -420,7 +419,7 @@ def test_fence_probe_verifies_the_data_node_by_its_own_name(tmp_path):
     certificate names localhost only, the data node's 127.0.0.1 only)."""
     if not shutil.which("redis-server") and os.environ.get("CI") != "true":
         pytest.skip("needs redis-server")
-    trustme = pytest.importorskip("trustme")
+    import trustme
     ca = trustme.CA()
     paths = {}
     for name, cert in (("sentinel", ca.issue_cert("localhost")), ("node", ca.issue_cert("127.0.0.1"))):
