@@ -389,8 +389,8 @@ def test_blocked_brpop_follows_its_slot(cluster, spread):
 
 def test_primary_killed_and_replica_promoted():
     """Its own cluster: a primary SIGKILLed under traffic over every slot. A client with
-    a request on the dead node gets `upstream unavailable` (the proxy cannot know whether
-    it ran) and is closed; new connections reach the promoted replica once the map is
+    a request on the dead node (a blocked BLPOP) gets `upstream unavailable` (the proxy
+    cannot know whether it ran) and is closed; one that owed nothing goes on; new connections reach the promoted replica once the map is
     read again; readiness follows; writes WAITed for on the node before the kill are there."""
     from cluster_helpers import start_cluster
     from proxy.embedded import free_port
@@ -410,18 +410,31 @@ def test_primary_killed_and_replica_promoted():
         for n in c.primaries:  # every write on its replica before the kill
             assert n.call("WAIT", 1, 10000) == 1
         on_victim = next(k for k in keys if c.primary_for(key_slot(f"{ns}:{k}".encode())) is victim)
+        idle = Raw("127.0.0.1", p.port)
+        idle.send(("GET", on_victim))
+        assert idle.read() == [b"$%d\r\n%s\r\n" % (len(on_victim), on_victim.encode())]
+        # a request owed by the victim when it dies: a blocked BLPOP on a list in its slots
+        queue = next(q for q in (f"q{i}" for i in range(1000))
+                     if c.primary_for(key_slot(f"{ns}:{q}".encode())) is victim)
         held = Raw("127.0.0.1", p.port)
-        held.send(("GET", on_victim))
-        assert held.read() == [b"$%d\r\n%s\r\n" % (len(on_victim), on_victim.encode())]
+        held.send(("BLPOP", queue, "0"))
+        wait_until(lambda: victim.blocked("blpop"), "the BLPOP blocked on the victim")
         c.kill_primary(victim)
-        # the held connection used the dead node: it is closed (an error for a request owed
-        # then), never left hanging
+        # the request owed by the dead node: an error (the proxy cannot know whether it ran)
+        # and the connection closed, never left hanging
+        held.sock.settimeout(30)
         try:
-            held.send(("GET", on_victim))
             got = held.sock.recv(65536)
         except OSError:
             got = b""
         assert got == b"" or got.startswith(b"-ERR upstream unavailable"), got
+        # a connection that owed nothing when the node died goes on: its next request is
+        # answered by the promoted replica, or refused while the map is read again; never
+        # a hang, never another request's reply
+        idle.sock.settimeout(30)
+        idle.send(("GET", on_victim))
+        got = idle.sock.recv(65536)
+        assert got == b"$%d\r\n%s\r\n" % (len(on_victim), on_victim.encode()) or got.startswith(b"-"), got
         wait_until(lambda: client(p).mget(keys) == [k.encode() for k in keys], "every key read again")
         wait_until(lambda: ready(mport), "ready again")
         # slots served by nobody: not ready, and the reason says so
