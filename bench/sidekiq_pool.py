@@ -6,7 +6,10 @@ target holds at the end of each part (issue 16, item 3). Prints a markdown table
     python bench/sidekiq_pool.py [--rounds 3] [--pools 0,16] [--jobs 20000] [--baseline-rev main]
 
 With --baseline-rev REV, proxy/ as of REV (its own snapshot, bench/run.py's snapshot_proxy) runs
-with the same pool sizes in the same rounds, as `REV blocking_pool=N`.
+with the same pool sizes in the same rounds, as `REV blocking_pool=N`. Against a REV before
+the pool, pass `--pools none` (no flag) and choose this tree's size by environment:
+
+    PROXY_BLOCKING_POOL=0 python bench/sidekiq_pool.py --pools none --baseline-rev 29df03d
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from proxy.embedded import start_server  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--pools", default="0,16", help="limits.blocking_pool sizes, comma-separated")
+    ap.add_argument("--pools", default="0,16", help="limits.blocking_pool sizes, comma-separated; `none` passes "
+                    "no flag (a baseline before the pool; set PROXY_BLOCKING_POOL for this tree)")
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--baseline-rev", default=None, metavar="REV",
                     help="also proxy/ as of this commit, same pool sizes, same rounds")
@@ -48,7 +52,7 @@ def main() -> int:
         targets = {"direct": None}
         for n in args.pools.split(","):
             for label, where in snaps:
-                p, _ = run.start_keyspace_proxy(redis.port, tmp, ["--blocking-pool", n], where,
+                p, _ = run.start_keyspace_proxy(redis.port, tmp, [] if n == "none" else ["--blocking-pool", n], where,
                                                 f"{label} blocking_pool={n}")
                 procs.append(p)
                 targets[p.name] = p

@@ -14,7 +14,8 @@ Bounded per route: at most `limits.blocking_pool` connections (lent, idle or bei
 opened). Past the bound a blocking call waits, in order, for a connection to come back
 (falling back to a dedicated connection would undo the bound the setting promises);
 the wait does not count against the command's own timeout, as time in a client-side
-pool does not. Idle connections are closed after IDLE_CLOSE seconds.
+pool does not. Idle connections are closed after limits.blocking_pool_idle seconds (one
+sweep per pool, not a timer per loan: a loan is the Sidekiq fetch, the hot path).
 
 A client that disconnects while blocked leaves its connection blocked in the server:
 it is never lent again. The pool first sends CLIENT UNBLOCK <its id> from another
@@ -40,7 +41,6 @@ from proxy.resp import encode_command, frame_end, ProtocolError
 
 log = logging.getLogger("proxy")
 
-IDLE_CLOSE = 30.0   # seconds an idle pooled connection is kept
 # the reply of a blocking call that timed out (or was unblocked with CLIENT UNBLOCK)
 TIMED_OUT = (b"*-1\r\n", b"$-1\r\n", b"_\r\n")
 
@@ -62,7 +62,7 @@ class PooledConnection(asyncio.Protocol):
         self.addr = None
         self.progress = False        # (ClientConnection.check_upstream reads these)
         self.since = monotonic()
-        self.timer = None            # closes it when idle too long
+        self.idle_since = 0.0        # monotonic() when it was last given back (BlockingPool._sweep)
         self.on_reply = None         # control: what to do with the reply
         self.command = b""           # the blocking command lent for (for the orphan log)
         self.owes = False            # lent, its request sent, its whole reply not read yet
@@ -87,8 +87,9 @@ class PooledConnection(asyncio.Protocol):
             s.upstream_data(data)
             if not s.pending and s.partial is None and not s._buf and s.upstream_error is None:
                 self.owes = False  # its one reply is in: it may be lent again
-            c.flush()
-            c.borrowed_reply()
+                c.borrowed_reply()  # (which flushes)
+            else:
+                c.flush()
             if c.proxy._idle is not None and c.session.idle:  # (only a graceful stop waits for idle clients)
                 c.proxy.idle_changed()
             return
@@ -179,6 +180,7 @@ class BlockingPool:
         self.waiters: deque = deque()                # [client, key, waited], in order
         self.controls: deque = deque()               # CLIENT UNBLOCK ids to send
         self.retired = False   # a reload changed or removed the route's upstream: lend, never keep
+        self.sweeper = None    # the timer of _sweep while a connection is idle
 
     @property
     def limit(self) -> int:
@@ -228,9 +230,6 @@ class BlockingPool:
                 self.waiters.remove(w)
 
     def _lend(self, pc: PooledConnection, client) -> None:
-        if pc.timer is not None:
-            pc.timer.cancel()
-            pc.timer = None
         pc.state = "busy"
         pc.client = client
         self.stats.blocking_borrows += 1
@@ -267,8 +266,14 @@ class BlockingPool:
             pc.close()
             self._make_room(self.waiters[0][1])
             return
-        self.idle.setdefault(pc.key, []).append(pc)
-        pc.timer = asyncio.get_running_loop().call_later(IDLE_CLOSE, self._expire, pc)
+        idle = self.idle.get(pc.key)
+        if idle is None:
+            idle = self.idle[pc.key] = []
+        idle.append(pc)  # (borrow takes the last one: the others age and are swept)
+        pc.idle_since = monotonic()
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().call_later(self.proxy.config.limits.blocking_pool_idle,
+                                                                 self._sweep)
 
     def _current(self, pc: PooledConnection) -> bool:
         """Is `pc` connected to the node the route uses now (Sentinel primary, cluster slot owner)?"""
@@ -277,10 +282,20 @@ class BlockingPool:
             return True
         return self.proxy.primary_now(up) == pc.addr
 
-    def _expire(self, pc: PooledConnection) -> None:
-        pc.timer = None
-        if pc.state == "idle":
-            pc.close()
+    def _sweep(self) -> None:
+        """Close the connections idle for blocking_pool_idle; come back while any is idle."""
+        self.sweeper = None
+        keep = self.proxy.config.limits.blocking_pool_idle
+        now = monotonic()
+        first = None
+        for lst in list(self.idle.values()):
+            for pc in list(lst):
+                if now - pc.idle_since >= keep:
+                    pc.close()
+                elif first is None or pc.idle_since < first:
+                    first = pc.idle_since
+        if first is not None:
+            self.sweeper = asyncio.get_running_loop().call_later(max(0.01, first + keep - now), self._sweep)
 
     # ---- opening
 
@@ -341,9 +356,6 @@ class BlockingPool:
             idle = self.idle.get(pc.key)
             if idle and pc in idle:
                 idle.remove(pc)
-            if pc.timer is not None:
-                pc.timer.cancel()
-                pc.timer = None
 
     def refill(self) -> None:
         """A slot came free: open a connection for the oldest waiter, if none is on its way."""
@@ -397,9 +409,6 @@ class BlockingPool:
             o.close()
 
     def _control(self, pc: PooledConnection, client_id: int) -> None:
-        if pc.timer is not None:
-            pc.timer.cancel()
-            pc.timer = None
         pc.state = "control"
 
         def done(raw: bytes) -> None:
@@ -444,5 +453,8 @@ class BlockingPool:
         self.idle.clear()
 
     def close_all(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         for pc in list(self.conns):
             pc.close()

@@ -626,6 +626,7 @@ class Limits:
     output_total_limit: int = _default("limits.output_total_limit")
     max_clients: int | None = _default("limits.max_clients")   # None: derived from RLIMIT_NOFILE at start
     blocking_pool: int = _default("limits.blocking_pool")      # 0: blocking clients get dedicated connections
+    blocking_pool_idle: float = _default("limits.blocking_pool_idle")  # seconds an idle pooled connection is kept
     idle_timeout: float = _default("limits.idle_timeout")      # 0: clients are never closed for idleness
     tcp_keepalive: int = _default("limits.tcp_keepalive")      # 0: off
     reply_timeout: float = _default("limits.reply_timeout")    # 0: an upstream may owe a reply forever

@@ -9,7 +9,7 @@ namespaced route, and its effect on the connection (may it share one?).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from proxy.commands import CommandTable, default_table
@@ -46,6 +46,12 @@ class Rule:
     # On a spread route over a Redis Cluster: where it goes (overlay.py, `cluster`; proxy/spread.py)
     cluster: str = SLOT
     cluster_why: str = ""
+    # Exactly one reply and no connection state: may go on a shared connection. (Derived
+    # from `effect`; an attribute, not a property: Session.handle asks it for every request.)
+    shareable: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shareable", self.effect == PLAIN)
 
     def treatment(self, policy: str, fenced: bool = False) -> str:
         """PASS, EMULATE or REFUSE on a namespaced route of `policy`; `fenced`: the route's
@@ -54,11 +60,6 @@ class Rule:
         if t == FENCED:
             return PASS if fenced else REFUSE
         return t
-
-    @property
-    def shareable(self) -> bool:
-        """Exactly one reply and no connection state: may go on a shared connection."""
-        return self.effect == PLAIN
 
 
 def _check(name: str, entry: dict) -> None:

@@ -497,6 +497,9 @@ FIELDS: tuple[Field, ...] = (
                "BLMOVE, BZPOPMIN, XREAD BLOCK...): a client borrows one for the call and gives it back with the "
                "reply, and stays on its shared link; past N, blocking calls wait for one to come back "
                "(0: each blocking client moves to a connection of its own for life)"),
+    Field("limits.blocking_pool_idle", Seconds(0.0, inclusive=False), 30.0, "--blocking-pool-idle",
+          "PROXY_BLOCKING_POOL_IDLE", metavar="S",
+          help="how long a pooled connection for blocking commands is kept idle before it is closed"),
     Field("limits.idle_timeout", Seconds(0.0), 0.0, "--idle-timeout", "PROXY_IDLE_TIMEOUT", metavar="S",
           help="close a client idle this long (0: never; Redis's timeout); not while it waits on a blocking "
                "command, is subscribed or in MONITOR"),

@@ -146,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         self.slot = None       # the listen address it is counted under (max_clients), until released
         self.pooled = None     # a blocking pool connection lent for one blocking command (proxy/bpool.py)
         self.pool_waiting = False
+        self.bpool = None      # the route's BlockingPool, once asked for (_maybe_borrow)
         self.spread = None     # a spread route over a cluster: its node connections (proxy/spread_io.py)
 
     # -- client side
@@ -374,7 +375,10 @@ class ClientConnection(asyncio.Protocol):
         if s.need_borrow and s.shared_quiet and self.pooled is None and not self.pool_waiting \
                 and not self.closed:
             self.pool_waiting = True
-            self.proxy.blocking_pool(self.route).borrow(self, (s.target.db, s.link_proto))
+            pool = self.bpool
+            if pool is None or pool.route is not self.route:  # (a reload gives the client another route)
+                pool = self.bpool = self.proxy.blocking_pool(self.route)
+            pool.borrow(self, (s.target.db, s.link_proto))
 
     def lend(self, pc) -> None:
         """The pool lent `pc`: the held blocking command goes there, alone."""
@@ -409,7 +413,8 @@ class ClientConnection(asyncio.Protocol):
             s.end_borrow()  # replays what was held behind it: a HELLO there asks for another link
             self._next_hop()
             self.flush()
-            self.apply_backpressure()
+            if not self.reading_client or self.client_paused:  # (else reading stays as it is)
+                self.apply_backpressure()
 
     def _leave_pool(self) -> None:
         """The client is going: a lent connection still blocked is abandoned (unblocked,
@@ -499,7 +504,8 @@ class ClientConnection(asyncio.Protocol):
                         self.t_sent = perf_counter()
                 elif s.upstream_error is not None:
                     up.clear()
-        self.write_out()
+        if s.out_client:
+            self.write_out()
         if (self.draining or s.close_when_done) and not self.closed:
             self._maybe_close()
 

@@ -204,6 +204,7 @@ class Session:
         # SELECT still queued in MULTI (`_use`).
         self.cmap = ChannelMap(route, route.default)
         self.target = route.default    # confirmed by the server (db + keyspace)
+        self.q_target = None           # where requests are rewritten now (_use)
         self._use(route.default)
         self.tx: list[TxItem] | None = None   # commands queued in MULTI
         self.tx_failed = False
@@ -285,6 +286,8 @@ class Session:
 
     def _use(self, target) -> None:
         """Rewrite the next requests for `target` (db + keyspace)."""
+        if target is self.q_target:  # (every EXEC and DISCARD says it again: nothing changes)
+            return
         self.q_target = target
         self.ctx = Ctx(self.route, target, self.rules, self.stats)
         self.ctx.node = self._node
@@ -591,6 +594,14 @@ class Session:
             return
         if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED
                                                    or rule.session == "info"):
+            if rule.poolable and rule.rewrite is None and not rule.everywhere and self._may_borrow() \
+                    and self.ctx.treat(rule) != REFUSE:
+                # a blocking call (the Sidekiq fetch): straight to the pool; the same answer
+                # as _where_on_shared's "dedicated" below, without its questions for the
+                # commands the proxy answers itself
+                self.need_borrow = True
+                self.held.appendleft(args)  # sent by start_borrow once a connection is lent
+                return
             if rule.session == "multi" and self.tx is None and len(self.pending) < SHARED_MAX_OWED:
                 return self._shared_block(args)
             where = self._where_on_shared(rule, args)
@@ -1279,7 +1290,8 @@ class Session:
         self.borrowing = False
         self.shared = True
         self.fast_blocked = True
-        self._replay_held()
+        if self.held:
+            self._replay_held()
 
     def switch_link(self) -> None:
         """Continue on the shared link of protocol `need_link`: the held requests, HELLO first."""

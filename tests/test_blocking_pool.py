@@ -421,3 +421,27 @@ def test_reply_served_as_unblock_answers_0_is_counted(server, fresh_db, start_pr
     assert metric(scrape(mport), "keyspace_proxy_errors_total", kind="orphan_reply") == 1  # ...and is counted
     assert w.ping()
     w.close()
+
+
+def test_idle_pooled_connections_closed_after_blocking_pool_idle(server, fresh_db, start_proxy, d):
+    """limits.blocking_pool_idle: a pooled connection given back is kept that long for the
+    next blocking call (reused: no new connection), then closed; one in use is never closed."""
+    mport = free_port()
+    p = start_proxy(upstream(server, fresh_db) + ["--blocking-pool", "2", "--blocking-pool-idle", "1",
+                                                  "--metrics-listen", f"127.0.0.1:{mport}"])
+    r = client(p)
+    assert r.ping()
+    before = len(server_conns(d, fresh_db))  # the shared link
+    r.rpush("l", "a", "b")
+    assert list(r.brpop(["l"], timeout=1)) == [b"l", b"b"]
+    assert len(server_conns(d, fresh_db)) == before + 1       # the pooled one, idle now
+    opened = metric(scrape(mport), "keyspace_proxy_upstream_connections_opened_total")
+    assert list(r.brpop(["l"], timeout=1)) == [b"l", b"a"]   # within the second: the same one
+    assert metric(scrape(mport), "keyspace_proxy_upstream_connections_opened_total") == opened
+    # one blocked across the idle time: not closed under it
+    res = in_thread(lambda: r.brpop(["l"], timeout=3))
+    assert res(10) is None
+    wait_for(lambda: len(server_conns(d, fresh_db)) == before, what="the idle pooled connection closed")
+    assert r.ping()
+    assert list(r.brpop(["l"], timeout=0.1) or []) == []      # a new one opened for the next call
+    assert metric(scrape(mport), "keyspace_proxy_upstream_connections_opened_total") == opened + 1
