@@ -594,11 +594,10 @@ class Session:
             return
         if self.shared and not self._in_block and (not rule.shareable or len(self.pending) >= SHARED_MAX_OWED
                                                    or rule.session == "info"):
-            if rule.poolable and rule.rewrite is None and not rule.everywhere and self._may_borrow() \
-                    and self.ctx.treat(rule) != REFUSE:
-                # a blocking call (the Sidekiq fetch): straight to the pool; the same answer
-                # as _where_on_shared's "dedicated" below, without its questions for the
-                # commands the proxy answers itself
+            if plan.kind <= KEYS and rule.poolable and self._may_borrow():
+                # a blocking call (the Sidekiq fetch): straight to the pool. A PASS or KEYS
+                # plan is neither refused nor answered by the proxy (compile_plan), so this is
+                # _where_on_shared's "dedicated" below without its questions.
                 self.need_borrow = True
                 self.held.appendleft(args)  # sent by start_borrow once a connection is lent
                 return
@@ -792,7 +791,10 @@ class Session:
             if name in (b"exec", b"discard"):
                 complete = True
                 break
-            rule = self.rules.lookup(nxt)
+            plan = self.plans.get(nxt[0]) or self._plan(nxt[0])  # (as handle finds it)
+            rule = plan.rule
+            if plan.kind == SLOW and rule.name in self.rules.containers and len(nxt) > 1:
+                rule = self.rules.lookup(nxt)
             if not (rule.shareable or self._answered_here(rule, nxt)):
                 break
         if not complete:
