@@ -57,7 +57,10 @@ def start(src: str, redis_port: int, mode: str, admin: bool, prefix: list[str],
                                         f"redis://{run.HOST}:{redis_port}/0", "--namespace", run.NAMESPACE,
                                         "--upstream-mode", mode]
     if admin:
-        argv += ["--metrics-listen", f"{run.HOST}:{free_port()}"]
+        mport = free_port()
+        while mport == port:  # (free_port closes its probe: it may give the same port twice)
+            mport = free_port()
+        argv += ["--metrics-listen", f"{run.HOST}:{mport}"]
     if pool is not None:
         argv += ["--blocking-pool", str(pool)]
     # the Sidekiq-shaped load's EVALSHA needs the app policy (as bench/run.py sets it)

@@ -440,7 +440,8 @@ class ClientConnection(asyncio.Protocol):
             self.t_request = perf_counter()
         s = self.session
         s.client_data(data)
-        self._next_hop()
+        if s.need_link is not None or s.need_borrow:
+            self._next_hop()
         self.flush()
         if not s.pending:
             self.t_request = 0.0  # answered locally (or nothing owed): not a round trip

@@ -856,3 +856,21 @@ def test_a_select_queued_behind_a_multi_the_server_refuses_changes_nothing():
     err = b"-ERR Can't execute 'select': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed\r\n"
     assert d.server(err) == err
     assert d.s.take_upstream() == c("PING")
+
+
+def test_a_bug_in_a_handler_costs_that_client_alone(monkeypatch, caplog):
+    """An exception while handling a request (a proxy bug) answers that request with an
+    error naming it internal, after the replies owed before it, closes the connection, is
+    counted and logged with its traceback; nothing after it is sent upstream."""
+    d = Drive()
+
+    def boom(args, show):
+        raise KeyError("bug")
+    monkeypatch.setattr(d.s, "_cmd_multi", boom)
+    sent = d.client(c("GET", "a"), c("MULTI"), c("SET", "b", "1"))
+    assert sent == c("GET", "app:a")
+    d.s.upstream_data(enc("x"))
+    assert d.s.take_client() == enc("x") + b"-ERR proxy internal error (KeyError); closing the connection\r\n"
+    assert d.s.close_when_done and d.s.input_closed
+    assert d.s.stats.errors["internal"] == 1
+    assert "internal error handling MULTI" in caplog.text and "KeyError: 'bug'" in caplog.text
