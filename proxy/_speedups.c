@@ -40,7 +40,13 @@ typedef struct {
     Py_ssize_t first;          /* > 0 and nfixed == 0: keys first..last by step, */
     Py_ssize_t lastkey;        /*   last = argc + lastkey (lastkey < 0) */
     Py_ssize_t step;
+    int role;                  /* 0: a plain command; MULTI_OPENS / EXEC_CLOSES: the edges of a
+                                  transaction block taken whole (rewrite_plain's `blocks`) */
 } SpecObject;
+
+#define MULTI_OPENS 1
+#define EXEC_CLOSES 2
+#define MAX_BLOCK 64               /* commands of one block the C path takes (more: Python's) */
 
 /* Spec_init checks every invariant the rewrite loop relies on (issue 11), so a
  * wrong Spec is refused where it is built, with the rule it breaks, instead of
@@ -55,13 +61,22 @@ typedef struct {
 static int
 Spec_init(SpecObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fixed", "min_argc", "first", "lastkey", "step", NULL};
+    static char *kwlist[] = {"fixed", "min_argc", "first", "lastkey", "step", "role", NULL};
     PyObject *fixed;
     Py_ssize_t min_argc = 1, first = 0, lastkey = 0, step = 1;
+    int role = 0;
     int pos[MAX_FIXED];
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|nnnn", kwlist, &PyTuple_Type, &fixed,
-                                     &min_argc, &first, &lastkey, &step))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|nnnni", kwlist, &PyTuple_Type, &fixed,
+                                     &min_argc, &first, &lastkey, &step, &role))
         return -1;
+    if (role != 0 && role != MULTI_OPENS && role != EXEC_CLOSES) {
+        PyErr_SetString(PyExc_ValueError, "role must be 0, 1 (MULTI) or 2 (EXEC)");
+        return -1;
+    }
+    if (role && (PyTuple_GET_SIZE(fixed) || first)) {
+        PyErr_SetString(PyExc_ValueError, "MULTI and EXEC have no keys");
+        return -1;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(fixed);
     if (n > MAX_FIXED) {
         PyErr_SetString(PyExc_ValueError, "too many fixed key positions");
@@ -103,12 +118,14 @@ Spec_init(SpecObject *self, PyObject *args, PyObject *kw)
     self->first = first;
     self->lastkey = lastkey;
     self->step = step;
+    self->role = role;
     self->count = 0;
     return 0;
 }
 
 static PyMemberDef Spec_members[] = {
     {"count", T_PYSSIZET, offsetof(SpecObject, count), 0, "requests handled by the C path"},
+    {"role", T_INT, offsetof(SpecObject, role), READONLY, "0 plain, 1 MULTI, 2 EXEC"},
     {NULL}
 };
 
@@ -448,7 +465,7 @@ find_spec(PyObject *specs, const char *name, Py_ssize_t len)
     return found;
 }
 
-/* rewrite_plain(data, specs, mode, prefix, limit, max_bulk) -> (out, end, n, keys)
+/* rewrite_plain(data, specs, mode, prefix, limit, max_bulk[, blocks]) -> (out, end, n, keys)
  *
  * Requests at the start of `data` that are complete, canonically encoded arrays
  * of bulk strings whose name has a Spec in `specs` and whose argument count the
@@ -457,16 +474,37 @@ find_spec(PyObject *specs, const char *name, Py_ssize_t len)
  * pack_command would encode them. Stops at the first other request, after
  * `limit` requests, or at the end. `out` holds the server bytes of the n
  * requests handled (data[:end] on the client side); `keys` counts their keys.
+ *
+ * With `blocks` (a shared link: Session._plain_block is the same rule in Python),
+ * a transaction block is taken whole or not at all: a bare MULTI, requests this
+ * function takes, a bare EXEC, all in `data`, at most MAX_BLOCK requests, and
+ * `n` still below `limit` after it (Session._shared_block's bound). Its replies
+ * (+OK, +QUEUED..., EXEC's array) then pass as they come, so the proxy needs no
+ * transaction state for it, and it reaches the link in one piece. A block that
+ * does not qualify is given back (counts too) and the run stops before its MULTI.
  */
+static void
+release_block(SpecObject **b, int len, int undo)
+{
+    for (int i = 0; i < len; i++) {
+        if (undo)
+            b[i]->count--;
+        Py_DECREF(b[i]);
+    }
+}
+
 static PyObject *
 rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 6 || !PyBytes_CheckExact(argv[0]) || !PyDict_CheckExact(argv[1]) ||
+    if ((argc != 6 && argc != 7) || !PyBytes_CheckExact(argv[0]) || !PyDict_CheckExact(argv[1]) ||
         !PyBytes_CheckExact(argv[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "rewrite_plain(data: bytes, specs: dict, mode: int, prefix: bytes, limit: int, max_bulk: int)");
+        PyErr_SetString(PyExc_TypeError, "rewrite_plain(data: bytes, specs: dict, mode: int, prefix: bytes, "
+                                         "limit: int, max_bulk: int[, blocks: bool])");
         return NULL;
     }
+    int blocks = argc == 7 ? PyObject_IsTrue(argv[6]) : 0;
+    if (blocks < 0)
+        return NULL;
     PyObject *data = argv[0], *specs = argv[1];
     long mode = PyLong_AsLong(argv[2]);
     Py_ssize_t limit = PyLong_AsSsize_t(argv[4]);
@@ -483,6 +521,11 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     PyObject *result = NULL;
     Arg args_stack[STACK_ARGS], keys_stack[STACK_KEYS];
     Scratch av = {args_stack, STACK_ARGS, args_stack}, keys = {keys_stack, STACK_KEYS, keys_stack};
+    /* the transaction block being taken: where it began, to give it back if it does not end here */
+    SpecObject *blk[MAX_BLOCK];   /* its Specs (references held until taken or given back) */
+    int in_block = 0, blk_len = 0;
+    const char *blk_p = NULL;
+    Py_ssize_t blk_n = 0, blk_nkeys = 0, blk_grow = 0;
 
     /* pass 1: which requests are taken, where their keys are, how long the result is */
     while (n < limit && p < end && *p == '*') {
@@ -518,6 +561,20 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
             if (PyErr_Occurred())
                 goto fail;
             break;
+        }
+        int role = spec->role;
+        if ((role && !(blocks && count == 1 && (role == MULTI_OPENS) != in_block)) ||
+            (in_block && blk_len == MAX_BLOCK)) {
+            Py_DECREF(spec);  /* EXEC outside a block, MULTI inside one, or a block too long */
+            break;
+        }
+        if (role == MULTI_OPENS) {
+            in_block = 1;
+            blk_len = 0;
+            blk_p = p;
+            blk_n = n;
+            blk_nkeys = nkeys;
+            blk_grow = grow_by;
         }
         /* which arguments are keys (the same checks as keyspecs.py; a failing one
          * means an arity error, which the Python path reports). Spec_init already
@@ -568,9 +625,32 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         }
         nkeys += here;
         spec->count++;
-        Py_DECREF(spec);
+        if (in_block)
+            blk[blk_len++] = spec;  /* its reference: released when the block is taken or given back */
+        else
+            Py_DECREF(spec);
         n++;
         p = q;
+        if (role == EXEC_CLOSES) {
+            in_block = 0;
+            release_block(blk, blk_len, !(n < limit));
+            blk_len = 0;
+            if (!(n < limit)) {  /* past Session._shared_block's bound: given back */
+                p = blk_p;
+                n = blk_n;
+                nkeys = blk_nkeys;
+                grow_by = blk_grow;
+                break;
+            }
+        }
+    }
+    if (in_block) {  /* the data (or `limit`) ended inside the block, or it did not qualify */
+        release_block(blk, blk_len, 1);
+        blk_len = 0;
+        p = blk_p;
+        n = blk_n;
+        nkeys = blk_nkeys;
+        grow_by = blk_grow;
     }
 
     /* pass 2: the server bytes */
@@ -628,6 +708,7 @@ rewrite_plain(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return t;
 
 fail:
+    release_block(blk, blk_len, 1);
     scratch_free(&av);
     scratch_free(&keys);
     return NULL;
@@ -868,7 +949,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"rewrite_plain", (PyCFunction)(void (*)(void))rewrite_plain, METH_FASTCALL,
-     "rewrite_plain(data, specs, mode, prefix, limit, max_bulk) -> (out, end, n, keys)"},
+     "rewrite_plain(data, specs, mode, prefix, limit, max_bulk[, blocks]) -> (out, end, n, keys)"},
     {"frame_end", (PyCFunction)(void (*)(void))frame_end, METH_FASTCALL,
      "frame_end(buf, pos) -> end of the reply at pos, -1 incomplete, -2 ask the Python framer"},
     {"frame_run", (PyCFunction)(void (*)(void))frame_run, METH_FASTCALL,
@@ -906,7 +987,10 @@ PyInit__speedups(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "ASK_PYTHON", ASK_PYTHON) < 0) {
+    if (PyModule_AddIntConstant(m, "ASK_PYTHON", ASK_PYTHON) < 0 ||
+        PyModule_AddIntConstant(m, "MULTI_OPENS", MULTI_OPENS) < 0 ||
+        PyModule_AddIntConstant(m, "EXEC_CLOSES", EXEC_CLOSES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_BLOCK", MAX_BLOCK) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -177,9 +177,16 @@ def compile_plan(raw_name: bytes, ctx: Ctx) -> Plan:
 def fast_spec(plan: Plan):
     """The C path's Spec for a plan it can take whole, else None: a shareable command
     (exactly one reply, no connection state) with no reply transform, whose key
-    positions are fixed or a simple range. The C code counts its requests on the
+    positions are fixed or a simple range; or MULTI / EXEC, which the C path takes
+    only around such commands, as one block. The C code counts its requests on the
     Spec (`spec.count`)."""
-    if C is None or plan.kind > KEYS or plan.reply is not None or not plan.shareable:
+    if C is None:
+        return None
+    if plan.rule.session in ("multi", "exec"):
+        # the edges of a transaction block, taken whole on a shared link (rewrite_plain's
+        # `blocks`; Session._plain_block is the same rule)
+        return C.Spec((), role=C.MULTI_OPENS if plan.rule.session == "multi" else C.EXEC_CLOSES)
+    if plan.kind > KEYS or plan.reply is not None or not plan.shareable:
         return None
     if plan.kind == PASS_PLAN:
         return C.Spec(())

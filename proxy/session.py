@@ -60,6 +60,7 @@ log = logging.getLogger("keyspace-proxy")
 # The C path's keyspace modes (proxy/_speedups.c, rewrite_plain).
 FAST_MODES = {"none": 0, "add": 1, "strip": 2}
 _rewrite_plain = C.rewrite_plain if C is not None else None
+MULTI_OPENS, EXEC_CLOSES, MAX_BLOCK = (C.MULTI_OPENS, C.EXEC_CLOSES, C.MAX_BLOCK) if C is not None else (1, 2, 64)
 
 # A deep pipeline gains nothing from sharing, and its replies could not be slowed
 # down without slowing everyone on the shared connection: past this many owed
@@ -205,6 +206,7 @@ class Session:
         self.cmap = ChannelMap(route, route.default)
         self.target = route.default    # confirmed by the server (db + keyspace)
         self.q_target = None           # where requests are rewritten now (_use)
+        self.block_read = 0            # requests _shared_block read from the reader itself
         self._use(route.default)
         self.tx: list[TxItem] | None = None   # commands queued in MULTI
         self.tx_failed = False
@@ -486,7 +488,7 @@ class Session:
         if self.input_closed:
             return
         self.last_active = monotonic()
-        depth = 0
+        depth = self.block_read = 0
         while True:
             if self.fast_blocked:
                 self.fast_blocked = not self._plain()
@@ -497,7 +499,7 @@ class Session:
                 limit = SHARED_MAX_OWED - len(pending) if self.shared else sys.maxsize
                 if limit > 0:
                     out, end, n, keys = _rewrite_plain(data, self.fast_specs, self.fast_mode, self.fast_prefix,
-                                                       limit, self.max_bulk)
+                                                       limit, self.max_bulk, self.shared and self.sent_log is None)
                     if n:
                         self.out_upstream.append(out)
                         if self.sent_log is not None:
@@ -540,6 +542,9 @@ class Session:
                         self.handle(args)
                     except Exception as e:
                         self._handle_failed(args, e)
+                    if self.block_read:  # a transaction block read the rest of itself
+                        depth += self.block_read
+                        self.block_read = 0
                 if self.input_closed:
                     return
                 if resume:
@@ -788,6 +793,8 @@ class Session:
             else:
                 try:
                     nxt = self.reader.get()
+                    if nxt is not None:
+                        self.block_read += 1  # (client_data counts it in the read's depth)
                 except Exception as e:
                     msg = e if isinstance(e, ProtocolError) else f"unreadable request ({e.__class__.__name__})"
                     nxt = Fault(f"ERR Protocol error: {msg}")
@@ -814,11 +821,53 @@ class Session:
             return
         self._in_block = True
         try:
+            if self._plain_block(args, block):
+                # every reply passes as it comes: no transaction state to keep
+                self._pass_edge(args)
+                for a in block[:-1]:
+                    self.handle(a)
+                self._pass_edge(block[-1])
+                return
             self.handle(args)
             for a in block:
                 self.handle(a)
         finally:
             self._in_block = False
+
+    def _plain_block(self, multi: list[bytes], block: list) -> bool:
+        """Would the C path take this block whole (rewrite_plain's `blocks`)? A bare
+        MULTI and EXEC around commands it takes (a Spec, an argument count the Spec
+        accepts, keys that rewrite), on a shared link without MONITOR, CLIENT REPLY
+        OFF/SKIP or pinned-cluster resends. Then its replies (+OK, +QUEUED..., EXEC's
+        array) pass unchanged, so both paths send it without transaction state."""
+        if self.spread is not None or self.sent_log is not None or not self.reply_on or self.skip \
+                or self.view.monitors or self.upstream_error is not None or len(block) >= MAX_BLOCK:
+            return False
+        for a in [multi] + block:
+            plan = self.plans.get(a[0])
+            if plan is None or plan.fast is None:
+                return False
+            role = plan.fast.role
+            if role != (MULTI_OPENS if a is multi else EXEC_CLOSES if a is block[-1] else 0) \
+                    or (role and len(a) != 1):
+                return False
+            if plan.kind == KEYS:
+                try:
+                    for i in plan.positions(a):
+                        plan.key_in(a[i])
+                except (Refused, KeySpecError):
+                    return False
+        return True
+
+    def _pass_edge(self, args: list[bytes]) -> None:
+        """MULTI or EXEC of a plain block: sent as it is, its reply passed as it comes."""
+        plan = self.plans[args[0]]
+        plan.count += 1
+        self._label = plan.label
+        data = pack_command(tuple(args))
+        self.out_upstream.append(data)
+        self.pending.append(None)
+        self.owed_sent += 1
 
     def _answered_here(self, rule, args) -> bool:
         """Inside MULTI on a shared link: a command the proxy answers itself (a refusal,

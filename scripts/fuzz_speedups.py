@@ -57,7 +57,11 @@ SPEC_PARAMS = {
     b"D": ((), 4, 1, -3, 2),
     b"E": ((1, 3, 5), 6, 0, 0, 1),
     b"": ((), 1, 0, 0, 1),
+    # the edges of a transaction block (role 1 / 2: rewrite_plain's `blocks`)
+    b"MULTI": ((), 1, 0, 0, 1, 1),
+    b"EXEC": ((), 1, 0, 0, 1, 2),
 }
+MAX_BLOCK = 64  # proxy/_speedups.c
 LIMITS = [1, 2, 3, 5, 100, sys.maxsize]
 MAX_BULKS = [0, 1, 3, 16, 512 * 1024 * 1024]
 PREFIXES = [b"", b"a", b"app:", b"\r\n$", b"*1\r\n"]
@@ -93,6 +97,15 @@ SEEDS = [
     b"\x00\x01\x04\x04" + _encode([b"A"] + [b"x"] * 39) + _encode([b"MGET"] + [b"y"] * 60),
     b"\x00\x01\x04\xe4" + b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
     b"\x00\x06\x04\xc4" + _encode([b"MSET"] + [b"app:k", b"v"] * 5),
+    # transaction blocks (blocks on: b's top bit): whole, cut short, nested, too long, past the limit
+    # (b = 0x82: limit 100, 0x83: none, 0x81: 5)
+    b"\x00\x01\x82\x04" + _encode([b"MULTI"]) + _encode([b"SET", b"k", b"v"]) + _encode([b"EXEC"]) * 2,
+    b"\x00\x01\x82\x04" + _encode([b"GET", b"k"]) + _encode([b"MULTI"]) + _encode([b"GET", b"k"]),
+    b"\x00\x01\x82\x04" + _encode([b"MULTI"]) * 2 + _encode([b"EXEC"]),
+    b"\x00\x01\x83\x04" + _encode([b"MULTI"]) + _encode([b"PING"]) * 70 + _encode([b"EXEC"]),
+    b"\x00\x01\x81\x04" + _encode([b"A", b"x"]) * 2 + _encode([b"MULTI"]) + _encode([b"A", b"y"]) + _encode([b"EXEC"]),
+    b"\x00\x02\x82\x04" + _encode([b"MULTI", b"x"]) + _encode([b"GET", b"app:k"]) + _encode([b"EXEC"]),
+    b"\x00\x02\x82\x04" + _encode([b"MULTI"]) + _encode([b"GET", b"app:k"]) + _encode([b"EXEC"]),
     # a fuzzed Spec with 17 positions: too many
     b"\x03\x01\x04\x04" + b"\x11\x02\x07\x00\x00\x02" + b"*2\r\n$1\r\nF\r\n$1\r\nk\r\n",
     b"\x00\x01\x04\x04" + b"*3\r\n$1\r\nE\r\n$1\r\na\r\n$1\r\nb\r\n*6\r\n$1\r\nE\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n",
@@ -137,7 +150,7 @@ def _read_len(data: bytes, p: int):
 
 
 def _key_positions(params, argc):
-    fixed, min_argc, first, lastkey, step = params
+    fixed, min_argc, first, lastkey, step = params[:5]
     if argc < min_argc:
         return None
     if first:
@@ -148,10 +161,11 @@ def _key_positions(params, argc):
     return list(fixed)
 
 
-def model_rewrite(data, params_by_name, mode, prefix, limit, max_bulk):
+def model_rewrite(data, params_by_name, mode, prefix, limit, max_bulk, blocks=False):
     """What rewrite_plain must return, in plain Python."""
     p = n = nkeys = 0
     out = []
+    blk = None  # at a MULTI being taken: (p, n, nkeys, len(out)), to give the block back
     while n < limit and p < len(data) and data[p] == 0x2A:
         r = _read_len(data, p + 1)
         if r is None or not 1 <= r[0] <= MAX_ARGS:
@@ -174,6 +188,13 @@ def model_rewrite(data, params_by_name, mode, prefix, limit, max_bulk):
         params = params_by_name.get(args[0])
         if params is None:
             break
+        role = params[5] if len(params) > 5 else 0
+        if role and not (blocks and count == 1 and (role == 1) == (blk is None)):
+            break  # EXEC outside a block, MULTI inside one, an edge with arguments
+        if blk is not None and n - blk[1] == MAX_BLOCK:
+            break  # a block too long
+        if role == 1:
+            blk = (p, n, nkeys, len(out))
         positions = _key_positions(params, count)
         if positions is None:
             break
@@ -188,19 +209,29 @@ def model_rewrite(data, params_by_name, mode, prefix, limit, max_bulk):
         nkeys += len(positions)
         n += 1
         p = q
+        if role == 2:
+            if not n < limit:  # past the owed-replies bound: given back
+                p, n, nkeys, k = blk
+                del out[k:]
+                blk = None
+                break
+            blk = None
+    if blk is not None:  # the data or the limit ended inside the block, or it did not qualify
+        p, n, nkeys, k = blk
+        del out[k:]
     return b"".join(_encode(a) for a in out), p, n, nkeys
 
 
 # ------------------------------------------------------------------ checks
 
-def _check_rewrite(C, data, specs, params, mode, prefix, limit, max_bulk):
+def _check_rewrite(C, data, specs, params, mode, prefix, limit, max_bulk, blocks=False):
     import hiredis
     from proxy.resp import RequestReader
 
     before = {k: s.count for k, s in specs.items()}
-    got = C.rewrite_plain(data, specs, mode, prefix, limit, max_bulk)
-    want = model_rewrite(data, params, mode, prefix, limit, max_bulk)
-    assert got == want, (data[:200], mode, prefix, limit, max_bulk, got[1:], want[1:])
+    got = C.rewrite_plain(data, specs, mode, prefix, limit, max_bulk, blocks)
+    want = model_rewrite(data, params, mode, prefix, limit, max_bulk, blocks)
+    assert got == want, (data[:200], mode, prefix, limit, max_bulk, blocks, got[1:], want[1:])
     out, end, n, keys = got
     assert sum(s.count for s in specs.values()) - sum(before.values()) == n
     # the server bytes are n whole requests, nothing more
@@ -333,7 +364,7 @@ def check_one(buf: bytes) -> None:
         # scratch arrays hold on the stack (their heap path) from short inputs
         reps = max(1, min(REPEATS[c >> 5], 64 * 1024 // max(1, len(data))))
         _check_rewrite(C, data * reps, specs, params, a % 4, PREFIXES[(a >> 2) % len(PREFIXES)],
-                       LIMITS[b % len(LIMITS)], MAX_BULKS[c % len(MAX_BULKS)])
+                       LIMITS[b % len(LIMITS)], MAX_BULKS[c % len(MAX_BULKS)], bool(b & 0x80))
     elif sel == 1:
         _check_frame_end(C, data, a if a < 200 else len(data) + a - 200)
     else:

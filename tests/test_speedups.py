@@ -281,6 +281,80 @@ def test_rewrite_plain_takes_a_pipeline_in_one_call():
     assert C.rewrite_plain(ping, specs, 1, b"ns:", 2, 1 << 29)[1:3] == (2 * len(ping) // 3, 2)
 
 
+def test_rewrite_plain_takes_a_transaction_block_whole_or_not_at_all():
+    """`blocks` (a shared link): MULTI, commands the C path takes, EXEC, all in the read:
+    taken as one run; anything else stops the run before MULTI, counts given back."""
+    def specs():
+        return {b"MULTI": C.Spec((), role=C.MULTI_OPENS), b"EXEC": C.Spec((), role=C.EXEC_CLOSES),
+                b"SADD": C.Spec((1,), 3), b"LPUSH": C.Spec((1,), 3), b"GET": C.Spec((1,), 2)}
+    e = encode_command
+    inner = e([b"SADD", b"queues", b"q"]) + e([b"LPUSH", b"queue:q", b"job"])
+    block = e([b"MULTI"]) + inner + e([b"EXEC"])
+    sp = specs()
+    out, end, n, keys = C.rewrite_plain(block + e([b"GET", b"k"]), sp, 1, b"ns:", 100, 1 << 29, True)
+    assert out == (e([b"MULTI"]) + e([b"SADD", b"ns:queues", b"q"]) + e([b"LPUSH", b"ns:queue:q", b"job"])
+                   + e([b"EXEC"]) + e([b"GET", b"ns:k"]))
+    assert (end, n, keys) == (len(block) + len(e([b"GET", b"k"])), 5, 3)
+    assert {k: v.count for k, v in sp.items()} == {b"MULTI": 1, b"EXEC": 1, b"SADD": 1, b"LPUSH": 1, b"GET": 1}
+    before = e([b"GET", b"k"])
+    declined = {
+        "without blocks (a dedicated connection)": (before + block, dict(blocks=False)),
+        "EXEC in the next read": (before + block[:-3], {}),
+        "a command the C path does not take inside": (before + e([b"MULTI"]) + e([b"HGET", b"h", b"f"]) + e([b"EXEC"]), {}),
+        "MULTI with an argument": (before + e([b"MULTI", b"x"]) + inner + e([b"EXEC"]), {}),
+        "EXEC with an argument": (before + e([b"MULTI"]) + inner + e([b"EXEC", b"x"]), {}),
+        "MULTI inside the block": (before + e([b"MULTI"]) + e([b"MULTI"]) + inner + e([b"EXEC"]), {}),
+        "strip: a key without the prefix inside": (e([b"GET", b"ns:k"]) + e([b"MULTI"]) + e([b"GET", b"other"])
+                                                   + e([b"EXEC"]), dict(mode=2, lead=len(e([b"GET", b"ns:k"])))),
+        "past the owed-replies bound": (before + block, dict(limit=5)),
+        "longer than MAX_BLOCK": (before + e([b"MULTI"]) + e([b"GET", b"k"]) * (C.MAX_BLOCK - 1) + e([b"EXEC"]),
+                                  dict(limit=1000)),
+    }
+    for why, (data, kw) in declined.items():
+        sp = specs()
+        out, end, n, keys = C.rewrite_plain(data, sp, kw.get("mode", 1), b"ns:", kw.get("limit", 100), 1 << 29,
+                                            kw.get("blocks", True))
+        assert (end, n) == (kw.get("lead", len(before)), 1), why
+        assert {k: v.count for k, v in sp.items() if v.count} == {b"GET": 1}, why
+    # a bare EXEC (no MULTI before it in this run) is never taken: the session answers it
+    assert C.rewrite_plain(e([b"EXEC"]), specs(), 1, b"ns:", 100, 1 << 29, True)[2] == 0
+    # the longest block taken: MAX_BLOCK requests with its edges, under the bound
+    data = e([b"MULTI"]) + e([b"GET", b"k"]) * (C.MAX_BLOCK - 2) + e([b"EXEC"])
+    assert C.rewrite_plain(data, specs(), 1, b"ns:", 1000, 1 << 29, True)[1:3] == (len(data), C.MAX_BLOCK)
+
+
+PLAIN_TEMPLATES = [t for t in TEMPLATES if t[0].upper() in ("GET", "SET", "MGET", "MSET", "DEL", "LPUSH", "HSET",
+                                                            "INCR", "ZADD", "EXISTS", "PING", "ECHO", "EXPIRE")]
+_block = st.tuples(st.just("block"), st.lists(st.sampled_from(PLAIN_TEMPLATES + [["HGETALL", "h"], ["MULTI"]]),
+                                              max_size=6), st.sampled_from(["EXEC", "EXEC", "DISCARD"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(sorted(ROUTE_MODES)), shared=st.booleans(),
+       items=st.lists(_block | _request, min_size=1, max_size=12),
+       cuts=st.lists(st.integers(0, 1500), max_size=3))
+def test_transaction_blocks_match_python(monkeypatch, mode, shared, items, cuts):
+    """Blocks of plain commands (and ones that are not: a command with a reply transform,
+    a nested MULTI, DISCARD) among other requests, cut anywhere: the C path and the
+    Python path (Session._plain_block, or the transaction state) send the same bytes and
+    expect the same replies."""
+    parts = []
+    for it in items:
+        if it[0] == "block":
+            parts.append(encode_command([b"MULTI"]) + b"".join(encode_command([a.encode() for a in c]) for c in it[1])
+                         + encode_command([it[2].encode()]))
+        else:
+            parts.append(_variant(list(it[0]), it[1]))
+    data = b"".join(parts)
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in zip(points, points[1:])] or [data]
+    fast = _run(mode, shared, chunks, True, 512 * 1024 * 1024, monkeypatch)
+    ref = _run(mode, shared, chunks, False, 512 * 1024 * 1024, monkeypatch)
+    assert b"".join(fast.pop("up")) == b"".join(ref.pop("up"))
+    assert fast == ref
+
+
 def test_spec_refuses_nonsense():
     for bad in [dict(fixed=(2, 1)), dict(fixed=(0,)), dict(fixed=tuple(range(1, 20))),
                 dict(fixed=(1,), first=1, lastkey=-1), dict(fixed=(), first=1, lastkey=2),
