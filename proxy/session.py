@@ -809,9 +809,13 @@ class Session:
             if name in (b"exec", b"discard"):
                 complete = True
                 break
-            plan = self.plans.get(nxt[0]) or self._plan(nxt[0])  # (as handle finds it)
-            rule = plan.rule
-            if plan.kind == SLOW and rule.name in self.rules.containers and len(nxt) > 1:
+            # the rule handle will find (a name past the plan cache's bound is not planned
+            # here: _plan counts it in uncached_commands, and handle does once it runs)
+            plan = self.plans.get(nxt[0])
+            if plan is None and len(self.plans) < 1024:
+                plan = self._plan(nxt[0])
+            rule = plan.rule if plan is not None else self.rules.by_raw_name(nxt[0])
+            if rule.name in self.rules.containers and len(nxt) > 1:  # (containers plan SLOW)
                 rule = self.rules.lookup(nxt)
             if not (rule.shareable or self._answered_here(rule, nxt)):
                 break

@@ -874,3 +874,20 @@ def test_a_bug_in_a_handler_costs_that_client_alone(monkeypatch, caplog):
     assert d.s.close_when_done and d.s.input_closed
     assert d.s.stats.errors["internal"] == 1
     assert "internal error handling MULTI" in caplog.text and "KeyError: 'bug'" in caplog.text
+
+
+def test_a_shared_block_counts_a_command_past_the_plan_cache_once():
+    """Past the plan cache's bound (1024 names as sent), a command in a MULTI block on a
+    shared link is one request: counted once in uncached_commands (the `other` of
+    commands_total), not once when _shared_block looks at it and again when it is handled."""
+    s = Session(make_route(), shared=True)
+    for name in (b"MULTI", b"EXEC", b"GET"):
+        s._plan(name)
+    i = 0
+    while len(s.plans) < 1024:
+        s._plan(b"nosuch%d" % i)
+        i += 1
+    assert s.stats.uncached_commands == 0
+    s.client_data(c("MULTI") + c("Get", "a") + c("EXEC"))
+    assert s.take_upstream() == c("MULTI") + c("Get", "app:a") + c("EXEC")
+    assert s.stats.uncached_commands == 1
