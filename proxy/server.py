@@ -421,7 +421,8 @@ class ClientConnection(asyncio.Protocol):
         then closed), never lent again; a wait for one is cancelled."""
         if self.pool_waiting:
             self.pool_waiting = False
-            self.proxy.blocking_pool(self.route).cancel(self)
+            # the pool it asked (_maybe_borrow), not the registry's: a reload may have dropped that one
+            (self.bpool or self.proxy.blocking_pool(self.route)).cancel(self)
         pc = self.pooled
         if pc is None:
             return

@@ -445,3 +445,28 @@ def test_idle_pooled_connections_closed_after_blocking_pool_idle(server, fresh_d
     assert r.ping()
     assert list(r.brpop(["l"], timeout=0.1) or []) == []      # a new one opened for the next call
     assert metric(scrape(mport), "keyspace_proxy_upstream_connections_opened_total") == opened + 1
+
+
+def test_a_waiter_that_leaves_is_cancelled_in_the_pool_it_waits_in():
+    """A client waiting for a pooled connection waits in the pool it asked (ClientConnection.bpool,
+    kept across calls); when it leaves, that pool forgets it, even when the proxy's registry
+    has another pool for the route by then (a reload retired and dropped the old one)."""
+    from collections import deque
+    from types import SimpleNamespace
+    from proxy.server import ClientConnection
+
+    class Pool:
+        def __init__(self):
+            self.waiters = deque()
+
+        def cancel(self, client):
+            self.waiters = deque(w for w in self.waiters if w[0] is not client)
+
+    asked, registry = Pool(), Pool()
+    c = object.__new__(ClientConnection)
+    c.route = SimpleNamespace(name="r")
+    c.proxy = SimpleNamespace(blocking_pool=lambda route: registry)
+    c.bpool, c.pool_waiting, c.pooled = asked, True, None
+    asked.waiters.append([c, (0, 2), True])
+    c._leave_pool()
+    assert not asked.waiters and not c.pool_waiting
