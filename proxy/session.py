@@ -71,6 +71,7 @@ EXECABORT = error("EXECABORT Transaction discarded because of previous errors.")
 # (then written at once, as a whole reply is) and forwarded as it arrives beyond that, so
 # a 512 MB value costs its bytes and a 100 KB one costs one write, not one per read.
 STREAM_AFTER = 256 * 1024
+PLAN_CACHE = 1024   # command names with a cached plan per session's target (names are client input)
 
 
 class UnexpectedReply(Exception):
@@ -812,7 +813,7 @@ class Session:
             # the rule handle will find (a name past the plan cache's bound is not planned
             # here: _plan counts it in uncached_commands, and handle does once it runs)
             plan = self.plans.get(nxt[0])
-            if plan is None and len(self.plans) < 1024:
+            if plan is None and len(self.plans) < PLAN_CACHE:
                 plan = self._plan(nxt[0])
             rule = plan.rule if plan is not None else self.rules.by_raw_name(nxt[0])
             if rule.name in self.rules.containers and len(nxt) > 1:  # (containers plan SLOW)
@@ -892,7 +893,7 @@ class Session:
         plan.entry = None if plan.reply is None else Req(XFORM, plan.reply)
         if "blocking" in plan.rule.flags:
             plan.entry = Req(PASS if plan.reply is None else XFORM, plan.reply, BLOCKING)
-        if len(self.plans) < 1024:  # names are client input: bound the cache
+        if len(self.plans) < PLAN_CACHE:  # names are client input: bound the cache
             self.plans[raw_name] = plan
             plan.fast = fast_spec(plan)
             if plan.fast is not None:

@@ -38,7 +38,7 @@ ROWS = [
     ([], {}, BASE + '[limits]\nupstream_mode = "Shared"\n',
      'limits.upstream_mode: expected one of shared, dedicated, got "Shared"'),
     ([], {}, BASE + "[limits]\nbogus = 1\n",
-     "limits.bogus: unknown field (known: blocking_pool, connect_timeout, drain_timeout, idle_timeout, max_bulk, max_clients, "
+     "limits.bogus: unknown field (known: blocking_pool, blocking_pool_idle, connect_timeout, drain_timeout, idle_timeout, max_bulk, max_clients, "
      "max_query, output_limit, output_total_limit, pubsub_output_limit, reconnect_delay, reconnect_delay_max, "
      "reload_grace, reply_timeout, tcp_keepalive, upstream_mode)"),
     (["--config"], {}, 'limits = 5\n' + BASE, "limits: expected a [limits] table, got 5"),
