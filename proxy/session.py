@@ -825,6 +825,7 @@ class Session:
             held.extendleft(reversed([args] + block))  # in order, ahead of anything held
             return
         self._in_block = True
+        mark = (len(self.out_upstream), len(self.pending), self.owed_sent)
         try:
             if self._plain_block(args, block):
                 # every reply passes as it comes: no transaction state to keep
@@ -836,8 +837,27 @@ class Session:
             self.handle(args)
             for a in block:
                 self.handle(a)
+        except BaseException:
+            # a bug half-way through the block: none of it may reach the shared link (a
+            # MULTI without its EXEC would queue other clients' commands); the caller
+            # answers the error and closes this client
+            self._unsend(*mark)
+            raise
         finally:
             self._in_block = False
+
+    def _unsend(self, n_out: int, n_pending: int, owed: int) -> None:
+        """Take back what was queued for the upstream since the mark (nothing is written
+        before the shell's flush), and the transaction state it opened."""
+        del self.out_upstream[n_out:]
+        while len(self.pending) > n_pending:
+            self.pending.pop()
+        self.owed_sent = owed
+        log_ = self.sent_log
+        while log_ and log_[-1][0] >= owed:
+            log_.pop()
+        self.tx = self.tx_open = None
+        self.tx_failed = False
 
     def _plain_block(self, multi: list[bytes], block: list) -> bool:
         """Would the C path take this block whole (rewrite_plain's `blocks`)? A bare

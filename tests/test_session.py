@@ -891,3 +891,31 @@ def test_a_shared_block_counts_a_command_past_the_plan_cache_once():
     s.client_data(c("MULTI") + c("Get", "a") + c("EXEC"))
     assert s.take_upstream() == c("MULTI") + c("Get", "app:a") + c("EXEC")
     assert s.stats.uncached_commands == 1
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_bug_inside_a_shared_block_sends_none_of_it(monkeypatch, plain):
+    """A handler failing half-way through a MULTI block on a shared link (the Python
+    path; `plain`: the block sent without transaction state, else with it): nothing of
+    the block reaches the link (a MULTI left open there would queue other clients'
+    commands); what came before it is sent and answered, then the error, then the close."""
+    import proxy.session as session_mod
+    monkeypatch.setattr(session_mod, "_rewrite_plain", None)
+    s = Session(make_route(), shared=True)
+    monkeypatch.setattr(s, "_plain_block", lambda multi, block: plain)
+    where = "_pass_edge" if plain else "_cmd_exec"
+    calls = []
+    real = getattr(s, where)
+
+    def fail_at_exec(*args):
+        calls.append(args)
+        if not plain or len(calls) == 2:  # EXEC: MULTI and the SADD are queued by now
+            raise RuntimeError("bug")
+        return real(*args)
+    monkeypatch.setattr(s, where, fail_at_exec)
+    s.client_data(c("GET", "a") + c("MULTI") + c("SADD", "q", "1") + c("EXEC"))
+    assert s.take_upstream() == c("GET", "app:a")
+    assert s.tx is None and s.tx_open is None
+    s.upstream_data(enc("v"))
+    assert s.take_client() == enc("v") + b"-ERR proxy internal error (RuntimeError); closing the connection\r\n"
+    assert s.close_when_done and not s.pending
