@@ -109,6 +109,10 @@ class ProxyCollector:
             mine = pools.setdefault(name, dict.fromkeys(("idle", "busy", "opening", "control", "orphan"), 0))
             for state, n in pool.counts().items():
                 mine[state] += n
+        redirects = family("counter", "cluster_redirects",
+                           "-MOVED / -ASK answers of cluster nodes to the route's requests, by kind (moved, ask): "
+                           "followed by the proxy, or answered -TRYAGAIN (errors_total{kind=\"cluster_redirect\"})",
+                           ["route", "kind"])
         depth = HistogramMetricFamily(PREFIX + "pipeline_depth", "Requests per client read", labels=["route"])
         req = HistogramMetricFamily(PREFIX + "request_duration_seconds",
                                     "Time from reading a batch of requests to writing its last reply",
@@ -168,11 +172,14 @@ class ProxyCollector:
                     pool_conns.add_metric(r + [state], n)
                 pool_borrows.add_metric(r, st.blocking_borrows)
                 pool_waits.add_metric(r, st.blocking_waits)
+            if route.users is None:  # (0 but on a cluster: a redirect is a cluster node's answer)
+                for kind, n in dict(st.cluster_redirects).items():
+                    redirects.add_metric(r + [kind.lower()], n)
             for fam, h in ((depth, st.depth), (req, st.request_seconds), (rtt, st.roundtrip_seconds)):
                 fam.add_metric(r, h.buckets(), h.sum)
         yield from (clients, accepted, closed, rejected, commands, errors, refused, keys, received, sent,
                     up_conns, up_opened, up_failed, up_up, fenced, timeouts, reconnects, down, pool_conns,
-                    pool_borrows, pool_waits, depth, req, rtt,
+                    pool_borrows, pool_waits, redirects, depth, req, rtt,
                     auth_ok, auth_failed)
 
 

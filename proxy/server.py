@@ -183,7 +183,7 @@ class ClientConnection(asyncio.Protocol):
             self.session.node_of = lambda: proxy.primary_now(up)
         if self.session.cluster:  # a -MOVED / -ASK it saw: the route's slot is followed
             up, proxy = self.route.upstream, self.proxy
-            self.session.on_redirect = lambda r: proxy.cluster_redirect(up, r)
+            self.session.on_redirect = lambda r, st=self.stats: proxy.cluster_redirect(up, r, st)
             if self.session.spread is None:  # pinned: a redirected request is sent again
                 self.session.on_resend = self._resend
         if self.session.spread is not None:  # a connection per node, opened as requests need them
@@ -348,7 +348,7 @@ class ClientConnection(asyncio.Protocol):
     async def _resend_task(self, s: Session, items: list, near: str) -> None:
         try:
             replies = await self.proxy.cluster_resend(self.route.upstream, s.link_proto if s.shared else s.proto,
-                                                      items, near)
+                                                      items, near, self.stats)
         except Exception as e:  # a bug here costs this client alone
             log.exception("route %s: sending a redirected request again failed", self.route.name)
             replies = [error(f"ERR proxy internal error ({e.__class__.__name__})")] * len(items)
@@ -1639,9 +1639,12 @@ class Proxy:
                 new.append(t)
         return new
 
-    def cluster_redirect(self, up, redirect) -> None:
-        """A node answered a request of a route on `up` with -MOVED / -ASK (the client got
-        -TRYAGAIN instead, Session) or -CLUSTERDOWN (None, passed on): update the map."""
+    def cluster_redirect(self, up, redirect, stats=None) -> None:
+        """A node answered a request of a route on `up` with -MOVED / -ASK (followed, or the
+        client got -TRYAGAIN instead: Session) or -CLUSTERDOWN (None, passed on): counted on
+        the route's `stats`, and the map updated."""
+        if redirect is not None and stats is not None:
+            stats.cluster_redirects[redirect.kind] += 1
         t = self.clusters.get(cluster_key(up))
         if t is not None:
             if redirect is not None:
@@ -1651,7 +1654,7 @@ class Proxy:
             # closes connections (perhaps that one)
             asyncio.get_running_loop().call_soon(t.redirected, redirect)
 
-    async def cluster_resend(self, up, proto: int, items: list, near: str) -> list[bytes]:
+    async def cluster_resend(self, up, proto: int, items: list, near: str, stats=None) -> list[bytes]:
         """Send again, in order and one at a time, requests of a pinned route that a node
         answered -MOVED / -ASK ([(bytes, Redirect)]): each to the address its redirect names
         (ASKING first for an ASK), on a connection of its own set up as the route's are;
@@ -1672,7 +1675,7 @@ class Proxy:
                     got = redirect_error(reply) if reply[:1] == b"-" else None
                     if got is None or got[1] is None or tries >= MAX_REDIRECTS:
                         break
-                    self.cluster_redirect(up, got[1])
+                    self.cluster_redirect(up, got[1], stats)
                     r = got[1]
                     tries += 1
                 out.append(reply)

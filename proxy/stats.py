@@ -151,6 +151,9 @@ class RouteStats:
         # and those that waited for one because the route's pool was full
         self.blocking_borrows = 0
         self.blocking_waits = 0
+        # -MOVED / -ASK answers cluster nodes gave this route's requests (followed by the
+        # proxy, or answered -TRYAGAIN: errors["cluster_redirect"])
+        self.cluster_redirects = {"MOVED": 0, "ASK": 0}
         self.keys_rewritten = 0
         self.bytes_in = {"client": 0, "upstream": 0}
         self.bytes_out = {"client": 0, "upstream": 0}

@@ -17,6 +17,7 @@ from conftest import ProxyProcess
 from integration_helpers import Raw, client, proxy_toml, uniq
 from proxy.cluster import key_slot
 from proxy.embedded import free_port
+from test_limits import metric, scrape
 
 
 def ns_on(cluster, node, base: str = "app") -> str:
@@ -231,7 +232,8 @@ def test_ask_sent_again_only_where_the_clients_order_allows(cluster, start_proxy
     src, dst = cluster.primaries[2], cluster.primaries[0]
     ns = ns_on(cluster, src, "ask")
     slot = key_slot(ns.encode())
-    p = pinned_proxy(start_proxy, cluster, ns)
+    mport = free_port()
+    p = pinned_proxy(start_proxy, cluster, ns, "--metrics-listen", f"127.0.0.1:{mport}")
     c = client(p)
     c.rpush("moved", "a")
     c.rpush("stays", "s")
@@ -253,6 +255,12 @@ def test_ask_sent_again_only_where_the_clients_order_allows(cluster, start_proxy
         assert multi == b"+OK\r\n" and queued.startswith(b"-TRYAGAIN proxy: hash slot"), queued
         assert ex.startswith(b"-EXECABORT"), ex
         r.close()
+        # every -ASK a node gave is counted (b, c, d, e, f, g); the two the client got as
+        # -TRYAGAIN (c, g) are errors too
+        text = scrape(mport)
+        assert metric(text, "keyspace_proxy_cluster_redirects_total", kind="ask") == 6
+        assert metric(text, "keyspace_proxy_cluster_redirects_total", kind="moved") == 0
+        assert metric(text, "keyspace_proxy_errors_total", kind="cluster_redirect") == 2
     finally:
         cluster.move_keys(slot, src, dst)
         cluster.finish_migration(slot, dst)

@@ -22,8 +22,12 @@ from proxy.cluster import key_slot
 @pytest.fixture(scope="module")
 def spread(cluster):
     """(proxy, namespace): a spread route with namespace NS on the cluster."""
+    from proxy.embedded import free_port
     ns = uniq("sp")
-    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", ns, "--policy", "app"])
+    mport = free_port()
+    p = ProxyProcess(["--upstream", f"redis+cluster://{cluster.seeds()}", "--namespace", ns, "--policy", "app",
+                      "--metrics-listen", f"127.0.0.1:{mport}"])
+    p.mport = mport
     yield p, ns
     p.stop()
 
@@ -341,6 +345,9 @@ def test_slot_migrated_during_traffic(cluster, spread):
         _check_writes([w], c.lrange(f"{{{tag}}}:list{i}", 0, -1))
         assert w.redirected == [] and w.unknown == [], (w.redirected[:3], w.unknown[:3])
     assert dst.call("LLEN", f"{ns}:{{{tag}}}:list0") > 0 and src.call("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    # the redirects the proxy followed are counted (at least the ASKs the importing node saw)
+    from test_limits import metric, scrape
+    assert metric(scrape(p.mport), "keyspace_proxy_cluster_redirects_total", kind="ask") >= 3
 
 
 def test_resp3_and_connection_state_reach_every_node(cluster, spread):
