@@ -1,17 +1,41 @@
 """Shared upstream connections (issue 3): RESP2 and RESP3 clients each share one link per
 route and db; HELLO 3 moves a client to the RESP3 link, not to a connection of its own."""
 
+import os
+
 import redis
 
 from conftest import ProxyProcess
 
 
-def proxy_links(d: redis.Redis, db: int) -> dict[str, int]:
-    """Connections on the server in `db` other than `d` itself, by protocol."""
-    me = d.client_id()
+def _local_ports(pid: int, remote_port: int) -> set[int]:
+    """Local ports of the established TCP connections process `pid` holds to 127.0.0.1:remote_port
+    (/proc/<pid>/fd and /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def proxy_links(d: redis.Redis, db: int, p: ProxyProcess) -> dict[str, int]:
+    """The connections proxy `p` holds on the server in `db`, by protocol (only its own: a
+    db index is reused by later tests, whose proxies may still be connected)."""
+    ports = _local_ports(p.process.pid, d.connection_pool.connection_kwargs["port"])
     out: dict[str, int] = {}
     for c in d.client_list():
-        if int(c["id"]) != me and int(c["db"]) == db:
+        if int(c["db"]) == db and int(c["addr"].rsplit(":", 1)[1]) in ports:
             out[c.get("resp", "2")] = out.get(c.get("resp", "2"), 0) + 1
     return out
 
@@ -29,7 +53,7 @@ def test_resp2_and_resp3_clients_share_one_link_each(server, fresh_db, d):
             assert c.get(f"k{i}") == str(i).encode()
             assert c.hgetall(f"h{i}") == {b"f": str(i).encode()}  # a RESP3 map for protocol 3
         assert sorted(d.keys("ns:k*")) == sorted(f"ns:k{i}".encode() for i in range(12))
-        links = proxy_links(d, fresh_db)
+        links = proxy_links(d, fresh_db, p)
         if "resp" in d.client_list()[0]:  # servers that show the protocol in CLIENT LIST
             assert links == {"2": 1, "3": 1}, links
         else:
