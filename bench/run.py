@@ -64,7 +64,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from proxy.embedded import ServerStartError, free_port, start_server  # noqa: E402
+from proxy.embedded import ServerStartError, free_port, start_server, tcp_local_ports  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sidekiq_load  # noqa: E402  (bench/sidekiq_load.py)
@@ -204,33 +204,9 @@ def rss_kb(pid: int) -> int:
 
 
 def tcp_conns(pid: int, remote_port: int, descendants: bool = True) -> int:
-    """Established TCP connections from pid (and its descendants) to 127.0.0.1:remote_port, from
-    /proc/<pid>/fd and /proc/net/tcp: what one process holds to Redis, whoever else is connected."""
-    inodes = set()
-    for p in (proc_tree(pid) if descendants else [pid]):
-        try:
-            fds = os.listdir(f"/proc/{p}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{p}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    n = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[9] in inodes:
-                n += 1
-    return n
+    """Established TCP connections from pid (and its descendants) to 127.0.0.1:remote_port:
+    what one process holds to Redis, whoever else is connected."""
+    return len(tcp_local_ports(proc_tree(pid) if descendants else [pid], remote_port))
 
 
 # --------------------------------------------------------------------------- tiny RESP client

@@ -78,6 +78,37 @@ class RunningServer:
         self.stop()
 
 
+def tcp_local_ports(pids, remote_port: int) -> list[int]:
+    """Local ports of the established TCP connections the processes `pids` hold to
+    `remote_port` (/proc/<pid>/fd and /proc/net/tcp[6]): what a process holds to a server,
+    whoever else is connected to it (the benchmarks and tests count connections with it)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[9] in inodes:
+                ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def _die_with_parent():
     """A preexec_fn asking Linux to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG),
     so a server outlives no one, even a SIGKILLed parent; None where that does not exist.

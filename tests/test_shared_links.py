@@ -1,38 +1,16 @@
 """Shared upstream connections (issue 3): RESP2 and RESP3 clients each share one link per
 route and db; HELLO 3 moves a client to the RESP3 link, not to a connection of its own."""
 
-import os
-
 import redis
 
 from conftest import ProxyProcess
-
-
-def _local_ports(pid: int, remote_port: int) -> set[int]:
-    """Local ports of the established TCP connections process `pid` holds to 127.0.0.1:remote_port
-    (/proc/<pid>/fd and /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for row in f.read().splitlines()[1:]:
-                cols = row.split()
-                if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[9] in inodes:
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
+from proxy.embedded import tcp_local_ports
 
 
 def proxy_links(d: redis.Redis, db: int, p: ProxyProcess) -> dict[str, int]:
     """The connections proxy `p` holds on the server in `db`, by protocol (only its own: a
     db index is reused by later tests, whose proxies may still be connected)."""
-    ports = _local_ports(p.process.pid, d.connection_pool.connection_kwargs["port"])
+    ports = set(tcp_local_ports([p.process.pid], d.connection_pool.connection_kwargs["port"]))
     out: dict[str, int] = {}
     for c in d.client_list():
         if int(c["db"]) == db and int(c["addr"].rsplit(":", 1)[1]) in ports:
