@@ -105,6 +105,16 @@ class Cluster:
     def live(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.alive]
 
+    def unassign(self, slot: int) -> None:
+        """CLUSTER DELSLOTS `slot` on every live node. DELSLOTS is each node's own view, and
+        a node that dropped the slot takes it back from the gossip of one still claiming it
+        (the owner, until told): call it again until no node claims the slot."""
+        for n in self.live():
+            try:
+                n.call("CLUSTER", "DELSLOTS", slot)
+            except redis.ResponseError:
+                pass
+
     def seeds(self) -> str:
         return ",".join(format_addr(n.host, n.port) for n in self.primaries)
 

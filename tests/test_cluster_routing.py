@@ -331,14 +331,7 @@ def test_primary_killed_and_replica_promoted(kind, start_proxy):
         slot = key_slot(ns.encode())
 
         def uncovered() -> bool:
-            # DELSLOTS is each node's own view, and a node that has dropped the slot takes it back
-            # from the gossip of one still claiming it (the owner, until told): so told again on
-            # every node until no node claims it and the proxy's map shows it uncovered
-            for n in c.live():
-                try:
-                    n.call("CLUSTER", "DELSLOTS", slot)
-                except redis.ResponseError:
-                    pass
+            c.unassign(slot)  # (again on every try: see unassign)
             return "no owner for hash slot" in readiness_text(mport)
         wait_until(uncovered, "not ready while the slot is uncovered")
     finally:

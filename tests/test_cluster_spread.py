@@ -448,13 +448,7 @@ def test_primary_killed_and_replica_promoted():
         slot = key_slot(f"{ns}:{keys[0]}".encode())
 
         def uncovered() -> bool:
-            # told again until no node claims it: a node that dropped the slot takes it back from
-            # the gossip of one still claiming it (as in test_cluster_routing)
-            for n in c.live():
-                try:
-                    n.call("CLUSTER", "DELSLOTS", slot)
-                except redis.ResponseError:
-                    pass
+            c.unassign(slot)  # (again on every try: see unassign)
             return "does not cover every slot" in readiness_text(mport)
         wait_until(uncovered, "not ready while uncovered")
     finally:
